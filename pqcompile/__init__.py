@@ -1,0 +1,20 @@
+"""pqcompile: joint pruning and mixed-precision quantization of PyTorch models, compiled by TVM.
+
+>>> import torch, pqcompile
+>>> gm = pqcompile.trace(torch.nn.Conv2d(3, 8, 3), (torch.randn(1, 3, 8, 8),))
+>>> gm = pqcompile.Pipeline([pqcompile.passes.ShapeAnalysis()])(gm).graph_module
+"""
+
+from . import meta, passes
+from .errors import (ExampleInputError, MissingAnnotationError, PipelineError, PQCompileError,
+                     TraceError, UnsupportedOpError)
+from .frontend import trace
+from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExampleInputError", "MissingAnnotationError", "Pass", "PassContext", "PassInfo",
+    "PassResult", "Pipeline", "PipelineError", "PQCompileError", "TraceError",
+    "UnsupportedOpError", "graph_pass", "meta", "passes", "trace",
+]

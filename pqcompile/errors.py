@@ -1,0 +1,34 @@
+"""Exception types raised by pqcompile.
+
+Every error says what went wrong, where (node, op, argument) and what to do about it.
+They subclass the built-in exception a caller would expect, so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class PQCompileError(Exception):
+    """Base class of every pqcompile error."""
+
+
+class TraceError(PQCompileError, RuntimeError):
+    """The model could not be turned into a ``torch.fx`` graph."""
+
+
+class ExampleInputError(PQCompileError, ValueError):
+    """The example inputs do not fit the model."""
+
+
+class MissingAnnotationError(PQCompileError, KeyError):
+    """A pass needed an annotation that no earlier pass provided."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class PipelineError(PQCompileError, ValueError):
+    """A pipeline is ordered so that a pass would run before what it requires."""
+
+
+class UnsupportedOpError(PQCompileError, NotImplementedError):
+    """An op has no handling in this pass; the message names the node and the op."""

@@ -1,0 +1,207 @@
+"""Frontend: a ``torch.nn.Module`` and example inputs to a ``torch.fx.GraphModule``.
+
+The user's model is deep-copied first and never touched. Code ``torch.fx`` cannot trace
+(data-dependent control flow, calls on proxies that Python cannot intercept) fails with the
+module path and the user's source line, and names the two ways out: declare the module a leaf
+(``leaf_modules=``), or let pqcompile do it (``fallback="leaf"``), which keeps the untraceable
+submodules as opaque nodes (not pruned, not quantized).
+
+>>> import torch
+>>> gm = trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), (torch.randn(1, 3),))
+>>> [n.op for n in gm.graph.nodes]
+['placeholder', 'call_module', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from .errors import ExampleInputError, TraceError
+from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
+from .passes.base import TRACE_PROVIDES, mark_provided
+
+_FALLBACKS = (None, "leaf")
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer that keeps the stack of module paths, to say where tracing failed."""
+
+    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_paths = set(leaf_paths)
+        self.leaf_types = leaf_types
+        self.path_stack: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.path_stack.append(qualname)
+        out = super().call_module(m, forward, args, kwargs)
+        self.path_stack.pop()
+        return out
+
+
+def _check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in "
+            "an nn.Module whose forward calls it")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model is a TorchScript module; pass the eager nn.Module instead")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise ExampleInputError(
+            "example_inputs must be a non-empty tuple of tensors, one per forward() argument, "
+            f"got {type(example_inputs).__name__}")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ExampleInputError(
+                f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor")
+    return tuple(example_inputs)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and pqcompile, as 'file:line: code'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        fname = fr.filename.replace("\\", "/")
+        if "/torch/" in fname or "/pqcompile/" in fname:
+            continue
+        code = (fr.line or linecache.getline(fr.filename, fr.lineno or 0)).strip()
+        return f"{fr.filename}:{fr.lineno} in {fr.name}: {code}"
+    return "unknown location"
+
+
+def _run_trace(model: torch.nn.Module, leaf_paths: set[str],
+               leaf_types: tuple[type, ...]) -> torch.fx.GraphModule:
+    tracer = _Tracer(leaf_paths, leaf_types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... by case
+        exc.pqc_module_path = tracer.path_stack[-1] if tracer.path_stack else ""
+        raise
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
+          leaf_modules: Iterable[str | type] = (), fallback: str | None = None,
+          check: bool = True) -> torch.fx.GraphModule:
+    """Trace ``model`` (a deep copy of it, in eval mode) to a ``GraphModule``.
+
+    ``leaf_modules``: module paths (``"layer1.0"``) or classes kept as single opaque nodes.
+    ``fallback="leaf"``: on a trace failure inside a submodule, make that submodule a leaf and
+    retry, repeatedly. ``check``: run the traced graph on ``example_inputs`` and compare with
+    the model's own output, so a wrong input shape is reported here with the failing node.
+    """
+    example_inputs = _check_inputs(model, example_inputs)
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+    leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    bad = [m for m in leaf_modules if not isinstance(m, (str, type))]
+    if bad:
+        raise TypeError(f"leaf_modules items must be module paths or classes, got {bad!r}")
+    names = dict(model.named_modules())
+    for p in leaf_paths:
+        if p not in names:
+            raise ValueError(f"leaf_modules: model has no submodule {p!r}; known paths start "
+                             f"with {sorted(names)[1:6]}")
+
+    work = copy.deepcopy(model).eval()
+    if _Tracer((), ()).is_leaf_module(work, ""):
+        # A bare torch.nn layer would trace to functional calls; keep it a module node.
+        work = torch.nn.Sequential(work)
+    while True:
+        try:
+            gm = _run_trace(work, leaf_paths, leaf_types)
+            break
+        except Exception as exc:
+            path = getattr(exc, "pqc_module_path", "")
+            where = _user_frame(exc)
+            if fallback == "leaf" and path and path not in leaf_paths:
+                leaf_paths.add(path)
+                continue
+            module = f"submodule {path!r} ({type(names[path]).__name__})" if path \
+                else f"the top-level {type(model).__name__}.forward"
+            hint = (f"declare it a leaf with trace(..., leaf_modules=[{path!r}]) or pass "
+                    "fallback='leaf' (leaves are kept in float and not pruned)") if path else \
+                ("make the data-dependent part a submodule and declare it a leaf "
+                 "(leaf_modules=[...]), or move it out of forward()")
+            raise TraceError(
+                f"torch.fx cannot trace {module}: {type(exc).__name__}: {exc}\n"
+                f"  at {where}\n  way out: {hint}") from exc
+
+    gm.meta[EXAMPLE_INPUTS.name] = ExampleInputs(tuple(t.detach().clone()
+                                                       for t in example_inputs))
+    gm.meta[SOURCE_MODEL.name] = type(model).__name__
+    gm.meta["pqc.leaf_modules"] = sorted(leaf_paths)
+    mark_provided(gm, TRACE_PROVIDES)
+    if check:
+        check_example_inputs(gm, work, example_inputs)
+    return gm
+
+
+def check_example_inputs(gm: torch.fx.GraphModule, reference: torch.nn.Module | None,
+                         example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run ``gm`` node by node; a failure names the node, its op and the input shapes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(placeholders):
+        raise ExampleInputError(
+            f"{len(example_inputs)} example inputs given but forward() takes "
+            f"{len(placeholders)} ({', '.join(p.name for p in placeholders)})")
+    interp = _NamingInterpreter(gm)
+    with torch.no_grad():
+        try:
+            out = interp.run(*example_inputs)
+        except ExampleInputError as exc:  # fx appends its own trace to the message: drop it
+            raise ExampleInputError(exc.pqc_message) from exc.__cause__
+        if reference is not None:
+            ref = reference(*example_inputs)
+            for a, b in zip(_flat(out), _flat(ref)):
+                if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4,
+                                                            equal_nan=True):
+                    raise TraceError(
+                        "the traced graph does not reproduce the model's output: forward() "
+                        "has Python-level behaviour tracing cannot capture (e.g. reading "
+                        "input values into Python numbers); declare that submodule a leaf")
+
+
+def _flat(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _flat(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _flat(v)]
+    return []
+
+
+class _NamingInterpreter(torch.fx.Interpreter):
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            shapes = [tuple(a.shape) for a in self.fetch_args_kwargs_from_env(n)[0]
+                      if isinstance(a, torch.Tensor)]
+            if n.op == "call_module":
+                target = f"{n.target}: {self.module.get_submodule(n.target)}"
+            else:
+                target = getattr(n.target, "__name__", str(n.target))
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            err = ExampleInputError(
+                f"example inputs do not fit the model: node {n.name!r} ({n.op} {target}) "
+                f"failed on input shapes {shapes}: {type(exc).__name__}: {first_line}. Give "
+                "example inputs with the shape and dtype the model expects (batch dim first)")
+            err.pqc_message = err.args[0]
+            raise err from exc

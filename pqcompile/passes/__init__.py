@@ -1,0 +1,15 @@
+"""Passes: the pass framework and the analysis and rewrite passes built on it."""
+
+from .base import (GraphDumpInstrument, Pass, PassContext, PassInfo, PassInstrument, PassResult,
+                   Pipeline, TimingInstrument, graph_pass, provided_keys)
+from .cost import (CostAnalysis, analyze_cost, conv_macs, conv_transpose_macs, linear_macs,
+                   matmul_macs, node_macs)
+from .shapes import ShapeAnalysis, output_shape
+
+__all__ = [
+    "CostAnalysis", "analyze_cost", "conv_macs", "conv_transpose_macs", "linear_macs",
+    "matmul_macs", "node_macs",
+    "GraphDumpInstrument", "Pass", "PassContext", "PassInfo", "PassInstrument", "PassResult",
+    "Pipeline", "ShapeAnalysis", "TimingInstrument", "graph_pass", "output_shape",
+    "provided_keys",
+]

@@ -1,0 +1,212 @@
+"""CostAnalysis: MACs, parameters, weight bytes and BOPs per node, and graph totals.
+
+MACs are counted for the compute layers (convolutions, transposed convolutions, linear layers,
+matmul/bmm and attention); BOPs = MACs x weight bits x activation bits, with bits from
+``meta.BITS`` (32/32 where a node has none, so an unannotated graph has
+``bops == macs * 1024``). Counts are for the example input's batch size.
+
+>>> import torch, pqcompile
+>>> from pqcompile.passes import ShapeAnalysis
+>>> from pqcompile.meta import COST_TOTALS
+>>> gm = pqcompile.trace(torch.nn.Conv2d(3, 8, 3, padding=1), (torch.randn(1, 3, 8, 8),))
+>>> gm = pqcompile.Pipeline([ShapeAnalysis(), CostAnalysis()])(gm).graph_module
+>>> COST_TOTALS.get(gm).macs == 8 * 8 * 8 * 3 * 3 * 3
+True
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..meta import BITS, COST, COST_TOTALS, SHAPE, BitWidths, CostTotals, NodeCost
+from .base import Pass, PassInfo, PassResult
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FN = (F.conv1d, F.conv2d, F.conv3d)
+_MATMUL_FN = (torch.matmul, torch.bmm, torch.mm, operator.matmul)
+_FP32 = BitWidths(32, 32)
+
+
+def conv_macs(out_shape: Sequence[int], kernel_size: Sequence[int], in_channels: int,
+              out_channels: int, groups: int) -> int:
+    """MACs of a convolution: positions x out_channels x (in_channels / groups) x kernel.
+
+    ``out_shape`` is (N, C, *spatial); its channel entry is ignored in favour of
+    ``out_channels`` so the formula also predicts a pruned layer.
+    """
+    if in_channels % groups:
+        raise ValueError(f"in_channels {in_channels} is not divisible by groups {groups}")
+    positions = out_shape[0] * math.prod(out_shape[2:])
+    return int(positions * out_channels * (in_channels // groups) * math.prod(kernel_size))
+
+
+def conv_transpose_macs(in_shape: Sequence[int], kernel_size: Sequence[int], in_channels: int,
+                        out_channels: int, groups: int) -> int:
+    """MACs of a transposed convolution: every input position scatters a kernel per output."""
+    positions = in_shape[0] * math.prod(in_shape[2:])
+    return int(positions * in_channels * (out_channels // groups) * math.prod(kernel_size))
+
+
+def linear_macs(out_shape: Sequence[int], in_features: int) -> int:
+    """MACs of a linear layer: every output element is an ``in_features``-long dot product."""
+    return int(math.prod(out_shape) * in_features)
+
+
+def matmul_macs(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
+    """MACs of ``a @ b`` with numpy broadcasting of the batch dimensions."""
+    a, b = list(a_shape), list(b_shape)
+    if len(a) == 1:
+        a = [1] + a
+    if len(b) == 1:
+        b = b + [1]
+    if a[-1] != b[-2]:
+        raise ValueError(f"matmul shapes {tuple(a_shape)} and {tuple(b_shape)} do not match")
+    batch = torch.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
+    return int(math.prod(batch) * a[-2] * a[-1] * b[-1])
+
+
+def _shape(n) -> tuple[int, ...]:
+    return tuple(SHAPE.get(n).shape)
+
+
+def _tensor_meta_shape(arg) -> tuple[int, ...] | None:
+    if isinstance(arg, torch.fx.Node) and hasattr(SHAPE.find(arg), "shape"):
+        return tuple(SHAPE.get(arg).shape)
+    return None
+
+
+def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
+
+
+def _mha_macs(m: nn.MultiheadAttention, node: torch.fx.Node) -> int:
+    q, k = (_tensor_meta_shape(a) for a in node.args[:2])
+    if q is None or k is None:
+        return 0
+    if not m.batch_first and len(q) == 3:  # (L, N, E) -> (N, L, E)
+        q, k = (q[1], q[0], q[2]), (k[1], k[0], k[2])
+    n_q, n_k = math.prod(q[:-1]), math.prod(k[:-1])
+    e, kdim, vdim = m.embed_dim, m.kdim, m.vdim
+    proj = n_q * e * e + n_k * kdim * e + n_k * vdim * e
+    attn = 2 * n_q * k[-2] * e
+    return int(proj + attn + n_q * e * e)
+
+
+def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """MACs of one node from its shapes (0 for nodes that do no multiply-accumulate work)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, _CONV):
+            return conv_macs(_shape(node), m.kernel_size, m.in_channels, m.out_channels,
+                             m.groups)
+        if isinstance(m, _CONV_T):
+            return conv_transpose_macs(_tensor_meta_shape(node.args[0]), m.kernel_size,
+                                       m.in_channels, m.out_channels, m.groups)
+        if isinstance(m, nn.Linear):
+            return linear_macs(_shape(node), m.in_features)
+        if isinstance(m, nn.Bilinear):
+            return linear_macs(_shape(node), m.in1_features * m.in2_features)
+        if isinstance(m, nn.MultiheadAttention):
+            return _mha_macs(m, node)
+        return 0
+    if node.op != "call_function" and not (node.op == "call_method" and node.target in
+                                           ("matmul", "bmm", "mm")):
+        return 0
+    if node.target in _CONV_FN:
+        w = _tensor_meta_shape(node.args[1])
+        groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
+        return conv_macs(_shape(node), w[2:], w[1] * groups, w[0], groups)
+    if node.target is F.linear:
+        w = _tensor_meta_shape(node.args[1])
+        if w is None:
+            w = tuple(_attr(gm, node.args[1]).shape)
+        return linear_macs(_shape(node), w[1])
+    if node.target in _MATMUL_FN or node.op == "call_method":
+        a, b = (_tensor_meta_shape(x) for x in node.args[:2])
+        return matmul_macs(a, b) if a is not None and b is not None else 0
+    if node.target is F.scaled_dot_product_attention:
+        q, k, v = (_tensor_meta_shape(x) for x in node.args[:3])
+        return matmul_macs(q, tuple(k[:-2]) + (k[-1], k[-2])) + matmul_macs(
+            tuple(q[:-1]) + (k[-2],), v)
+    return 0
+
+
+def _weight_param_names(m: nn.Module) -> set[str]:
+    """Parameters stored at the layer's weight bits; the rest (bias, norms) stay 32-bit."""
+    if isinstance(m, (_CONV, _CONV_T, nn.Linear, nn.Bilinear, nn.Embedding)):
+        return {"weight"}
+    if isinstance(m, nn.MultiheadAttention):
+        return {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                "out_proj.weight"}
+    return set()
+
+
+class CostAnalysis(Pass):
+    """Writes ``meta.COST`` on every node and ``meta.COST_TOTALS`` on the graph.
+
+    Parameters are counted once per module even when it is called several times; a leaf
+    module's parameters include its submodules'.
+    """
+
+    info = PassInfo("CostAnalysis", requires=(SHAPE,), provides=(COST, COST_TOTALS))
+
+    def run(self, gm, ctx):
+        seen: set[str] = set()
+        totals = dict(macs=0, params=0, bops=0, weight_bytes=0.0, fp32_weight_bytes=0.0)
+        for node in gm.graph.nodes:
+            bits = BITS.find(node) or _FP32
+            params, wbytes, fp32_bytes = 0, 0.0, 0.0
+            owner = None
+            if node.op == "call_module":
+                owner = node.target
+            elif node.op == "get_attr" and isinstance(_attr(gm, node), nn.Parameter):
+                owner = node.target
+            if owner is not None and owner not in seen:
+                seen.add(owner)
+                if node.op == "call_module":
+                    m = gm.get_submodule(owner)
+                    wnames = _weight_param_names(m)
+                    for name, p in m.named_parameters():
+                        params += p.numel()
+                        b = bits.weight if name in wnames else 32
+                        wbytes += p.numel() * b / 8
+                        fp32_bytes += p.numel() * 4
+                else:
+                    p = _attr(gm, node)
+                    params, wbytes, fp32_bytes = p.numel(), p.numel() * 4.0, p.numel() * 4.0
+            macs = node_macs(gm, node)
+            bops = macs * bits.weight * bits.activation
+            COST.set(node, NodeCost(macs, params, bits.weight, bits.activation, bops, wbytes))
+            totals["macs"] += macs
+            totals["params"] += params
+            totals["bops"] += bops
+            totals["weight_bytes"] += wbytes
+            totals["fp32_weight_bytes"] += fp32_bytes
+        COST_TOTALS.set(gm, CostTotals(
+            macs=totals["macs"], params=totals["params"], bops=totals["bops"],
+            weight_bytes=totals["weight_bytes"], fp32_bops=totals["macs"] * 32 * 32,
+            fp32_weight_bytes=totals["fp32_weight_bytes"]))
+        return PassResult(gm, False)
+
+
+def analyze_cost(gm: torch.fx.GraphModule) -> CostTotals:
+    """Run ShapeAnalysis (if needed) and CostAnalysis on ``gm``; return the totals."""
+    from .shapes import ShapeAnalysis
+
+    if not all(SHAPE.has(n) for n in gm.graph.nodes if n.op != "output"):
+        gm = ShapeAnalysis()(gm).graph_module
+    gm = CostAnalysis()(gm).graph_module
+    return COST_TOTALS.get(gm)
