@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up pqcompile on a fresh Debian machine: system tools, a virtual environment with the
+# package and its test dependencies, and the aarch64 sysroot the emulated-ARM tests run in.
+#
+# Usage: bash scripts/setup.sh          (idempotent; re-running only checks)
+# Result: .venv/ with pqcompile installed in editable mode, `.venv/bin/pqcompile` on disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-user gcc-aarch64-linux-gnu gcc-riscv64-linux-gnu file)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch 2.14.1 and torchvision 0.29.1 come from this machine's local package store.
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+
+PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
+echo "pqcompile set up: activate with 'source .venv/bin/activate'"
