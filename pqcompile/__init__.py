@@ -5,16 +5,18 @@
 >>> gm = pqcompile.Pipeline([pqcompile.passes.ShapeAnalysis()])(gm).graph_module
 """
 
-from . import meta, passes
+from . import meta, passes, targets
 from .errors import (ExampleInputError, MissingAnnotationError, PipelineError, PQCompileError,
                      TraceError, UnsupportedOpError)
 from .frontend import trace
 from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
+from .targets import get_target, list_targets, register_target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExampleInputError", "MissingAnnotationError", "Pass", "PassContext", "PassInfo",
     "PassResult", "Pipeline", "PipelineError", "PQCompileError", "TraceError",
-    "UnsupportedOpError", "graph_pass", "meta", "passes", "trace",
+    "UnsupportedOpError", "get_target", "graph_pass", "list_targets", "meta", "passes",
+    "register_target", "targets", "trace",
 ]
