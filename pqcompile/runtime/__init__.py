@@ -1,0 +1,1 @@
+"""Running saved artifacts: ``runner.py`` is a standalone script that needs only numpy and TVM."""
