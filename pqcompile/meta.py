@@ -162,3 +162,186 @@ COST: MetaKey[NodeCost] = MetaKey(
 
 COST_TOTALS: MetaKey[CostTotals] = MetaKey(
     "pqc.cost_totals", "CostAnalysis", "graph totals of MACs, BOPs and bytes", "graph")
+
+
+# --- channel groups ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelMember:
+    """Where the channels of a :class:`ChannelGroup` live in one node.
+
+    ``role`` is ``"out"`` (a conv/linear output: rows of its weight), ``"in"`` (a conv/linear
+    input: its weight's input columns; ``dim`` is then a dim of the node's *input*) or
+    ``"pass"`` (any other node carrying the channels: BN, activations, adds, views, ...).
+    ``dim`` is the dim of the tensor the channels lie along, or a tuple of dims when a view
+    spreads them over several (``index`` then holds row-major flat positions over those dims).
+    ``index[i]`` lists the positions owned by channel ``i`` of the group: one for a plain
+    channel, several after a flatten (``H*W`` features per channel) or a depthwise multiplier.
+    ``module`` is the module path of a ``call_module`` node, so the original model can be edited.
+    """
+
+    node: str
+    role: str
+    dim: Any
+    index: Any
+    module: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that must be removed together: one keep/prune decision per channel of the group.
+
+    ``size`` channels, each owning ``members[j].index[i]`` positions in member ``j``.
+    ``prunable`` is False when removing any of them would change what the model computes in a
+    way pruning cannot repair; ``reason`` then says why and names the node and op.
+    """
+
+    id: int
+    name: str
+    size: int
+    members: tuple[ChannelMember, ...]
+    prunable: bool
+    reason: str | None = None
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.node for m in self.members))
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"unprunable: {self.reason}"
+        return f"ChannelGroup({self.id}, {self.name!r}, size={self.size}, {state})"
+
+
+@dataclass(frozen=True)
+class NodeChannels:
+    """The channel layout of one node and the groups governing it.
+
+    ``dims``: dims of the output the channels lie along (``()``: no prunable channels);
+    ``shrink_dim``: the dim whose size drops when channels are removed; ``out_groups`` and
+    ``in_groups``: ids of the groups governing the output and the input channels (for a
+    conv/linear: its weight's input columns, along ``in_dim`` of its input).
+    """
+
+    dims: tuple[int, ...] = ()
+    shrink_dim: int | None = None
+    out_groups: tuple[int, ...] = ()
+    in_groups: tuple[int, ...] = ()
+    in_dim: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class KeptChannels:
+    """After pruning: original positions kept along ``dim`` of a node's output."""
+
+    dim: int
+    indices: Any
+    original_size: int
+
+
+CHANNEL_GROUPS: MetaKey[tuple[ChannelGroup, ...]] = MetaKey(
+    "pqc.channel_groups", "ChannelGroupAnalysis",
+    "channels that must be pruned together, in a deterministic order", "graph")
+
+NODE_CHANNELS: MetaKey[NodeChannels] = MetaKey(
+    "pqc.node_channels", "ChannelGroupAnalysis",
+    "channel dims of the node's output and the groups governing its output and input")
+
+KEPT_CHANNELS: MetaKey[KeptChannels] = MetaKey(
+    "pqc.kept_channels", "PruneChannels", "original channel positions kept by pruning")
+
+
+# --- quantization ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QParams:
+    """How one activation tensor is stored as integers: ``value = q * scale``, zero point 0.
+
+    ``signed``: symmetric narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; unsigned:
+    ``[0, 2^b - 1]`` (tensors known to be non-negative). Tensors of up to 8 bits are stored
+    as ``int8`` / ``uint8``.
+    """
+
+    scale: float
+    bits: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"QParams.bits must be in 2..8, got {self.bits}")
+        if not self.scale > 0:
+            raise ValueError(f"QParams.scale must be positive, got {self.scale}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+    @property
+    def dtype(self) -> str:
+        return "int8" if self.signed else "uint8"
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Per-output-channel symmetric weights: ``w[c] ~ q[c] * scales[c]``, narrow range."""
+
+    bits: int
+    scales: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """A real multiplier ``M ~ mult * 2^-shift`` (``mult`` < 2^31), per channel or one value."""
+
+    mult: tuple[int, ...]
+    shift: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Requant:
+    """How an integer op maps its accumulator to its output tensor.
+
+    One :class:`FixedPoint` per input of the op (conv/linear/pool: one; add: one per operand,
+    sharing one shift; concat: one per input, ``None`` where the input is copied unchanged);
+    the result is clamped to ``[lo, hi]`` (the output range, narrowed by a folded ReLU/ReLU6).
+    """
+
+    inputs: tuple[FixedPoint | None, ...]
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class FloatOp:
+    """An op with no integer lowering: it runs in float between a dequantize and a quantize.
+
+    ``precision`` is ``"float64"``, or ``"float32"`` for a module whose code cannot be traced.
+    """
+
+    node: str
+    op: str
+    precision: str = "float64"
+
+
+FOLDED_BN: MetaKey[str] = MetaKey(
+    "pqc.folded_bn", "FoldBatchNorm", "name of the batch-norm node folded into this layer")
+
+QPARAMS: MetaKey[QParams] = MetaKey(
+    "pqc.qparams", "build_reference", "scale, bits and signedness of the node's output tensor")
+
+WEIGHT_QUANT: MetaKey[WeightQuant] = MetaKey(
+    "pqc.weight_quant", "build_reference", "bits and per-channel scales of the layer's weight")
+
+REQUANT: MetaKey[Requant] = MetaKey(
+    "pqc.requant", "build_reference", "fixed-point multipliers and clamp bounds of an integer op")
+
+FUSED_ACTIVATION: MetaKey[str] = MetaKey(
+    "pqc.fused_activation", "build_reference", "name of the ReLU/ReLU6 node folded into the clamp")
+
+FLOAT_OPS: MetaKey[tuple[FloatOp, ...]] = MetaKey(
+    "pqc.float_ops", "build_reference", "ops that run in float in the quantized program", "graph")

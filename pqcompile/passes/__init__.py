@@ -4,6 +4,9 @@ from .base import (GraphDumpInstrument, Pass, PassContext, PassInfo, PassInstrum
                    Pipeline, TimingInstrument, graph_pass, provided_keys)
 from .cost import (CostAnalysis, analyze_cost, conv_macs, conv_transpose_macs, linear_macs,
                    matmul_macs, node_macs)
+from .fold_bn import FoldBatchNorm
+from .groups import ChannelGroupAnalysis, describe_groups, find_group
+from .prune import PruneChannels, predicted_macs, zero_channels
 from .shapes import ShapeAnalysis, output_shape
 
 __all__ = [
@@ -12,4 +15,6 @@ __all__ = [
     "GraphDumpInstrument", "Pass", "PassContext", "PassInfo", "PassInstrument", "PassResult",
     "Pipeline", "ShapeAnalysis", "TimingInstrument", "graph_pass", "output_shape",
     "provided_keys",
+    "ChannelGroupAnalysis", "FoldBatchNorm", "PruneChannels", "describe_groups", "find_group", "predicted_macs",
+    "zero_channels",
 ]

@@ -1,0 +1,159 @@
+"""Compile a model for one assignment: prune, fold, quantize, lower, build, package.
+
+:func:`compile_assignment` is the whole lowering path for a *given* assignment (bits per layer,
+keep-masks per channel group); ``pqcompile.compile`` adds the search for the assignment.
+
+1. trace, ShapeAnalysis, ChannelGroupAnalysis, CostAnalysis (the FP32 reference costs);
+2. PruneChannels: the masked channel groups are removed for real;
+3. FoldBatchNorm; the assignment's bits are written on the layers; CostAnalysis again;
+4. the integer-exact reference is calibrated on the user's batches;
+5. it is lowered to an integer-only Relax program and built into an :class:`Artifact`.
+
+>>> import torch, numpy as np
+>>> from torch import nn
+>>> from pqcompile.assignment import Assignment
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+>>> x = torch.randn(1, 3, 16, 16)
+>>> a = Assignment.uniform(["_0", "_3"], 8, 8)
+>>> c = compile_assignment(model.eval(), (x,), a, calibration=[torch.randn(4, 3, 16, 16)])
+>>> bool(np.array_equal(c(x.numpy()), c.reference(x).numpy()))
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+
+from .artifact import Artifact
+from .assignment import Assignment
+from .frontend import trace
+from .lower import LoweringReport, lower
+from .meta import BITS, CHANNEL_GROUPS, COST, COST_TOTALS, KEPT_CHANNELS, SHAPE, CostTotals
+from .passes import (ChannelGroupAnalysis, CostAnalysis, FoldBatchNorm, Pipeline, PruneChannels,
+                     ShapeAnalysis)
+from .quant import build_reference
+
+
+@dataclass
+class Compiled:
+    """A compressed, compiled model for one target.
+
+    ``graph``: the pruned, BN-folded float graph the quantization is applied to;
+    ``reference``: its integer-exact fake-quant reference (a torch module, the ground truth
+    the artifact matches); ``artifact``: the TVM build with its manifest; ``layers`` and
+    ``totals``: per-layer and total costs (bits, kept/total channels, MACs, BOPs, bytes).
+    """
+
+    graph: torch.fx.GraphModule
+    reference: torch.fx.GraphModule
+    artifact: Artifact
+    lowering: LoweringReport
+    assignment: Assignment
+    layers: list[dict[str, Any]]
+    totals: dict[str, Any]
+    float_ops: list[tuple[str, str]] = field(default_factory=list)
+    program: Any = None  # the lowered Relax IRModule
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    _build_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def retarget(self, target: Any) -> Artifact:
+        """The same lowered program and weights built for another target (no recalibration)."""
+        return Artifact.build(self.program, self.params, target, **self._build_kwargs)
+
+    def __call__(self, *inputs: np.ndarray):
+        return self.artifact(*inputs)
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        return self.artifact.save(directory, overwrite=overwrite)
+
+
+def analysis(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+             **trace_kwargs: Any) -> torch.fx.GraphModule:
+    """Traced graph with shapes, channel groups and FP32 costs."""
+    gm = trace(model, example_inputs, **trace_kwargs)
+    pipe = Pipeline([ShapeAnalysis(), ChannelGroupAnalysis(), CostAnalysis()], name="analysis")
+    return pipe(gm).graph_module
+
+
+def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
+                assignment: Assignment) -> list[dict[str, Any]]:
+    original = {n.name: n for n in fp32.graph.nodes}
+    rows = []
+    for node in gm.graph.nodes:
+        cost = COST.find(node)
+        if cost is None or cost.macs == 0:
+            continue
+        bits = assignment.bits.get(node.name)
+        kept = KEPT_CHANNELS.find(node)
+        out_shape = SHAPE.get(node).shape
+        before = original.get(node.name)
+        total = (SHAPE.get(before).shape[kept.dim] if before is not None and kept is not None
+                 else None)
+        rows.append({
+            "name": node.name,
+            "op": type(gm.get_submodule(node.target)).__name__ if node.op == "call_module"
+            else getattr(node.target, "__name__", str(node.target)),
+            "weight_bits": bits.weight if bits else 32,
+            "activation_bits": bits.activation if bits else 32,
+            "kept_channels": int(out_shape[kept.dim]) if kept is not None else None,
+            "total_channels": int(total) if total is not None else None,
+            "macs": cost.macs, "bops": cost.bops, "weight_bytes": cost.weight_bytes,
+            "fp32_macs": COST.get(before).macs if before is not None else None,
+        })
+    return rows
+
+
+def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+                       assignment: Assignment, *, target: Any = "host",
+                       calibration: Iterable[torch.Tensor], observer: str = "minmax",
+                       **trace_kwargs: Any) -> Compiled:
+    """Build ``model`` under ``assignment`` for ``target`` (see the module docstring)."""
+    if calibration is None:
+        raise ValueError("calibration batches are required: pass an iterable of input tensors "
+                         "drawn from the data the model will see (e.g. a few training batches)")
+    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) \
+        else (example_inputs,)
+    fp32 = analysis(model, example_inputs, **trace_kwargs)
+    assignment.validate(fp32)
+    fp32_totals: CostTotals = COST_TOTALS.get(fp32)
+
+    gm = fp32
+    if assignment.masks:
+        gm = PruneChannels(assignment.masks)(gm).graph_module
+    gm = FoldBatchNorm()(gm).graph_module
+    for node in gm.graph.nodes:
+        if node.name in assignment.bits:
+            BITS.set(node, assignment.bits[node.name])
+    gm = CostAnalysis()(gm).graph_module
+    totals = COST_TOTALS.get(gm)
+
+    reference = build_reference(gm, assignment, calibration, observer)
+    mod, params, report = lower(reference)
+    with torch.no_grad():
+        sample_out = reference(*example_inputs)
+    sample_in = [t.detach().numpy().astype(np.float32) for t in example_inputs]
+    outs = sample_out if isinstance(sample_out, (tuple, list)) else [sample_out]
+    layers = _layer_rows(gm, fp32, assignment)
+    summary = {
+        "macs": totals.macs, "bops": totals.bops, "weight_bytes": totals.weight_bytes,
+        "fp32_macs": fp32_totals.macs, "fp32_bops": fp32_totals.fp32_bops,
+        "fp32_weight_bytes": fp32_totals.fp32_weight_bytes,
+        "bop_reduction": fp32_totals.fp32_bops / totals.bops if totals.bops else float("inf"),
+        "param_bytes": report.param_bytes,
+    }
+    float_ops = [(f.node, f.op) for f in report.float_ops]
+    build_kwargs = dict(
+        layers=layers, totals=summary,
+        reference_sample=(sample_in, [o.detach().numpy() for o in outs]),
+        sample_tolerance=(0.0, 0.0),
+        extra={"assignment": assignment.to_json(), "float_ops": float_ops,
+               "channel_groups": len(CHANNEL_GROUPS.get(fp32))})
+    artifact = Artifact.build(mod, params, target, **build_kwargs)
+    return Compiled(gm, reference, artifact, report, assignment, layers, summary, float_ops,
+                    mod, params, build_kwargs)

@@ -1,0 +1,82 @@
+"""Build a lowered program for a target and run it with the TVM Relax VM.
+
+Targets come from the registry, :func:`pqcompile.targets.get_target` (``"host"``, ``"arm"``,
+... or any TVM tag), or are given as a ``TargetSpec``, a TVM target JSON dict or a
+``tvm.target.Target``.
+
+>>> import numpy as np, torch
+>>> from pqcompile import trace
+>>> from pqcompile.assignment import Assignment
+>>> from pqcompile.quant import build_reference
+>>> from pqcompile.lower import lower
+>>> gm = trace(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+>>> ref = build_reference(gm, Assignment.uniform(["_0"], 8, 8), [torch.randn(8, 4)])
+>>> mod, params, report = lower(ref)
+>>> x = torch.randn(2, 4)
+>>> y = run(build(mod), params, [x.numpy()])
+>>> bool(np.array_equal(y, ref(x).numpy()))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..targets import TargetSpec, get_target
+
+
+def resolve_target(target: Any = "host") -> tvm.target.Target:
+    """A ``tvm.target.Target`` from a registry name, ``TargetSpec``, JSON dict or Target."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if isinstance(target, (str, TargetSpec)):
+        return get_target(target).tvm_target()
+    raise TypeError(f"target must be a target name (e.g. 'host'), a TargetSpec, a TVM target "
+                    f"dict or a tvm.target.Target, got {type(target).__name__}")
+
+
+def build(mod: tvm.IRModule, target: Any = "host", *, opt_level: int | None = None
+          ) -> relax.VMExecutable:
+    """Compile ``mod`` with TVM's default Relax pipeline (untuned) for ``target``.
+
+    ``opt_level`` (0..3) overrides LLVM's optimization level: 0 cuts code generation ~5x
+    (e.g. mobilenet_v2 at 64x64: ~24 s -> ~5 s) for programs that run a few times, such as
+    parity checks; the integer results do not depend on it.
+    """
+    tgt = resolve_target(target)
+    if opt_level is not None:
+        if opt_level not in (0, 1, 2, 3):
+            raise ValueError(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
+        config = dict(tgt.export())
+        config["opt-level"] = opt_level
+        tgt = tvm.target.Target({k: v for k, v in config.items() if k != "tag" or v})
+    return tvm.compile(mod, tgt)
+
+
+def _tensors(arrays: Sequence[Any]) -> list:
+    out = []
+    for a in arrays:
+        if hasattr(a, "detach"):  # torch tensors
+            a = a.detach().cpu().numpy()
+        out.append(tvm.runtime.tensor(np.ascontiguousarray(a)))
+    return out
+
+
+def run(executable: relax.VMExecutable, params: dict[str, np.ndarray],
+        inputs: Sequence[Any], func_name: str = "main") -> np.ndarray | list[np.ndarray]:
+    """Run ``func_name`` on the host CPU: ``inputs`` (numpy or torch) then ``params``.
+
+    Returns one array, or a list for a program with several outputs.
+    """
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    out = vm[func_name](*_tensors(list(inputs)), *_tensors(list(params.values())))
+    if isinstance(out, (list, tuple)) or type(out).__name__ == "Array":
+        return [o.numpy() for o in out]
+    return out.numpy()

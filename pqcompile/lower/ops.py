@@ -1,0 +1,219 @@
+"""Relax emitters, one per op of the integer reference (the scheme of :mod:`pqcompile.quant`).
+
+Each emitter takes the lowering state, the reference node, its module (or ``None``) and the
+Relax values of its inputs, and returns the Relax value of its output. Integer tensors of up to
+8 bits are int8/uint8; accumulators int32; requantization int64.
+
+>>> import numpy as np
+>>> from tvm import relax
+>>> bb = relax.BlockBuilder()
+>>> x = relax.Var("x", relax.TensorType((4,), "int32"))
+>>> with bb.function("main", [x]):
+...     with bb.dataflow():
+...         y = bb.emit_output(requant(bb, x, 1 << 30, 31, -127, 127, "int8"))
+...     gv = bb.emit_func_output(y)
+>>> str(bb.get()["main"].ret_ty.dtype)
+'int8'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tvm import relax
+from tvm.relax import op as R
+from tvm.relax.frontend.torch import from_fx
+
+from ..errors import UnsupportedOpError
+from ..meta import QParams
+from ..quant.qmodules import (
+    Dequantize,
+    FloatOp,
+    QAdd,
+    QCat,
+    QClip,
+    QConv2d,
+    QLinear,
+    QMaxPool,
+    QSumPool,
+    Quantize,
+)
+from .packing import emit_unpack, is_packed, pack
+
+if TYPE_CHECKING:
+    from .relax_builder import Lowering
+
+
+def i64(value) -> relax.Expr:
+    return relax.const(np.asarray(value, dtype=np.int64), "int64")
+
+
+def requant(bb, acc, m, sh, lo: int, hi: int, dtype: str) -> relax.Expr:
+    """``clamp((acc * m + (1 << (sh - 1))) >> sh, lo, hi)`` in int64, cast to ``dtype``.
+
+    ``m`` and ``sh`` are Python ints (one multiplier) or int64 Relax values that broadcast.
+    """
+    acc = bb.emit(R.astype(acc, "int64"))
+    if isinstance(m, int):
+        rnd = i64(1 << (sh - 1))
+        m, sh = i64(m), i64(sh)
+    else:
+        rnd = bb.emit(R.left_shift(i64(1), R.subtract(sh, i64(1))))
+    y = bb.emit(R.right_shift(R.add(R.multiply(acc, m), rnd), sh))
+    return bb.emit(R.astype(R.clip(y, lo, hi), dtype))
+
+
+def quantize(bb, x, qp: QParams, lo: int, hi: int) -> relax.Expr:
+    """float -> integers: ``clamp(floor(float64(x) / s + 0.5), lo, hi)``."""
+    y = R.divide(R.astype(x, "float64"), relax.const(qp.scale, "float64"))
+    y = bb.emit(R.floor(R.add(y, relax.const(0.5, "float64"))))
+    return bb.emit(R.astype(R.clip(y, lo, hi), qp.dtype))
+
+
+def dequantize(bb, q, qp: QParams, dtype: str) -> relax.Expr:
+    return bb.emit(R.multiply(R.astype(q, dtype), relax.const(qp.scale, dtype)))
+
+
+def _per_channel(lw: Lowering, name: str, module, view) -> tuple[relax.Expr, relax.Expr]:
+    m = lw.param(f"{name}.mult", module.mult.numpy().astype(np.int32))
+    sh = lw.param(f"{name}.shift", module.shift.numpy().astype(np.int32))
+    bb = lw.bb
+    return (bb.emit(R.reshape(bb.emit(R.astype(m, "int64")), view)),
+            bb.emit(R.reshape(bb.emit(R.astype(sh, "int64")), view)))
+
+
+def _weight(lw: Lowering, name: str, q: np.ndarray, bits: int) -> relax.Expr:
+    """The int8 weight, from a packed uint8 parameter for 2/4 bits."""
+    if is_packed(bits):
+        var = lw.param(f"{name}.weight", pack(q, bits))
+        lw.storage[name] = f"int{bits} packed {8 // bits} per byte"
+        return emit_unpack(lw.bb, var, bits, q.shape)
+    lw.storage[name] = f"int{bits} in int8" if bits < 8 else "int8"
+    return lw.param(f"{name}.weight", q.astype(np.int8))
+
+
+def conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr:
+    bb, name = lw.bb, node.name
+    w = _weight(lw, name, module.weight.numpy(), module.wq.bits)
+    acc = bb.emit(R.nn.conv2d(x, w, strides=module.stride, padding=module.padding,
+                              dilation=module.dilation, groups=module.groups, out_dtype="int32"))
+    b = lw.param(f"{name}.bias", module.bias.numpy().astype(np.int32))
+    acc = bb.emit(R.add(acc, R.reshape(b, (1, -1, 1, 1))))
+    m, sh = _per_channel(lw, name, module, (1, -1, 1, 1))
+    return requant(bb, acc, m, sh, module.lo, module.hi, module.out.dtype)
+
+
+def linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
+    # Stored transposed (in, out) so the program multiplies without a per-call transpose.
+    bb, name = lw.bb, node.name
+    w = _weight(lw, name, np.ascontiguousarray(module.weight.numpy().T), module.wq.bits)
+    acc = bb.emit(R.matmul(x, w, out_dtype="int32"))
+    acc = bb.emit(R.add(acc, lw.param(f"{name}.bias", module.bias.numpy().astype(np.int32))))
+    m, sh = _per_channel(lw, name, module, (-1,))
+    return requant(bb, acc, m, sh, module.lo, module.hi, module.out.dtype)
+
+
+def add(lw: Lowering, node, module: QAdd, a, b) -> relax.Expr:
+    bb = lw.bb
+    (ma, mb), sh = module.mults, module.shift
+    acc = R.add(R.multiply(R.astype(a, "int64"), i64(ma)),
+                R.multiply(R.astype(b, "int64"), i64(mb)))
+    y = bb.emit(R.right_shift(R.add(acc, i64(1 << (sh - 1))), i64(sh)))
+    return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
+
+
+def cat(lw: Lowering, node, module: QCat, *xs) -> relax.Expr:
+    parts = [x if fp is None else requant(lw.bb, x, fp.mult[0], fp.shift[0], module.lo,
+                                          module.hi, module.out.dtype)
+             for x, fp in zip(xs, module.fps)]
+    return lw.bb.emit(R.concat(parts, axis=module.dim))
+
+
+def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
+    bb = lw.bb
+    if module.window is not None:
+        # A depthwise conv with an all-ones kernel is an exact integer window sum.
+        (kh, kw), stride, pad = module.window
+        channels = lw.shape(node.all_input_nodes[0])[1]
+        ones = relax.const(np.ones((channels, 1, kh, kw), np.int8), "int8")
+        acc = bb.emit(R.nn.conv2d(x, ones, strides=stride, padding=pad, groups=channels,
+                                  out_dtype="int32"))
+    else:
+        acc = bb.emit(R.sum(R.astype(x, "int32"), axis=list(module.dims),
+                            keepdims=module.keepdim))
+    fp = module.fp
+    return requant(bb, acc, fp.mult[0], fp.shift[0], module.lo, module.hi, module.out.dtype)
+
+
+def max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr:
+    return lw.bb.emit(R.nn.max_pool2d(x, module.kernel, module.stride, module.padding,
+                                      module.dilation, module.ceil_mode))
+
+
+def clip(lw: Lowering, node, module: QClip, x) -> relax.Expr:
+    return lw.bb.emit(R.clip(x, module.lo, module.hi))
+
+
+def translate_island(fn: torch.fx.GraphModule, shapes, *, legalize: bool = False
+                     ) -> relax.Function:
+    """The Relax function of a float island (inputs float64); ``legalize`` also checks that
+    TVM has kernels for it at these dtypes (raises what TVM raises)."""
+    sub = from_fx(fn, [(tuple(s), "float64") for s in shapes])
+    if legalize:
+        relax.transform.LegalizeOps()(sub)
+    return sub["main"].without_attr("global_symbol")
+
+
+def float_op(lw: Lowering, node, module: FloatOp, *qs) -> relax.Expr:
+    bb = lw.bb
+    fn = translate_island(module.fn, [lw.shape(a) for a in node.all_input_nodes])
+    gv = bb.add_func(fn, f"float_{node.name}")
+    xs = [dequantize(bb, q, p, "float64") for q, p in zip(qs, module.ins)]
+    y = bb.emit(relax.Call(gv, xs))
+    return quantize(bb, y, module.out, module.lo, module.hi)
+
+
+def quantize_input(lw: Lowering, node, module: Quantize, x) -> relax.Expr:
+    return quantize(lw.bb, x, module.out, module.lo, module.hi)
+
+
+def dequantize_output(lw: Lowering, node, module: Dequantize, q) -> relax.Expr:
+    return dequantize(lw.bb, q, module.out, "float32")
+
+
+EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
+            QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
+            QClip: clip, FloatOp: float_op}
+
+_IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
+                     torch.nn.Dropout2d, torch.nn.Dropout3d)
+
+
+def movement(lw: Lowering, node, x) -> relax.Expr:
+    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose."""
+    target = node.target
+    if node.op == "call_module":
+        module = lw.ref.get_submodule(target)
+        if isinstance(module, _IDENTITY_MODULES):
+            return x
+        target = type(module).__name__.lower()
+    name = getattr(target, "__name__", target)
+    if name in ("contiguous", "clone"):
+        return x
+    if name in ("permute", "transpose"):
+        ndim = len(lw.shape(node))
+        rest = [a for a in node.args[1:]] or list(node.kwargs.values())
+        if name == "permute":
+            axes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) \
+                else list(rest)
+        else:
+            d0, d1 = (int(d) % ndim for d in rest[:2])
+            axes = list(range(ndim))
+            axes[d0], axes[d1] = axes[d1], axes[d0]
+        return lw.bb.emit(R.permute_dims(x, [int(a) % ndim for a in axes]))
+    if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
+        return lw.bb.emit(R.reshape(x, lw.shape(node)))
+    raise UnsupportedOpError(f"node {node.name!r} ({name}) has no integer lowering and was "
+                             "not planned as a float op; this is a pqcompile bug, please report")

@@ -1,0 +1,144 @@
+"""Float islands: one op with no integer lowering, as a small flat fx graph in float64.
+
+The same graph runs in the reference (torch) and is translated for the compiled program (TVM's
+fx frontend), so both compute the op with the same float64 arithmetic. Modules are traced
+through to functional calls, their parameters turned into float64 constants (the frontend
+takes float64 constants but not float64 module parameters). A module whose ``forward`` cannot
+be traced, or that the compiled program cannot run in float64 (TVM's ``layer_norm`` kernel, for
+one, is float32-only), stays one call in float32 between casts (``precision == "float32"``).
+Each candidate is translated and legalized by TVM first (no code generation), so the choice is
+made once, here, and the reference and the program always agree on it.
+
+>>> import torch
+>>> island = make_island(torch.nn.Hardswish(), "call_module", (Slot(0),), {}, [(2, 3)])
+>>> island.precision, [n.op for n in island.fn.graph.nodes]
+('float64', ['placeholder', 'call_function', 'output'])
+>>> make_island(torch.nn.LayerNorm(3), "call_module", (Slot(0),), {}, [(2, 3)]).precision
+'float32'
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import UnsupportedOpError
+
+
+class Slot(int):
+    """Marks where the ``i``-th dequantized tensor goes in an op's arguments."""
+
+
+class _FlatTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return False
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == "op" or super().is_leaf_module(m, qualname)
+
+
+def _fill(template: Any, xs: tuple, consts: nn.Module) -> Any:
+    if isinstance(template, Slot):
+        return xs[int(template)]
+    if isinstance(template, str) and template.startswith("\0const"):
+        return getattr(consts, template[1:])
+    if isinstance(template, (list, tuple)):
+        return type(template)(_fill(t, xs, consts) for t in template)
+    if isinstance(template, dict):
+        return {k: _fill(v, xs, consts) for k, v in template.items()}
+    return template
+
+
+class _Op(nn.Module):
+    def __init__(self, target: Any, kind: str, args: Any, kwargs: Any, n: int,
+                 cast: bool) -> None:
+        super().__init__()
+        self.target, self.kind, self.n, self.cast = target, kind, n, cast
+        self.args_t, self.kwargs_t = args, kwargs
+        self.consts = nn.Module()
+
+    def forward(self, *xs):
+        if self.cast:
+            xs = tuple(xs[i].to(torch.float32) for i in range(self.n))
+        args, kwargs = _fill(self.args_t, xs, self.consts), _fill(self.kwargs_t, xs, self.consts)
+        if self.kind == "call_module":
+            y = self.op(*args, **kwargs)
+        elif self.kind == "call_method":
+            y = getattr(args[0], self.target)(*args[1:], **kwargs)
+        else:
+            y = self.target(*args, **kwargs)
+        return y.to(torch.float64) if self.cast else y
+
+
+@dataclass
+class Island:
+    fn: torch.fx.GraphModule
+    precision: str
+
+
+def _params_to_buffers(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            delattr(m, name)
+            m.register_buffer(name, p.detach().to(torch.float64))
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                setattr(m, name, b.to(torch.float64))
+    return module
+
+
+def make_island(target: Any, kind: str, args: Any, kwargs: Any,
+                shapes: list[tuple[int, ...]], consts: dict[str, torch.Tensor] | None = None,
+                *, where: str = "float op") -> Island:
+    """The island computing ``target`` (a module, function or method name).
+
+    ``args``/``kwargs`` hold :class:`Slot` markers for the tensors (of ``shapes``), constant
+    tensors as ``"\\0constK"`` (key ``constK`` of ``consts``) and plain Python values.
+    """
+    from ..lower.ops import translate_island  # the lowering imports quant: import late
+
+    n_inputs = len(shapes)
+    errors = []
+    for cast in (False, True):
+        op = _Op(target if kind != "call_module" else None, kind, args, kwargs, n_inputs, cast)
+        for name, value in (consts or {}).items():
+            op.consts.register_buffer(name, value.to(torch.float32 if cast else torch.float64)
+                                      if value.is_floating_point() else value)
+        if kind == "call_module":
+            module = copy.deepcopy(target)
+            op.op = module.float() if cast else _params_to_buffers(module)
+        tracer = _LeafTracer() if cast else _FlatTracer()
+        try:
+            graph = tracer.trace(op)
+            _name_inputs(graph, n_inputs)
+            fn = torch.fx.GraphModule(op, graph, "FloatIsland")
+            translate_island(fn, shapes, legalize=True)
+        except Exception as exc:  # noqa: BLE001 (fx and TVM raise many types; kept, re-raised)
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            errors.append(f"{type(exc).__name__}: {last}")
+            continue
+        return Island(fn, "float32" if cast else "float64")
+    raise UnsupportedOpError(
+        f"{where} has no integer lowering and cannot run in float in the compiled program "
+        f"either: in float64: {errors[0]}; in float32: {errors[-1]}. Make it a leaf module "
+        "TVM's fx frontend knows, or replace it")
+
+
+def _name_inputs(graph: torch.fx.Graph, n_inputs: int) -> None:
+    """``forward(*xs)`` traces to one varargs placeholder; give the island n plain inputs."""
+    ph = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_before(ph):
+        inputs = [graph.placeholder(f"in{i}") for i in range(n_inputs)]
+    for user in list(ph.users):
+        if user.op == "call_function" and user.target.__name__ == "getitem":
+            user.replace_all_uses_with(inputs[user.args[1]])
+            graph.erase_node(user)
+    graph.erase_node(ph)
+    graph.lint()

@@ -1,0 +1,325 @@
+"""Planning: which op each node becomes in the integer program, and how each tensor is stored.
+
+Every tensor-valued node that depends on an input is *quantized*. Nodes are sorted into:
+
+* roots, which produce a new integer tensor with its own scale: ``input``, ``conv``, ``linear``,
+  ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``) and ``float`` (an op with
+  no integer lowering, run dequantize -> float -> quantize);
+* pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
+  view, squeeze, unsqueeze, permute, transpose), ``identity`` (Identity, Dropout, contiguous)
+  and ``clip`` (a ReLU/ReLU6 that could not be folded);
+* ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
+  float whose only user it is);
+* ``const`` (depends on no input; its value is captured) and ``meta`` (non-tensor values such
+  as ``x.size(0)``, kept as they are).
+
+A *domain* is a root and the pass-through ops reading it: one scale, one set of bits.
+
+>>> import torch
+>>> from pqcompile import trace
+>>> from pqcompile.assignment import Assignment
+>>> from pqcompile.passes import ShapeAnalysis
+>>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+...                                torch.nn.Flatten()), (torch.randn(1, 3, 5, 5),))
+>>> gm = ShapeAnalysis()(gm).graph_module
+>>> p = make_plan(gm, Assignment.uniform(["_0"], weight=4, activation=6))
+>>> [p.kind[n] for n in ("input_1", "_0", "_1", "_2")], p.bits["input_1"], p.signed["_0"]
+(['input', 'conv', 'fused', 'view'], 6, False)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..assignment import Assignment
+from ..meta import SHAPE
+
+ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float")
+PASS_THROUGH = ("maxpool", "view", "identity", "clip")
+FUSABLE = ("conv", "linear", "add", "cat", "avgpool")
+
+_ADD = (operator.add, operator.iadd, torch.add)
+_CAT = (torch.cat, torch.concat)
+_RELU_FN = (F.relu, torch.relu)
+_VIEW_FN = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+            torch.transpose)
+_VIEW_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose")
+_NONNEG = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, torch.sigmoid, F.sigmoid, F.hardsigmoid,
+           F.softmax, torch.softmax, torch.exp, "sigmoid", "softmax", "exp")
+
+
+@dataclass
+class Plan:
+    kind: dict[str, str] = field(default_factory=dict)
+    op: dict[str, str] = field(default_factory=dict)       # readable op, for reports
+    fused: dict[str, str] = field(default_factory=dict)    # producer -> folded relu node
+    relu6: set[str] = field(default_factory=set)           # relu nodes that are ReLU6
+    root: dict[str, str] = field(default_factory=dict)     # quantized node -> its domain root
+    bits: dict[str, int] = field(default_factory=dict)     # root -> activation bits
+    signed: dict[str, bool] = field(default_factory=dict)  # root -> signedness
+    args: dict[str, dict] = field(default_factory=dict)    # node -> op parameters
+
+    def observe_at(self, root: str) -> str:
+        """The node whose float value sets a root's scale (its folded ReLU, if any)."""
+        return self.fused.get(root, root)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _arg(n: torch.fx.Node, i: int, name: str, default=None):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def op_name(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _is_tensor(n: torch.fx.Node) -> bool:
+    return hasattr(SHAPE.find(n), "shape")
+
+
+def _shape(n) -> tuple[int, ...]:
+    return tuple(SHAPE.get(n).shape)
+
+
+def _conv_args(m: nn.Conv2d) -> dict | None:
+    if m.padding_mode != "zeros":
+        return None
+    pad = m.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        elif all(m.dilation[i] * (m.kernel_size[i] - 1) % 2 == 0 for i in range(2)):
+            pad = tuple(m.dilation[i] * (m.kernel_size[i] - 1) // 2 for i in range(2))
+        else:
+            return None
+    return {"stride": m.stride, "padding": tuple(pad), "dilation": m.dilation, "groups": m.groups}
+
+
+def _avgpool_args(gm, n) -> dict | None:
+    """Window ``(kernel, stride, padding)`` or reduced ``dims`` of an average, else None."""
+    in_shape = _shape(n.args[0])
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.AvgPool2d):
+            k, s, p = m.kernel_size, m.stride, m.padding
+            extra = (m.ceil_mode, m.count_include_pad, m.divisor_override)
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            return _adaptive(in_shape, m.output_size)
+        else:
+            return None
+    elif n.target is F.avg_pool2d:
+        k, s, p = _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"), _arg(n, 3, "padding", 0)
+        extra = (_arg(n, 4, "ceil_mode", False), _arg(n, 5, "count_include_pad", True),
+                 _arg(n, 6, "divisor_override"))
+    elif n.target is F.adaptive_avg_pool2d:
+        return _adaptive(in_shape, _arg(n, 1, "output_size"))
+    elif n.target is torch.mean or (n.op == "call_method" and n.target == "mean"):
+        dims = _arg(n, 1, "dim")
+        if dims is None or _arg(n, 3, "dtype") is not None:
+            return None
+        dims = tuple(sorted({d % len(in_shape) for d in _pair(dims)}))
+        count = 1
+        for d in dims:
+            count *= in_shape[d]
+        return {"window": None, "dims": dims, "keepdim": bool(_arg(n, 2, "keepdim", False)),
+                    "count": count}
+    else:
+        return None
+    k, p = _pair(k), _pair(p)
+    s = k if s is None or s == [] else _pair(s)
+    ceil_mode, count_include_pad, divisor = extra
+    if ceil_mode or divisor is not None or (any(p) and not count_include_pad) or len(in_shape) != 4:
+        return None
+    return {"window": (k, s, p), "dims": None, "keepdim": True, "count": k[0] * k[1]}
+
+
+def _adaptive(in_shape, size) -> dict | None:
+    h, w = in_shape[-2:]
+    oh, ow = _pair(size) if size is not None else (h, w)
+    oh, ow = oh or h, ow or w
+    if len(in_shape) != 4 or h % oh or w % ow:
+        return None
+    if (oh, ow) == (1, 1):
+        return {"window": None, "dims": (2, 3), "keepdim": True, "count": h * w}
+    k = (h // oh, w // ow)
+    return {"window": (k, k, (0, 0)), "dims": None, "keepdim": True, "count": k[0] * k[1]}
+
+
+def _maxpool_args(gm, n) -> dict | None:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if not isinstance(m, nn.MaxPool2d) or m.return_indices:
+            return None
+        k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+    elif n.target is F.max_pool2d and not _arg(n, 6, "return_indices", False):
+        k, s, p = _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"), _arg(n, 3, "padding", 0)
+        d, c = _arg(n, 4, "dilation", 1), _arg(n, 5, "ceil_mode", False)
+    else:
+        return None
+    k = _pair(k)
+    return {"kernel": k, "stride": k if s is None or s == [] else _pair(s), "padding": _pair(p),
+                "dilation": _pair(d), "ceil_mode": bool(c)}
+
+
+def _relu_kind(gm, n) -> str | None:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and
+                                       (m.min_val, m.max_val) == (0.0, 6.0)):
+            return "relu6"
+        return "relu" if isinstance(m, nn.ReLU) else None
+    if n.op == "call_function":
+        return "relu" if n.target in _RELU_FN else "relu6" if n.target is F.relu6 else None
+    return "relu" if n.op == "call_method" and n.target in ("relu", "relu_") else None
+
+
+def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) -> str:
+    tensor_ins = [a for a in n.all_input_nodes if _is_tensor(a)]
+    all_quantized = all(a.name in quantized for a in tensor_ins)
+    mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+    if isinstance(mod, (nn.Conv2d, nn.Linear)) and all_quantized:
+        if n.name not in assignment.bits:
+            plan.op[n.name] = f"{type(mod).__name__} (not in the assignment)"
+            return "float"
+        args = _conv_args(mod) if isinstance(mod, nn.Conv2d) else {}
+        if args is None:
+            plan.op[n.name] = f"Conv2d (padding_mode {mod.padding_mode!r} or padding " \
+                f"{mod.padding!r})"
+            return "float"
+        plan.args[n.name] = args
+        return "conv" if isinstance(mod, nn.Conv2d) else "linear"
+    relu = _relu_kind(gm, n)
+    if relu is not None and len(tensor_ins) == 1 and all_quantized:
+        if relu == "relu6":
+            plan.relu6.add(n.name)
+        return "relu"
+    if not all_quantized or len(tensor_ins) == 0:
+        return "float"
+    if (n.op == "call_function" and n.target in _ADD) or (
+            n.op == "call_method" and n.target in ("add", "add_")):
+        if len(n.args) == 2 and not n.kwargs and all(
+                isinstance(a, torch.fx.Node) and _is_tensor(a) for a in n.args):
+            return "add"  # also x + x: both operands the same node
+        return "float"
+    if n.op == "call_function" and n.target in _CAT and isinstance(n.args[0], (list, tuple)):
+        dim = _arg(n, 1, "dim", 0)
+        plan.args[n.name] = {"dim": dim % len(_shape(n))}
+        return "cat"
+    pool = _avgpool_args(gm, n)
+    if pool is not None:
+        plan.args[n.name] = pool
+        return "avgpool"
+    pool = _maxpool_args(gm, n)
+    if pool is not None:
+        plan.args[n.name] = pool
+        return "maxpool"
+    if isinstance(mod, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) or (
+            n.op == "call_method" and n.target in ("contiguous", "clone")):
+        return "identity"
+    if isinstance(mod, nn.Flatten) or (n.op == "call_function" and n.target in _VIEW_FN) or (
+            n.op == "call_method" and n.target in _VIEW_METHODS):
+        return "view"
+    return "float"
+
+
+def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
+    """Classify every node, fold ReLUs, and give each tensor domain its bits and signedness.
+
+    Needs ``SHAPE`` on the graph (run :class:`~pqcompile.passes.ShapeAnalysis` first).
+    """
+    assignment.validate(gm)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            SHAPE.get(n)  # names ShapeAnalysis when shapes are missing
+    plan, quantized = Plan(), set()
+    for n in gm.graph.nodes:
+        depends = n.op == "placeholder" or any(a.name in quantized or plan.kind.get(a.name) ==
+                                               "meta" for a in n.all_input_nodes)
+        if n.op == "output":
+            kind = "output"
+        elif not depends:
+            kind = "const"
+        elif not _is_tensor(n):
+            if SHAPE.find(n) is not None:
+                raise ValueError(f"node {n.name!r} ({op_name(gm, n)}) returns several tensors; "
+                                 "quantizing tuple-valued ops is not supported: make it a "
+                                 "leaf module that returns one tensor")
+            kind = "meta"
+        elif n.op == "placeholder":
+            kind = "input"
+        else:
+            kind = _classify(gm, n, assignment, quantized, plan)
+        plan.kind[n.name] = kind
+        plan.op.setdefault(n.name, op_name(gm, n) if n.op != "placeholder" else "input")
+        if kind not in ("output", "const", "meta"):
+            quantized.add(n.name)
+
+    for n in gm.graph.nodes:
+        if plan.kind[n.name] != "relu":
+            continue
+        src = n.all_input_nodes[0]
+        if plan.kind[src.name] in FUSABLE and len(src.users) == 1:
+            plan.fused[src.name] = n.name
+            plan.kind[n.name] = "fused"
+        else:
+            plan.kind[n.name] = "clip"
+
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for n in gm.graph.nodes:
+        kind = plan.kind[n.name]
+        if kind in ROOTS:
+            plan.root[n.name] = n.name
+        elif kind in PASS_THROUGH:
+            plan.root[n.name] = plan.root[n.all_input_nodes[0].name]
+        elif kind == "fused":
+            plan.root[n.name] = n.all_input_nodes[0].name
+        if kind in ("conv", "linear"):
+            bw = assignment.bits[n.name]
+            for what, b in (("weight", bw.weight), ("activation", bw.activation)):
+                if not 2 <= b <= 8:
+                    raise ValueError(
+                        f"layer {n.name!r}: {what} bits {b} are outside 2..8, the range of the "
+                        "integer lowering; leave the layer out of the assignment to keep it "
+                        "in float")
+            src = plan.root[n.all_input_nodes[0].name]
+            readers.setdefault(src, []).append((n.name, bw.activation))
+
+    for root, layers in readers.items():
+        acts = {b for _, b in layers}
+        if len(acts) > 1:
+            via = sorted(k for k, r in plan.root.items() if r == root and k != root)
+            raise ValueError(
+                f"layers {[f'{name} ({b} bits)' for name, b in layers]} read the tensor of node "
+                f"{root!r}" + (f" (directly or through {via})" if via else "") +
+                ": a tensor is quantized once, give them equal activation bits")
+        plan.bits[root] = acts.pop()
+
+    for n in gm.graph.nodes:
+        kind = plan.kind[n.name]
+        if kind not in ROOTS:
+            continue
+        plan.bits.setdefault(n.name, 8)
+        ins = [plan.root[a.name] for a in n.all_input_nodes if a.name in plan.root]
+        if n.name in plan.fused:
+            signed = False
+        elif kind in ("add", "cat", "avgpool"):
+            signed = any(plan.signed[r] for r in ins)
+        elif kind == "float":
+            mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+            signed = not (isinstance(mod, tuple(t for t in _NONNEG if isinstance(t, type)))
+                          or (mod is None and n.target in _NONNEG))
+        else:
+            signed = True
+        plan.signed[n.name] = signed
+    return plan

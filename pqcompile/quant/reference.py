@@ -1,0 +1,335 @@
+"""``build_reference``: the integer-exact fake-quant reference of a traced float graph.
+
+The reference is a ``torch.fx.GraphModule`` called like the model (float in, float out). Inside,
+tensors hold integers (float64) and every op does exactly what the compiled program does (see
+:mod:`pqcompile.quant` for the scheme). Its nodes keep the source node names and carry
+``QPARAMS`` (every quantized tensor), ``WEIGHT_QUANT``, ``REQUANT``, ``BITS`` and
+``FUSED_ACTIVATION`` (compute layers); ``FLOAT_OPS`` on the graph lists the ops left in float.
+
+>>> import torch
+>>> from pqcompile import trace
+>>> from pqcompile.assignment import Assignment
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+>>> gm = trace(model, (torch.randn(1, 3, 8, 8),))
+>>> ref = build_reference(gm, Assignment.uniform(["_0"], 4, 8), [torch.randn(2, 3, 8, 8)])
+>>> ref(torch.randn(1, 3, 8, 8)).shape
+torch.Size([1, 4, 6, 6])
+>>> QPARAMS.get(next(n for n in ref.graph.nodes if n.name == "_0")).signed
+False
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.node import map_arg
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..assignment import Assignment
+from ..meta import (
+    BITS,
+    EXAMPLE_INPUTS,
+    FLOAT_OPS,
+    FUSED_ACTIVATION,
+    KEPT_CHANNELS,
+    QPARAMS,
+    REQUANT,
+    SHAPE,
+    SOURCE_MODEL,
+    WEIGHT_QUANT,
+    FixedPoint,
+    FloatOp,
+    QParams,
+    Requant,
+)
+from ..passes.base import TRACE_PROVIDES, mark_provided, provided_keys
+from .calibrate import capture, check_batches, observe
+from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
+from .islands import Slot, make_island
+from .observers import Observer, make_observer
+from .plan import Plan, make_plan
+from .qmodules import Dequantize, QAdd, QCat, QClip, QConv2d, QLinear, QMaxPool, QSumPool, Quantize
+from .qmodules import FloatOp as FloatOpModule
+from .qparams import check_accumulator, quantize_bias, quantize_weight, weight_qmax
+
+
+def _relu6_hi(qp: QParams) -> int:
+    return min(qp.qmax, math.floor(6.0 / qp.scale + 0.5))
+
+
+class _Builder:
+    def __init__(self, gm: torch.fx.GraphModule, plan: Plan, qp: dict[str, QParams],
+                 values: dict[str, Any], assignment: Assignment) -> None:
+        self.gm, self.plan, self.qp, self.values = gm, plan, qp, values
+        self.assignment = assignment
+        self.root = nn.Module()
+        self.graph = torch.fx.Graph()
+        self.env: dict[str, torch.fx.Node] = {}
+        self.float_ops: list[FloatOp] = []
+
+    def qparams(self, name: str) -> QParams:
+        return self.qp[self.plan.root[name]]
+
+    def bounds(self, n: torch.fx.Node, out: QParams) -> tuple[int, int]:
+        relu = self.plan.fused.get(n.name)
+        hi = _relu6_hi(out) if relu in self.plan.relu6 else out.qmax
+        return out.qmin, hi
+
+    def emit(self, n: torch.fx.Node, module: nn.Module, args: tuple, name: str | None = None,
+             meta: dict | None = None) -> torch.fx.Node:
+        node = self.graph.create_node("call_module", "", args, {}, name=name or n.name)
+        target = node.name
+        while hasattr(self.root, target):
+            target += "_"
+        node.target = target
+        self.root.add_module(target, module)
+        node.meta.update(n.meta)
+        for key, value in (meta or {}).items():
+            key.set(node, value)
+        return node
+
+    def mapped(self, a: torch.fx.Node) -> Any:
+        return self.env[a.name] if a.name in self.env else self.values[a.name]
+
+    def ins(self, n: torch.fx.Node) -> list[torch.fx.Node]:
+        return [a for a in n.all_input_nodes if a.name in self.plan.root]
+
+    # --- one method per kind --------------------------------------------------------------
+
+    def input(self, n):
+        ph = self.graph.placeholder(n.name)
+        ph.meta.update(n.meta)
+        qp = self.qp[n.name]
+        return self.emit(n, Quantize(qp), (ph,), f"{n.name}_quantize", meta={QPARAMS: qp})
+
+    def layer(self, n):
+        m = self.gm.get_submodule(n.target)
+        src = self.ins(n)[0]
+        inp, out = self.qparams(src.name), self.qp[n.name]
+        bw = self.assignment.bits[n.name]
+        where = f"layer {n.name!r}"
+        wint, wq = quantize_weight(m.weight, bw.weight, where=where)
+        bias = quantize_bias(m.bias, inp.scale, wq.scales, where=where)
+        terms = int(np.prod(m.weight.shape[1:]))
+        check_accumulator(where, terms, max(-inp.qmin, inp.qmax), weight_qmax(bw.weight), bias)
+        M = inp.scale * np.asarray(wq.scales) / out.scale
+        mult, shift = quantize_multipliers(M, where=where)
+        fp = FixedPoint(tuple(int(v) for v in mult), tuple(int(v) for v in shift))
+        lo, hi = self.bounds(n, out)
+        common = (wint, bias, wq, fp, inp, out, lo, hi)
+        module = QConv2d(*common, **self.plan.args[n.name]) if self.plan.kind[n.name] == "conv" \
+            else QLinear(*common)
+        meta = {QPARAMS: out, WEIGHT_QUANT: wq, REQUANT: Requant((fp,), lo, hi), BITS: bw}
+        if n.name in self.plan.fused:
+            meta[FUSED_ACTIVATION] = self.plan.fused[n.name]
+        return self.emit(n, module, (self.env[src.name],), meta=meta)
+
+    def add(self, n):
+        a, b = n.args
+        out = self.qp[n.name]
+        mults, sh = shared_shift([self.qparams(a.name).scale / out.scale,
+                                  self.qparams(b.name).scale / out.scale],
+                                 where=f"add {n.name!r}")
+        lo, hi = self.bounds(n, out)
+        req = Requant(tuple(FixedPoint((m,), (sh,)) for m in mults), lo, hi)
+        return self.emit(n, QAdd(mults, sh, out, lo, hi), (self.env[a.name], self.env[b.name]),
+                         meta={QPARAMS: out, REQUANT: req})
+
+    def cat(self, n):
+        out = self.qp[n.name]
+        lo, hi = self.bounds(n, out)
+        fps = []
+        for a in n.args[0]:
+            inp = self.qparams(a.name)
+            if inp == out and n.name not in self.plan.fused:
+                fps.append(None)
+            else:
+                m, sh = quantize_multiplier(inp.scale / out.scale, where=f"cat {n.name!r}")
+                fps.append(FixedPoint((m,), (sh,)))
+        module = QCat(self.plan.args[n.name]["dim"], fps, out, lo, hi)
+        return self.emit(n, module, tuple(self.env[a.name] for a in n.args[0]),
+                         meta={QPARAMS: out, REQUANT: Requant(tuple(fps), lo, hi)})
+
+    def avgpool(self, n):
+        src = self.ins(n)[0]
+        inp, out, args = self.qparams(src.name), self.qp[n.name], self.plan.args[n.name]
+        m, sh = quantize_multiplier(inp.scale / (out.scale * args["count"]),
+                                    where=f"pool {n.name!r}")
+        fp = FixedPoint((m,), (sh,))
+        lo, hi = self.bounds(n, out)
+        module = QSumPool(args["window"], args["dims"], args["keepdim"], args["count"], fp, out,
+                          lo, hi)
+        return self.emit(n, module, (self.env[src.name],),
+                         meta={QPARAMS: out, REQUANT: Requant((fp,), lo, hi)})
+
+    def maxpool(self, n):
+        src = self.ins(n)[0]
+        return self.emit(n, QMaxPool(**self.plan.args[n.name]), (self.env[src.name],),
+                         meta={QPARAMS: self.qparams(n.name)})
+
+    def clip(self, n):
+        src = self.ins(n)[0]
+        qp = self.qparams(n.name)
+        hi = _relu6_hi(qp) if n.name in self.plan.relu6 else qp.qmax
+        return self.emit(n, QClip(qp, max(qp.qmin, 0), hi), (self.env[src.name],),
+                         meta={QPARAMS: qp})
+
+    def verbatim(self, n):
+        if n.op == "call_module":
+            node = self.emit(n, copy.deepcopy(self.gm.get_submodule(n.target)),
+                             map_arg(n.args, self.mapped))
+            node.kwargs = map_arg(n.kwargs, self.mapped)
+        else:
+            node = self.graph.node_copy(n, self.mapped)
+        if n.name in self.plan.root:
+            QPARAMS.set(node, self.qparams(n.name))
+        return node
+
+    def float(self, n):
+        ins, index, consts = [], {}, {}
+
+        def arg(a):
+            if a.name in self.plan.root:
+                if a.name not in index:
+                    index[a.name] = len(ins)
+                    ins.append(a)
+                return Slot(index[a.name])
+            v = self.values[a.name]
+            if not isinstance(v, torch.Tensor):
+                return v
+            consts[f"const{len(consts)}"] = v
+            return f"\0const{len(consts) - 1}"
+
+        args, kwargs = map_arg(n.args, arg), map_arg(n.kwargs, arg)
+        target = self.gm.get_submodule(n.target) if n.op == "call_module" else n.target
+        island = make_island(target, n.op, args, kwargs, [tuple(SHAPE.get(a).shape) for a in ins],
+                             consts, where=f"node {n.name!r} ({self.plan.op[n.name]})")
+        op = self.plan.op[n.name]
+        self.float_ops.append(FloatOp(n.name, op, island.precision))
+        qp = self.qp[n.name]
+        module = FloatOpModule(island.fn, op, [self.qparams(a.name) for a in ins], qp)
+        return self.emit(n, module, tuple(self.env[a.name] for a in ins), meta={QPARAMS: qp})
+
+    def output(self, n):
+        def dequant(a):
+            if a.name not in self.plan.root:
+                raise ValueError(f"output {a.name!r} does not depend on the model input; "
+                                 "pqcompile quantizes input-dependent outputs only")
+            qp = self.qparams(a.name)
+            return self.emit(a, Dequantize(qp), (self.env[a.name],), f"{a.name}_dequantize",
+                             meta={QPARAMS: qp})
+
+        self.graph.output(map_arg(n.args[0], dequant))
+
+    def run(self) -> None:
+        handlers: dict[str, Callable] = {
+            "input": self.input, "conv": self.layer, "linear": self.layer, "add": self.add,
+            "cat": self.cat, "avgpool": self.avgpool, "maxpool": self.maxpool,
+            "clip": self.clip, "view": self.verbatim, "identity": self.verbatim,
+            "meta": self.verbatim, "float": self.float}
+        for n in self.gm.graph.nodes:
+            kind = self.plan.kind[n.name]
+            if kind == "output":
+                self.output(n)
+            elif kind == "fused":
+                self.env[n.name] = self.env[self.plan.root[n.name]]
+            elif kind != "const":
+                self.env[n.name] = handlers[kind](n)
+
+
+def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
+    """Constant and shape-valued nodes that float ops (or verbatim ops) read."""
+    out = set()
+    for n in gm.graph.nodes:
+        if plan.kind[n.name] in ("float", "view", "identity", "meta"):
+            out |= {a.name for a in n.all_input_nodes if plan.kind[a.name] in ("const", "meta")}
+    return out
+
+
+def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
+                    calib_batches: Iterable[Any],
+                    observer: str | Callable[[], Observer] = "minmax") -> torch.fx.GraphModule:
+    """Calibrate ``gm`` (BN folded) on ``calib_batches`` and build its integer-exact reference.
+
+    ``assignment`` gives weight and activation bits (2..8) per conv/linear node; layers it does
+    not name stay in float (and are listed in ``FLOAT_OPS``). ``observer`` is ``"minmax"``,
+    ``"percentile"``, ``"mse"`` or a callable returning an
+    :class:`~pqcompile.quant.observers.Observer`.
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"build_reference takes a torch.fx.GraphModule (pqcompile.trace), got "
+                        f"{type(gm).__name__}")
+    if not isinstance(assignment, Assignment):
+        raise TypeError(f"assignment must be a pqcompile Assignment, got "
+                        f"{type(assignment).__name__}")
+    if assignment.masks and KEPT_CHANNELS.name not in provided_keys(gm):
+        raise ValueError(
+            f"the assignment prunes channel groups {sorted(assignment.masks)[:5]} but the graph "
+            "was not pruned: run PruneChannels(assignment.masks) on it first (after "
+            "ShapeAnalysis and ChannelGroupAnalysis)")
+    example = EXAMPLE_INPUTS.get(gm).args
+    work = copy.deepcopy(gm)  # the caller's graph is never annotated or changed
+    with torch.no_grad():
+        ShapeProp(work).propagate(*example)
+    plan = make_plan(work, assignment)
+    batches = check_batches(work, calib_batches)
+    factory = make_observer(observer)
+    roots = [r for r, k in plan.kind.items() if r in plan.bits]
+    observers = {plan.observe_at(r): factory() for r in roots}
+    observe(work, batches, observers)
+    qp = {}
+    for r in roots:
+        obs, signed, bits = observers[plan.observe_at(r)], plan.signed[r], plan.bits[r]
+        try:
+            qp[r] = QParams(obs.scale(bits, signed), bits, signed)
+        except ValueError as exc:
+            raise ValueError(f"calibrating node {r!r} ({plan.op[r]}): {exc}") from exc
+    builder = _Builder(work, plan, qp, capture(work, _needed_values(work, plan)), assignment)
+    builder.run()
+    ref = torch.fx.GraphModule(builder.root, builder.graph, "QuantizedReference")
+    ref.meta[EXAMPLE_INPUTS.name] = EXAMPLE_INPUTS.get(gm)
+    ref.meta[SOURCE_MODEL.name] = SOURCE_MODEL.find(gm, type(gm).__name__)
+    FLOAT_OPS.set(ref, tuple(builder.float_ops))
+    with torch.no_grad():
+        ShapeProp(ref).propagate(*example)
+    mark_provided(ref, TRACE_PROVIDES + (SHAPE, QPARAMS, WEIGHT_QUANT, REQUANT, FLOAT_OPS))
+    return ref
+
+
+def fake_quant_view(ref: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``ref`` computing the standard float fake-quant view (float32 throughout).
+
+    It differs from the integer-exact reference by float rounding and by the fixed-point
+    multipliers: at most 1 LSB per requantizing op.
+    """
+    view = copy.deepcopy(ref)
+    for m in view.modules():
+        if hasattr(m, "fake"):
+            m.fake = True
+    return view
+
+
+def integer_outputs(ref: torch.fx.GraphModule, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``ref`` and return its output integers (int64), before dequantization."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in ref.named_children():
+        if isinstance(m, Dequantize):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.__setitem__(name, args[0])))
+    try:
+        with torch.no_grad():
+            ref(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    order = [n.target for n in ref.graph.nodes
+             if n.op == "call_module" and isinstance(ref.get_submodule(n.target), Dequantize)]
+    return [seen[name].round().to(torch.int64) for name in order]
