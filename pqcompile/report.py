@@ -1,8 +1,9 @@
-"""Analysis reports: the per-layer table of a traced graph, as text or as dicts.
+"""Analysis reports: per-layer costs and channel groups of a traced graph, as text or dicts.
 
 >>> import torch, torchvision
 >>> gm = analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
->>> print(analysis_table(gm).splitlines()[-1])  # doctest: +ELLIPSIS
+>>> print([l for l in analysis_table(gm).splitlines() if l.startswith("total")][0])
+... # doctest: +ELLIPSIS
 total ... 1814.07 M MACs...
 """
 
@@ -12,20 +13,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .frontend import trace
-from .meta import COST, COST_TOTALS, SHAPE
-from .passes import CostAnalysis, Pipeline, ShapeAnalysis
+from .build import analysis as analyze
+from .meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE
+from .passes import describe_groups
 
-
-def analysis_pipeline() -> Pipeline:
-    return Pipeline([ShapeAnalysis(), CostAnalysis()], name="analysis")
-
-
-def analyze(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-            **trace_kwargs: Any) -> torch.fx.GraphModule:
-    """Trace ``model`` and run the analysis passes: shapes and costs."""
-    gm = trace(model, example_inputs, **trace_kwargs)
-    return analysis_pipeline()(gm).graph_module
+__all__ = ["analysis_table", "analyze", "layer_rows"]
 
 
 def _op(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
@@ -53,10 +45,14 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
 def analysis_table(gm: torch.fx.GraphModule, as_dict: bool = False):
     rows = layer_rows(gm)
     totals = COST_TOTALS.get(gm)
+    groups = CHANNEL_GROUPS.get(gm)
     if as_dict:
         return {"layers": rows, "totals": {
             "macs": totals.macs, "params": totals.params, "bops": totals.bops,
-            "weight_bytes": totals.weight_bytes, "fp32_bops": totals.fp32_bops}}
+            "weight_bytes": totals.weight_bytes, "fp32_bops": totals.fp32_bops},
+            "channel_groups": [{"id": g.id, "name": g.name, "size": g.size,
+                                "prunable": g.prunable, "reason": g.reason,
+                                "nodes": list(g.nodes)} for g in groups]}
     lines = [f"{'node':32s} {'op':18s} {'output shape':20s} {'MACs':>12s} {'params':>10s} "
              f"{'w/a bits':>8s}"]
     for r in rows:
@@ -67,4 +63,8 @@ def analysis_table(gm: torch.fx.GraphModule, as_dict: bool = False):
     lines.append(f"total {len(rows)} layers: {totals.macs / 1e6:.2f} M MACs, "
                  f"{totals.params / 1e6:.3f} M params, {totals.bops / 1e9:.2f} G BOPs, "
                  f"{totals.weight_bytes / 1e6:.2f} MB weights")
+    prunable = [g for g in groups if g.prunable]
+    lines += ["", f"channel groups: {len(groups)} ({len(prunable)} prunable, "
+              f"{sum(g.size for g in prunable)} of {sum(g.size for g in groups)} channels)",
+              describe_groups(groups)]
     return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""The command line: analyze a model, machine-readable output, clear errors."""
+
+import json
+import subprocess
+import sys
+
+from pqcompile.cli import main
+
+
+def test_analyze_json(capsys):
+    assert main(["analyze", "--model", "pqcompile.models:resnet20",
+                 "--input-shape", "1,3,32,32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["totals"]["macs"] == 40813184
+    assert data["totals"]["bops"] == 40813184 * 1024
+    groups = data["channel_groups"]
+    # ResNet-20: stem+stage-1 residual group, stage 2 and 3 residual groups, 9 block-internal
+    # groups, and the classifier (unprunable: it is the model output).
+    assert len(groups) == 13 and sum(g["prunable"] for g in groups) == 12
+    assert [g["size"] for g in groups if not g["prunable"]] == [10]
+
+
+def test_analyze_text_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "pqcompile.cli", "analyze", "--model",
+                           "pqcompile.models:resnet20", "--input-shape", "1,3,32,32"],
+                          capture_output=True, text=True, check=True)
+    assert "40.81 M MACs" in proc.stdout and "channel groups: 13 (12 prunable" in proc.stdout
+
+
+def test_errors(capsys):
+    assert main(["analyze", "--model", "nope.module:f", "--input-shape", "1,3"]) == 2
+    assert "cannot import 'nope.module'" in capsys.readouterr().err
+    assert main(["analyze", "--model", "torchvision.models", "--input-shape", "1,3"]) == 2
+    assert "expected 'package.module:factory'" in capsys.readouterr().err
+    assert main(["analyze", "--model", "pqcompile.models:resnet20", "--input-shape", "1,x"]) == 2
+    assert "positive integers" in capsys.readouterr().err
+    assert main(["analyze", "--model", "pqcompile.models:resnet20",
+                 "--input-shape", "1,3,32"]) == 2
+    assert "example inputs do not fit the model" in capsys.readouterr().err
