@@ -34,7 +34,8 @@ from .artifact import Artifact
 from .assignment import Assignment
 from .frontend import trace
 from .lower import LoweringReport, lower
-from .meta import BITS, CHANNEL_GROUPS, COST, COST_TOTALS, KEPT_CHANNELS, SHAPE, CostTotals
+from .meta import (BITS, CHANNEL_GROUPS, COST, COST_TOTALS, EXAMPLE_INPUTS, KEPT_CHANNELS,
+                   SHAPE, CostTotals)
 from .passes import (ChannelGroupAnalysis, CostAnalysis, FoldBatchNorm, Pipeline, PruneChannels,
                      ShapeAnalysis)
 from .quant import build_reference
@@ -109,20 +110,12 @@ def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
     return rows
 
 
-def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-                       assignment: Assignment, *, target: Any = "host",
-                       calibration: Iterable[torch.Tensor], observer: str = "minmax",
-                       **trace_kwargs: Any) -> Compiled:
-    """Build ``model`` under ``assignment`` for ``target`` (see the module docstring)."""
-    if calibration is None:
-        raise ValueError("calibration batches are required: pass an iterable of input tensors "
-                         "drawn from the data the model will see (e.g. a few training batches)")
-    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) \
-        else (example_inputs,)
-    fp32 = analysis(model, example_inputs, **trace_kwargs)
-    assignment.validate(fp32)
-    fp32_totals: CostTotals = COST_TOTALS.get(fp32)
+def prepare(fp32: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.GraphModule:
+    """The analyzed graph pruned by the assignment's masks, BN folded, bits annotated, costed.
 
+    This is the float graph quantization (and fine-tuning) applies to.
+    """
+    assignment.validate(fp32)
     gm = fp32
     if assignment.masks:
         gm = PruneChannels(assignment.masks)(gm).graph_module
@@ -130,10 +123,36 @@ def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Te
     for node in gm.graph.nodes:
         if node.name in assignment.bits:
             BITS.set(node, assignment.bits[node.name])
-    gm = CostAnalysis()(gm).graph_module
-    totals = COST_TOTALS.get(gm)
+    return CostAnalysis()(gm).graph_module
 
-    reference = build_reference(gm, assignment, calibration, observer)
+
+def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+                       assignment: Assignment, *, target: Any = "host",
+                       calibration: Iterable[torch.Tensor], observer: str = "minmax",
+                       **trace_kwargs: Any) -> Compiled:
+    """Build ``model`` under ``assignment`` for ``target`` (see the module docstring)."""
+    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) \
+        else (example_inputs,)
+    fp32 = analysis(model, example_inputs, **trace_kwargs)
+    return finish(fp32, prepare(fp32, assignment), assignment, target=target,
+                  calibration=calibration, observer=observer)
+
+
+def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Assignment, *,
+           target: Any, calibration: Iterable[torch.Tensor] | None, observer: Any = "minmax",
+           **reference_kwargs: Any) -> Compiled:
+    """Quantize the prepared graph ``gm``, lower it and build the artifact for ``target``.
+
+    ``fp32`` is the analyzed, unpruned graph (for the reference costs and the layer table);
+    ``reference_kwargs`` go to :func:`pqcompile.quant.build_reference`.
+    """
+    if calibration is None:
+        raise ValueError("calibration batches are required: pass an iterable of input tensors "
+                         "drawn from the data the model will see (e.g. a few training batches)")
+    example_inputs = EXAMPLE_INPUTS.get(fp32).args
+    fp32_totals: CostTotals = COST_TOTALS.get(fp32)
+    totals = COST_TOTALS.get(gm)
+    reference = build_reference(gm, assignment, calibration, observer, **reference_kwargs)
     mod, params, report = lower(reference)
     with torch.no_grad():
         sample_out = reference(*example_inputs)
