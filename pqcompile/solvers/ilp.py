@@ -1,0 +1,282 @@
+"""An exact integer linear program over bits and keep levels (scipy's HiGHS MILP).
+
+BOPs of a layer are ``macs_scale * out(k) * in(k) * w * a``: a product of the bit choice and up
+to two group levels. Expanding ``out * in`` gives monomials in at most two kept counts; each
+layer gets one binary per (bit option, levels of the groups of a monomial), so every cost is a
+linear function of binaries and exact. Their marginals are tied to one-hot level binaries
+``y[g, j]`` per group, and a layer's several factors (a concat input) agree on its bit option.
+Layers reading one tensor get equal activation bits; calls of one module equal weight bits.
+The objective is the summed sensitivity (bit options + keep levels); every budget limit is one
+row. After solving, the costs are
+recomputed in integers and the solve is repeated with a tighter row if HiGHS's tolerances let
+a limit slip.
+
+>>> from pqcompile.solvers.problem import Affine, Group, Layer, Problem
+>>> layer = Layer("fc", 64, 64, Affine(0, ((0, 1),)), Affine(8), 1, 1, ((8, 8), (4, 8)),
+...               (0.0, 1.0), "x")
+>>> p = Problem((layer,), (Group(0, "g", 8, (8, 4), (0.0, 0.5)),), Affine(0), 0, 0,
+...             {"bops": 64 * 1024, "macs": 64, "weight_bytes": 256})
+>>> s = ILPSolver().solve(p, {"bops": 64 * 64 // 2})
+>>> s.bits["fc"], s.kept[0], s.objective
+((8, 8), 4, 0.5)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from ..budget import COST_KEYS, InfeasibleBudgetError
+from .problem import Layer, Problem, Solution, evaluate, resolve_limits
+
+
+@dataclass
+class _Factor:
+    layer: int
+    groups: tuple[int, ...]  # indices into problem.groups
+    offset: int
+    shape: tuple[int, ...]  # (options, levels of groups[0], levels of groups[1])
+    monomials: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+    def entries(self):
+        return itertools.product(*(range(s) for s in self.shape))
+
+
+class _Model:
+    """Variables, objective, equalities and cost rows of one problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.gidx = {g.id: i for i, g in enumerate(problem.groups)}
+        self.y0 = np.cumsum([0] + [len(g.levels) for g in problem.groups])
+        n = int(self.y0[-1])
+        self.factors: list[list[_Factor]] = []
+        for li, layer in enumerate(problem.layers):
+            fs = []
+            for groups, monos in _factorize(layer, self.gidx):
+                shape = (len(layer.options),) + tuple(len(problem.groups[g].levels)
+                                                      for g in groups)
+                fs.append(_Factor(li, groups, n, shape, monos))
+                n += math.prod(shape)
+            self.factors.append(fs)
+        self.n = n
+        self.objective = np.zeros(n)
+        self.cost = {k: np.zeros(n) for k in COST_KEYS}
+        self.const = {"bops": float(problem.fixed_bops), "macs": float(problem.fixed_macs),
+                      "weight_bytes": 4.0 * problem.params32.const}
+        for gi, g in enumerate(problem.groups):
+            self.objective[self.y0[gi]:self.y0[gi + 1]] = g.sensitivity
+        for g_id, per in problem.params32.terms:
+            gi = self.gidx[g_id]
+            for j, kept in enumerate(problem.groups[gi].levels):
+                self.cost["weight_bytes"][self.y0[gi] + j] += 4.0 * per * kept
+        for layer, fs in zip(problem.layers, self.factors):
+            for fi, f in enumerate(fs):
+                for v, entry in enumerate(f.entries()):
+                    self._entry_costs(layer, f, f.offset + v, entry, fi == 0)
+        self._equalities()
+
+    def _entry_costs(self, layer: Layer, f: _Factor, var: int, entry, first: bool) -> None:
+        w, a = layer.options[entry[0]]
+        level = {g: self.problem.groups[g].levels[j] for g, j in zip(f.groups, entry[1:])}
+        pairs = sum(coef * math.prod(level[g] for g in gs) for coef, gs in f.monomials)
+        self.cost["bops"][var] = layer.macs_scale * pairs * w * a
+        self.cost["macs"][var] = layer.macs_scale * pairs
+        self.cost["weight_bytes"][var] = layer.weight_scale * pairs * w / 8
+        if first:
+            self.objective[var] = layer.sensitivity[entry[0]]
+
+    def option_vars(self, li: int, factor: int = 0) -> list[list[int]]:
+        """Variables of layer ``li``'s factor whose entry picks bit option ``b``, by ``b``."""
+        f = self.factors[li][factor]
+        out: list[list[int]] = [[] for _ in range(f.shape[0])]
+        for v, entry in enumerate(f.entries()):
+            out[entry[0]].append(f.offset + v)
+        return out
+
+    def _equalities(self) -> None:
+        rows: list[tuple[dict[int, float], float]] = []
+        for gi, g in enumerate(self.problem.groups):
+            rows.append(({int(self.y0[gi]) + j: 1.0 for j in range(len(g.levels))}, 1.0))
+        for li, fs in enumerate(self.factors):
+            if not fs[0].groups:
+                rows.append(({v: 1.0 for v in range(fs[0].offset, fs[0].offset
+                                                      + fs[0].shape[0])}, 1.0))
+            base = self.option_vars(li)
+            for fi, f in enumerate(fs):
+                marg: dict[tuple[int, int], list[int]] = {}
+                for v, entry in enumerate(f.entries()):
+                    for k, g in enumerate(f.groups):
+                        marg.setdefault((g, entry[k + 1]), []).append(f.offset + v)
+                for (g, j), vs in sorted(marg.items()):
+                    row = {v: 1.0 for v in vs}
+                    row[int(self.y0[g]) + j] = -1.0
+                    rows.append((row, 0.0))
+                if fi:
+                    for b, vs in enumerate(self.option_vars(li, fi)):
+                        row = {v: 1.0 for v in vs}
+                        row.update({v: -1.0 for v in base[b]})
+                        rows.append((row, 0.0))
+        # A tensor is quantized once: readers of one activation share its bits, calls of one
+        # module share its weight bits.
+        for which, sets in ((1, self.problem.activation_sets()),
+                            (0, self.problem.weight_sets())):
+            for members in sets.values():
+                values = sorted({o[which] for li in members
+                                 for o in self.problem.layers[li].options})
+                for li in members[1:]:
+                    for value in values:
+                        row: dict[int, float] = {}
+                        for lj, sign in ((members[0], 1.0), (li, -1.0)):
+                            opts = self.problem.layers[lj].options
+                            for b, vs in enumerate(self.option_vars(lj)):
+                                if opts[b][which] == value:
+                                    row.update({v: sign for v in vs})
+                        rows.append((row, 0.0))
+        self.eq_rows = rows
+
+    def solve(self, objective: np.ndarray, limits: dict[str, float], options: dict):
+        cons = [_constraint(self.eq_rows, self.n, equal=True)]
+        ub_rows = []
+        for key, limit in sorted(limits.items()):
+            # Scaled to O(1) so HiGHS's absolute tolerances are relative to the limit.
+            vec = self.cost[key] / limit
+            ub_rows.append(({int(v): vec[v] for v in np.flatnonzero(vec)},
+                            (limit - self.const[key]) / limit))
+        if ub_rows:
+            cons.append(_constraint(ub_rows, self.n, equal=False))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unrecognized options",
+                                    category=RuntimeWarning)
+            return milp(objective, integrality=np.ones(self.n), bounds=(0, 1),
+                        constraints=cons, options=options)
+
+    def decode(self, x: np.ndarray) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
+        kept = {}
+        for gi, g in enumerate(self.problem.groups):
+            j = int(np.argmax(x[self.y0[gi]:self.y0[gi] + len(g.levels)]))
+            kept[g.id] = g.levels[j]
+        bits = {}
+        for li, layer in enumerate(self.problem.layers):
+            mass = [x[vs].sum() for vs in self.option_vars(li)]
+            bits[layer.name] = layer.options[int(np.argmax(mass))]
+        return bits, kept
+
+
+def _constraint(rows, n: int, equal: bool) -> LinearConstraint:
+    r, c, v = [], [], []
+    for i, (row, _) in enumerate(rows):
+        for col, val in sorted(row.items()):
+            r.append(i)
+            c.append(col)
+            v.append(val)
+    a = coo_matrix((v, (r, c)), shape=(len(rows), n)).tocsr()
+    rhs = np.array([b for _, b in rows], dtype=float)
+    return LinearConstraint(a, rhs if equal else -np.inf, rhs)
+
+
+def _factorize(layer: Layer, gidx: dict[int, int]):
+    """Monomials of ``out * in`` grouped into factors of at most two groups."""
+    o0, i0 = layer.out_channels.const, layer.in_channels.const
+    outs = [(gidx[g], p) for g, p in layer.out_channels.terms]
+    ins = [(gidx[g], p) for g, p in layer.in_channels.terms]
+    monos = [(o0 * i0, ())] if o0 and i0 else []
+    monos += [(o0 * p, (g,)) for g, p in ins if o0]
+    monos += [(i0 * p, (g,)) for g, p in outs if i0]
+    monos += [(po * pi, (go, gi)) for go, po in outs for gi, pi in ins]
+    sets = sorted({tuple(sorted(set(gs))) for _, gs in monos}, key=lambda s: (-len(s), s))
+    maximal = [s for s in sets if not any(set(s) < set(t) for t in sets)] or [()]
+    factors = {s: [] for s in maximal}
+    for coef, gs in monos:
+        home = next(s for s in maximal if set(gs) <= set(s))
+        factors[home].append((coef, gs))
+    return sorted(factors.items())
+
+
+class ILPSolver:
+    """Exact joint solver: minimum summed sensitivity under every budget limit.
+
+    ``time_limit`` (s) and ``mip_rel_gap`` bound the search; ``seed`` and ``threads=1`` make
+    HiGHS deterministic. ``solve`` raises :class:`~pqcompile.budget.InfeasibleBudgetError`
+    with the smallest reachable value of each limited cost.
+    """
+
+    name = "ilp"
+
+    def __init__(self, *, time_limit: float = 60.0, mip_rel_gap: float = 1e-6, seed: int = 0,
+                 threads: int = 1) -> None:
+        if not time_limit > 0 or not 0 <= mip_rel_gap < 1:
+            raise ValueError(f"time_limit must be > 0 and mip_rel_gap in [0, 1), got "
+                             f"{time_limit!r} and {mip_rel_gap!r}")
+        self.options = {"time_limit": float(time_limit), "mip_rel_gap": float(mip_rel_gap),
+                        "random_seed": int(seed), "threads": int(threads), "presolve": True}
+
+    def solve(self, problem: Problem, budget) -> Solution:
+        limits = resolve_limits(problem, budget)
+        start = time.perf_counter()
+        model = _Model(problem)
+        rows = dict(limits)
+        for _ in range(4):
+            res = model.solve(model.objective, rows, dict(self.options))
+            if res.x is None:
+                if res.status == 2:
+                    raise infeasible_error(problem, limits, model)
+                raise RuntimeError(f"the ILP found no assignment in {self.options['time_limit']}"
+                                   f" s ({res.message}); raise time_limit")
+            bits, kept = model.decode(res.x)
+            info = {"variables": model.n, "constraints": len(model.eq_rows) + len(rows),
+                    "seconds": time.perf_counter() - start, "status": res.message,
+                    "mip_gap": getattr(res, "mip_gap", None)}
+            sol = evaluate(problem, bits, kept, limits, solver=self.name, info=info)
+            if sol.feasible:
+                return sol
+            for key, limit in limits.items():  # a tolerance let a limit slip: tighten the row
+                if sol.costs[key] > limit:
+                    rows[key] -= sol.costs[key] - limit + 1e-6 * limit
+        raise RuntimeError("the ILP's solutions kept exceeding the budget by rounding; this is a"
+                           " bug: report the problem")
+
+
+def minimum_costs(problem: Problem, keys, model: _Model | None = None) -> dict[str, float]:
+    """The smallest value of each cost in ``keys`` reachable in the search space (exact)."""
+    model = model or _Model(problem)
+    out = {}
+    options = {"time_limit": 60.0, "mip_rel_gap": 0.0, "random_seed": 0, "threads": 1}
+    for key in keys:
+        scale = float(model.cost[key].max()) or 1.0
+        res = model.solve(model.cost[key] / scale, {}, dict(options))
+        if res.x is None:
+            raise RuntimeError(f"the search space has no assignment at all ({res.message}): "
+                               "activation ties and pinned layers contradict each other")
+        bits, kept = model.decode(res.x)
+        out[key] = evaluate(problem, bits, kept).costs[key]
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:,.2f}"
+
+
+def infeasible_error(problem: Problem, limits: dict[str, float],
+                     model: _Model | None = None) -> InfeasibleBudgetError:
+    """The error for an unreachable budget, naming the smallest reachable value of each cost."""
+    lows = minimum_costs(problem, sorted(limits), model)
+    parts = []
+    for key in sorted(limits):
+        ref = problem.reference.get(key)
+        ratio = f" ({ref / lows[key]:.1f}x below FP32)" if ref and lows[key] else ""
+        parts.append(f"{key} <= {_fmt(limits[key])} asked, smallest reachable is "
+                     f"{_fmt(lows[key])}{ratio}")
+    alone = all(lows[k] <= limits[k] for k in limits)
+    hint = ("each limit is reachable alone but not all together; relax one" if alone else
+            "relax the budget, or widen the search space (lower bit options, lower keep "
+            "levels, fewer pinned layers)")
+    return InfeasibleBudgetError("no assignment meets the budget: " + "; ".join(parts)
+                                 + f"; {hint}", lows, limits)

@@ -1,0 +1,226 @@
+"""The joint pruning + mixed-precision problem as pure data, and its exact cost model.
+
+Solvers see only these frozen records, never the graph: per compute layer (conv2d/linear) its
+bit options and their sensitivities, and how its MACs and weight count scale with the kept
+channels of its groups; per prunable channel group its keep levels and their sensitivities.
+:func:`build_problem` (in :mod:`pqcompile.solvers.graph`, re-exported here) derives them from an
+analyzed graph; :func:`to_assignment` turns a :class:`Solution` back into keep-masks and bits.
+
+A layer's kept output channels and kept input channels (per conv group) are each an
+:class:`Affine` form ``const + sum(per * kept[group])`` of the kept counts, so
+``MACs = macs_scale * out * in`` covers a plain layer (product of two groups), a depthwise conv
+(one group, ``in == 1``), a layer reading a concat (``in`` sums several groups) and a layer
+whose input and output are one group (a square). Costs match ``CostAnalysis`` on the pruned
+graph exactly (see ``tests/test_solvers.py``).
+
+>>> layer = Layer("fc", fp32_macs=32, weight_numel=32, out_channels=Affine(0, ((0, 1),)),
+...               in_channels=Affine(4), macs_scale=1, weight_scale=1,
+...               options=((8, 8), (4, 8)), sensitivity=(0.0, 0.3), activation_key="x")
+>>> p = Problem((layer,), (Group(0, "fc:out", 8, (8, 4), (0.0, 0.5)),), params32=Affine(8),
+...             fixed_macs=0, fixed_bops=0, reference={"bops": 32 * 1024})
+>>> s = evaluate(p, {"fc": (4, 8)}, {0: 4})
+>>> s.costs, s.objective
+({'bops': 512, 'macs': 16, 'weight_bytes': 40.0}, 0.8)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+from ..budget import Budget, check_limits, latency_unsupported
+
+Option = tuple[int, int]  # (weight bits, activation bits)
+
+DEFAULT_WEIGHT_BITS = (2, 4, 8)
+DEFAULT_ACTIVATION_BITS = (4, 8)
+DEFAULT_BIT_OPTIONS: tuple[Option, ...] = tuple(
+    itertools.product(DEFAULT_WEIGHT_BITS, DEFAULT_ACTIVATION_BITS))
+DEFAULT_KEEP_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A channel count after pruning: ``const + sum(per * kept[group_id])``."""
+
+    const: int
+    terms: tuple[tuple[int, int], ...] = ()
+
+    def value(self, kept: Mapping[int, int]) -> int:
+        return self.const + sum(per * kept[g] for g, per in self.terms)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv2d/linear layer: ``MACs = macs_scale * out * in``, weights ``weight_scale * out *
+    in`` (``weight_scale == 0`` for a second call of a shared module, counted once)."""
+
+    name: str
+    fp32_macs: int
+    weight_numel: int
+    out_channels: Affine
+    in_channels: Affine
+    macs_scale: int
+    weight_scale: int
+    options: tuple[Option, ...]
+    sensitivity: tuple[float, ...]  # aligned with ``options``
+    activation_key: str  # the input tensor: layers sharing it share activation bits
+    weight_key: str = ""  # the module: its calls share weight bits ("" = the layer's own)
+
+    def __post_init__(self) -> None:
+        if not self.options or len(self.options) != len(self.sensitivity):
+            raise ValueError(f"layer {self.name!r}: give one sensitivity per bit option, got "
+                             f"{len(self.options)} options and {len(self.sensitivity)} values")
+        _check_sensitivity(f"layer {self.name!r}", self.sensitivity)
+
+    def option_sensitivity(self, option: Option) -> float:
+        return self.sensitivity[self.options.index(tuple(option))]
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(sorted({g for g, _ in self.out_channels.terms + self.in_channels.terms}))
+
+
+@dataclass(frozen=True)
+class Group:
+    """A prunable channel group: ``levels`` are kept counts, descending, ``levels[0] == size``."""
+
+    id: int
+    name: str
+    size: int
+    levels: tuple[int, ...]
+    sensitivity: tuple[float, ...]  # aligned with ``levels``
+
+    def __post_init__(self) -> None:
+        lv = self.levels
+        if not lv or lv[0] != self.size or lv[-1] < 1 or any(a <= b for a, b in pairwise(lv)):
+            raise ValueError(f"group {self.id} {self.name!r}: levels must be kept counts from "
+                             f"the size {self.size} strictly down to >= 1, got {lv}")
+        if len(self.sensitivity) != len(lv):
+            raise ValueError(f"group {self.id} {self.name!r}: give one sensitivity per level")
+        _check_sensitivity(f"group {self.id} {self.name!r}", self.sensitivity)
+
+
+def _check_sensitivity(what: str, values: tuple[float, ...]) -> None:
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"{what}: sensitivities must be finite floats >= 0, got {values}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a solver needs. ``params32``: parameters stored at 32 bits (biases, norms,
+    modules outside the layers) as a function of kept counts; ``fixed_macs``/``fixed_bops``:
+    nodes outside the layers, at FP32; ``reference``: the FP32 model's bops, macs, bytes."""
+
+    layers: tuple[Layer, ...]
+    groups: tuple[Group, ...]
+    params32: Affine
+    fixed_macs: int
+    fixed_bops: int
+    reference: Mapping[str, float]
+    keep_fractions: tuple[float, ...] = DEFAULT_KEEP_FRACTIONS
+    multiple: int = 1
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(f"no layer {name!r} in the problem; layers are "
+                         f"{[lay.name for lay in self.layers[:4]]}...")
+
+    def activation_sets(self) -> dict[str, tuple[int, ...]]:
+        """Layer indices by activation key, for keys read by more than one layer."""
+        return self._sets(lambda layer: layer.activation_key)
+
+    def weight_sets(self) -> dict[str, tuple[int, ...]]:
+        """Layer indices by weight key, for modules called by more than one layer."""
+        return self._sets(lambda layer: layer.weight_key or layer.name)
+
+    def _sets(self, key) -> dict[str, tuple[int, ...]]:
+        sets: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            sets.setdefault(key(layer), []).append(i)
+        return {k: tuple(v) for k, v in sets.items() if len(v) > 1}
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Bits per layer, kept channels per group, the summed sensitivity and predicted costs."""
+
+    bits: Mapping[str, Option]
+    kept: Mapping[int, int]
+    objective: float
+    costs: Mapping[str, float]
+    solver: str = ""
+    feasible: bool = True
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+def resolve_limits(problem: Problem, budget: Budget | Mapping[str, float]) -> dict[str, float]:
+    """Absolute limits from a :class:`Budget` (ratios against ``problem.reference``) or a
+    mapping of absolute limits; latency limits raise ``UnsupportedBudgetError``."""
+    if isinstance(budget, Budget):
+        if budget.latency_ms is not None:
+            raise latency_unsupported()
+        budget = budget.resolve(problem.reference)
+    return check_limits(budget)
+
+
+def keep_count(size: int, fraction: float, multiple: int = 1) -> int:
+    """Channels kept at ``fraction``, rounded up to ``multiple``, within ``1..size``."""
+    kept = math.ceil(size * fraction / multiple - 1e-9) * multiple
+    return int(min(max(kept, 1), size))
+
+
+def layer_costs(layer: Layer, option: Option, kept: Mapping[int, int]) -> tuple[int, int, int]:
+    """``(bops, macs, weight bits)`` of one layer."""
+    pairs = layer.out_channels.value(kept) * layer.in_channels.value(kept)
+    macs = layer.macs_scale * pairs
+    return macs * option[0] * option[1], macs, layer.weight_scale * pairs * option[0]
+
+
+def problem_costs(problem: Problem, solution: Solution | None = None, *,
+                  bits: Mapping[str, Option] | None = None,
+                  kept: Mapping[int, int] | None = None) -> dict[str, float]:
+    """Total ``bops``, ``macs`` and ``weight_bytes`` of a solution (or of ``bits``/``kept``)."""
+    if solution is not None:
+        bits, kept = solution.bits, solution.kept
+    kept = {g.id: g.size for g in problem.groups} | dict(kept or {})
+    bops, macs, wbits = problem.fixed_bops, problem.fixed_macs, 32 * problem.params32.value(kept)
+    for layer in problem.layers:
+        b, m, w = layer_costs(layer, tuple(bits[layer.name]), kept)
+        bops, macs, wbits = bops + b, macs + m, wbits + w
+    return {"bops": bops, "macs": macs, "weight_bytes": wbits / 8}
+
+
+def objective(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, int]) -> float:
+    """Summed sensitivity; NaN where bits or a kept count are not among the options."""
+    total = 0.0
+    for layer in problem.layers:
+        option = tuple(bits[layer.name])
+        total += layer.option_sensitivity(option) if option in layer.options else math.nan
+    for g in problem.groups:
+        k = kept.get(g.id, g.size)
+        total += g.sensitivity[g.levels.index(k)] if k in g.levels else math.nan
+    return total
+
+
+def evaluate(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, int],
+             limits: Mapping[str, float] | None = None, *, solver: str = "",
+             info: Mapping[str, Any] | None = None) -> Solution:
+    """A :class:`Solution` with its objective, costs and whether ``limits`` hold."""
+    kept = {g.id: int(kept.get(g.id, g.size)) for g in problem.groups}
+    bits = {layer.name: tuple(int(b) for b in bits[layer.name]) for layer in problem.layers}
+    costs = problem_costs(problem, bits=bits, kept=kept)
+    feasible = all(costs[k] <= v for k, v in (limits or {}).items())
+    return Solution(bits, kept, objective(problem, bits, kept), costs, solver, feasible,
+                    dict(info or {}))
+
+
+
+# Building needs torch.fx; it lives apart so the solver-facing types above stay pure data.
+from .graph import build_problem, to_assignment, weight_noise_sensitivity  # noqa: F401
