@@ -13,8 +13,10 @@ from test_parity import PARITY_BITS, batches, parity_net, randomize_bn
 
 from pqcompile import presets
 from pqcompile.assignment import Assignment
-from pqcompile.build import analysis, compile_assignment
+from pqcompile.build import analysis, compile_assignment, prepare
+from pqcompile.lower import lower
 from pqcompile.meta import CHANNEL_GROUPS, BitWidths
+from pqcompile.quant import build_reference
 from pqcompile.targets import elf_arch
 
 
@@ -85,19 +87,18 @@ def test_mobilenet_v2_mixed_runs_on_aarch64():
 
 
 def test_weight_bytes_shrink_with_bits(zoo):
+    """The lowered program's weights take ceil(numel * bits / 8) bytes a layer (no build)."""
     name, model, x, gm = zoo
     calib = batches(1, (2, 3, 64, 64), seed=1)
-    sizes, expected = {}, {}
+    sizes = {}
     layers = presets.compute_layers(gm)
     numel = {n.name: gm.get_submodule(n.target).weight.numel() for n in gm.graph.nodes
              if n.name in layers}
     for bits in (8, 4, 2):
-        c = compile_assignment(model, (x,), presets.uniform(gm, bits, 8), target="host",
-                               calibration=calib)
-        sizes[bits] = sum(c.lowering.weight_bytes.values())
-        # Packed storage: ceil(numel * bits / 8) bytes per layer, nothing more.
-        expected[bits] = sum(-(-numel[n] * bits // 8) for n in layers)
-        assert sizes[bits] == expected[bits]
-        assert c.artifact.manifest["params"]  # weights travel in weights.bin
+        a = presets.uniform(gm, bits, 8)
+        _, params, report = lower(build_reference(prepare(gm, a), a, calib))
+        sizes[bits] = sum(report.weight_bytes.values())
+        assert sizes[bits] == sum(-(-numel[n] * bits // 8) for n in layers)
+        assert report.param_bytes == sum(p.nbytes for p in params.values())
     assert sizes[4] / sizes[8] == pytest.approx(0.5, abs=0.01)
     assert sizes[2] / sizes[8] == pytest.approx(0.25, abs=0.01)
