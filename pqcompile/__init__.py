@@ -8,6 +8,8 @@
 from . import meta, passes, targets
 from .errors import (ExampleInputError, MissingAnnotationError, PipelineError, PQCompileError,
                      TraceError, UnsupportedOpError)
+from .api import compile
+from .budget import Budget, InfeasibleBudgetError
 from .frontend import trace
 from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
 from .targets import get_target, list_targets, register_target
@@ -15,6 +17,7 @@ from .targets import get_target, list_targets, register_target
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget", "InfeasibleBudgetError", "compile",
     "ExampleInputError", "MissingAnnotationError", "Pass", "PassContext", "PassInfo",
     "PassResult", "Pipeline", "PipelineError", "PQCompileError", "TraceError",
     "UnsupportedOpError", "get_target", "graph_pass", "list_targets", "meta", "passes",

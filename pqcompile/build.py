@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -62,6 +63,31 @@ class Compiled:
     program: Any = None  # the lowered Relax IRModule
     params: dict[str, np.ndarray] = field(default_factory=dict)
     _build_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+    solution: Any = None  # set by pqcompile.compile: the solver's choice and predicted costs
+    budget: Any = None
+    calibration: str = ""
+
+    def report(self) -> str:
+        """Per-layer table: op, w/a bits, kept/total channels, MACs, BOPs, weight bytes."""
+        lines = [f"{'layer':28s} {'op':8s} {'w/a':>5s} {'channels':>9s} {'MACs':>10s} "
+                 f"{'BOPs':>12s} {'bytes':>9s}"]
+        for r in self.layers:
+            ch = (f"{r['kept_channels']}/{r['total_channels']}" if r["kept_channels"] is not None
+                  else "-")
+            lines.append(f"{r['name'][:28]:28s} {r['op'][:8]:8s} "
+                         f"{r['weight_bits']:>2d}/{r['activation_bits']:<2d} {ch:>9s} "
+                         f"{r['macs']:10d} {r['bops']:12d} {r['weight_bytes']:9.0f}")
+        t = self.totals
+        lines.append(f"total: {t['macs'] / 1e6:.2f} M MACs ({t['fp32_macs'] / t['macs']:.2f}x "
+                     f"fewer), {t['bops'] / 1e9:.3f} G BOPs ({t['bop_reduction']:.1f}x fewer "
+                     f"than FP32), {t['weight_bytes'] / 1e3:.1f} KB weights "
+                     f"({t['fp32_weight_bytes'] / t['weight_bytes']:.1f}x smaller)")
+        if self.float_ops:
+            lines.append("run in float (no integer lowering): "
+                         + ", ".join(f"{n} ({op})" for n, op in self.float_ops))
+        if self.calibration:
+            lines.append(f"calibrated on {self.calibration}")
+        return "\n".join(lines)
 
     def retarget(self, target: Any) -> Artifact:
         """The same lowered program and weights built for another target (no recalibration)."""
@@ -116,9 +142,9 @@ def prepare(fp32: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.Grap
     This is the float graph quantization (and fine-tuning) applies to.
     """
     assignment.validate(fp32)
-    gm = fp32
-    if assignment.masks:
-        gm = PruneChannels(assignment.masks)(gm).graph_module
+    # PruneChannels works on a copy; without masks, copy here: the caller keeps its graph.
+    gm = PruneChannels(assignment.masks)(fp32).graph_module if assignment.masks \
+        else copy.deepcopy(fp32)
     gm = FoldBatchNorm()(gm).graph_module
     for node in gm.graph.nodes:
         if node.name in assignment.bits:

@@ -58,6 +58,33 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from .api import compile as pq_compile
+
+    model = load_factory(args.model)().eval()
+    torch.manual_seed(args.seed)
+    example = torch.randn(parse_shape(args.input_shape))
+    print("calibrating on the example input only (the CLI takes no data); use the Python API "
+          "with data= for calibrated accuracy", file=sys.stderr)
+    compiled = pq_compile(model, (example,), target=args.target, budget=args.budget,
+                          solver=args.solver, seed=args.seed)
+    path = compiled.save(args.out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"artifact": str(path), "totals": compiled.totals,
+                          "layers": compiled.layers}, indent=1, default=float))
+    else:
+        print(compiled.report())
+        print(f"artifact written to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.budget, args.finetune_batches)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pqcompile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_analyze)
+    c = sub.add_parser("compile", help="compress to a budget and build an artifact")
+    c.add_argument("--model", required=True, help="package.module:factory returning nn.Module")
+    c.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    c.add_argument("--target", default="arm", help="host, arm, arm-dotprod or a TVM tag")
+    c.add_argument("--budget", required=True, help="e.g. bops=60x or bops=60x,weight_bytes=1MB")
+    c.add_argument("--solver", default="ilp")
+    c.add_argument("--out", required=True, help="artifact directory")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_compile)
+    d = sub.add_parser("demo", help="Fashion-MNIST ResNet-20: compress, build, measure")
+    d.add_argument("--out", default="pqcompile-demo")
+    d.add_argument("--budget", default="bops=60x")
+    d.add_argument("--finetune-batches", type=int, default=150)
+    d.set_defaults(func=_demo)
     return parser
 
 

@@ -345,3 +345,37 @@ FUSED_ACTIVATION: MetaKey[str] = MetaKey(
 
 FLOAT_OPS: MetaKey[tuple[FloatOp, ...]] = MetaKey(
     "pqc.float_ops", "build_reference", "ops that run in float in the quantized program", "graph")
+
+
+# --- sensitivity -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SensitivityInfo:
+    """How the ``SENSITIVITY`` and ``CHANNEL_IMPORTANCE`` annotations were computed.
+
+    ``units`` of the layer and of the channel criterion (equal when they trade off on one
+    scale); ``bit_options``: the ``(weight bits, activation bits)`` pairs scored; ``data``:
+    whether calibration data was used.
+    """
+
+    criterion: str
+    channel_criterion: str | None
+    units: str
+    channel_units: str | None
+    bit_options: tuple[tuple[int, int], ...]
+    data: bool
+
+
+SENSITIVITY: MetaKey[dict[tuple[int, int], float]] = MetaKey(
+    "pqc.sensitivity", "SensitivityAnalysis",
+    "cost of each (weight bits, activation bits) option of a conv/linear layer, >= 0")
+
+CHANNEL_IMPORTANCE: MetaKey[dict[int, Any]] = MetaKey(
+    "pqc.channel_importance", "SensitivityAnalysis",
+    "per-channel prune sensitivity (a float64 array) of every prunable group, by group id",
+    "graph")
+
+SENSITIVITY_INFO: MetaKey[SensitivityInfo] = MetaKey(
+    "pqc.sensitivity_info", "SensitivityAnalysis",
+    "criteria, units and bit options behind the sensitivity annotations", "graph")

@@ -7,6 +7,7 @@ from .cost import (CostAnalysis, analyze_cost, conv_macs, conv_transpose_macs, l
 from .fold_bn import FoldBatchNorm
 from .groups import ChannelGroupAnalysis, describe_groups, find_group
 from .prune import PruneChannels, predicted_macs, zero_channels
+from .sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
 from .shapes import ShapeAnalysis, output_shape
 
 __all__ = [
@@ -16,5 +17,5 @@ __all__ = [
     "Pipeline", "ShapeAnalysis", "TimingInstrument", "graph_pass", "output_shape",
     "provided_keys",
     "ChannelGroupAnalysis", "FoldBatchNorm", "PruneChannels", "describe_groups", "find_group", "predicted_macs",
-    "zero_channels",
+    "zero_channels", "SensitivityAnalysis", "channel_importance", "layer_sensitivities",
 ]

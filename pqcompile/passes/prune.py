@@ -38,11 +38,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UnsupportedOpError
 from ..meta import (
     CHANNEL_GROUPS,
+    CHANNEL_IMPORTANCE,
     COST,
     COST_TOTALS,
     EXAMPLE_INPUTS,
     KEPT_CHANNELS,
     NODE_CHANNELS,
+    SENSITIVITY,
     SHAPE,
     ChannelGroup,
     KeptChannels,
@@ -69,7 +71,8 @@ class PruneChannels(Pass):
 
     info = PassInfo("PruneChannels", requires=(CHANNEL_GROUPS, SHAPE),
                     provides=(SHAPE, KEPT_CHANNELS),
-                    invalidates=(CHANNEL_GROUPS, NODE_CHANNELS, COST, COST_TOTALS))
+                    invalidates=(CHANNEL_GROUPS, NODE_CHANNELS, COST, COST_TOTALS,
+                                 SENSITIVITY, CHANNEL_IMPORTANCE))
 
     def __init__(self, masks: Mapping, *, inplace: bool = False) -> None:
         if not isinstance(masks, Mapping):

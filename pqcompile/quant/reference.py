@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ from ..passes.base import TRACE_PROVIDES, mark_provided, provided_keys
 from .calibrate import capture, check_batches, observe
 from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
 from .islands import Slot, make_island
-from .observers import Observer, make_observer
+from .observers import Observer, grid, make_observer
 from .plan import Plan, make_plan
 from .qmodules import Dequantize, QAdd, QCat, QClip, QConv2d, QLinear, QMaxPool, QSumPool, Quantize
 from .qmodules import FloatOp as FloatOpModule
@@ -255,13 +255,19 @@ def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
 
 def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
                     calib_batches: Iterable[Any],
-                    observer: str | Callable[[], Observer] = "minmax") -> torch.fx.GraphModule:
+                    observer: str | Callable[[], Observer] = "minmax", *,
+                    activation_amax: Mapping[str, float] | None = None) -> torch.fx.GraphModule:
     """Calibrate ``gm`` (BN folded) on ``calib_batches`` and build its integer-exact reference.
 
     ``assignment`` gives weight and activation bits (2..8) per conv/linear node; layers it does
     not name stay in float (and are listed in ``FLOAT_OPS``). ``observer`` is ``"minmax"``,
     ``"percentile"``, ``"mse"`` or a callable returning an
     :class:`~pqcompile.quant.observers.Observer`.
+
+    ``activation_amax`` fixes the clipping range of some quantized tensors instead of observing
+    it: ``{node name: amax}``, keyed by the node that produces the tensor (a root: the input,
+    a conv/linear, add, cat, average pool or float op; ``scale = amax / qmax``), e.g. the
+    ranges learned by :func:`pqcompile.finetune.qat_finetune`. The other tensors are calibrated.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"build_reference takes a torch.fx.GraphModule (pqcompile.trace), got "
@@ -282,11 +288,16 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     batches = check_batches(work, calib_batches)
     factory = make_observer(observer)
     roots = [r for r, k in plan.kind.items() if r in plan.bits]
-    observers = {plan.observe_at(r): factory() for r in roots}
+    fixed = _fixed_amax(activation_amax, roots, plan)
+    observers = {plan.observe_at(r): factory() for r in roots if r not in fixed}
     observe(work, batches, observers)
     qp = {}
     for r in roots:
-        obs, signed, bits = observers[plan.observe_at(r)], plan.signed[r], plan.bits[r]
+        signed, bits = plan.signed[r], plan.bits[r]
+        if r in fixed:
+            qp[r] = QParams(fixed[r] / grid(bits, signed)[1], bits, signed)
+            continue
+        obs = observers[plan.observe_at(r)]
         try:
             qp[r] = QParams(obs.scale(bits, signed), bits, signed)
         except ValueError as exc:
@@ -301,6 +312,32 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
         ShapeProp(ref).propagate(*example)
     mark_provided(ref, TRACE_PROVIDES + (SHAPE, QPARAMS, WEIGHT_QUANT, REQUANT, FLOAT_OPS))
     return ref
+
+
+def _fixed_amax(amax: Mapping[str, float] | None, roots: list[str], plan: Plan
+                ) -> dict[str, float]:
+    if amax is None:
+        return {}
+    if not isinstance(amax, Mapping):
+        raise TypeError(f"activation_amax must be a dict {{node name: amax}}, got "
+                        f"{type(amax).__name__}")
+    out = {}
+    for name, value in amax.items():
+        if name not in plan.kind:
+            raise ValueError(f"activation_amax names {name!r}, which is not a node of the graph; "
+                             f"quantized tensors are named by the nodes producing them: "
+                             f"{roots[:6]}")
+        if name not in roots:
+            root = plan.root.get(name)
+            hint = f"; it shares the tensor of {root!r}: give that name" if root else ""
+            raise ValueError(f"activation_amax names {name!r} ({plan.op.get(name, '?')}), which "
+                             f"does not produce a quantized tensor of its own{hint}")
+        v = float(value)
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"activation_amax[{name!r}] must be a positive finite number, got "
+                             f"{value!r}")
+        out[name] = v
+    return out
 
 
 def fake_quant_view(ref: torch.fx.GraphModule) -> torch.fx.GraphModule:
