@@ -9,7 +9,7 @@ total ... 1814.07 M MACs...
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import pqcompile
 from pqcompile import Budget, InfeasibleBudgetError
@@ -11,14 +10,6 @@ from pqcompile.build import analysis
 from pqcompile.meta import BITS, COST_TOTALS
 from pqcompile.models import resnet20
 from pqcompile.passes import CostAnalysis
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model():

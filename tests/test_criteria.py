@@ -40,7 +40,6 @@ from pqcompile.passes.sensitivity import (
 from pqcompile.presets import compute_layers
 from pqcompile.quant import quantize_weight
 
-torch.set_num_threads(1)
 BITS = (2, 3, 4, 6, 8)
 
 

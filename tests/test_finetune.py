@@ -27,7 +27,6 @@ from pqcompile.presets import magnitude_masks, uniform
 from pqcompile.quant import build_reference, quantize_weight
 from pqcompile.quant.qmodules import Quantize
 
-torch.set_num_threads(1)
 
 
 def small_cnn() -> nn.Module:

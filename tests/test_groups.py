@@ -14,15 +14,6 @@ from pqcompile.meta import CHANNEL_GROUPS, NODE_CHANNELS
 from pqcompile.passes import ChannelGroupAnalysis, Pipeline, ShapeAnalysis, describe_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on two shared cores make small convs ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def analyze(model, shape=(1, 3, 32, 32), **trace_kw):
     gm = pqcompile.trace(model.eval(), (torch.randn(shape),), **trace_kw)
     return Pipeline([ShapeAnalysis(), ChannelGroupAnalysis(strict=True)])(gm).graph_module

@@ -18,15 +18,6 @@ TORCHVISION = [("resnet18", 1), ("mobilenet_v2", 1), ("shufflenet_v2_x1_0", 1),
                ("efficientnet_b0", 1), ("regnet_y_400mf", 1), ("densenet121", 10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on two shared cores make small convs ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize_bn(model, gen):
     """Random BN statistics and affine parameters, so BN is not the identity."""
     with torch.no_grad():

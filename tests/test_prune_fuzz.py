@@ -25,14 +25,6 @@ HW = 6
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "none": nn.Identity}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def conv_bn(cin, cout, k=1, groups=1, act="relu"):
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups),
                          nn.BatchNorm2d(cout), ACTS[act]())

@@ -31,7 +31,6 @@ from pqcompile.solvers import (
     to_assignment,
 )
 
-torch.set_num_threads(1)
 
 
 class Mixed(nn.Module):
