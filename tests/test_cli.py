@@ -37,3 +37,17 @@ def test_errors(capsys):
     assert main(["analyze", "--model", "pqcompile.models:resnet20",
                  "--input-shape", "1,3,32"]) == 2
     assert "example inputs do not fit the model" in capsys.readouterr().err
+
+
+def test_compile_tiny_model(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", "--model", "pqcompile.models:resnet20", "--input-shape", "1,3,32,32",
+                 "--target", "arm", "--budget", "bops=40x", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["totals"]["bop_reduction"] >= 40
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["arch"] == "aarch64"
+    assert manifest["totals"]["bops"] == data["totals"]["bops"] <= 40813184 * 1024 / 40
+    assert main(["compile", "--model", "pqcompile.models:resnet20", "--input-shape", "1,3,32,32",
+                 "--budget", "bops=5000x", "--out", str(tmp_path / "x")]) == 2
+    assert "smallest reachable" in capsys.readouterr().err
