@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pqcompile.api import compile  # noqa: E402
 from pqcompile.budget import Budget  # noqa: E402
 from pqcompile.data import fashion_mnist_loaders  # noqa: E402
-from pqcompile.demo import BATCH, _artifact_predictions  # noqa: E402
+from pqcompile.demo import BATCH, artifact_predictions  # noqa: E402
 from pqcompile.zoo import evaluate, pretrained_resnet20_fashion  # noqa: E402
 
 
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     rows = []
     for label, solver, budget in runs:
         t = time.perf_counter()
-        c = compile(model, (example,), target="host", budget=Budget.parse(budget), data=loaders.train,
-                    solver=solver, finetune=ft)
-        art, ref, labels = _artifact_predictions(c, loaders.test)
+        c = compile(model, (example,), target="host", budget=Budget.parse(budget),
+                    data=loaders.train, solver=solver, finetune=ft)
+        art, ref, labels = artifact_predictions(c, loaders.test)
         rows.append({"method": label, "bop_reduction": c.totals["bop_reduction"],
                      "accuracy": float((art == labels).mean()),
                      "reference_accuracy": float((ref == labels).mean()),

@@ -23,7 +23,7 @@ from .zoo import evaluate, pretrained_resnet20_fashion
 BATCH = 100  # the artifact's static batch size; 10k test images = 100 calls
 
 
-def _artifact_predictions(compiled, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def artifact_predictions(compiled, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     art, ref, labels = [], [], []
     for x, y in loader:
         if x.shape[0] != BATCH:
@@ -51,7 +51,7 @@ def run_demo(out: str | Path = "pqcompile-demo", budget: str = "bops=60x",
                                  "lr": 0.01, "distill": True},
                        progress=True)
     log(compiled.report())
-    art, ref, labels = _artifact_predictions(compiled, loaders.test)
+    art, ref, labels = artifact_predictions(compiled, loaders.test)
     acc_art, acc_ref = float((art == labels).mean()), float((ref == labels).mean())
     agree = float((art == ref).mean())
     log(f"compiled host program: {acc_art:.2%}; fake-quant reference: {acc_ref:.2%}; "
