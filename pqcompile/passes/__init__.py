@@ -16,6 +16,7 @@ __all__ = [
     "GraphDumpInstrument", "Pass", "PassContext", "PassInfo", "PassInstrument", "PassResult",
     "Pipeline", "ShapeAnalysis", "TimingInstrument", "graph_pass", "output_shape",
     "provided_keys",
-    "ChannelGroupAnalysis", "FoldBatchNorm", "PruneChannels", "describe_groups", "find_group", "predicted_macs",
+    "ChannelGroupAnalysis", "FoldBatchNorm", "PruneChannels", "describe_groups", "find_group",
+    "predicted_macs",
     "zero_channels", "SensitivityAnalysis", "channel_importance", "layer_sensitivities",
 ]

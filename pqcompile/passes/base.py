@@ -225,9 +225,9 @@ class Pipeline(Pass):
         for p in passes:
             missing = [k for k in p.info.requires if k.name not in have]
             if missing:
+                earlier = f"none of {ran} provides" if ran else "no earlier pass provides"
                 raise PipelineError(
-                    f"{name}: pass {p.info.name} requires {_names(missing)}, which "
-                    f"{'no earlier pass provides' if not ran else 'none of ' + str(ran) + ' provides'}"
+                    f"{name}: pass {p.info.name} requires {_names(missing)}, which {earlier}"
                     f" (or a later pass invalidated); put {_providers(missing)} before it")
             have -= {k.name for k in p.info.invalidates}
             have |= {k.name for k in p.info.provides}
