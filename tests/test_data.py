@@ -15,7 +15,6 @@ FASHION = data.DATASETS["fashion_mnist"].default_root()
 MNIST = data.DATASETS["mnist"].default_root()
 # The data is installed by scripts/setup.sh; missing data fails with the loader's message
 # (what to install), it is never skipped.
-needs_fashion = needs_mnist = pytest.mark.usefixtures()
 
 
 def write_idx(folder, prefix, images, labels, *, compress=True, image_magic=0x803):
@@ -32,7 +31,6 @@ def write_idx(folder, prefix, images, labels, *, compress=True, image_magic=0x80
             (folder / name).write_bytes(blob)
 
 
-@needs_fashion
 @pytest.mark.parametrize("split,count", [("train", 60000), ("test", 10000)])
 def test_fashion_mnist_files(split, count):
     images, labels = data.load_fashion_mnist(split)
@@ -43,7 +41,6 @@ def test_fashion_mnist_files(split, count):
     assert int(images.max()) == 255 and int(images.min()) == 0
 
 
-@needs_fashion
 def test_loaders_shapes_padding_and_normalization():
     loaders = data.fashion_mnist_loaders(64, val_split=0.1, eval_batch_size=500)
     assert (len(loaders.train.dataset), len(loaders.val.dataset),
@@ -63,7 +60,6 @@ def test_loaders_shapes_padding_and_normalization():
     assert xt.shape == (64, 1, 32, 32) and yt.shape == (64,)
 
 
-@needs_fashion
 def test_val_split_is_disjoint_from_train():
     loaders = data.fashion_mnist_loaders(128, val_split=0.05, seed=3)
     train = loaders.train.dataset.images.flatten(1)
@@ -76,7 +72,6 @@ def test_val_split_is_disjoint_from_train():
     assert len({bytes(r.numpy()) for r in train} | {bytes(r.numpy()) for r in val}) == len(rows)
 
 
-@needs_fashion
 @pytest.mark.parametrize("augment", [False, True])
 def test_loaders_deterministic_by_seed(augment):
     def first_batches(seed):
@@ -90,7 +85,6 @@ def test_loaders_deterministic_by_seed(augment):
     assert not torch.equal(a[0], c[0])
 
 
-@needs_fashion
 def test_augmentation_shifts_and_flips_within_bounds():
     plain = data.fashion_mnist_loaders(256, train_subset=256).train.dataset
     aug = data.fashion_mnist_loaders(256, train_subset=256, augment=True).train.dataset
@@ -104,7 +98,6 @@ def test_augmentation_shifts_and_flips_within_bounds():
     assert bool((ink_aug <= ink + 1e-3).all())
 
 
-@needs_fashion
 def test_calibration_batches():
     batches = list(data.calibration_batches(3, 16))
     assert [tuple(b.shape) for b in batches] == [(16, 1, 32, 32)] * 3
@@ -114,7 +107,6 @@ def test_calibration_batches():
         next(data.calibration_batches(1000, 100))
 
 
-@needs_mnist
 def test_mnist_files_and_loaders():
     train, train_labels = data.load_mnist("train")
     test, _ = data.load_mnist("test")
@@ -172,7 +164,6 @@ def test_unknown_dataset_and_split():
 
 
 @pytest.mark.slow
-@needs_fashion
 def test_pretrained_accuracy_matches_record():
     # About 30 s of one CPU core: a full forward pass over the 10,000 test images.
     record = zoo.provenance("resnet20_fashion_mnist")
