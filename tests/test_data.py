@@ -11,8 +11,6 @@ import torch
 
 from pqcompile import data, zoo
 
-FASHION = data.DATASETS["fashion_mnist"].default_root()
-MNIST = data.DATASETS["mnist"].default_root()
 # The data is installed by scripts/setup.sh; missing data fails with the loader's message
 # (what to install), it is never skipped.
 
