@@ -5,10 +5,8 @@ cached), so plain ``pytest`` works on a fresh Debian/Ubuntu machine with root. N
 a missing toolchain fails with the command that installs it.
 """
 
-import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +16,8 @@ from tvm.script import relax as R
 
 from pqcompile.targets import (EmulatorError, elf_arch, find_sysroot, get_target, run_python,
                                run_vm)
-from pqcompile.targets.emulator import default_sysroot_path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_aarch64_sysroot.sh"
 
 
-@pytest.fixture(scope="session")
-def sysroot():
-    """A complete aarch64 sysroot plus the cross toolchains, built on first use (~1-3 min)."""
-    dest = os.environ.get("PQCOMPILE_AARCH64_SYSROOT") or str(default_sysroot_path())
-    proc = subprocess.run(["bash", str(SCRIPT), dest], capture_output=True, text=True,
-                          timeout=1800, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"{SCRIPT} {dest} failed (exit {proc.returncode}); run it by hand as root "
-                    f"to see why:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return find_sysroot("aarch64")
 
 
 @tvm.script.ir_module

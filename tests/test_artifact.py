@@ -19,11 +19,9 @@ import tvm
 from tvm.script import relax as R
 
 from pqcompile.artifact import FORMAT_VERSION, Artifact, ArtifactError
-from pqcompile.targets import elf_arch, find_sysroot, host_arch
-from pqcompile.targets.emulator import default_sysroot_path
+from pqcompile.targets import elf_arch, host_arch
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSROOT_SCRIPT = ROOT / "scripts" / "build_aarch64_sysroot.sh"
 FILES = {"manifest.json", "lib.so", "weights.bin", "sample.bin", "runner.py"}
 
 
@@ -102,17 +100,6 @@ def copy(saved, tmp_path):
     """A copy of the saved artifact that a test may damage."""
     return Path(shutil.copytree(saved, tmp_path / "model"))
 
-
-@pytest.fixture(scope="session")
-def sysroot():
-    """The aarch64 sysroot, built by the project script on first use (a no-op when cached)."""
-    dest = os.environ.get("PQCOMPILE_AARCH64_SYSROOT") or str(default_sysroot_path())
-    proc = subprocess.run(["bash", str(SYSROOT_SCRIPT), dest], capture_output=True, text=True,
-                          timeout=1800, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"{SYSROOT_SCRIPT} {dest} failed (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return find_sysroot("aarch64")
 
 
 # Starts runner.py with torch and pqcompile unimportable (an import of either fails), as on a

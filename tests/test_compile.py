@@ -20,7 +20,7 @@ from pqcompile.quant import build_reference
 from pqcompile.targets import elf_arch
 
 
-def test_parity_net_pruned_mixed_arm_equals_host(tmp_path):
+def test_parity_net_pruned_mixed_arm_equals_host(tmp_path, sysroot):
     model = parity_net()
     x = torch.randn(2, 3, 32, 32)
     gm = analysis(model, (x,))
@@ -74,7 +74,7 @@ def test_zoo_compiles_for_host_and_arm(zoo, config, tmp_path):
     assert arm.manifest["totals"]["bops"] == c.totals["bops"]
 
 
-def test_mobilenet_v2_mixed_runs_on_aarch64():
+def test_mobilenet_v2_mixed_runs_on_aarch64(sysroot):
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.mobilenet_v2())
     x = torch.randn(1, 3, 64, 64)
