@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from training import train_steps
+
 from pqcompile import Pipeline
 from pqcompile.build import analysis
 from pqcompile.criteria import (
@@ -281,21 +283,7 @@ def fashion_cnn():
         nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 49, 10))
-    steps = 250
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
-    step = 0
-    while step < steps:
-        for x, y in loaders.train:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step == steps:
-                break
-    model.eval()
+    train_steps(model, loaders.train, 250)
     train = [b for _, b in zip(range(8), loaders.train)]
     test = [b for _, b in zip(range(8), loaders.test)]
     return model, train, test

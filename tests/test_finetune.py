@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training import train_steps
+
 from pqcompile import trace
 from pqcompile.assignment import Assignment
 from pqcompile.build import analysis
@@ -57,22 +59,10 @@ def fashion():
 
     torch.manual_seed(0)
     loaders = fashion_mnist_loaders(64, resize=28, train_subset=8000, seed=0)
-    model, steps, step = small_cnn(), 400, 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=steps)
+    model, steps = small_cnn(), 400
     start = time.perf_counter()
-    while step < steps:
-        for x, y in loaders.train:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step == steps:
-                break
+    train_steps(model, loaders.train, steps)
     print(f"\nfloat training: {steps} steps in {time.perf_counter() - start:.1f} s")
-    model.eval()
     test = [b for _, b in zip(range(32), loaders.test)]  # 2048 test images
     calib = [x for _, (x, _) in zip(range(8), loaders.train)]
     return model, loaders.train, test, calib
