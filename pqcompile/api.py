@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from itertools import islice
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,6 +38,7 @@ from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
 from .solvers import build_problem, get_solver, to_assignment
 from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
+from .solvers.search import SearchContext, needs_context
 
 _FINETUNE_KEYS = {"epochs", "lr", "distill", "temperature", "max_batches", "optimizer",
                   "weight_decay", "momentum", "distill_weight"}
@@ -63,7 +65,8 @@ def _inputs(batch: Any) -> torch.Tensor:
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
             target: Any = "arm", budget: Budget | str | None = None,
-            data: Iterable[Any] | None = None, solver: str = "ilp",
+            data: Iterable[Any] | None = None, solver: Any = "ilp",
+            validation: Sequence[Any] | None = None,
             finetune: Mapping[str, Any] | None = None, criterion: Any = None,
             channel_criterion: Any = None, bit_options: Sequence[tuple[int, int]] | None = None,
             keep_levels: Sequence[float] | None = None, multiple: int = 1,
@@ -73,6 +76,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
+    ``solver``: a registered name (``pqcompile.solvers.list_solvers()``) or a solver object.
+    Searching solvers (``sbs``, ``ajpq``, ``fitcompress``, ``picpq``) also get the model and
+    ``data``, and measure candidates on ``validation`` batches (default: the first few
+    batches of ``data``).
     ``finetune``: ``{"epochs": 1, "lr": 1e-3, "distill": True, "max_batches": None, ...}``;
     needs ``data`` (``(inputs, target)`` batches). The result's ``.solution`` holds the
     solver's choice and predicted costs, ``.totals`` the built model's.
@@ -106,14 +113,27 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
                             bit_options=bit_options or DEFAULT_BIT_OPTIONS,
                             keep_levels=keep_levels or DEFAULT_KEEP_FRACTIONS,
                             multiple=multiple)
-    solution = get_solver(solver, **dict(solver_options or {})).solve(problem, budget)
+    teacher = copy.deepcopy(model).eval()  # the user's model keeps its mode and weights
+    chosen = get_solver(solver, **dict(solver_options or {})) if isinstance(solver, str) \
+        else solver
+    if needs_context(chosen):
+        if data is None:
+            raise ValueError(f"solver {getattr(chosen, 'name', solver)!r} searches on data: "
+                             "pass data= (a DataLoader of (inputs, target) batches), or pick "
+                             "a data-free solver such as 'ilp'")
+        context = SearchContext(problem, scored, teacher=teacher, data=data,
+                                held_out=validation, channel_scores=importance, seed=seed,
+                                progress=progress)
+        solution = chosen.solve(problem, budget, context=context)
+    else:
+        solution = chosen.solve(problem, budget)
     assignment = to_assignment(solution, scored, importance)
 
     extra: dict[str, Any] = {}
     if finetune is not None:
         opts = dict(finetune)
-        teacher = model.eval() if opts.pop("distill", True) else None
-        tuned, amax = qat_finetune(fp32, assignment, data, distill_from=teacher, seed=seed,
+        tuned, amax = qat_finetune(fp32, assignment, data, seed=seed,
+                                   distill_from=teacher if opts.pop("distill", True) else None,
                                    progress=progress, observer=observer,
                                    calibration_batches=calibration_batches, **opts)
         for node in tuned.graph.nodes:

@@ -32,10 +32,14 @@ class GreedySolver:
 
     name = "greedy"
 
-    def solve(self, problem: Problem, budget) -> Solution:
+    def solve(self, problem: Problem, budget, *, start=None) -> Solution:
+        """``start``: ``(bits, kept)`` to descend from instead of the highest setting (a
+        repair: a start that already meets the budget comes back unchanged)."""
         limits = resolve_limits(problem, budget)
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         state = _State(problem)
+        if start is not None:
+            state.reset(*start)
         steps = 0
         while not all(state.totals[k] <= v for k, v in limits.items()):
             best = None
@@ -50,7 +54,7 @@ class GreedySolver:
                 raise infeasible_error(problem, limits)
             state.apply(best[1])
             steps += 1
-        info = {"steps": steps, "seconds": time.perf_counter() - start}
+        info = {"steps": steps, "seconds": time.perf_counter() - t0}
         return evaluate(problem, state.bits(), state.kept, limits, solver=self.name, info=info)
 
 
@@ -86,12 +90,33 @@ class _State:
             self.option.append(max(fit))
         self.users = {g.id: [i for i, layer in enumerate(problem.layers) if g.id in layer.groups]
                       for g in problem.groups}
+        self._recost()
+
+    def reset(self, bits, kept) -> None:
+        """Start from ``bits`` per layer and ``kept`` per group (values from the problem)."""
+        p = self.p
+        for i, layer in enumerate(p.layers):
+            option = tuple(bits[layer.name])
+            if option not in layer.options:
+                raise ValueError(f"layer {layer.name!r}: start bits {option} are not among "
+                                 f"its options {layer.options}")
+            self.option[i] = option
+        for g in p.groups:
+            k = int(kept.get(g.id, g.size))
+            if k not in g.levels:
+                raise ValueError(f"group {g.id} {g.name!r}: start kept count {k} is not "
+                                 f"among its levels {g.levels}")
+            self.level[g.id], self.kept[g.id] = g.levels.index(k), k
+        self._recost()
+
+    def _recost(self) -> None:
+        p = self.p
         self.layer_cost = [layer_costs(layer, self.option[i], self.kept)
-                           for i, layer in enumerate(problem.layers)]
+                           for i, layer in enumerate(p.layers)]
         self.totals = {
-            "bops": problem.fixed_bops + sum(c[0] for c in self.layer_cost),
-            "macs": problem.fixed_macs + sum(c[1] for c in self.layer_cost),
-            "weight_bytes": (32 * problem.params32.value(self.kept)
+            "bops": p.fixed_bops + sum(c[0] for c in self.layer_cost),
+            "macs": p.fixed_macs + sum(c[1] for c in self.layer_cost),
+            "weight_bytes": (32 * p.params32.value(self.kept)
                              + sum(c[2] for c in self.layer_cost)) / 8}
 
     def bits(self) -> dict[str, Option]:

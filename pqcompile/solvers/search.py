@@ -1,0 +1,197 @@
+"""What a *searching* solver may use beyond the pure-data :class:`Problem`: the model and data.
+
+ILP, greedy and the uniform baselines decide from the problem's sensitivities alone. The seed
+methods (SBS, AJPQ, FITCompress, PIC-PQ) search by training gates, by rewards measured on
+held-out batches or by refreshing a Fisher estimate, so they also need the analyzed graph and
+data. They declare ``needs_context = True`` and are called as
+``solver.solve(problem, budget, context=SearchContext(...))``; they still answer with a
+:class:`Solution` over the same problem (bits from each layer's options, kept counts from each
+group's levels), so every solver shares one search space, one cost model and one budget.
+
+The context offers the operations every such method repeats:
+
+* :meth:`SearchContext.assignment`: bits + kept counts -> an :class:`Assignment` (each group
+  keeps its highest-scoring channels, by the channel criterion the problem was built with);
+* :meth:`SearchContext.fake_quant`: the pruned, BN-folded, fake-quantized training graph of an
+  assignment (a fresh copy; training it does not touch the original);
+* :meth:`SearchContext.finetune`: a short QAT of an assignment (fitness after fine-tuning);
+* :meth:`SearchContext.measure`: mean loss and accuracy of a module on the held-out batches;
+* :meth:`SearchContext.train_batches`: ``n`` training batches, cycling through ``data``;
+* :meth:`SearchContext.tighten`: the greedy repair that lowers the cheapest-to-lose settings
+  until the budget holds (AMC/HAQ's "tighten actions after each episode").
+
+>>> import torch
+>>> from torch import nn
+>>> from pqcompile.build import analysis
+>>> from pqcompile.solvers.graph import build_problem
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3))
+>>> data = [(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))) for _ in range(4)]
+>>> gm = analysis(model.eval(), (data[0][0],))
+>>> ctx = SearchContext(build_problem(gm, None, None, pin_first_last=False), gm,
+...                     teacher=model, data=data)
+>>> a = ctx.assignment({"_0": (4, 8), "_3": (8, 8)}, {0: 4})
+>>> int(a.masks[0].sum())
+4
+>>> loss, acc = ctx.measure(ctx.fake_quant(a))
+>>> loss > 0 and 0 <= acc <= 1
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..assignment import Assignment
+from ..meta import EXAMPLE_INPUTS
+from .greedy import GreedySolver
+from .problem import Option, Problem, Solution, evaluate, resolve_limits
+
+__all__ = ["SearchContext", "needs_context"]
+
+
+def needs_context(solver: Any) -> bool:
+    """Whether ``solver`` searches with the model and data (takes ``context=``)."""
+    return bool(getattr(solver, "needs_context", False))
+
+
+class SearchContext:
+    """The model, data and helpers a searching solver uses (see the module docstring).
+
+    ``graph``: the analyzed FP32 graph the problem was built from (never changed here);
+    ``teacher``: the user's float model (distillation target, never changed);
+    ``data``: a re-iterable of ``(inputs, target)`` training batches;
+    ``held_out``: batches for rewards and fitness (default: the first ``held_out_batches``
+    batches of ``data``, materialized once so every candidate is measured on the same images);
+    ``channel_scores``: ``{group id: per-channel scores}`` deciding which channels a kept count
+    keeps (default: L1 of the producing weights); ``calibration_batches``: batches the
+    activation ranges of a fake-quant candidate are calibrated on.
+    """
+
+    def __init__(self, problem: Problem, graph: torch.fx.GraphModule, *,
+                 teacher: nn.Module | None = None, data: Iterable[Any] | None = None,
+                 held_out: Sequence[Any] | None = None, held_out_batches: int = 4,
+                 channel_scores: Mapping[int, np.ndarray] | None = None,
+                 calibration_batches: int = 2, seed: int = 0, progress: bool = False) -> None:
+        if data is None:
+            raise ValueError("this solver searches on data: pass data= (a DataLoader of "
+                             "(inputs, target) batches) to pqcompile.compile, or pick a "
+                             "data-free solver ('ilp', 'greedy', 'uniform4')")
+        self.problem, self.graph, self.teacher = problem, graph, teacher
+        self.data, self.seed, self.progress = data, seed, progress
+        self.channel_scores = channel_scores
+        self.n_inputs = len(EXAMPLE_INPUTS.get(graph).args)
+        self.held_out = list(held_out) if held_out is not None \
+            else list(itertools.islice(iter(data), held_out_batches))
+        if not self.held_out:
+            raise ValueError("no held-out batches: data is empty; pass a DataLoader of "
+                             "(inputs, target) batches")
+        self._stream: Any = None
+        self.calibration = [self._inputs(b) for b in self.train_batches(calibration_batches)]
+
+    # --- data ----------------------------------------------------------------------------
+
+    def _inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        items = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        return tuple(items[:self.n_inputs])
+
+    def _target(self, batch: Any, module: nn.Module | None = None) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor) or len(batch) <= self.n_inputs:
+            model = module or self.teacher
+            if model is None:
+                raise ValueError("unlabelled batches need a teacher model to label them")
+            with torch.no_grad():
+                return model(*self._inputs(batch)).argmax(-1)
+        return batch[self.n_inputs]
+
+    def split(self, batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``(inputs, target)`` of a batch (unlabelled batches: the teacher's argmax)."""
+        return self._inputs(batch), self._target(batch)
+
+    def train_batches(self, n: int) -> list[Any]:
+        """The next ``n`` training batches, cycling through ``data`` (re-iterated at its end)."""
+        out: list[Any] = []
+        restarted = False
+        while len(out) < n:
+            if self._stream is None:
+                self._stream = iter(self.data)
+            try:
+                out.append(next(self._stream))
+                restarted = False
+            except StopIteration:
+                self._stream = None
+                if restarted:
+                    raise ValueError("data yields no batches") from None
+                restarted = True
+        return out
+
+    # --- candidates ----------------------------------------------------------------------
+
+    def solution(self, bits: Mapping[str, Option], kept: Mapping[int, int],
+                 budget: Any = None, *, solver: str = "", info: Mapping | None = None
+                 ) -> Solution:
+        """A :class:`Solution` (objective, costs, feasibility under ``budget``)."""
+        limits = resolve_limits(self.problem, budget) if budget is not None else None
+        return evaluate(self.problem, bits, kept, limits, solver=solver, info=info)
+
+    def assignment(self, bits: Mapping[str, Option], kept: Mapping[int, int]) -> Assignment:
+        """Bits and keep-masks (each group keeps its highest-scoring channels)."""
+        from .graph import to_assignment
+        return to_assignment(self.solution(bits, kept), self.graph, self.channel_scores)
+
+    def fake_quant(self, assignment: Assignment) -> torch.fx.GraphModule:
+        """A fresh fake-quant training graph of ``assignment`` (pruned, BN folded, activation
+        steps calibrated on the context's calibration batches)."""
+        from ..finetune import calibrate, compressed_graph, fake_quant_model
+        work = compressed_graph(self.graph, assignment)
+        return fake_quant_model(work, assignment, calibrate(work, assignment, self.calibration))
+
+    def finetune(self, assignment: Assignment, steps: int, *, lr: float = 0.01,
+                 distill: bool = True) -> torch.fx.GraphModule:
+        """``steps`` QAT steps of ``assignment`` on the next training batches; returns the
+        fine-tuned fake-quant graph (a fresh copy)."""
+        from ..finetune import fake_quant_model, qat_finetune
+        batches = self.train_batches(steps)
+        tuned, amax = qat_finetune(self.graph, assignment, batches, lr=lr, seed=self.seed,
+                                   distill_from=self.teacher if distill else None,
+                                   progress=False, max_batches=steps,
+                                   calibration_batches=min(len(batches), 2))
+        return fake_quant_model(tuned, assignment, amax)
+
+    def measure(self, module: nn.Module, batches: Sequence[Any] | None = None
+                ) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy of ``module`` (eval mode) on ``batches`` (default:
+        the held-out batches)."""
+        was = module.training
+        module.eval()
+        loss = correct = count = 0.0
+        with torch.no_grad():
+            for batch in batches if batches is not None else self.held_out:
+                inputs, target = self.split(batch)
+                out = module(*inputs)
+                loss += float(F.cross_entropy(out, target, reduction="sum"))
+                correct += float((out.argmax(-1) == target).sum())
+                count += len(target)
+        module.train(was)
+        return loss / count, correct / count
+
+    def tighten(self, bits: Mapping[str, Option], kept: Mapping[int, int], budget: Any
+                ) -> tuple[dict[str, Option], dict[int, int]]:
+        """Lower settings from ``(bits, kept)`` by the greedy's least-sensitivity-per-cost
+        rule until ``budget`` holds (unchanged when it already holds)."""
+        s = GreedySolver().solve(self.problem, budget, start=(bits, kept))
+        return dict(s.bits), dict(s.kept)
+
+    def copy_graph(self) -> torch.fx.GraphModule:
+        """A deep copy of the analyzed FP32 graph (for methods that train the float model)."""
+        return copy.deepcopy(self.graph)
