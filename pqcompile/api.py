@@ -127,7 +127,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         solution = chosen.solve(problem, budget, context=context)
     else:
         solution = chosen.solve(problem, budget)
-    assignment = to_assignment(solution, scored, importance)
+    # A searching solver may say which channels its kept counts keep (e.g. SBS's open gates).
+    scores = {**(importance or {}), **dict(solution.info.get("channel_scores", {}))}
+    assignment = to_assignment(solution, scored, scores or None)
 
     extra: dict[str, Any] = {}
     if finetune is not None:

@@ -6,12 +6,14 @@ Every solver takes the pure-data :class:`~pqcompile.solvers.problem.Problem` and
 plug in with :func:`register_solver`.
 
 >>> sorted(list_solvers())
-['greedy', 'ilp', 'prune8', 'uniform4', 'uniform8']
+['ajpq', 'fitcompress', 'greedy', 'ilp', 'picpq', 'prune8', 'sbs', 'uniform4', 'uniform8']
 >>> get_solver("ilp", time_limit=10).name
 'ilp'
 """
 
 from __future__ import annotations
+
+import importlib
 
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -42,6 +44,10 @@ class Solver(Protocol):
     def solve(self, problem: Problem, budget: Budget | Mapping[str, float]) -> Solution: ...
 
 
+# A searching solver also sets ``needs_context = True`` and takes ``solve(problem, budget, *,
+# context: SearchContext)`` (pqcompile.solvers.search).
+
+
 _REGISTRY: dict[str, Callable[..., Solver]] = {}
 
 
@@ -68,11 +74,23 @@ def get_solver(name: str, **options: Any) -> Solver:
     return _REGISTRY[name](**options)
 
 
+def _searching(module: str, cls: str) -> Callable[..., Solver]:
+    """A factory importing a searching solver's module on first use (they pull in training)."""
+    def factory(**options: Any) -> Solver:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(**options)
+    return factory
+
+
 register_solver("ilp", ILPSolver)
 register_solver("greedy", GreedySolver)
 register_solver("uniform4", lambda **kw: UniformSolver(4, 4, name="uniform4", **kw))
 register_solver("uniform8", lambda **kw: UniformSolver(8, 8, name="uniform8", **kw))
 register_solver("prune8", lambda **kw: PruneUniformSolver(8, name="prune8", **kw))
+# The seed methods: they search with the model and data (see solvers/search.py).
+register_solver("sbs", _searching("sbs", "SBSSolver"))
+register_solver("ajpq", _searching("ajpq", "AJPQSolver"))
+register_solver("fitcompress", _searching("fitcompress", "FITCompressSolver"))
+register_solver("picpq", _searching("picpq", "PICPQSolver"))
 
 __all__ = [
     "Affine", "GreedySolver", "Group", "ILPSolver", "Layer", "Problem", "PruneUniformSolver",

@@ -37,7 +37,7 @@ class GreedySolver:
         repair: a start that already meets the budget comes back unchanged)."""
         limits = resolve_limits(problem, budget)
         t0 = time.perf_counter()
-        state = _State(problem)
+        state = DescentState(problem)
         if start is not None:
             state.reset(*start)
         steps = 0
@@ -58,7 +58,7 @@ class GreedySolver:
         return evaluate(problem, state.bits(), state.kept, limits, solver=self.name, info=info)
 
 
-class _State:
+class DescentState:
     """Current bits and levels, with per-layer costs kept up to date."""
 
     def __init__(self, problem: Problem) -> None:

@@ -7,6 +7,9 @@ data. They declare ``needs_context = True`` and are called as
 ``solver.solve(problem, budget, context=SearchContext(...))``; they still answer with a
 :class:`Solution` over the same problem (bits from each layer's options, kept counts from each
 group's levels), so every solver shares one search space, one cost model and one budget.
+A solver that decides *which* channels a group keeps (not only how many) puts
+``{group id: per-channel scores}`` under ``solution.info["channel_scores"]``; the kept
+channels are then the highest-scoring ones by those scores.
 
 The context offers the operations every such method repeats:
 
@@ -144,10 +147,13 @@ class SearchContext:
         limits = resolve_limits(self.problem, budget) if budget is not None else None
         return evaluate(self.problem, bits, kept, limits, solver=solver, info=info)
 
-    def assignment(self, bits: Mapping[str, Option], kept: Mapping[int, int]) -> Assignment:
-        """Bits and keep-masks (each group keeps its highest-scoring channels)."""
+    def assignment(self, bits: Mapping[str, Option], kept: Mapping[int, int],
+                   channel_scores: Mapping[int, np.ndarray] | None = None) -> Assignment:
+        """Bits and keep-masks: each group keeps its highest-scoring channels, by
+        ``channel_scores`` where given (``{group id: scores}``), else by the context's."""
         from .graph import to_assignment
-        return to_assignment(self.solution(bits, kept), self.graph, self.channel_scores)
+        scores = {**(self.channel_scores or {}), **dict(channel_scores or {})}
+        return to_assignment(self.solution(bits, kept), self.graph, scores or None)
 
     def fake_quant(self, assignment: Assignment) -> torch.fx.GraphModule:
         """A fresh fake-quant training graph of ``assignment`` (pruned, BN folded, activation
