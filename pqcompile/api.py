@@ -25,8 +25,9 @@ True
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ from .finetune import qat_finetune
 from .meta import BITS
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
+from .progress import Stages
 from .solvers import build_problem, get_solver, to_assignment
 from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
 from .solvers.search import SearchContext, needs_context
@@ -103,41 +105,48 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
         else tuple(example_inputs)
     torch.manual_seed(seed)
-    fp32 = analysis(model, example_inputs)
+    names = ["analysis", "sensitivity", "solve"] + (["fine-tune"] if finetune else []) \
+        + ["quantize, lower, build"]
+    stage = Stages(names, enabled=progress)
+    with stage("analysis"):
+        fp32 = analysis(model, example_inputs)
     sens_batches = _batches(data, sensitivity_batches)
-    scored = SensitivityAnalysis(
-        criterion, sens_batches, channel_criterion=channel_criterion,
-        bit_options=bit_options or DEFAULT_BIT_OPTIONS)(fp32).graph_module
-    importance = channel_importance(scored)
-    problem = build_problem(scored, layer_sensitivities(scored), importance,
-                            bit_options=bit_options or DEFAULT_BIT_OPTIONS,
-                            keep_levels=keep_levels or DEFAULT_KEEP_FRACTIONS,
-                            multiple=multiple)
+    with stage("sensitivity", f"{len(sens_batches)} batches" if sens_batches else "data-free"):
+        scored = SensitivityAnalysis(
+            criterion, sens_batches, channel_criterion=channel_criterion,
+            bit_options=bit_options or DEFAULT_BIT_OPTIONS)(fp32).graph_module
+        importance = channel_importance(scored)
+        problem = build_problem(scored, layer_sensitivities(scored), importance,
+                                bit_options=bit_options or DEFAULT_BIT_OPTIONS,
+                                keep_levels=keep_levels or DEFAULT_KEEP_FRACTIONS,
+                                multiple=multiple)
     teacher = copy.deepcopy(model).eval()  # the user's model keeps its mode and weights
     chosen = get_solver(solver, **dict(solver_options or {})) if isinstance(solver, str) \
         else solver
-    if needs_context(chosen):
-        if data is None:
-            raise ValueError(f"solver {getattr(chosen, 'name', solver)!r} searches on data: "
-                             "pass data= (a DataLoader of (inputs, target) batches), or pick "
-                             "a data-free solver such as 'ilp'")
-        context = SearchContext(problem, scored, teacher=teacher, data=data,
-                                held_out=validation, channel_scores=importance, seed=seed,
-                                progress=progress)
-        solution = chosen.solve(problem, budget, context=context)
-    else:
-        solution = chosen.solve(problem, budget)
-    # A searching solver may say which channels its kept counts keep (e.g. SBS's open gates).
-    scores = {**(importance or {}), **dict(solution.info.get("channel_scores", {}))}
-    assignment = to_assignment(solution, scored, scores or None)
+    with stage("solve", getattr(chosen, "name", str(solver))):
+        if needs_context(chosen):
+            if data is None:
+                raise ValueError(f"solver {getattr(chosen, 'name', solver)!r} searches on "
+                                 "data: pass data= (a DataLoader of (inputs, target) batches), "
+                                 "or pick a data-free solver such as 'ilp'")
+            context = SearchContext(problem, scored, teacher=teacher, data=data,
+                                    held_out=validation, channel_scores=importance, seed=seed,
+                                    progress=progress)
+            solution = chosen.solve(problem, budget, context=context)
+        else:
+            solution = chosen.solve(problem, budget)
+        # A searching solver may say which channels its kept counts keep (e.g. SBS's gates).
+        scores = {**(importance or {}), **dict(solution.info.get("channel_scores", {}))}
+        assignment = to_assignment(solution, scored, scores or None)
 
     extra: dict[str, Any] = {}
     if finetune is not None:
         opts = dict(finetune)
-        tuned, amax = qat_finetune(fp32, assignment, data, seed=seed,
-                                   distill_from=teacher if opts.pop("distill", True) else None,
-                                   progress=progress, observer=observer,
-                                   calibration_batches=calibration_batches, **opts)
+        with stage("fine-tune"):
+            tuned, amax = qat_finetune(fp32, assignment, data, seed=seed,
+                                       distill_from=teacher if opts.pop("distill", True)
+                                       else None, progress=progress, observer=observer,
+                                       calibration_batches=calibration_batches, **opts)
         for node in tuned.graph.nodes:
             if node.name in assignment.bits:
                 BITS.set(node, assignment.bits[node.name])
@@ -147,8 +156,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         prepared = prepare(fp32, assignment)
     calib_batches = _batches(data, calibration_batches)
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
-    compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
-                      observer=observer, **extra)
+    with stage("quantize, lower, build", str(target)):
+        compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
+                          observer=observer, **extra)
     compiled.solution = solution
     compiled.budget = budget
     compiled.calibration = (f"{len(calibration)} batches of data" if calib_batches

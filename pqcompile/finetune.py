@@ -44,10 +44,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 import torch.fx
@@ -60,6 +58,7 @@ from .assignment import Assignment
 from .meta import CHANNEL_GROUPS, EXAMPLE_INPUTS, KEPT_CHANNELS
 from .passes import ChannelGroupAnalysis, FoldBatchNorm, PruneChannels, ShapeAnalysis
 from .passes.base import provided_keys
+from .progress import Progress
 from .quant.calibrate import check_batches, observe
 from .quant.observers import Observer, grid, make_observer
 from .quant.plan import Plan, make_plan
@@ -247,25 +246,6 @@ def quantizers(fq: torch.fx.GraphModule) -> dict[str, LsqQuantizer]:
     """``{node: quantizer}`` of a :func:`fake_quant_model`."""
     return {name[len("pqc_aq_"):]: m for name, m in fq.named_children()
             if isinstance(m, LsqQuantizer)}
-
-
-class Progress:
-    """A tiny text progress printer: about ten lines per run, to ``stream`` (stderr)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream or sys.stderr
-        self.every = max(1, total // 10)
-        self.start = time.perf_counter()
-
-    def update(self, step: int, **metrics: float) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
-            return
-        done = int(20 * step / max(self.total, 1))
-        info = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"{self.label} {step}/{self.total} [{'#' * done}{'.' * (20 - done)}] {info} "
-              f"{time.perf_counter() - self.start:.1f}s", file=self.stream, flush=True)
 
 
 def _inputs(batch: Any, n_inputs: int) -> tuple[torch.Tensor, ...]:

@@ -129,3 +129,8 @@ def bops_ratio(ctx: SearchContext, solution) -> float:
 
 
 
+
+
+def digits_train() -> list:
+    """The digits training batches (a ``--data`` factory for the CLI tests)."""
+    return digits()[0]

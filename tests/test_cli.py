@@ -51,3 +51,27 @@ def test_compile_tiny_model(tmp_path, capsys):
     assert main(["compile", "--model", "pqcompile.models:resnet20", "--input-shape", "1,3,32,32",
                  "--budget", "bops=5000x", "--out", str(tmp_path / "x")]) == 2
     assert "smallest reachable" in capsys.readouterr().err
+
+
+def test_compile_with_data_finetunes_and_reports_progress(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
+                 "--data", "solver_models:digits_train", "--finetune-steps", "4",
+                 "--target", "host", "--budget", "bops=30x", "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["totals"]["bop_reduction"] >= 30
+    assert data["calibration"] == "8 batches of data"
+    stages = ["[1/5] analysis", "[2/5] sensitivity (16 batches)", "[3/5] solve (ilp)",
+              "[4/5] fine-tune", "[5/5] quantize, lower, build (host)"]
+    for stage in stages:
+        assert f"{stage} done in" in captured.err
+    assert "qat 4/4 [####################]" in captured.err
+    assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
+                 "--finetune-steps", "4", "--budget", "bops=30x", "--out", str(out)]) == 2
+    assert "--finetune-steps needs --data" in capsys.readouterr().err
+    assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
+                 "--data", "solver_models:nothing", "--budget", "bops=30x",
+                 "--out", str(out)]) == 2
+    assert "--data 'solver_models:nothing': solver_models has no callable 'nothing'" \
+        in capsys.readouterr().err
