@@ -160,6 +160,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
                           observer=observer, **extra)
     compiled.solution = solution
+    compiled.timings = dict(stage.seconds)  # wall seconds per stage
     compiled.budget = budget
     compiled.calibration = (f"{len(calibration)} batches of data" if calib_batches
                             else "the example inputs (no data given)")

@@ -22,10 +22,10 @@ True
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +33,25 @@ import torch.fx
 
 from .artifact import Artifact
 from .assignment import Assignment
+from .finetune import compressed_graph
 from .frontend import trace
 from .lower import LoweringReport, lower
-from .meta import (BITS, CHANNEL_GROUPS, COST, COST_TOTALS, EXAMPLE_INPUTS, KEPT_CHANNELS,
-                   SHAPE, CostTotals)
-from .passes import (ChannelGroupAnalysis, CostAnalysis, FoldBatchNorm, Pipeline, PruneChannels,
-                     ShapeAnalysis)
+from .meta import (
+    BITS,
+    CHANNEL_GROUPS,
+    COST,
+    COST_TOTALS,
+    EXAMPLE_INPUTS,
+    KEPT_CHANNELS,
+    SHAPE,
+    CostTotals,
+)
+from .passes import (
+    ChannelGroupAnalysis,
+    CostAnalysis,
+    Pipeline,
+    ShapeAnalysis,
+)
 from .quant import build_reference
 
 
@@ -66,6 +79,7 @@ class Compiled:
     solution: Any = None  # set by pqcompile.compile: the solver's choice and predicted costs
     budget: Any = None
     calibration: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # compile(): seconds per stage
 
     def report(self) -> str:
         """Per-layer table: op, w/a bits, kept/total channels, MACs, BOPs, weight bytes."""
@@ -142,10 +156,7 @@ def prepare(fp32: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.Grap
     This is the float graph quantization (and fine-tuning) applies to.
     """
     assignment.validate(fp32)
-    # PruneChannels works on a copy; without masks, copy here: the caller keeps its graph.
-    gm = PruneChannels(assignment.masks)(fp32).graph_module if assignment.masks \
-        else copy.deepcopy(fp32)
-    gm = FoldBatchNorm()(gm).graph_module
+    gm = compressed_graph(fp32, assignment)  # a copy: the caller keeps its graph
     for node in gm.graph.nodes:
         if node.name in assignment.bits:
             BITS.set(node, assignment.bits[node.name])
