@@ -1,0 +1,762 @@
+"""SBS, Single-path Bit Sharing (Liu, Zhuang, Chen, Shen, Cai, Tan): a differentiable search.
+
+One training copy of the BN-folded float graph encodes every candidate of the problem at once.
+
+* **Bit sharing.** Every layer's weight is normalized with a learnable per-output-channel range
+  ``v``, ``z = (clip(w / v, -1, 1) + 1) / 2``, and decomposed over its weight-bit candidates
+  ``b_0 < b_1 < ...`` (default 2, 4, 8): ``z_hat = z_0 + g_1 (eps_1 + g_2 (eps_2 + ...))`` with
+  ``z_0 = D(z, s_0)``, ``eps_k = D(z - z_(k-1), s_k)``, ``z_k = z_(k-1) + eps_k`` and
+  ``D(z, s) = s * round(z / s)``, ``s_k = 1 / (2^b_k - 1)``; ``w_hat = (2 z_hat - 1) v``. The
+  input activation of every layer is decomposed the same way over its activation-bit
+  candidates (default 4, 8), ``z = clip(x / v, 0, 1)`` with a learnable per-tensor range (the
+  signed form of the weights where calibration saw negative inputs). Layers reading one tensor
+  share one activation quantizer and the calls of one module one weight quantizer, so ties hold
+  by construction. A layer whose options hold a single weight (activation) bit width is pinned
+  there: it is quantized at that width, with no gate.
+* **Quantization gates.** ``g_k = 1[A_k > alpha_k]`` with one learnable threshold per gate and
+  quantizer, ``A_k`` the RMS of ``z - z_(k-1)`` (the residual the gate would add), and the
+  straight-through gradient ``d g / d alpha = -sigmoid'(A_k - alpha_k)``. A gate only matters
+  where its coarser gates are open (``g_2`` refines ``g_1``'s residual).
+* **Pruning gates.** Each prunable channel group (``problem.groups``, members from the graph's
+  ``CHANNEL_GROUPS``) is split into blocks of ``B`` channels; ``g_p = 1[A_p > alpha_p]`` with one
+  learnable threshold per group and ``A_p`` the block's mean per-channel L1 norm of the
+  producing weights (over the largest block, times 0.5: the scale of the bit gates'
+  statistics); the gate multiplies the group's channels in the (quantized) input of every
+  consuming layer, so every consumer reads zeros as after real pruning. Masking there rather
+  than at the producers' outputs keeps a closed block's gradient alive: a masked producer
+  output followed by a ReLU would pass no gradient back (``relu'(0) = 0``) and the block could
+  never reopen.
+* **Loss.** ``task + lam * log(BOPs) + penalty * sum_k max(0, log(cost_k / target_k))^2``:
+  the paper's ``lambda log(BOPs)`` term plus a squared hinge at each budget limit, where
+  ``cost_k`` are the problem's own cost model (``Layer.out_channels`` / ``in_channels`` as
+  affine forms of the expected kept counts ``sum_p B_p g_p``, times ``macs_scale``, times the
+  expected weight bits ``b_0 + sum_k (b_k - b_(k-1)) g_1 ... g_k`` and the expected activation
+  bits), evaluated on the gates' forward values (exact costs of the current configuration)
+  with the sigmoid surrogate gradient. ``task`` is the cross entropy, mixed half and half with
+  distillation from ``context.teacher`` (KL at ``temperature``; ``distill=False``: CE only).
+* **Training.** Network weights and the (log-)ranges train at every step; the thresholds of the
+  weight-side gates (weight bits and pruning) and those of the activation gates are updated on
+  alternate steps (even / odd), as in the paper.
+* **Read-off.** Per layer the bits up to the last open gate (activation gates by a running mean
+  of their statistic over the search), snapped to the layer's options (the smallest option at
+  or above both, raised to the maximum over a tied set); per group the channels of open blocks,
+  rounded *up* to the nearest keep level, and ``info["channel_scores"]`` ranking the channels by
+  their block's gate margin ``A_p - alpha_p`` (ties inside a block by the channel's own L1
+  norm). If the result misses the budget, :meth:`SearchContext.tighten` repairs it
+  (``info["repaired"]``). Fine-tuning the result is ``compile``'s job, as for every solver.
+
+Departures from the paper, and details it leaves open, filled with common practice:
+
+* The gate statistic is the RMS of the residual *in units of the coarser step*
+  (``||z - z_(k-1)||_2 / (sqrt(n) s_(k-1))``, in [0, 0.5]), not the raw L2 norm, so one
+  threshold scale fits every layer size and bit width; the pruning statistic is normalized
+  by the group's largest block for the same reason. Thresholds start at 0 (all gates open,
+  the search starts at the highest precision and no pruning) and learn by momentum SGD whose
+  gradients are divided by a running RMS over all thresholds of one kind (weight bits, pruning,
+  activation bits; step about ``gate_lr``): scale-free like Adam, but unlike Adam a gate with
+  more loss or cost at stake still moves faster than the others (with Adam every threshold
+  moves at the same speed and all gates close together). The statistics are treated as
+  constants (the surrogate gradient reaches the thresholds, not the weights).
+* The paper uses one weight range per layer; here it is per output channel, like the grid the
+  compiled program quantizes with. Ranges start at the weights' per-channel max and the
+  activations' calibrated max (``context.calibration``) and learn in log space with Adam
+  (``range_lr``), which is scale-free.
+* The paper tunes ``lambda`` by hand per target; the squared hinge (weight ``penalty``, aimed
+  at ``(1 - margin)`` of each limit, whatever costs the budget names) makes one run land on
+  the budget, and ``lam`` keeps the paper's pressure towards fewer BOPs below it. Squared, its
+  push fades near the target, so the task loss stops the closing there instead of the gates
+  overshooting far below the budget; what the discrete gates leave above it the repair
+  removes.
+* The codes are computed in integers of the finest grid, ``z_hat = (c_0 + g_1 (f_1 r_1 + ...))
+  / (2^b_top - 1)`` with ``f_k = (2^b_top - 1) / (2^b_k - 1)`` and rounding ``floor(v + 0.5)``,
+  so all gates open equals the plain top-bit quantization of ``z`` exactly, and all closed the
+  plain lowest-bit one. This needs each candidate to divide the next (the paper's doubling);
+  from other option sets the longest such chain ending at the highest width is searched and
+  the other widths are never chosen.
+* Network weights use SGD with Nesterov momentum (``lr``); training batches are read from
+  ``context.data`` from its start (re-iterated as needed), so the result depends only on the
+  seed, not on what the context served before. The global RNG state is restored afterwards.
+
+Knobs: ``steps`` (default 150: about 2.5 min on ResNet-20 at batch 128 on two cores), ``lam``,
+``penalty``, ``margin``, ``block`` (channels per pruning block; default ``max(1, size // 8)``
+per group), ``lr``, ``gate_lr``, ``range_lr``, ``distill``, ``temperature``, ``momentum``
+(running mean of the activation statistics).
+
+>>> z = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+>>> one = torch.ones(())
+>>> bool((bit_sharing(z, (2, 4, 8), (one, one)) == discretize(z, 8)).all())
+True
+>>> bool((bit_sharing(z, (2, 4, 8), (0 * one, one)) == discretize(z, 2)).all())
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..assignment import Assignment
+from ..finetune import Progress, compressed_graph
+from ..meta import CHANNEL_GROUPS, SHAPE, ChannelGroup
+from .ilp import infeasible_error
+from .problem import Affine, Option, Problem, Solution, evaluate, resolve_limits
+from .search import SearchContext
+
+__all__ = ["SBSSolver", "bit_chain", "bit_sharing", "discretize"]
+
+
+# --- the bit-sharing quantizer ---------------------------------------------------------------
+
+
+def discretize(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Plain ``bits``-bit quantization of ``z`` in [0, 1]: ``round(z (2^b - 1)) / (2^b - 1)``."""
+    levels = 2 ** bits - 1
+    return torch.floor(z * levels + 0.5) / levels
+
+
+def bit_chain(bits: Sequence[int]) -> tuple[int, ...]:
+    """The longest chain of ``bits`` ending at the highest, each dividing the next (ties: the
+    one with the lowest start): the candidates bit sharing can nest exactly.
+
+    >>> bit_chain((2, 4, 8)), bit_chain((2, 3, 4, 6, 8)), bit_chain((8,))
+    ((2, 4, 8), (2, 4, 8), (8,))
+    """
+    values = sorted({int(b) for b in bits})
+    if not values or values[0] < 1:
+        raise ValueError(f"bit widths must be positive ints, got {list(bits)}")
+    best: dict[int, tuple[int, ...]] = {}
+    for b in values:
+        chains = [best[a] + (b,) for a in best if b % a == 0]
+        best[b] = max(chains, key=lambda c: (len(c), -c[0]), default=(b,))
+    return best[values[-1]]
+
+
+def _codes(z: torch.Tensor, bits: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Integer codes on the finest grid: the lowest level ``c_0`` and the residuals ``f_k r_k``,
+    plus each gate's statistic (RMS of ``z - z_(k-1)`` in steps of ``s_(k-1)``)."""
+    top = 2 ** bits[-1] - 1
+    z = z.detach()
+    parts, stats = [], []
+    code = None  # the previous level's code, in its own units
+    for k, b in enumerate(bits):
+        levels = 2 ** b - 1
+        scaled = z * levels
+        if code is None:
+            code = torch.floor(scaled + 0.5)
+            parts.append(code * (top // levels))
+            continue
+        prev = 2 ** bits[k - 1] - 1
+        stats.append((z * prev - code).pow(2).mean().sqrt())
+        base = code * (levels // prev)  # the previous code on this grid (an integer)
+        residual = torch.floor(scaled - base + 0.5)
+        parts.append(residual * (top // levels))
+        code = base + residual
+    return parts, stats
+
+
+def _combine(parts: Sequence[torch.Tensor], gates: Sequence[torch.Tensor], top: int
+             ) -> torch.Tensor:
+    acc = None
+    for part, gate in zip(reversed(parts[1:]), reversed(list(gates))):
+        acc = gate * (part if acc is None else part + acc)
+    return (parts[0] if acc is None else parts[0] + acc) / top
+
+
+def bit_sharing(z: torch.Tensor, bits: Sequence[int], gates: Sequence[torch.Tensor]
+                ) -> torch.Tensor:
+    """``z_0 + g_1 (eps_1 + g_2 (eps_2 + ...))`` for ``z`` in [0, 1] over the nested ``bits``
+    (each dividing the next), one gate per refinement; gradient straight through to ``z`` and
+    through the residuals to the gates."""
+    bits = tuple(bits)
+    if len(gates) != len(bits) - 1:
+        raise ValueError(f"bits {bits} take {len(bits) - 1} gates, got {len(gates)}")
+    if any(b % a for a, b in pairwise(bits)):
+        raise ValueError(f"bit candidates must each divide the next (e.g. 2, 4, 8), got {bits}")
+    parts, _ = _codes(z, bits)
+    out = _combine(parts, gates, 2 ** bits[-1] - 1)
+    return out + (z - z.detach())
+
+
+def _gate(stat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``1[stat > alpha]`` forward, ``sigmoid(stat - alpha)`` gradient (to ``alpha``)."""
+    soft = torch.sigmoid(stat.detach() - alpha)
+    return (stat.detach() > alpha).to(soft.dtype) + (soft - soft.detach())
+
+
+def _expected_bits(bits: Sequence[int], gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``b_0 + sum_k (b_k - b_(k-1)) g_1 ... g_k``: the bits the gates select."""
+    total, opened = torch.tensor(float(bits[0]), dtype=torch.float64), None
+    for (lo, hi), g in zip(pairwise(bits), gates):
+        opened = g.double() if opened is None else opened * g.double()
+        total = total + (hi - lo) * opened
+    return total
+
+
+def _read_bits(bits: Sequence[int], gates: Sequence[bool]) -> int:
+    chosen = bits[0]
+    for b, g in zip(bits[1:], gates):
+        if not g:
+            break
+        chosen = b
+    return chosen
+
+
+class _Quantizer(nn.Module):
+    """Bit-sharing quantizer of one tensor: learnable log-range, one threshold per gate."""
+
+    def __init__(self, bits: tuple[int, ...], amax: torch.Tensor, signed: bool,
+                 momentum: float) -> None:
+        super().__init__()
+        self.bits, self.signed, self.momentum = bits, signed, momentum
+        self.register_buffer("amax0", amax.detach().clone().clamp_min(1e-8))
+        self.log_range = nn.Parameter(torch.zeros_like(self.amax0))
+        self.alpha = nn.Parameter(torch.zeros(len(bits) - 1))
+        self.register_buffer("stat_mean", torch.zeros(len(bits) - 1))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.gates: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.amax0 * self.log_range.exp()
+        if self.signed:
+            z = (torch.clamp(x / v, -1.0, 1.0) + 1) / 2
+        else:
+            z = torch.clamp(x / v, 0.0, 1.0)
+        parts, stats = _codes(z, self.bits)
+        if stats and self.training:
+            with torch.no_grad():
+                now = torch.stack(stats)
+                m = 0.0 if int(self.seen) == 0 else self.momentum
+                self.stat_mean.mul_(m).add_((1 - m) * now)
+                self.seen += 1
+        self.gates = [_gate(s, a) for s, a in zip(stats, self.alpha)]
+        z_hat = _combine(parts, self.gates, 2 ** self.bits[-1] - 1) + (z - z.detach())
+        return (2 * z_hat - 1) * v if self.signed else z_hat * v
+
+    def open_gates(self, stats: Sequence[torch.Tensor] | None = None) -> list[bool]:
+        stats = self.stat_mean if stats is None else stats
+        return [bool(s > a) for s, a in zip(stats, self.alpha.detach())]
+
+
+class _WeightQuantizer(_Quantizer):
+    """The weight's quantizer; its gates depend on the weights only."""
+
+    def open_weight_gates(self, w: torch.Tensor) -> list[bool]:
+        with torch.no_grad():
+            v = self.amax0 * self.log_range.exp()
+            z = (torch.clamp(w / v, -1.0, 1.0) + 1) / 2
+            return self.open_gates(_codes(z, self.bits)[1])
+
+
+class _SBSLayer(nn.Module):
+    """A conv2d/linear layer (shared, not copied) with bit-sharing weights and input."""
+
+    def __init__(self, layer: nn.Module, weights: _WeightQuantizer,
+                 activations: _Quantizer) -> None:
+        super().__init__()
+        self.layer, self.weights, self.activations = layer, weights, activations
+        self.masks = nn.ModuleList()  # pruning gates on the input channels
+        self.calibrating: dict[str, Any] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating is not None:
+            self.calibrating["min"] = min(self.calibrating["min"], float(x.detach().min()))
+            self.calibrating["max"] = max(self.calibrating["max"], float(x.detach().abs().max()))
+            return self.layer(x)
+        xq = self.activations(x)
+        for mask in self.masks:
+            xq = mask(xq)
+        wq = self.weights(self.layer.weight)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(xq, wq, self.layer.bias)
+        return F.linear(xq, wq, self.layer.bias)
+
+
+# --- pruning gates ------------------------------------------------------------------------------
+
+
+class _GroupGate(nn.Module):
+    """Block gates of one channel group: ``g_p = 1[A_p > alpha]``, ``A_p`` the block's mean
+    channel L1 norm of the producing weights, over the largest block's, times 0.5."""
+
+    def __init__(self, group: ChannelGroup, block: int,
+                 producers: Sequence[tuple[nn.Module, np.ndarray]]) -> None:
+        super().__init__()
+        self.size, self.block = group.size, block
+        self.blocks = [np.arange(s, min(s + block, group.size))
+                       for s in range(0, group.size, block)]
+        self.register_buffer("block_of", torch.tensor(
+            np.repeat(np.arange(len(self.blocks)), [len(b) for b in self.blocks]),
+            dtype=torch.long))
+        self.register_buffer("block_size", torch.tensor([float(len(b)) for b in self.blocks]))
+        # (layer, its weight rows, the group channel of each row): plain attributes.
+        self.producers = [(layer, *_rows(index)) for layer, index in producers]
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.gates = torch.ones(len(self.blocks))
+
+    def channel_norms(self) -> torch.Tensor:
+        """Per channel: the producers' mean |w| over its rows, each producer over its mean."""
+        total = torch.zeros(self.size)
+        for layer, rows, channel in self.producers:
+            w = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).mean(1)
+            per = torch.zeros(self.size).index_add_(0, channel, w[rows])
+            per = per / torch.zeros(self.size).index_add_(0, channel, torch.ones(len(rows)))
+            total = total + per / per.mean().clamp_min(1e-12)
+        return total if self.producers else torch.ones(self.size)
+
+    def stats(self) -> torch.Tensor:
+        norms = self.channel_norms()
+        sums = torch.zeros(len(self.blocks)).index_add_(0, self.block_of, norms)
+        stat = sums / self.block_size
+        return 0.5 * stat / stat.max().clamp_min(1e-12)
+
+    def refresh(self) -> None:
+        self.gates = _gate(self.stats(), self.alpha)
+
+    def channel_gates(self) -> torch.Tensor:
+        return self.gates[self.block_of]
+
+    def kept(self) -> torch.Tensor:
+        return (self.gates.double() * self.block_size.double()).sum()
+
+
+def _rows(index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight rows of a producer and the group channel owning each (``index[i]``: channel i's)."""
+    rows = [np.asarray(ix).ravel() for ix in index]
+    channel = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    return (torch.from_numpy(np.concatenate(rows).astype(np.int64)),
+            torch.from_numpy(channel.astype(np.int64)))
+
+
+class _Mask(nn.Module):
+    """Multiplies a consumer's input by its group's channel gates along the group's dims."""
+
+    def __init__(self, gate: _GroupGate, position_channel: torch.Tensor, shape: Sequence[int],
+                 dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.gate = gate
+        self.register_buffer("position_channel", position_channel)
+        self.view = [shape[d] if d in dims else 1 for d in range(len(shape))]
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.gate.channel_gates(), torch.ones(1)])
+        return y * table[self.position_channel].reshape(self.view).to(y.dtype)
+
+
+def _mask_for(gate: _GroupGate, member: Any, shape: Sequence[int]) -> _Mask:
+    dims = member.dim if isinstance(member.dim, tuple) else (member.dim,)
+    dims = tuple(d % len(shape) for d in dims)
+    positions = math.prod(shape[d] for d in dims)
+    table = np.full(positions, gate.size, dtype=np.int64)  # not in the group: factor 1
+    for channel, ix in enumerate(member.index):
+        table[np.asarray(ix).ravel()] = channel
+    return _Mask(gate, torch.from_numpy(table), shape, dims)
+
+
+# --- the search network -------------------------------------------------------------------------
+
+
+class _Supernet:
+    """The folded training graph with bit-sharing layers and block masks, and its gates."""
+
+    def __init__(self, problem: Problem, context: SearchContext, block: int | None,
+                 momentum: float) -> None:
+        self.problem = problem
+        names = [layer.name for layer in problem.layers]
+        self.gm = compressed_graph(context.graph, Assignment.uniform(names, 8, 8))
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        missing = [n for n in names if n not in nodes or nodes[n].op != "call_module"]
+        if missing:
+            raise ValueError(f"layers {missing[:4]} are not module calls of the folded graph; "
+                             "SBS needs each problem layer as a conv2d/linear module call")
+        self.layers = {n: self.gm.get_submodule(nodes[n].target) for n in names}
+        ranges = self._calibrate(context, nodes)
+        self.weight_q: dict[str, _WeightQuantizer] = {}
+        self.act_q: dict[str, _Quantizer] = {}
+        self.wrappers: dict[str, _SBSLayer] = {}
+        for layer in problem.layers:
+            module = self.layers[layer.name]
+            wkey = layer.weight_key or layer.name
+            if wkey not in self.weight_q:
+                w = module.weight.detach()
+                amax = w.abs().reshape(w.shape[0], -1).amax(1)
+                amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+                self.weight_q[wkey] = _WeightQuantizer(
+                    _tied_chain(problem, layer, 0, wkey),
+                    amax.reshape((-1,) + (1,) * (w.dim() - 1)), True, momentum)
+            akey = layer.activation_key
+            if akey not in self.act_q:
+                lo, hi = ranges[layer.name]
+                self.act_q[akey] = _Quantizer(_tied_chain(problem, layer, 1, akey),
+                                              torch.tensor(hi if hi > 0 else 1.0), lo < 0,
+                                              momentum)
+            wrapper = _SBSLayer(module, self.weight_q[wkey], self.act_q[akey])
+            target = f"sbs_layer_{layer.name}"
+            self.gm.add_submodule(target, wrapper)
+            nodes[layer.name].target = target
+            self.wrappers[layer.name] = wrapper
+        self.group_gates = self._masks(problem, context, nodes, block)
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def _calibrate(self, context: SearchContext, nodes: Mapping[str, torch.fx.Node]
+                   ) -> dict[str, tuple[float, float]]:
+        """Min and max |x| of every layer's input on the context's calibration batches."""
+        wrappers = {}
+        for name, module in self.layers.items():
+            wrappers[name] = _SBSLayer(module, None, None)  # type: ignore[arg-type]
+            wrappers[name].calibrating = {"min": math.inf, "max": 0.0}
+            self.gm.add_submodule(f"sbs_layer_{name}", wrappers[name])
+            nodes[name].target = f"sbs_layer_{name}"
+        self.gm.recompile()
+        with torch.no_grad():
+            self.gm.eval()
+            for inputs in context.calibration:
+                self.gm(*inputs)
+        return {n: (w.calibrating["min"], w.calibrating["max"]) for n, w in wrappers.items()}
+
+    def _masks(self, problem: Problem, context: SearchContext,
+               nodes: Mapping[str, torch.fx.Node], block: int | None) -> dict[int, _GroupGate]:
+        groups = CHANNEL_GROUPS.get(context.graph)
+        gates: dict[int, _GroupGate] = {}
+        for g in problem.groups:
+            group = groups[g.id]
+            outs = [m for m in group.members if m.role == "out" and m.node in nodes]
+            producers = [(self.layers[m.node], m.index) for m in outs if m.node in self.layers]
+            size = block if block is not None else max(1, g.size // 8)
+            gate = _GroupGate(group, min(size, g.size), producers)
+            self.gm.add_submodule(f"sbs_gate_{g.id}", gate)
+            for member in group.members:
+                if member.role != "in" or member.node not in self.wrappers:
+                    continue
+                source = _context_node(context, member.node).args[0]
+                shape = tuple(SHAPE.get(source).shape)
+                self.wrappers[member.node].masks.append(_mask_for(gate, member, shape))
+            gates[g.id] = gate
+        return gates
+
+    # --- parameters and gates --------------------------------------------------------------
+
+    def threshold_params(self) -> dict[str, list[nn.Parameter]]:
+        """The thresholds by kind: weight bits, pruning blocks, activation bits."""
+        return {"weight": [q.alpha for q in self.weight_q.values() if q.alpha.numel()],
+                "prune": [g.alpha for g in self.group_gates.values()],
+                "activation": [q.alpha for q in self.act_q.values() if q.alpha.numel()]}
+
+    def range_params(self) -> list[nn.Parameter]:
+        return [q.log_range for q in (*self.weight_q.values(), *self.act_q.values())]
+
+    def network_params(self) -> list[nn.Parameter]:
+        skip = {id(p) for p in self.range_params()}
+        skip |= {id(p) for kind in self.threshold_params().values() for p in kind}
+        return [p for p in self.gm.parameters() if id(p) not in skip and p.requires_grad]
+
+    def refresh(self) -> None:
+        for gate in self.group_gates.values():
+            gate.refresh()
+
+    def costs(self) -> dict[str, torch.Tensor]:
+        """The problem's costs at the current gates (forward: exact; backward: surrogate)."""
+        p = self.problem
+        kept = {gid: gate.kept() for gid, gate in self.group_gates.items()}
+        bops = torch.tensor(float(p.fixed_bops), dtype=torch.float64)
+        macs = torch.tensor(float(p.fixed_macs), dtype=torch.float64)
+        wbits = 32 * _affine(p.params32, kept)
+        for layer in p.layers:
+            wq = self.weight_q[layer.weight_key or layer.name]
+            aq = self.act_q[layer.activation_key]
+            pairs = _affine(layer.out_channels, kept) * _affine(layer.in_channels, kept)
+            w_bits, a_bits = _expected_bits(wq.bits, wq.gates), _expected_bits(aq.bits, aq.gates)
+            m = layer.macs_scale * pairs
+            bops = bops + m * w_bits * a_bits
+            macs = macs + m
+            wbits = wbits + layer.weight_scale * pairs * w_bits
+        return {"bops": bops, "macs": macs, "weight_bytes": wbits / 8}
+
+    def train(self) -> None:
+        self.gm.train()
+        for m in self.gm.modules():  # an unfoldable BN keeps its running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _context_node(context: SearchContext, name: str) -> torch.fx.Node:
+    for n in context.graph.graph.nodes:
+        if n.name == name:
+            return n
+    raise ValueError(f"no node {name!r} in the context's graph")
+
+
+def _affine(form: Affine, kept: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    total = torch.tensor(float(form.const), dtype=torch.float64)
+    for gid, per in form.terms:
+        total = total + per * kept[gid]
+    return total
+
+
+def _tied_chain(problem: Problem, layer: Any, which: int, key: str) -> tuple[int, ...]:
+    """The nested candidates of a weight (0) or activation (1) quantizer: the chain of the bit
+    widths every layer sharing it offers."""
+    if which == 0:
+        members = [lay for lay in problem.layers if (lay.weight_key or lay.name) == key]
+    else:
+        members = [lay for lay in problem.layers if lay.activation_key == key]
+    common = set.intersection(*({o[which] for o in lay.options} for lay in members))
+    if not common:
+        names = [lay.name for lay in members]
+        raise ValueError(f"layers {names} share {('weight', 'activation')[which]} bits but "
+                         "have no option in common; give them a common option")
+    return bit_chain(sorted(common))
+
+
+# --- the solver -----------------------------------------------------------------------------------
+
+
+class SBSSolver:
+    """Single-path Bit Sharing: gates over shared bit codes and channel blocks, trained with a
+    BOPs-aware loss, read off as bits and kept counts (see the module docstring)."""
+
+    name = "sbs"
+    needs_context = True
+
+    def __init__(self, *, seed: int = 0, steps: int = 150, lam: float = 0.02,
+                 penalty: float = 10.0, margin: float = 0.05, block: int | None = None,
+                 lr: float = 0.003, gate_lr: float = 0.02, range_lr: float = 0.01,
+                 distill: bool = True, temperature: float = 4.0, momentum: float = 0.9
+                 ) -> None:
+        _positive_int("steps", steps)
+        if block is not None:
+            _positive_int("block", block)
+        _check_int("seed", seed)
+        for opt, value in (("lr", lr), ("gate_lr", gate_lr), ("range_lr", range_lr),
+                           ("temperature", temperature)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"SBSSolver: {opt} must be a positive number, got {value!r}")
+        for opt, value in (("lam", lam), ("penalty", penalty)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SBSSolver: {opt} must be a number >= 0, got {value!r}")
+        for opt, value in (("margin", margin), ("momentum", momentum)):
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"SBSSolver: {opt} must be in [0, 1), got {value!r}")
+        if not isinstance(distill, bool):
+            raise ValueError(  # noqa: TRY004
+                f"SBSSolver: distill must be True or False, got {distill!r}")
+        self.seed, self.steps, self.lam, self.penalty = seed, steps, float(lam), float(penalty)
+        self.margin, self.block, self.lr = float(margin), block, float(lr)
+        self.gate_lr, self.range_lr = float(gate_lr), float(range_lr)
+        self.distill, self.temperature, self.momentum = distill, float(temperature), momentum
+
+    def solve(self, problem: Problem, budget: Any, *, context: SearchContext) -> Solution:
+        if not isinstance(context, SearchContext):
+            raise TypeError("SBSSolver searches on the model and data: call solve(problem, "
+                            "budget, context=SearchContext(...))")
+        limits = resolve_limits(problem, budget)
+        lowest = _lowest_costs(problem)
+        if any(lowest[k] > v for k, v in limits.items()):
+            raise infeasible_error(problem, limits)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = _Supernet(problem, context, self.block, self.momentum)
+            history = self._search(net, context, limits)
+            bits, kept, scores, closed = self._read_off(net)
+        found = evaluate(problem, bits, kept, limits)
+        info: dict[str, Any] = {
+            "steps": self.steps, "lam": self.lam, "penalty": self.penalty,
+            "search_seconds": time.perf_counter() - t0, "search_bops": found.costs["bops"],
+            "search_costs": dict(found.costs), "closed_gates": closed,
+            "history": history, "channel_scores": scores, "repaired": not found.feasible}
+        if not found.feasible:
+            bits, kept = context.tighten(bits, kept, budget)
+        return context.solution(bits, kept, budget, solver=self.name, info=info)
+
+    # --- search ---------------------------------------------------------------------------
+
+    def _search(self, net: _Supernet, context: SearchContext, limits: Mapping[str, float]
+                ) -> list[dict[str, float]]:
+        thresholds = net.threshold_params()
+        opt = torch.optim.SGD(net.network_params(), lr=self.lr, momentum=0.9, nesterov=True)
+        ranges = torch.optim.Adam(net.range_params(), lr=self.range_lr)
+        gate_opts = {kind: _ThresholdOptimizer(params, self.gate_lr)
+                     for kind, params in thresholds.items() if params}
+        # Weight-side gates (bits and pruning) on even steps, activation gates on odd ones.
+        sides = ([gate_opts[k] for k in ("weight", "prune") if k in gate_opts],
+                 [gate_opts[k] for k in ("activation",) if k in gate_opts])
+        teacher = copy.deepcopy(context.teacher).eval() \
+            if self.distill and context.teacher is not None else None
+        targets = {k: math.log(v * (1 - self.margin)) for k, v in limits.items()}
+        bar = Progress(self.steps, "sbs", bool(context.progress))
+        history: list[dict[str, float]] = []
+        net.train()
+        for step, batch in enumerate(_batches(context, self.steps)):
+            inputs, target = context.split(batch)
+            net.refresh()
+            logits = net.gm(*inputs)
+            task = F.cross_entropy(logits, target)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(*inputs)
+                t = self.temperature
+                kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(t_logits / t, -1),
+                              log_target=True, reduction="batchmean") * t * t
+                task = 0.5 * task + 0.5 * kd
+            costs = net.costs()
+            log_bops = torch.log(costs["bops"])
+            hinge = sum(torch.relu(torch.log(costs[k]) - v) ** 2 for k, v in targets.items())
+            loss = task + self.lam * log_bops + self.penalty * hinge
+            if not torch.isfinite(loss):
+                raise ValueError(f"SBSSolver: the loss became {float(loss)} at step {step}; "
+                                 f"lower lr (now {self.lr})")
+            for o in (opt, ranges):
+                o.zero_grad(set_to_none=True)
+            for params in thresholds.values():
+                for p in params:
+                    p.grad = None
+            loss.backward()
+            opt.step()
+            ranges.step()
+            for gate_opt in sides[step % 2]:
+                gate_opt.step()
+            ratio = net.problem.reference["bops"] / float(costs["bops"].detach())
+            if step % max(1, self.steps // 10) == 0 or step == self.steps - 1:
+                history.append({"step": step, "task": float(task.detach()),
+                                "bops_ratio": ratio})
+            bar.update(step + 1, loss=float(loss.detach()), bops_x=ratio)
+        return history
+
+    # --- read-off ------------------------------------------------------------------------------
+
+    def _read_off(self, net: _Supernet) -> tuple[dict[str, Option], dict[int, int],
+                                                  dict[int, np.ndarray], int]:
+        problem = net.problem
+        closed = 0
+        wanted_w, wanted_a = {}, {}
+        for key, q in net.weight_q.items():
+            w = next(net.layers[lay.name].weight for lay in problem.layers
+                     if (lay.weight_key or lay.name) == key)
+            gates = q.open_weight_gates(w.detach())
+            closed += sum(not g for g in gates)
+            wanted_w[key] = _read_bits(q.bits, gates)
+        for key, q in net.act_q.items():
+            gates = q.open_gates()
+            closed += sum(not g for g in gates)
+            wanted_a[key] = _read_bits(q.bits, gates)
+        bits = _snap_bits(problem, wanted_w, wanted_a)
+        kept, scores = {}, {}
+        with torch.no_grad():
+            for g in problem.groups:
+                gate = net.group_gates[g.id]
+                stats = gate.stats()
+                margin = stats - gate.alpha.detach()
+                open_blocks = margin > 0
+                closed += int((~open_blocks).sum())
+                count = int(gate.block_size[open_blocks].sum())
+                kept[g.id] = min((lv for lv in g.levels if lv >= count), default=g.levels[0])
+                scores[g.id] = _channel_scores(gate, margin)
+        return bits, kept, scores, closed
+
+
+class _ThresholdOptimizer:
+    """Momentum SGD on a set of thresholds, the gradients divided by a running RMS of the
+    whole set: scale-free like Adam, but a gate with a larger gradient (a larger cost saving
+    or task loss at stake) still moves faster than the others."""
+
+    def __init__(self, params: Sequence[nn.Parameter], lr: float, beta1: float = 0.5,
+                 beta2: float = 0.99) -> None:
+        self.params, self.lr, self.beta1, self.beta2 = list(params), lr, beta1, beta2
+        self.velocity = [torch.zeros_like(p) for p in self.params]
+        self.square, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        mean_square = float(sum(float(g.pow(2).sum()) for g in grads)) / max(
+            1, sum(g.numel() for g in grads))
+        self.count += 1
+        self.square = self.beta2 * self.square + (1 - self.beta2) * mean_square
+        scale = math.sqrt(self.square / (1 - self.beta2 ** self.count)) + 1e-12
+        for p, g, v in zip(self.params, grads, self.velocity):
+            v.mul_(self.beta1).add_((1 - self.beta1) * (g / scale).clamp(-2.0, 2.0))
+            p.sub_(self.lr * v)
+
+
+def _channel_scores(gate: _GroupGate, margin: torch.Tensor) -> np.ndarray:
+    """Blocks by gate margin (rank), channels inside a block by their own norm (in [0, 0.5])."""
+    order = np.argsort(margin.numpy(), kind="stable")
+    rank = np.empty(len(order))
+    rank[order] = np.arange(len(order))
+    norms = gate.channel_norms().numpy().astype(np.float64)
+    inside = 0.5 * norms / max(float(norms.max()), 1e-12)
+    return rank[gate.block_of.numpy()] + inside
+
+
+def _snap_bits(problem: Problem, wanted_w: Mapping[str, int], wanted_a: Mapping[str, int]
+               ) -> dict[str, Option]:
+    """Per layer the cheapest option at or above its wanted bits, raised until tied layers
+    agree (the maximum over a tied set); the highest option where none is at or above."""
+    w_key = {lay.name: lay.weight_key or lay.name for lay in problem.layers}
+    a_key = {lay.name: lay.activation_key for lay in problem.layers}
+    need_w, need_a = dict(wanted_w), dict(wanted_a)
+    for _ in range(4 * len(problem.layers) + 4):
+        bits = {}
+        for lay in problem.layers:
+            fit = [o for o in lay.options if o[0] >= need_w[w_key[lay.name]]
+                   and o[1] >= need_a[a_key[lay.name]]]
+            bits[lay.name] = min(fit, key=lambda o: (o[0] * o[1], o)) if fit \
+                else max(lay.options, key=lambda o: (o[0] * o[1], o))
+        changed = False
+        for lay in problem.layers:
+            w, a = bits[lay.name]
+            if w > need_w[w_key[lay.name]]:
+                need_w[w_key[lay.name]], changed = w, True
+            if a > need_a[a_key[lay.name]]:
+                need_a[a_key[lay.name]], changed = a, True
+        if not changed:
+            return bits
+    raise ValueError("SBSSolver: the layers' options admit no common bits for a tied set; "
+                     "use the 'ilp' solver")
+
+
+def _lowest_costs(problem: Problem) -> dict[str, float]:
+    """A lower bound of every cost: each layer at its cheapest option, each group at its
+    lowest level (ties ignored)."""
+    bits = {lay.name: min(lay.options, key=lambda o: (o[0] * o[1], o[0]))
+            for lay in problem.layers}
+    low = evaluate(problem, bits, {g.id: g.levels[-1] for g in problem.groups}).costs
+    wbits = {lay.name: min(lay.options) for lay in problem.layers}
+    low_w = evaluate(problem, wbits, {g.id: g.levels[-1] for g in problem.groups}).costs
+    return {"bops": low["bops"], "macs": low["macs"], "weight_bytes": low_w["weight_bytes"]}
+
+
+def _batches(context: SearchContext, n: int) -> Iterator[Any]:
+    """``n`` training batches from the start of ``context.data``, re-iterated at its end."""
+    served = 0
+    while served < n:
+        before = served
+        for batch in context.data:
+            yield batch
+            served += 1
+            if served >= n:
+                return
+        if served == before:
+            raise ValueError("SBSSolver: data yields no batches")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"SBSSolver: {name} must be an int, got {value!r}")  # noqa: TRY004
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _check_int(name, value)
+    if value < 1:
+        raise ValueError(f"SBSSolver: {name} must be a positive int, got {value!r}")

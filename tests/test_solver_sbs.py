@@ -1,0 +1,107 @@
+"""SBS: the bit-sharing quantizer nests the plain grids exactly, the gate thresholds learn
+through the sigmoid surrogate, a larger BOPs weight closes more gates, and the read-off is a
+feasible, tie-respecting, deterministic solution on a CNN, an MLP and a transformer encoder."""
+
+import numpy as np
+import pytest
+import torch
+from solver_models import bops_ratio, context
+
+from pqcompile.budget import Budget, InfeasibleBudgetError
+from pqcompile.solvers import get_solver
+from pqcompile.solvers.sbs import SBSSolver, _gate, bit_chain, bit_sharing, discretize
+
+
+def _z(n=4096):
+    z = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    return torch.cat([z, torch.tensor([0.0, 1.0, 0.5, 1 / 3, 2 / 3, 1 / 15, 7 / 30])])
+
+
+def test_bit_sharing_nests_the_plain_grids_exactly():
+    z, one, zero = _z(), torch.ones(()), torch.zeros(())
+    assert torch.equal(bit_sharing(z, (2, 4, 8), (one, one)), discretize(z, 8))
+    assert torch.equal(bit_sharing(z, (2, 4, 8), (one, zero)), discretize(z, 4))
+    assert torch.equal(bit_sharing(z, (2, 4, 8), (zero, one)), discretize(z, 2))
+    assert torch.equal(bit_sharing(z, (2, 4, 8), (zero, zero)), discretize(z, 2))
+    assert torch.equal(bit_sharing(z, (4, 8), (one,)), discretize(z, 8))
+    # The grids really differ, so the equalities above are not vacuous.
+    assert not torch.equal(discretize(z, 2), discretize(z, 8))
+    assert len(torch.unique(discretize(z, 2))) == 4 and len(torch.unique(discretize(z, 8))) > 200
+    with pytest.raises(ValueError, match="divide"):
+        bit_sharing(z, (3, 4), (one,))
+    assert bit_chain((2, 3, 4, 6, 8)) == (2, 4, 8)
+
+
+def test_gate_threshold_learns_through_the_sigmoid_surrogate():
+    stat = torch.tensor(0.3)
+    alpha = torch.zeros((), requires_grad=True)
+    g = _gate(stat, alpha)
+    assert float(g.detach()) == 1.0  # forward: the hard gate
+    g.backward()
+    s = torch.sigmoid(torch.tensor(0.3))
+    assert float(alpha.grad) == pytest.approx(-float(s * (1 - s)), rel=1e-6)
+    # Through the quantizer: the task gradient reaches the threshold of the 8-bit refinement.
+    z = _z(512).requires_grad_(True)
+    alpha8 = torch.zeros((), requires_grad=True)
+    out = bit_sharing(z, (2, 4, 8), (torch.ones(()), _gate(stat, alpha8)))
+    ((out - 0.37) ** 2).sum().backward()
+    assert alpha8.grad is not None and abs(float(alpha8.grad)) > 1e-6
+    assert torch.allclose(z.grad, 2 * (out.detach() - 0.37))  # straight through to z
+
+
+def test_larger_lambda_closes_more_gates():
+    ctx = context("cnn")
+    loose = {"bops": ctx.problem.reference["bops"]}  # the hinge never acts: only lambda pushes
+    runs = [SBSSolver(steps=30, lam=lam).solve(ctx.problem, loose, context=ctx)
+            for lam in (0.0, 0.1, 1.0)]
+    bops = [r.info["search_bops"] for r in runs]
+    closed = [r.info["closed_gates"] for r in runs]
+    assert bops[0] > bops[1] > bops[2], bops
+    assert closed[0] < closed[1] <= closed[2], closed
+    assert closed[0] == 0 and bops[0] == ctx.problem.reference["bops"] / 16  # all 8/8 kept
+    assert all(r.feasible and not r.info["repaired"] for r in runs)
+
+
+@pytest.mark.parametrize("name,ratio", [("cnn", 30), ("mlp", 30), ("encoder", 10)])
+def test_feasible_and_ties(name, ratio):
+    ctx = context(name)
+    s = get_solver("sbs", steps=30, penalty=10.0).solve(ctx.problem, Budget(bops=f"{ratio}x"),
+                                                        context=ctx)
+    assert s.feasible and s.solver == "sbs" and bops_ratio(ctx, s) >= ratio
+    for layer in ctx.problem.layers:
+        assert tuple(s.bits[layer.name]) in layer.options
+    for g in ctx.problem.groups:
+        assert s.kept[g.id] in g.levels
+        scores = s.info["channel_scores"][g.id]
+        assert scores.shape == (g.size,) and np.isfinite(scores).all() and (scores >= 0).all()
+    for members in ctx.problem.activation_sets().values():
+        assert len({s.bits[ctx.problem.layers[i].name][1] for i in members}) == 1
+    for members in ctx.problem.weight_sets().values():
+        assert len({s.bits[ctx.problem.layers[i].name][0] for i in members}) == 1
+    a = ctx.assignment(s.bits, s.kept, s.info["channel_scores"])
+    a.validate(ctx.graph)
+    _, acc = ctx.measure(ctx.fake_quant(a))
+    assert acc > 0.5, acc  # before any fine-tuning
+    assert s.info["steps"] == 30 and s.info["search_seconds"] > 0
+
+
+def test_deterministic_for_a_seed():
+    ctx = context("mlp")
+    runs = [SBSSolver(steps=20, lam=0.1, seed=3).solve(ctx.problem, Budget(bops="30x"),
+                                                       context=ctx) for _ in range(2)]
+    assert runs[0].bits == runs[1].bits and runs[0].kept == runs[1].kept
+    assert runs[0].info["history"] == runs[1].info["history"]
+    for gid, scores in runs[0].info["channel_scores"].items():
+        assert np.array_equal(scores, runs[1].info["channel_scores"][gid])
+    state = torch.random.get_rng_state()
+    SBSSolver(steps=2).solve(ctx.problem, Budget(bops="20x"), context=ctx)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG restored
+
+
+def test_infeasible_budget_and_options():
+    ctx = context("mlp")
+    with pytest.raises(InfeasibleBudgetError):
+        SBSSolver(steps=2).solve(ctx.problem, {"bops": 1}, context=ctx)
+    for bad in ({"steps": 0}, {"lam": -1.0}, {"margin": 1.0}, {"block": 0}, {"gate_lr": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SBSSolver(**bad)
