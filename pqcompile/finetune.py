@@ -6,8 +6,11 @@ train with folded weights and biases), so the weights seen in training are those
 program quantizes: no fold-after-training drift, at the price of batch statistics during the
 (short) fine-tuning. Into that graph :func:`fake_quant_model` puts
 
-* per-output-channel symmetric narrow-range weights, ``scale[c] = max |w[c]| / (2^(b-1) - 1)``,
-  ``q = clamp(floor(w / s + 0.5))``, with straight-through rounding (identity gradient);
+* per-output-channel symmetric narrow-range weights, ``scale[c] = r[c] / (2^(b-1) - 1)``,
+  ``q = clamp(floor(w / s + 0.5))``, with straight-through rounding (identity gradient), where
+  ``r[c] = max |w[c]|`` or, with learned clipping (the QAT default), a learned range started
+  at the MSE-optimal clip; training ends by clamping the weights into it, so ``max |w[c]|``
+  of the returned weights is the learned range and the scheme quantizes them as trained;
 * one :class:`LsqQuantizer` per quantized tensor, at the node pqcompile.quant observes (after a
   folded ReLU), with that tensor's bits and signedness (unsigned after a ReLU, else symmetric
   narrow signed; 8 bits where no layer reads it): LSQ (Esser et al. 2020), a learnable step
@@ -63,8 +66,9 @@ from .quant.calibrate import check_batches, observe
 from .quant.observers import Observer, grid, make_observer
 from .quant.plan import Plan, make_plan
 
-__all__ = ["FakeQuantWeight", "LsqQuantizer", "Progress", "calibrate", "compressed_graph",
-           "fake_quant_model", "fake_quant_weight", "qat_finetune", "quantizers"]
+__all__ = ["FakeQuantWeight", "LsqQuantizer", "Progress", "apply_weight_clips", "calibrate",
+           "compressed_graph", "fake_quant_model", "fake_quant_weight", "mse_clip",
+           "qat_finetune", "quantizers"]
 
 
 def compressed_graph(gm: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.GraphModule:
@@ -163,24 +167,75 @@ def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return w + (q * scale - w).detach()
 
 
+def mse_clip(w: torch.Tensor, bits: int, grid_points: int = 20) -> torch.Tensor:
+    """Per-output-channel clip ``c`` minimizing ``||Q_c(w) - w||^2`` over ``c`` in
+    ``[0.5, 1] * max |w[c]|`` (the learned clip's starting point)."""
+    flat = w.detach().reshape(w.shape[0], -1)
+    amax = flat.abs().amax(dim=1)
+    qmax = 2 ** (bits - 1) - 1
+    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    for frac in torch.linspace(0.5, 1.0, grid_points + 1).tolist():
+        c = amax * frac
+        s = torch.where(c > 0, c / qmax, torch.ones_like(c)).unsqueeze(1)
+        err = ((torch.clamp(torch.floor(flat / s + 0.5), -qmax, qmax) * s - flat) ** 2).sum(1)
+        better = err < best_err
+        best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    return best
+
+
 class FakeQuantWeight(nn.Module):
     """A conv2d/linear layer (shared, not copied) run with fake-quantized weights, and its bias
     on the int32 grid ``s_in * s_w[c]`` of the scheme (``s_in`` from ``input_quantizer``): at
-    4 bits that grid is coarse enough to matter, so training sees it too."""
+    4 bits that grid is coarse enough to matter, so training sees it too.
+
+    With ``learn_clip`` the per-channel range is learned (LSQ on weights): a parameter ``clip``
+    (started at :func:`mse_clip`) and the step ``min(clip, max |w[c]|) / (2^(b-1) - 1)``.
+    :meth:`apply_clip` then clamps the weights into that range, so that the scheme's
+    max-based weight scale of the clamped weights *is* the learned step: the integer program
+    quantizes exactly as training did.
+    """
 
     def __init__(self, layer: nn.Module, bits: int,
-                 input_quantizer: LsqQuantizer | None = None) -> None:
+                 input_quantizer: LsqQuantizer | None = None, learn_clip: bool = False) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"FakeQuantWeight wraps Conv2d or Linear, got {type(layer).__name__}")
         self.layer, self.bits = layer, bits
         self._input = (input_quantizer,)  # a tuple: referenced, not registered as a child
+        self.clip = nn.Parameter(mse_clip(layer.weight, bits)) if learn_clip else None
+        per_channel = layer.weight[0].numel()
+        self.grad_scale = 1.0 / math.sqrt(per_channel * (2 ** (bits - 1) - 1))
+
+    def _range(self, w: torch.Tensor) -> torch.Tensor:
+        amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+        if self.clip is None:
+            return amax
+        c = self.clip * self.grad_scale + (self.clip - self.clip * self.grad_scale).detach()
+        return torch.minimum(c.abs(), amax)
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fake-quantized weight, per-channel scale)``; straight-through to the weight."""
+        w = self.layer.weight
+        if self.clip is None:
+            return fake_quant_weight(w, self.bits), weight_scale(w, self.bits)
+        qmax = 2 ** (self.bits - 1) - 1
+        r = self._range(w)
+        scale = torch.where(r > 0, r / qmax, torch.ones_like(r))
+        s = scale.view((-1,) + (1,) * (w.dim() - 1))
+        return _round_ste(torch.clamp(w / s, -qmax, qmax)) * s, scale.detach()
+
+    @torch.no_grad()
+    def apply_clip(self) -> None:
+        """Clamp the layer's weights into the learned range (a no-op without ``learn_clip``)."""
+        if self.clip is None:
+            return
+        w = self.layer.weight
+        r = self._range(w).view((-1,) + (1,) * (w.dim() - 1))
+        w.copy_(torch.maximum(torch.minimum(w, r), -r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.layer.weight
         b = self.layer.bias
-        scale = weight_scale(w, self.bits)
-        wq = fake_quant_weight(w, self.bits)
+        wq, scale = self.quantized()
         quantizer = self._input[0]
         if b is not None and quantizer is not None:
             s_b = quantizer.step.detach().abs() * scale
@@ -191,12 +246,14 @@ class FakeQuantWeight(nn.Module):
 
 
 def fake_quant_model(gm: torch.fx.GraphModule, assignment: Assignment,
-                     activation_amax: Mapping[str, float]) -> torch.fx.GraphModule:
+                     activation_amax: Mapping[str, float], *, learn_clip: bool = False
+                     ) -> torch.fx.GraphModule:
     """The fake-quant training graph of ``gm`` (pruned, BN folded) under ``assignment``.
 
     It *shares* ``gm``'s modules and parameters (training it trains ``gm``); the step sizes are
     its own parameters, initialised from ``activation_amax`` (``{node: amax}`` for every
-    quantized tensor, e.g. from :func:`calibrate`).
+    quantized tensor, e.g. from :func:`calibrate`). ``learn_clip``: learned per-channel weight
+    ranges (:class:`FakeQuantWeight`; call :func:`apply_weight_clips` after training).
     """
     plan, shaped = _plan(gm, assignment)
     roots = _roots(plan)
@@ -217,7 +274,8 @@ def fake_quant_model(gm: torch.fx.GraphModule, assignment: Assignment,
             source = plan.root[n.all_input_nodes[0].name]
             modules[target] = FakeQuantWeight(gm.get_submodule(n.target),
                                               assignment.bits[n.name].weight,
-                                              modules[f"pqc_aq_{source}"])
+                                              modules[f"pqc_aq_{source}"],
+                                              learn_clip=learn_clip)
             new = graph.create_node("call_module", target, map_arg(n.args, look),
                                     map_arg(n.kwargs, look), name=n.name)
         else:
@@ -240,6 +298,13 @@ def fake_quant_model(gm: torch.fx.GraphModule, assignment: Assignment,
 
 def _lookup(env: dict[str, torch.fx.Node], a: torch.fx.Node) -> torch.fx.Node:
     return env[a.name]
+
+
+def apply_weight_clips(fq: torch.fx.GraphModule) -> None:
+    """Clamp every layer's weights into its learned range (see :class:`FakeQuantWeight`)."""
+    for m in fq.modules():
+        if isinstance(m, FakeQuantWeight):
+            m.apply_clip()
 
 
 def quantizers(fq: torch.fx.GraphModule) -> dict[str, LsqQuantizer]:
@@ -293,6 +358,7 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
                  momentum: float = 0.9, weight_decay: float = 0.0,
                  calibration_batches: int = 8,
                  observer: str | Callable[[], Observer] = "minmax",
+                 learn_weight_clip: bool = True,
                  ) -> tuple[torch.fx.GraphModule, dict[str, float]]:
     """Fine-tune ``gm`` under ``assignment`` with fake quantization (see the module docstring).
 
@@ -301,7 +367,10 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     ``max_batches`` per epoch. The activation ranges start from ``observer`` calibration on the
     first ``calibration_batches`` batches. Loss: cross entropy, or with ``distill_from`` (the
     float teacher, run in eval mode) ``(1 - distill_weight) * CE + distill_weight * T^2 *
-    KL(teacher_T || student_T)`` at temperature ``T``. SGD (Nesterov momentum) or Adam, the
+    KL(teacher_T || student_T)`` at temperature ``T``. ``learn_weight_clip``: learn each
+    layer's per-channel weight range too (LSQ on weights, started at the MSE-optimal clip); the
+    returned weights are clamped into it, so the integer program's max-based weight scale
+    equals the learned one. SGD (Nesterov momentum) or Adam, the
     learning rate decaying from ``lr`` to 0 along a cosine. Deterministic for a ``seed`` (the
     global RNG is restored afterwards; the loader's own order is the loader's business).
 
@@ -330,8 +399,11 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
             calib.append(_inputs(batch, n_in))
             if len(calib) >= calibration_batches:
                 break
-        fq = fake_quant_model(work, assignment, calibrate(work, assignment, calib, observer))
+        fq = fake_quant_model(work, assignment, calibrate(work, assignment, calib, observer),
+                              learn_clip=learn_weight_clip)
         steps = [q.step for q in quantizers(fq).values()]
+        steps += [m.clip for m in fq.modules()
+                  if isinstance(m, FakeQuantWeight) and m.clip is not None]
         opt = _optimizer(optimizer, list(work.parameters()), steps, lr, momentum, weight_decay)
         total = epochs * per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -367,5 +439,6 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
                 value = float(loss.detach())
                 running = value if running is None else 0.9 * running + 0.1 * value
                 bar.update(step, loss=running, lr=sched.get_last_lr()[0])
+    apply_weight_clips(fq)
     work.eval()
     return work, {name: q.amax for name, q in quantizers(fq).items()}

@@ -3,6 +3,7 @@
 Measured accuracies and timings are printed (run with ``-s``).
 """
 
+import copy
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from pqcompile import trace
 from pqcompile.assignment import Assignment
 from pqcompile.build import analysis
 from pqcompile.finetune import (
+    FakeQuantWeight,
     LsqQuantizer,
     calibrate,
     compressed_graph,
@@ -230,3 +232,23 @@ def test_qat_rejects_bad_arguments():
         qat_finetune(gm, a, [torch.randn(8, 4)], progress=False)
     with pytest.raises(TypeError, match="GraphModule"):
         qat_finetune(nn.Linear(4, 3), a, data)
+
+
+def test_learned_weight_clip_is_what_the_scheme_quantizes_after_apply_clip():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3)
+    for bits in (2, 4, 8):
+        fq = FakeQuantWeight(copy.deepcopy(layer), bits, learn_clip=True)
+        w = fq.layer.weight
+        amax = w.detach().reshape(6, -1).abs().amax(1)
+        assert torch.all(fq.clip <= amax)
+        # the MSE clip never quantizes worse than max scaling
+        plain = fake_quant_weight(w, bits)
+        learned, _ = fq.quantized()
+        assert ((learned - w) ** 2).sum() <= ((plain - w) ** 2).sum() + 1e-9
+        # the clip learns: it gets a gradient through the step
+        learned.pow(2).sum().backward()
+        assert fq.clip.grad is not None and fq.clip.grad.abs().sum() > 0
+        fq.apply_clip()
+        assert torch.allclose(fq.quantized()[0], fake_quant_weight(fq.layer.weight, bits),
+                              rtol=0, atol=1e-6)

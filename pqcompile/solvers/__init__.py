@@ -14,7 +14,6 @@ plug in with :func:`register_solver`.
 from __future__ import annotations
 
 import importlib
-
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
