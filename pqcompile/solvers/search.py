@@ -19,7 +19,8 @@ The context offers the operations every such method repeats:
   assignment (a fresh copy; training it does not touch the original);
 * :meth:`SearchContext.finetune`: a short QAT of an assignment (fitness after fine-tuning);
 * :meth:`SearchContext.measure`: mean loss and accuracy of a module on the held-out batches;
-* :meth:`SearchContext.train_batches`: ``n`` training batches, cycling through ``data``;
+* :meth:`SearchContext.fixed_batches`: the first ``n`` training batches, the same every call;
+  :meth:`SearchContext.train_batches`: the next ``n``, cycling through ``data``;
 * :meth:`SearchContext.tighten`: the greedy repair that lowers the cheapest-to-lose settings
   until the budget holds (AMC/HAQ's "tighten actions after each episode").
 
@@ -100,7 +101,10 @@ class SearchContext:
             raise ValueError("no held-out batches: data is empty; pass a DataLoader of "
                              "(inputs, target) batches")
         self._stream: Any = None
-        self.calibration = [self._inputs(b) for b in self.train_batches(calibration_batches)]
+        self._fixed: list[Any] = []
+        self._fixed_stream: Any = None
+        self._one_pass = 0
+        self.calibration = [self._inputs(b) for b in self.fixed_batches(calibration_batches)]
 
     # --- data ----------------------------------------------------------------------------
 
@@ -121,8 +125,26 @@ class SearchContext:
         """``(inputs, target)`` of a batch (unlabelled batches: the teacher's argmax)."""
         return self._inputs(batch), self._target(batch)
 
+    def fixed_batches(self, n: int) -> list[Any]:
+        """The first ``n`` training batches, the same ones on every call (read once from one
+        pass of ``data``, cycling when it is shorter): candidates fine-tuned or calibrated on
+        them are compared on equal terms, and a search repeats exactly."""
+        if self._fixed_stream is None:
+            self._fixed_stream = iter(self.data)
+        while len(self._fixed) < n and self._fixed_stream is not False:
+            try:
+                self._fixed.append(next(self._fixed_stream))
+            except StopIteration:
+                self._fixed_stream, self._one_pass = False, len(self._fixed)  # now cycle
+        if not self._fixed:
+            raise ValueError("data yields no batches")
+        while len(self._fixed) < n:
+            self._fixed.append(self._fixed[len(self._fixed) % self._one_pass])
+        return self._fixed[:n]
+
     def train_batches(self, n: int) -> list[Any]:
-        """The next ``n`` training batches, cycling through ``data`` (re-iterated at its end)."""
+        """The next ``n`` training batches, cycling through ``data`` (re-iterated at its end):
+        fresh batches on every call, for methods that train on a stream."""
         out: list[Any] = []
         restarted = False
         while len(out) < n:
@@ -164,10 +186,10 @@ class SearchContext:
 
     def finetune(self, assignment: Assignment, steps: int, *, lr: float = 0.01,
                  distill: bool = True) -> torch.fx.GraphModule:
-        """``steps`` QAT steps of ``assignment`` on the next training batches; returns the
-        fine-tuned fake-quant graph (a fresh copy)."""
+        """``steps`` QAT steps of ``assignment`` on the first ``steps`` training batches (the
+        same for every candidate); returns the fine-tuned fake-quant graph (a fresh copy)."""
         from ..finetune import fake_quant_model, qat_finetune
-        batches = self.train_batches(steps)
+        batches = self.fixed_batches(steps)
         tuned, amax = qat_finetune(self.graph, assignment, batches, lr=lr, seed=self.seed,
                                    distill_from=self.teacher if distill else None,
                                    progress=False, max_batches=steps,
