@@ -6,6 +6,9 @@ keep levels 100/75/50/25 %); every result then gets the same QAT fine-tune and i
 the compiled host integer program on the real 10k test set. The searching solvers (SBS, AJPQ,
 FITCompress, PIC-PQ) score candidates on a held-out validation split of the training set.
 Columns: BOP reduction, accuracy, weight bytes, search wall time (the solve stage only).
+Accuracy is the integer-exact reference's on all 10k images; the compiled program is run on
+the first ``--program-batches`` hundred and must agree with it (the parity tests show they
+agree bit for bit).
 
     python benchmarks/solvers.py [--budgets 30 60] [--solvers sbs ajpq ...] [--finetune-batches 150]
 """
@@ -29,6 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60])
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     ap.add_argument("--finetune-batches", type=int, default=150)
+    ap.add_argument("--program-batches", type=int, default=10,
+                    help="batches of 100 test images run through the compiled program (its "
+                         "agreement with the integer-exact reference, whose accuracy on all "
+                         "10k images is reported); 0 = all")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     setup = Setup()
@@ -39,7 +46,8 @@ def main(argv=None) -> int:
                 continue  # one point: 4-bit everywhere, ends 8-bit, whatever the budget
             budget = f"bops={b:g}x"
             label = f"{SOLVERS[solver]} @ {b:g}x"
-            row = run_point(setup, label, solver, budget, args.finetune_batches)
+            row = run_point(setup, label, solver, budget, args.finetune_batches,
+                            program_batches=args.program_batches or None)
             row["target"] = b
             rows.append(row)
             print_row(row, setup.fp32)
