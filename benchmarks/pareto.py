@@ -3,7 +3,9 @@
 Every point gets the same fine-tune budget (QAT, ``--finetune-batches`` steps of 128 images,
 distillation from the FP32 model) and is measured on the compiled host program:
 uniform 8-bit, uniform 4-bit (first and last layer 8-bit), pruning only (then 8-bit), and the
-ILP's joint bits + pruning at several BOP budgets. Prints a table and writes a PNG plot when
+ILP's joint bits + pruning at several BOP budgets (weights 2/4/8 bits, activations 4/5/6/8:
+activations are stored in 8-bit bytes whatever their bits, so finer activation options cost
+nothing in storage and give the solver finer BOP trade-offs). Prints a table and writes a PNG plot when
 matplotlib is installed.
 
     python benchmarks/pareto.py [--budgets 30 60 90] [--finetune-batches 150] [--out DIR]
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 90])
     ap.add_argument("--prune-budgets", type=float, nargs="+", default=[24, 32])
     ap.add_argument("--finetune-batches", type=int, default=150)
+    ap.add_argument("--activation-bits", type=int, nargs="+", default=[4, 5, 6, 8],
+                    help="the ILP's activation-bit options (weights: 2, 4, 8)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     setup = Setup()
@@ -34,9 +38,11 @@ def main(argv=None) -> int:
     runs += [(f"pruning only, 8-bit {b:g}x", "prune8", f"bops={b:g}x")
              for b in args.prune_budgets]
     runs += [(f"ILP joint {b:g}x", "ilp", f"bops={b:g}x") for b in args.budgets]
+    ilp_bits = [(w, a) for w in (2, 4, 8) for a in args.activation_bits]
     rows = []
     for label, solver, budget in runs:
-        rows.append(run_point(setup, label, solver, budget, args.finetune_batches))
+        rows.append(run_point(setup, label, solver, budget, args.finetune_batches,
+                              bit_options=ilp_bits if solver == "ilp" else None))
         print_row(rows[-1], fp)
         save(rows, fp, Path(args.out) / "pareto.json")
     print(f"\n| method | BOP reduction | accuracy | vs FP32 ({fp:.2%}) | weights |")

@@ -90,8 +90,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..finetune import Progress
 from ..meta import SHAPE
+from ..progress import Progress
 from .problem import Affine, Layer, Option, Problem, Solution, resolve_limits
 from .search import SearchContext
 

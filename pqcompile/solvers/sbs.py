@@ -106,8 +106,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assignment import Assignment
-from ..finetune import Progress, compressed_graph
+from ..finetune import compressed_graph
 from ..meta import CHANNEL_GROUPS, SHAPE, ChannelGroup
+from ..progress import Progress
 from .ilp import infeasible_error
 from .problem import Affine, Option, Problem, Solution, evaluate, resolve_limits
 from .search import SearchContext
