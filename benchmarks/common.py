@@ -71,7 +71,7 @@ def run_point(setup: Setup, label: str, solver: str, budget: str, steps: int,
     total = time.perf_counter() - t
     art, ref, labels = predictions(c, setup.loaders.test, program_batches)
     n = len(art)
-    return {"method": label, "solver": solver, "budget": budget,
+    return {"method": label, "solver": solver, "family": solver, "budget": budget,
             "bop_reduction": c.totals["bop_reduction"], "bops": c.totals["bops"],
             "accuracy": float((art == labels[:n]).mean()) if program_batches is None
             else float((ref == labels).mean()),

@@ -2,7 +2,8 @@
 
 Every point gets the same fine-tune budget (QAT, ``--finetune-batches`` steps of 128 images,
 distillation from the FP32 model) and is measured on the compiled host program:
-uniform 8-bit, uniform 4-bit (first and last layer 8-bit), pruning only (then 8-bit), and the
+uniform 8-bit, uniform 4-bit (first and last layer 8-bit), structural pruning only (the ILP
+over the groups' keep levels, every layer 8-bit), and the
 ILP's joint bits + pruning at several BOP budgets (weights 2/4/8 bits, activations 4/5/6/8:
 activations are stored in 8-bit bytes whatever their bits, so finer activation options cost
 nothing in storage and give the solver finer BOP trade-offs). Prints a table and writes a PNG plot when
@@ -25,7 +26,7 @@ from common import Setup, print_row, run_point, save  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 90])
-    ap.add_argument("--prune-budgets", type=float, nargs="+", default=[24, 32])
+    ap.add_argument("--prune-budgets", type=float, nargs="+", default=[24])
     ap.add_argument("--finetune-batches", type=int, default=150)
     ap.add_argument("--activation-bits", type=int, nargs="+", default=[4, 5, 6, 8],
                     help="the ILP's activation-bit options (weights: 2, 4, 8)")
@@ -35,14 +36,16 @@ def main(argv=None) -> int:
     fp = setup.fp32
     runs = [("uniform 8-bit", "uniform8", "bops=16x"),
             ("uniform 4-bit (ends 8-bit)", "uniform4", "bops=30x")]
-    runs += [(f"pruning only, 8-bit {b:g}x", "prune8", f"bops={b:g}x")
+    runs += [(f"pruning only {b:g}x (8-bit)", "prune", f"bops={b:g}x")
              for b in args.prune_budgets]
     runs += [(f"ILP joint {b:g}x", "ilp", f"bops={b:g}x") for b in args.budgets]
     ilp_bits = [(w, a) for w in (2, 4, 8) for a in args.activation_bits]
     rows = []
-    for label, solver, budget in runs:
-        rows.append(run_point(setup, label, solver, budget, args.finetune_batches,
-                              bit_options=ilp_bits if solver == "ilp" else None))
+    for label, family, budget in runs:
+        rows.append(prune_point(setup, label, budget, args.finetune_batches)
+                    if family == "prune" else
+                    run_point(setup, label, family, budget, args.finetune_batches,
+                              bit_options=ilp_bits if family == "ilp" else None))
         print_row(rows[-1], fp)
         save(rows, fp, Path(args.out) / "pareto.json")
     print(f"\n| method | BOP reduction | accuracy | vs FP32 ({fp:.2%}) | weights |")
@@ -52,6 +55,13 @@ def main(argv=None) -> int:
               f"{100 * (r['accuracy'] - fp):+.2f} pt | {r['weight_kb']:.1f} KB |")
     plot(rows, fp, Path(args.out) / "pareto.png")
     return 0
+
+
+def prune_point(setup: Setup, label: str, budget: str, steps: int) -> dict:
+    """Structural pruning alone: the ILP over the groups' keep levels (FIT channel
+    sensitivities) with every layer at 8/8 bits."""
+    row = run_point(setup, label, "ilp", budget, steps, bit_options=[(8, 8)])
+    return dict(row, family="prune")
 
 
 def plot(rows, fp: float, path: Path) -> None:
@@ -65,9 +75,9 @@ def plot(rows, fp: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     families = {}
     for r in rows:
-        families.setdefault(r["solver"], []).append(r)
+        families.setdefault(r.get("family", r["solver"]), []).append(r)
     names = {"uniform8": "uniform 8-bit", "uniform4": "uniform 4-bit (ends 8)",
-             "prune8": "pruning only (8-bit)", "ilp": "ILP joint bits + pruning"}
+             "prune": "pruning only (8-bit)", "ilp": "ILP joint bits + pruning"}
     for solver, rs in families.items():
         rs = sorted(rs, key=lambda r: r["bop_reduction"])
         ax.plot([r["bop_reduction"] for r in rs], [100 * r["accuracy"] for r in rs],

@@ -386,9 +386,10 @@ def test_uniform_baselines(r20):
 
 
 def test_registry_and_latency():
-    assert {"ilp", "greedy", "uniform4", "uniform8", "prune8"} <= set(list_solvers())
-    with pytest.raises(ValueError, match="registered solvers: greedy, ilp"):
-        get_solver("sbs")
+    assert {"ilp", "greedy", "uniform4", "uniform8", "prune8", "sbs", "ajpq", "fitcompress",
+            "picpq"} <= set(list_solvers())
+    with pytest.raises(ValueError, match="registered solvers: ajpq, fitcompress, greedy, ilp"):
+        get_solver("hawq")
     p, _ = _tiny(0)
     for name in ("ilp", "greedy", "uniform8"):
         with pytest.raises(UnsupportedBudgetError, match="measured latency table"):
