@@ -43,7 +43,8 @@ from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
 from .solvers.search import SearchContext, needs_context
 
 _FINETUNE_KEYS = {"epochs", "lr", "distill", "temperature", "max_batches", "optimizer",
-                  "weight_decay", "momentum", "distill_weight", "learn_weight_clip"}
+                  "weight_decay", "momentum", "distill_weight", "learn_weight_clip",
+                  "max_grad_norm"}
 
 
 def _batches(data: Iterable[Any] | None, n: int) -> list[Any] | None:

@@ -252,3 +252,25 @@ def test_learned_weight_clip_is_what_the_scheme_quantizes_after_apply_clip():
         fq.apply_clip()
         assert torch.allclose(fq.quantized()[0], fake_quant_weight(fq.layer.weight, bits),
                               rtol=0, atol=1e-6)
+
+
+def test_gradient_norm_is_clipped_before_every_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    gm = trace(model, (torch.randn(1, 4),))
+    a = Assignment.uniform(["_0", "_2"], 8, 8)
+    g = torch.Generator().manual_seed(1)
+    data = [(10 * torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+
+    def moved(norm):
+        tuned, _ = qat_finetune(gm, a, data, lr=0.1, momentum=0.0, max_grad_norm=norm,
+                                progress=False, calibration_batches=1)
+        return sum(float((p - q).detach().norm() ** 2) for p, q in
+                   zip(tuned.parameters(), model.parameters())) ** 0.5
+
+    # plain SGD with the cosine schedule: every step moves the weights by at most lr * norm
+    assert moved(1e-3) <= 3 * 0.1 * 1e-3 + 1e-7
+    assert moved(None) > 100 * moved(1e-3)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        qat_finetune(gm, a, data, max_grad_norm=0, progress=False)
