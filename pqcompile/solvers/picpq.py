@@ -355,30 +355,30 @@ class _Space:
         return self.bits(kept), kept
 
 
+
+def _tie(bits: list[int], layers, sets, which: int) -> None:
+    """Give every tied set one value of its ``which`` bits (0 weights, 1 activations): the
+    smallest common option at or above its members' maximum, else the largest common one."""
+    for members in sets.values():
+        common = set.intersection(*({o[which] for o in layers[i].options} for i in members))
+        want = max(bits[i] for i in members)
+        above = [c for c in common if c >= want]
+        value = min(above) if above else max(common, default=want)
+        for i in members:
+            bits[i] = value
+
 def tie_bits(problem: Problem, weight_bits: Sequence[int]) -> dict[str, Option]:
     """Options from wanted weight bits: weight sets take their maximum, activations the same
     bits as the weights or the nearest option (ties to the lower), activation sets their
     maximum; raises ``ValueError`` where a layer's options cannot honor a tie."""
     layers = problem.layers
     w = [int(b) for b in weight_bits]
-    for members in problem.weight_sets().values():
-        common = set.intersection(*({o[0] for o in layers[i].options} for i in members))
-        want = max(w[i] for i in members)
-        above = [c for c in common if c >= want]
-        value = min(above) if above else max(common, default=want)
-        for i in members:
-            w[i] = value
+    _tie(w, layers, problem.weight_sets(), 0)
     a = []
     for i, layer in enumerate(layers):
         acts = [o[1] for o in layer.options if o[0] == w[i]]
         a.append(w[i] if w[i] in acts else _nearest(w[i], acts) if acts else w[i])
-    for members in problem.activation_sets().values():
-        common = set.intersection(*({o[1] for o in layers[i].options} for i in members))
-        want = max(a[i] for i in members)
-        above = [c for c in common if c >= want]
-        value = min(above) if above else max(common, default=want)
-        for i in members:
-            a[i] = value
+    _tie(a, layers, problem.activation_sets(), 1)
     bits = {}
     weight_tied = {i for m in problem.weight_sets().values() for i in m}
     for i, layer in enumerate(layers):
