@@ -103,3 +103,15 @@ class Assignment:
             m[dropped] = False
             masks[int(g)] = m
         return cls({n: BitWidths(*b) for n, b in data["bits"].items()}, masks)
+
+
+def check_graph_and_assignment(gm: object, assignment: object, where: str) -> None:
+    """The argument checks every consumer of a (graph, assignment) pair shares: ``gm`` a
+    ``torch.fx.GraphModule`` and ``assignment`` an :class:`Assignment`, else a TypeError
+    naming ``where`` (the function called)."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"{where} takes a torch.fx.GraphModule (pqcompile.trace), got "
+                        f"{type(gm).__name__}: trace the model first")
+    if not isinstance(assignment, Assignment):
+        raise TypeError(f"{where}: assignment must be a pqcompile Assignment, got "
+                        f"{type(assignment).__name__}")

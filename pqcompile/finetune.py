@@ -57,7 +57,7 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .assignment import Assignment
+from .assignment import Assignment, check_graph_and_assignment
 from .meta import CHANNEL_GROUPS, EXAMPLE_INPUTS, KEPT_CHANNELS
 from .passes import ChannelGroupAnalysis, FoldBatchNorm, PruneChannels, ShapeAnalysis
 from .passes.base import provided_keys
@@ -74,12 +74,7 @@ __all__ = ["FakeQuantWeight", "LsqQuantizer", "Progress", "apply_weight_clips", 
 def compressed_graph(gm: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.GraphModule:
     """A copy of ``gm`` pruned by ``assignment.masks`` (unless already pruned), BN folded,
     shapes propagated: the float graph the assignment quantizes. ``gm`` is not changed."""
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"expected a torch.fx.GraphModule from pqcompile.trace, got "
-                        f"{type(gm).__name__}: trace the model first")
-    if not isinstance(assignment, Assignment):
-        raise TypeError(f"assignment must be a pqcompile Assignment, got "
-                        f"{type(assignment).__name__}")
+    check_graph_and_assignment(gm, assignment, "compressed_graph")
     work = copy.deepcopy(gm).eval()
     if assignment.masks and KEPT_CHANNELS.name not in provided_keys(work):
         if CHANNEL_GROUPS.name not in provided_keys(work):

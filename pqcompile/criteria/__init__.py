@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .base import Criterion, prepare
+from .base import Criterion, SecondOrderCriterion, prepare
 from .channel import L1, ChannelFisher, Taylor
 from .fisher import FisherTrace
 from .hessian import HessianTrace
@@ -83,5 +83,6 @@ def default_criterion(data: bool) -> Criterion:
 
 __all__ = [
     "CRITERIA", "L1", "ChannelFisher", "Criterion", "FisherTrace", "HessianTrace", "Magnitude",
-    "Taylor", "WeightError", "default_criterion", "get_criterion", "prepare",
+    "SecondOrderCriterion", "Taylor", "WeightError", "default_criterion", "get_criterion",
+    "prepare",
 ]

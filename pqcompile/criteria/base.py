@@ -80,6 +80,48 @@ class Criterion:
         return f"<criterion {self.name}>"
 
 
+class SecondOrderCriterion(Criterion):
+    """What the data-driven second-order criteria (:class:`~pqcompile.criteria.HessianTrace`,
+    :class:`~pqcompile.criteria.FisherTrace`) share: the loss, the stopping tolerance, the
+    activation observer, the prepared-graph cache and the "calibrated on this graph?" check.
+    A subclass sets ``_ranges`` (:class:`ActivationRanges`) in ``calibrate``."""
+
+    needs_data = True
+    units = "estimated increase of the mean loss (second order)"
+
+    def __init__(self, *, loss_fn: LossFn | None, tol: float,
+                 observer: str | Callable[[], Observer]) -> None:
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol}")
+        self.loss_fn = loss_fn or default_loss
+        self.tol, self.observer = tol, observer
+        self._cache = PreparedCache()
+        self.weight_trace: dict[str, float] = {}
+        self.activation_trace: dict[str, float] = {}
+        self.converged = False
+        self._ranges: ActivationRanges | None = None
+
+    def _check(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The prepared graph the statistics were collected on (clear errors otherwise)."""
+        if self._ranges is None:
+            raise ValueError(f"criterion {self.name!r} has no statistics yet: call "
+                             "calibrate(gm, batches) first, with (inputs, target) batches")
+        if not self._cache.holds(gm):
+            raise ValueError(f"criterion {self.name!r} was calibrated on another graph, or the "
+                             "graph's weights changed since: call calibrate(gm, batches) again")
+        return self._cache.get(gm)
+
+    def _set_traces(self, layers: Sequence[str], weight: Sequence[float],
+                    shared: dict[str, list[str]], activation: Sequence[float]) -> None:
+        """Store the per-layer traces; an input tensor's trace is split equally among the
+        layers reading it (``shared``: :func:`readers`), so layer terms add up to it once."""
+        self.weight_trace = dict(zip(layers, (float(t) for t in weight)))
+        self.activation_trace = {layer: 0.0 for layer in layers}
+        for node, t in zip(shared, activation):
+            for layer in shared[node]:
+                self.activation_trace[layer] = float(t) / len(shared[node])
+
+
 # --- the prepared graph ----------------------------------------------------------------------
 
 

@@ -51,13 +51,11 @@ from ..quant.observers import Observer
 from .base import (
     ActivationRanges,
     BitOption,
-    Criterion,
     LossFn,
-    PreparedCache,
+    SecondOrderCriterion,
     batch_size,
     check_bit_options,
     combine,
-    default_loss,
     iterate,
     layer_module,
     out_rows,
@@ -67,7 +65,7 @@ from .base import (
 )
 
 
-class FisherTrace(Criterion):
+class FisherTrace(SecondOrderCriterion):
     """FIT sensitivity from the empirical Fisher with variance-based stopping (module docstring).
 
     After :meth:`calibrate`: ``fisher[layer]`` (per-weight diagonal, float64, weight's shape),
@@ -76,29 +74,20 @@ class FisherTrace(Criterion):
     """
 
     name = "fisher"
-    needs_data = True
     units = "estimated increase of the mean loss (second order, Fisher for Hessian)"
 
     def __init__(self, *, loss_fn: LossFn | None = None, tol: float = 1e-3,
                  min_batches: int = 10, max_batches: int = 100,
                  observer: str | Callable[[], Observer] = "minmax") -> None:
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol}")
+        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer)
         if min_batches < 1 or max_batches < 1:
             raise ValueError(f"min_batches and max_batches must be >= 1, got {min_batches}, "
                              f"{max_batches}")
-        self.loss_fn = loss_fn or default_loss
-        self.tol, self.max_batches = tol, max_batches
+        self.max_batches = max_batches
         self.min_batches = min(min_batches, max_batches)
-        self.observer = observer
-        self._cache = PreparedCache()
         self.fisher: dict[str, torch.Tensor] = {}
         self.bias_fisher: dict[str, torch.Tensor | None] = {}
-        self.weight_trace: dict[str, float] = {}
-        self.activation_trace: dict[str, float] = {}
         self.batches = 0
-        self.converged = False
-        self._ranges: ActivationRanges | None = None
 
     def calibrate(self, gm: torch.fx.GraphModule, batches: Iterable[Any] | None = None) -> None:
         work = self._cache.get(gm)
@@ -139,11 +128,7 @@ class FisherTrace(Criterion):
         bias_f = iter(diag[len(params):])
         self.bias_fisher = {l: next(bias_f) / count if m.bias is not None else None
                             for l, m in zip(layers, modules)}
-        self.weight_trace = dict(zip(layers, mean[:len(layers)].tolist()))
-        self.activation_trace = {layer: 0.0 for layer in layers}
-        for node, t in zip(acts, mean[len(layers):]):
-            for layer in shared[node]:
-                self.activation_trace[layer] = float(t) / len(shared[node])
+        self._set_traces(layers, mean[:len(layers)], shared, mean[len(layers):])
         self.batches, self._ranges = count, ranges
 
     def _settled(self, traces: np.ndarray) -> bool:
@@ -151,15 +136,6 @@ class FisherTrace(Criterion):
         var_of_mean = traces.var(axis=0, ddof=1) / len(traces)
         rel = np.where(mean > 0, var_of_mean / np.maximum(mean, 1e-300) ** 2, 0.0)
         return bool((rel < self.tol).all())
-
-    def _check(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        if self._ranges is None:
-            raise ValueError(f"criterion {self.name!r} has no statistics yet: call "
-                             "calibrate(gm, batches) first, with (inputs, target) batches")
-        if not self._cache.holds(gm):
-            raise ValueError(f"criterion {self.name!r} was calibrated on another graph, or the "
-                             "graph's weights changed since: call calibrate(gm, batches) again")
-        return self._cache.get(gm)
 
     def layer_sensitivity(self, gm: torch.fx.GraphModule, layer: str,
                           bit_options: Iterable[BitOption]) -> dict[BitOption, float]:

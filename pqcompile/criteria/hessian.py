@@ -50,13 +50,11 @@ from ..quant.observers import Observer
 from .base import (
     ActivationRanges,
     BitOption,
-    Criterion,
     LossFn,
-    PreparedCache,
+    SecondOrderCriterion,
     batch_size,
     check_bit_options,
     combine,
-    default_loss,
     iterate,
     layer_module,
     out_rows,
@@ -70,7 +68,7 @@ def _rademacher(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.dtype)
 
 
-class HessianTrace(Criterion):
+class HessianTrace(SecondOrderCriterion):
     """HAWQ-V3 sensitivity from Hutchinson trace estimates (module docstring).
 
     ``loss_fn(output, target)`` must return the batch mean (default: cross entropy);
@@ -80,28 +78,19 @@ class HessianTrace(Criterion):
     """
 
     name = "hessian"
-    needs_data = True
-    units = "estimated increase of the mean loss (second order)"
 
     def __init__(self, *, loss_fn: LossFn | None = None, tol: float = 1e-3,
                  min_iters: int = 10, max_iters: int = 100, seed: int = 0,
                  observer: str | Callable[[], Observer] = "minmax",
                  activations: bool = True) -> None:
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol}")
+        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer)
         if min_iters < 1 or max_iters < 1:
             raise ValueError(f"min_iters and max_iters must be >= 1, got {min_iters}, "
                              f"{max_iters}")
-        self.loss_fn = loss_fn or default_loss
-        self.tol, self.max_iters = tol, max_iters
+        self.max_iters = max_iters
         self.min_iters = min(min_iters, max_iters)
-        self.seed, self.observer, self.activations = seed, observer, activations
-        self._cache = PreparedCache()
-        self.weight_trace: dict[str, float] = {}
-        self.activation_trace: dict[str, float] = {}
+        self.seed, self.activations = seed, activations
         self.iterations = 0
-        self.converged = False
-        self._ranges: ActivationRanges | None = None
 
     def calibrate(self, gm: torch.fx.GraphModule, batches: Iterable[Any] | None = None) -> None:
         work = self._cache.get(gm)
@@ -118,11 +107,7 @@ class HessianTrace(Criterion):
         shared = readers(work, layers) if self.activations else {}
         acts = list(shared)
         means, iters, converged = self._hutchinson(work, data, weights, acts)
-        self.weight_trace = dict(zip(layers, means[:len(layers)].tolist()))
-        self.activation_trace = {layer: 0.0 for layer in layers}
-        for node, mean in zip(acts, means[len(layers):]):
-            for layer in shared[node]:
-                self.activation_trace[layer] = float(mean) / len(shared[node])
+        self._set_traces(layers, means[:len(layers)], shared, means[len(layers):])
         self.iterations, self.converged = iters, converged
 
     def _hutchinson(self, work, data, weights, acts) -> tuple[np.ndarray, int, bool]:
@@ -164,15 +149,6 @@ class HessianTrace(Criterion):
                                          allow_unused=True)[0]
                 out[i] = 0.0 if hv is None else float((hv * v).sum())
         return out
-
-    def _check(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        if self._ranges is None:
-            raise ValueError(f"criterion {self.name!r} has no statistics yet: call "
-                             "calibrate(gm, batches) first, with (inputs, target) batches")
-        if not self._cache.holds(gm):
-            raise ValueError(f"criterion {self.name!r} was calibrated on another graph, or the "
-                             "graph's weights changed since: call calibrate(gm, batches) again")
-        return self._cache.get(gm)
 
     def layer_sensitivity(self, gm: torch.fx.GraphModule, layer: str,
                           bit_options: Iterable[BitOption]) -> dict[BitOption, float]:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..assignment import Assignment
+from ..assignment import Assignment, check_graph_and_assignment
 from ..meta import (
     BITS,
     EXAMPLE_INPUTS,
@@ -269,12 +269,7 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     a conv/linear, add, cat, average pool or float op; ``scale = amax / qmax``), e.g. the
     ranges learned by :func:`pqcompile.finetune.qat_finetune`. The other tensors are calibrated.
     """
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"build_reference takes a torch.fx.GraphModule (pqcompile.trace), got "
-                        f"{type(gm).__name__}")
-    if not isinstance(assignment, Assignment):
-        raise TypeError(f"assignment must be a pqcompile Assignment, got "
-                        f"{type(assignment).__name__}")
+    check_graph_and_assignment(gm, assignment, "build_reference")
     if assignment.masks and KEPT_CHANNELS.name not in provided_keys(gm):
         raise ValueError(
             f"the assignment prunes channel groups {sorted(assignment.masks)[:5]} but the graph "

@@ -93,7 +93,9 @@ from torch import nn
 from ..meta import SHAPE
 from ..progress import Progress
 from .problem import Affine, Layer, Option, Problem, Solution, resolve_limits
-from .search import SearchContext
+from .search import SearchContext, check_int, check_real
+
+_NAME = "AJPQSolver"
 
 __all__ = [
     "CHANNEL_STATE",
@@ -387,21 +389,21 @@ class AJPQSolver:
                  buffer_size: int = 2000, tau: float = 0.01, discount: float = 1.0,
                  updates_per_step: int = 1, finetune_steps: int = 0,
                  finetune_lr: float = 0.01) -> None:
-        _int("seed", seed, 0, allow_negative=True)
-        _int("episodes", episodes, 1)
-        _int("warmup", warmup, 0)
-        _int("hidden", hidden, 1)
-        _int("batch_size", batch_size, 1)
-        _int("buffer_size", buffer_size, 1)
-        _int("updates_per_step", updates_per_step, 0)
-        _int("finetune_steps", finetune_steps, 0)
-        _real("noise", noise, 0.0, math.inf, low_open=False)
-        _real("noise_decay", noise_decay, 0.0, 1.0)
-        _real("actor_lr", actor_lr, 0.0, math.inf)
-        _real("critic_lr", critic_lr, 0.0, math.inf)
-        _real("tau", tau, 0.0, 1.0)
-        _real("discount", discount, 0.0, 1.0, low_open=False)
-        _real("finetune_lr", finetune_lr, 0.0, math.inf)
+        check_int(_NAME, "seed", seed)
+        check_int(_NAME, "episodes", episodes, 1)
+        check_int(_NAME, "warmup", warmup, 0)
+        check_int(_NAME, "hidden", hidden, 1)
+        check_int(_NAME, "batch_size", batch_size, 1)
+        check_int(_NAME, "buffer_size", buffer_size, 1)
+        check_int(_NAME, "updates_per_step", updates_per_step, 0)
+        check_int(_NAME, "finetune_steps", finetune_steps, 0)
+        check_real(_NAME, "noise", noise, 0.0, math.inf, low_open=False)
+        check_real(_NAME, "noise_decay", noise_decay, 0.0, 1.0)
+        check_real(_NAME, "actor_lr", actor_lr, 0.0, math.inf)
+        check_real(_NAME, "critic_lr", critic_lr, 0.0, math.inf)
+        check_real(_NAME, "tau", tau, 0.0, 1.0)
+        check_real(_NAME, "discount", discount, 0.0, 1.0, low_open=False)
+        check_real(_NAME, "finetune_lr", finetune_lr, 0.0, math.inf)
         self.seed, self.episodes, self.warmup = seed, episodes, warmup
         self.noise, self.noise_decay = float(noise), float(noise_decay)
         self.actor_lr, self.critic_lr, self.hidden = float(actor_lr), float(critic_lr), hidden
@@ -549,21 +551,3 @@ class AJPQSolver:
         module = context.finetune(assignment, self.finetune_steps, lr=self.finetune_lr) \
             if self.finetune_steps else context.fake_quant(assignment)
         return context.measure(module)
-
-
-def _int(name: str, value: Any, low: int, *, allow_negative: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or (not allow_negative and value < low):
-        raise ValueError(f"AJPQSolver: {name} must be an int >= {low}, got {value!r}"
-                         if not allow_negative else
-                         f"AJPQSolver: {name} must be an int, got {value!r}")
-
-
-def _real(name: str, value: Any, low: float, high: float, *, low_open: bool = True) -> None:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value) and (value > low if low_open else value >= low) \
-        and value <= high
-    if not ok:
-        lo = f"{'>' if low_open else '>='} {low:g}"
-        hi = f" and <= {high:g}" if math.isfinite(high) else ""
-        raise ValueError(f"AJPQSolver: {name} must be a finite number {lo}{hi}, got {value!r}")

@@ -115,7 +115,9 @@ from ..progress import Progress
 from .greedy import DescentState
 from .ilp import infeasible_error, minimum_costs
 from .problem import Option, Problem, Solution, problem_costs, resolve_limits
-from .search import SearchContext
+from .search import SearchContext, check_int, check_real
+
+_NAME = "FITCompressSolver"
 
 __all__ = ["FITCompressSolver", "fit_term"]
 
@@ -496,17 +498,13 @@ class FITCompressSolver:
     def __init__(self, *, seed: int = 0, fisher_tol: float = 1e-3, fisher_min_batches: int = 10,
                  fisher_max_batches: int = 100, refresh_every: int = 8,
                  refresh_batches: int = 4) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 (an option)
-        if not (isinstance(fisher_tol, (int, float)) and math.isfinite(fisher_tol)
-                and fisher_tol >= 0):
-            raise ValueError(f"fisher_tol must be a finite float >= 0, got {fisher_tol!r}")
+        check_int(_NAME, "seed", seed)
+        check_real(_NAME, "fisher_tol", fisher_tol, 0.0, low_open=False)
         for what, v, low in (("fisher_min_batches", fisher_min_batches, 1),
                              ("fisher_max_batches", fisher_max_batches, 1),
                              ("refresh_every", refresh_every, 0),
                              ("refresh_batches", refresh_batches, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
+            check_int(_NAME, what, v, low)
         if fisher_min_batches > fisher_max_batches:
             raise ValueError(f"fisher_min_batches ({fisher_min_batches}) must not exceed "
                              f"fisher_max_batches ({fisher_max_batches})")

@@ -111,6 +111,9 @@ from ..meta import CHANNEL_GROUPS, ChannelGroup
 from ..presets import l1_scores
 from ..progress import Progress
 from .problem import Option, Problem, Solution, problem_costs, resolve_limits
+from .search import check_int, check_real
+
+_NAME = "PICPQSolver"
 
 __all__ = ["PICPQSolver", "bit_rule", "feature_rank", "filter_property", "snap_down"]
 
@@ -425,20 +428,15 @@ class PICPQSolver:
                             ("tournament", tournament, 1), ("cycles", cycles, 0),
                             ("finetune_steps", finetune_steps, 0),
                             ("rank_batches", rank_batches, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{opt} must be an int >= {low}, got {v!r}")
+            check_int(_NAME, opt, v, low)
         if tournament > population:
             raise ValueError(f"tournament must be at most population ({population}), got "
                              f"{tournament}")
         for opt, v in (("mutate_fraction", mutate_fraction), ("scale_sigma", scale_sigma),
                        ("lr", lr), ("penalty", penalty)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"{opt} must be a finite number > 0, got {v!r}")
-        if mutate_fraction > 1:
-            raise ValueError(f"mutate_fraction must be in (0, 1], got {mutate_fraction!r}")
-        if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) \
-                or not 0 <= min_keep < 1:
-            raise ValueError(f"min_keep must be a fraction in [0, 1), got {min_keep!r}")
+            check_real(_NAME, opt, v, 0.0)
+        check_real(_NAME, "mutate_fraction", mutate_fraction, 0.0, 1.0)
+        check_real(_NAME, "min_keep", min_keep, 0.0, 1.0, low_open=False, high_open=True)
         stage_bits = tuple(stage_bits) if isinstance(stage_bits, Sequence) else ()
         if not stage_bits or not all(isinstance(b, int) and not isinstance(b, bool)
                                      and 1 <= b <= 32 for b in stage_bits):

@@ -111,7 +111,9 @@ from ..meta import CHANNEL_GROUPS, SHAPE, ChannelGroup
 from ..progress import Progress
 from .ilp import infeasible_error
 from .problem import Affine, Option, Problem, Solution, evaluate, resolve_limits
-from .search import SearchContext
+from .search import SearchContext, check_int, check_real
+
+_NAME = "SBSSolver"
 
 __all__ = ["SBSSolver", "bit_chain", "bit_sharing", "discretize"]
 
@@ -534,20 +536,17 @@ class SBSSolver:
                  lr: float = 0.003, gate_lr: float = 0.02, range_lr: float = 0.01,
                  distill: bool = True, temperature: float = 4.0, momentum: float = 0.9
                  ) -> None:
-        _positive_int("steps", steps)
+        check_int(_NAME, "steps", steps, 1)
         if block is not None:
-            _positive_int("block", block)
-        _check_int("seed", seed)
+            check_int(_NAME, "block", block, 1)
+        check_int(_NAME, "seed", seed)
         for opt, value in (("lr", lr), ("gate_lr", gate_lr), ("range_lr", range_lr),
                            ("temperature", temperature)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"SBSSolver: {opt} must be a positive number, got {value!r}")
+            check_real(_NAME, opt, value, 0.0)
         for opt, value in (("lam", lam), ("penalty", penalty)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"SBSSolver: {opt} must be a number >= 0, got {value!r}")
+            check_real(_NAME, opt, value, 0.0, low_open=False)
         for opt, value in (("margin", margin), ("momentum", momentum)):
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"SBSSolver: {opt} must be in [0, 1), got {value!r}")
+            check_real(_NAME, opt, value, 0.0, 1.0, low_open=False, high_open=True)
         if not isinstance(distill, bool):
             raise ValueError(  # noqa: TRY004
                 f"SBSSolver: distill must be True or False, got {distill!r}")
@@ -751,13 +750,3 @@ def _batches(context: SearchContext, n: int) -> Iterator[Any]:
         if served == before:
             raise ValueError("SBSSolver: data yields no batches")
 
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"SBSSolver: {name} must be an int, got {value!r}")  # noqa: TRY004
-
-
-def _positive_int(name: str, value: Any) -> None:
-    _check_int(name, value)
-    if value < 1:
-        raise ValueError(f"SBSSolver: {name} must be a positive int, got {value!r}")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -61,7 +62,35 @@ from ..meta import EXAMPLE_INPUTS
 from .greedy import GreedySolver
 from .problem import Option, Problem, Solution, evaluate, resolve_limits
 
-__all__ = ["SearchContext", "needs_context"]
+__all__ = ["SearchContext", "check_int", "check_real", "needs_context"]
+
+
+def check_int(owner: str, name: str, value: Any, low: int | None = None) -> int:
+    """``value`` as an int option of ``owner`` (a solver class name), at least ``low``;
+    otherwise a ValueError naming the solver, the option and the bound (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"{owner}: {name} must be an int{bound}, got {value!r}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: Any, low: float = -math.inf,
+               high: float = math.inf, *, low_open: bool = True, high_open: bool = False
+               ) -> float:
+    """``value`` as a finite real option of ``owner`` in the interval from ``low`` to
+    ``high`` (open or closed at each end); otherwise a ValueError naming the solver, the
+    option and the interval."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) \
+        and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        lo = f" {'>' if low_open else '>='} {low:g}" if math.isfinite(low) else ""
+        hi = f"{' and' if lo else ''} {'<' if high_open else '<='} {high:g}" \
+            if math.isfinite(high) else ""
+        raise ValueError(f"{owner}: {name} must be a finite number{lo}{hi}, got {value!r}")
+    return float(value)
 
 
 def needs_context(solver: Any) -> bool:
