@@ -51,8 +51,9 @@ def test_gate_threshold_learns_through_the_sigmoid_surrogate():
 
 def test_larger_lambda_closes_more_gates():
     ctx = context("cnn")
-    loose = {"bops": ctx.problem.reference["bops"]}  # the hinge never acts: only lambda pushes
-    runs = [SBSSolver(steps=30, lam=lam).solve(ctx.problem, loose, context=ctx)
+    # floor=None: the paper's pressure at every cost; the budget is loose, so only lambda pushes
+    loose = {"bops": ctx.problem.reference["bops"]}
+    runs = [SBSSolver(steps=30, lam=lam, floor=None).solve(ctx.problem, loose, context=ctx)
             for lam in (0.0, 0.1, 1.0)]
     bops = [r.info["search_bops"] for r in runs]
     closed = [r.info["closed_gates"] for r in runs]
@@ -85,6 +86,18 @@ def test_feasible_and_ties(name, ratio):
     assert s.info["steps"] == 30 and s.info["search_seconds"] > 0
 
 
+def test_floor_stops_the_overshoot_below_the_budget():
+    # lam=1 closes gates far past a 20x budget in a short search; with the
+    # floor the pressure stops below 0.85 of the limit and the costs are pulled back up.
+    ctx = context("cnn")
+    runs = {floor: SBSSolver(steps=40, lam=1.0, floor=floor).solve(
+        ctx.problem, Budget(bops="20x"), context=ctx) for floor in (None, 0.85)}
+    ratio = {f: ctx.problem.reference["bops"] / r.info["search_bops"] for f, r in runs.items()}
+    assert ratio[None] > 40, ratio
+    assert 20 <= ratio[0.85] <= 20 / 0.85 * 1.05, ratio  # in the band, up to read-off rounding
+    assert not runs[0.85].info["repaired"]
+
+
 def test_deterministic_for_a_seed():
     ctx = context("mlp")
     runs = [SBSSolver(steps=20, lam=0.1, seed=3).solve(ctx.problem, Budget(bops="30x"),
@@ -102,6 +115,7 @@ def test_infeasible_budget_and_options():
     ctx = context("mlp")
     with pytest.raises(InfeasibleBudgetError):
         SBSSolver(steps=2).solve(ctx.problem, {"bops": 1}, context=ctx)
-    for bad in ({"steps": 0}, {"lam": -1.0}, {"margin": 1.0}, {"block": 0}, {"gate_lr": 0}):
+    for bad in ({"steps": 0}, {"lam": -1.0}, {"margin": 1.0}, {"block": 0}, {"gate_lr": 0},
+                {"floor": 0.99}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SBSSolver(**bad)

@@ -66,7 +66,12 @@ Departures from the paper, and details it leaves open, filled with common practi
   the budget, and ``lam`` keeps the paper's pressure towards fewer BOPs below it. Squared, its
   push fades near the target, so the task loss stops the closing there instead of the gates
   overshooting far below the budget; what the discrete gates leave above it the repair
-  removes.
+  removes. A short search still overshoots (the discrete gates close faster than the task
+  loss can hold them), so below ``floor`` times the binding limit (default 0.85; the
+  binding limit is the one with the largest ``cost / limit``) the ``lambda`` pressure stops and
+  a second squared hinge pulls the costs back up, re-opening gates through the same
+  surrogate: the search settles in the band ``[floor, 1 - margin]`` of the budget.
+  ``floor=None`` is the paper's behaviour (``lambda`` pushes at every cost).
 * The codes are computed in integers of the finest grid, ``z_hat = (c_0 + g_1 (f_1 r_1 + ...))
   / (2^b_top - 1)`` with ``f_k = (2^b_top - 1) / (2^b_k - 1)`` and rounding ``floor(v + 0.5)``,
   so all gates open equals the plain top-bit quantization of ``z`` exactly, and all closed the
@@ -78,7 +83,7 @@ Departures from the paper, and details it leaves open, filled with common practi
   seed, not on what the context served before. The global RNG state is restored afterwards.
 
 Knobs: ``steps`` (default 150: about 2.5 min on ResNet-20 at batch 128 on two cores), ``lam``,
-``penalty``, ``margin``, ``block`` (channels per pruning block; default ``max(1, size // 8)``
+``penalty``, ``margin``, ``floor``, ``block`` (channels per pruning block; default ``max(1, size // 8)``
 per group), ``lr``, ``gate_lr``, ``range_lr``, ``distill``, ``temperature``, ``momentum``
 (running mean of the activation statistics).
 
@@ -534,8 +539,8 @@ class SBSSolver:
     def __init__(self, *, seed: int = 0, steps: int = 150, lam: float = 0.02,
                  penalty: float = 10.0, margin: float = 0.05, block: int | None = None,
                  lr: float = 0.003, gate_lr: float = 0.02, range_lr: float = 0.01,
-                 distill: bool = True, temperature: float = 4.0, momentum: float = 0.9
-                 ) -> None:
+                 distill: bool = True, temperature: float = 4.0, momentum: float = 0.9,
+                 floor: float | None = 0.85) -> None:
         check_int(_NAME, "steps", steps, 1)
         if block is not None:
             check_int(_NAME, "block", block, 1)
@@ -547,6 +552,8 @@ class SBSSolver:
             check_real(_NAME, opt, value, 0.0, low_open=False)
         for opt, value in (("margin", margin), ("momentum", momentum)):
             check_real(_NAME, opt, value, 0.0, 1.0, low_open=False, high_open=True)
+        if floor is not None:
+            check_real(_NAME, "floor", floor, 0.0, 1.0 - margin, high_open=True)
         if not isinstance(distill, bool):
             raise ValueError(  # noqa: TRY004
                 f"SBSSolver: distill must be True or False, got {distill!r}")
@@ -554,6 +561,7 @@ class SBSSolver:
         self.margin, self.block, self.lr = float(margin), block, float(lr)
         self.gate_lr, self.range_lr = float(gate_lr), float(range_lr)
         self.distill, self.temperature, self.momentum = distill, float(temperature), momentum
+        self.floor = None if floor is None else float(floor)
 
     def solve(self, problem: Problem, budget: Any, *, context: SearchContext) -> Solution:
         if not isinstance(context, SearchContext):
@@ -594,6 +602,8 @@ class SBSSolver:
         teacher = copy.deepcopy(context.teacher).eval() \
             if self.distill and context.teacher is not None else None
         targets = {k: math.log(v * (1 - self.margin)) for k, v in limits.items()}
+        logs = {k: math.log(v) for k, v in limits.items()}
+        floor = None if self.floor is None else math.log(self.floor)
         bar = Progress(self.steps, "sbs", bool(context.progress))
         history: list[dict[str, float]] = []
         net.train()
@@ -612,7 +622,15 @@ class SBSSolver:
             costs = net.costs()
             log_bops = torch.log(costs["bops"])
             hinge = sum(torch.relu(torch.log(costs[k]) - v) ** 2 for k, v in targets.items())
-            loss = task + self.lam * log_bops + self.penalty * hinge
+            pressure = self.lam * log_bops
+            if floor is not None:
+                # How close the binding limit is (log of cost / limit, the largest over the
+                # limits): below the floor the pressure stops and the costs are pulled back.
+                tight = torch.stack([torch.log(costs[k]) - v for k, v in logs.items()]).max()
+                if float(tight.detach()) < floor:
+                    pressure = 0.0 * log_bops
+                hinge = hinge + torch.relu(floor - tight) ** 2
+            loss = task + pressure + self.penalty * hinge
             if not torch.isfinite(loss):
                 raise ValueError(f"SBSSolver: the loss became {float(loss)} at step {step}; "
                                  f"lower lr (now {self.lr})")
