@@ -25,7 +25,9 @@ from pqcompile.zoo import evaluate, pretrained_resnet20_fashion  # noqa: E402
 
 class Setup:
     """The pretrained model, its loaders (with a 5k validation split for searching solvers'
-    rewards) and its FP32 test accuracy."""
+    rewards) and its FP32 test accuracy. :meth:`train` gives each point a fresh training
+    loader, so a point's data order depends on its seed only, not on the points run
+    before it in the same process."""
 
     def __init__(self) -> None:
         self.model = pretrained_resnet20_fashion()
@@ -35,6 +37,13 @@ class Setup:
         self.example = next(iter(self.loaders.test))[0]
         val = fashion_mnist_loaders(128, val_split=1 / 12, eval_batch_size=BATCH).val
         self.validation = [b for _, b in zip(range(8), val)]
+
+    def train(self, seed: int = 0):
+        """A training loader whose shuffling and augmentation start from ``seed``."""
+        if seed == 0:
+            return fashion_mnist_loaders(128, augment=True, eval_batch_size=BATCH).train
+        return fashion_mnist_loaders(128, augment=True, eval_batch_size=BATCH,
+                                     seed=seed).train
 
 
 def finetune_options(steps: int) -> dict[str, Any]:
@@ -59,19 +68,21 @@ def predictions(compiled, loader, program_batches: int | None = None):
 
 def run_point(setup: Setup, label: str, solver: str, budget: str, steps: int,
               solver_options: dict | None = None, program_batches: int | None = None,
-              bit_options=None) -> dict[str, Any]:
+              bit_options=None, seed: int = 0) -> dict[str, Any]:
     """One point; accuracy of the compiled program on the whole test set, or (with
     ``program_batches``) of the integer-exact reference, the program checked against it on
-    the first ``program_batches`` batches."""
+    the first ``program_batches`` batches. ``seed``: the training data order (shuffling and
+    augmentation) and compile's seed."""
     t = time.perf_counter()
     c = compile(setup.model, (setup.example,), target="host", budget=Budget.parse(budget),
-                data=setup.loaders.train, validation=setup.validation, solver=solver,
+                data=setup.train(seed), validation=setup.validation, solver=solver,
                 solver_options=solver_options, finetune=finetune_options(steps),
-                bit_options=bit_options)
+                bit_options=bit_options, seed=seed)
     total = time.perf_counter() - t
     art, ref, labels = predictions(c, setup.loaders.test, program_batches)
     n = len(art)
     return {"method": label, "solver": solver, "family": solver, "budget": budget,
+            "seed": seed, "finetune_steps": steps,
             "bop_reduction": c.totals["bop_reduction"], "bops": c.totals["bops"],
             "accuracy": float((art == labels[:n]).mean()) if program_batches is None
             else float((ref == labels).mean()),

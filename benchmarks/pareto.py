@@ -9,7 +9,11 @@ activations are stored in 8-bit bytes whatever their bits, so finer activation o
 nothing in storage and give the solver finer BOP trade-offs). Prints a table and writes a PNG plot when
 matplotlib is installed.
 
-    python benchmarks/pareto.py [--budgets 30 60 90] [--finetune-batches 150] [--out DIR]
+Every point's training data order comes from its seed alone (``--seeds``: one row per seed,
+and per method the mean and the range over seeds, plotted as error bars).
+
+    python benchmarks/pareto.py [--budgets 30 60 90] [--finetune-batches 450] [--seeds 0 1 2]
+        [--points uniform8 uniform4 prune ilp] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[30, 60, 90])
     ap.add_argument("--prune-budgets", type=float, nargs="+", default=[24])
-    ap.add_argument("--finetune-batches", type=int, default=150)
+    ap.add_argument("--finetune-batches", type=int, default=450,
+                    help="QAT steps of 128 images for every point (450: about one epoch)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="training data orders: every point is run once per seed")
+    ap.add_argument("--points", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--activation-bits", type=int, nargs="+", default=[4, 5, 6, 8],
                     help="the ILP's activation-bit options (weights: 2, 4, 8)")
     ap.add_argument("--program-batches", type=int, default=0,
@@ -43,32 +51,49 @@ def main(argv=None) -> int:
     runs += [(f"pruning only {b:g}x (8-bit)", "prune", f"bops={b:g}x")
              for b in args.prune_budgets]
     runs += [(f"ILP joint {b:g}x", "ilp", f"bops={b:g}x") for b in args.budgets]
+    runs = [r for r in runs if r[1] in args.points]
     ilp_bits = [(w, a) for w in (2, 4, 8) for a in args.activation_bits]
     rows = []
     for label, family, budget in runs:
-        pb = args.program_batches or None
-        rows.append(prune_point(setup, label, budget, args.finetune_batches, pb)
-                    if family == "prune" else
-                    run_point(setup, label, family, budget, args.finetune_batches,
-                              bit_options=ilp_bits if family == "ilp" else None,
-                              program_batches=pb))
-        print_row(rows[-1], fp)
-        save(rows, fp, Path(args.out) / "pareto.json")
-    print(f"\n| method | BOP reduction | accuracy | vs FP32 ({fp:.2%}) | weights |")
+        for seed in args.seeds:
+            pb = args.program_batches or None
+            rows.append(prune_point(setup, label, budget, args.finetune_batches, pb, seed)
+                        if family == "prune" else
+                        run_point(setup, label, family, budget, args.finetune_batches,
+                                  bit_options=ilp_bits if family == "ilp" else None,
+                                  program_batches=pb, seed=seed))
+            print_row(rows[-1], fp)
+            save(rows, fp, Path(args.out) / "pareto.json")
+    print(f"\n| method | BOP reduction | accuracy (seeds) | vs FP32 ({fp:.2%}) | weights |")
     print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['bop_reduction']:.1f}x | {r['accuracy']:.2%} | "
-              f"{100 * (r['accuracy'] - fp):+.2f} pt | {r['weight_kb']:.1f} KB |")
+    for method, rs in by_method(rows).items():
+        accs = [r["accuracy"] for r in rs]
+        mean = sum(accs) / len(accs)
+        spread = "" if len(accs) == 1 else \
+            f" ({', '.join(f'{a:.2%}' for a in accs)})"
+        print(f"| {method} | {rs[0]['bop_reduction']:.1f}x | {mean:.2%}{spread} | "
+              f"{100 * (mean - fp):+.2f} pt | {rs[0]['weight_kb']:.1f} KB |")
     plot(rows, fp, Path(args.out) / "pareto.png")
     return 0
 
 
+FAMILIES = ("uniform8", "uniform4", "prune", "ilp")
+
+
+def by_method(rows) -> dict[str, list[dict]]:
+    """Rows grouped by method (one per seed), in the order they ran."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
 def prune_point(setup: Setup, label: str, budget: str, steps: int,
-                program_batches: int | None = None) -> dict:
+                program_batches: int | None = None, seed: int = 0) -> dict:
     """Structural pruning alone: the ILP over the groups' keep levels (FIT channel
     sensitivities) with every layer at 8/8 bits."""
     row = run_point(setup, label, "ilp", budget, steps, bit_options=[(8, 8)],
-                    program_batches=program_batches)
+                    program_batches=program_batches, seed=seed)
     return dict(row, family="prune")
 
 
@@ -81,15 +106,19 @@ def plot(rows, fp: float, path: Path) -> None:
         print("matplotlib not installed: no plot written")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    families = {}
-    for r in rows:
-        families.setdefault(r.get("family", r["solver"]), []).append(r)
+    families: dict[str, list[tuple[float, list[float]]]] = {}
+    for rs in by_method(rows).values():
+        families.setdefault(rs[0].get("family", rs[0]["solver"]), []).append(
+            (rs[0]["bop_reduction"], [100 * r["accuracy"] for r in rs]))
     names = {"uniform8": "uniform 8-bit", "uniform4": "uniform 4-bit (ends 8)",
              "prune": "pruning only (8-bit)", "ilp": "ILP joint bits + pruning"}
-    for solver, rs in families.items():
-        rs = sorted(rs, key=lambda r: r["bop_reduction"])
-        ax.plot([r["bop_reduction"] for r in rs], [100 * r["accuracy"] for r in rs],
-                marker="o", label=names.get(solver, solver))
+    for solver, points in families.items():
+        points.sort()
+        x = [p[0] for p in points]
+        mean = [sum(a) / len(a) for _, a in points]
+        err = [[m - min(a) for m, (_, a) in zip(mean, points)],
+               [max(a) - m for m, (_, a) in zip(mean, points)]]
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=names.get(solver, solver))
     ax.axhline(100 * fp, color="gray", linestyle="--", label=f"FP32 {fp:.2%}")
     ax.axhline(100 * fp - 0.5, color="gray", linestyle=":", label="FP32 - 0.5 pt")
     ax.set_xscale("log")

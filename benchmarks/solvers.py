@@ -49,12 +49,13 @@ def main(argv=None) -> int:
                     help="batches of 100 test images run through the compiled program (its "
                          "agreement with the integer-exact reference, whose accuracy on all "
                          "10k images is reported); 0 = all")
-    ap.add_argument("--reuse", help="a pareto.json whose rows (same problem, fine-tune and "
-                    "test set) stand for the solvers it ran: 'ilp' and 'uniform4'")
+    ap.add_argument("--reuse", nargs="+", default=[],
+                    help="pareto.json / solvers.json files whose rows (same problem, fine-tune "
+                    "and test set) stand for the solver and budget they ran (the first match)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     setup = Setup()
-    reused = json.loads(Path(args.reuse).read_text())["rows"] if args.reuse else []
+    reused = [r for f in args.reuse for r in json.loads(Path(f).read_text())["rows"]]
     rows = []
     for i, b in enumerate(args.budgets):
         for solver in args.solvers:
