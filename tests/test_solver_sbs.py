@@ -9,7 +9,8 @@ from solver_models import bops_ratio, context
 
 from pqcompile.budget import Budget, InfeasibleBudgetError
 from pqcompile.solvers import get_solver
-from pqcompile.solvers.sbs import SBSSolver, _gate, bit_chain, bit_sharing, discretize
+from pqcompile.solvers.sbs import SBSSolver
+from pqcompile.solvers.sbs_gates import _gate, bit_chain, bit_sharing, discretize
 
 
 def _z(n=4096):
