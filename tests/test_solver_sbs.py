@@ -10,7 +10,7 @@ from solver_models import bops_ratio, context
 from pqcompile.budget import Budget, InfeasibleBudgetError
 from pqcompile.solvers import get_solver
 from pqcompile.solvers.sbs import SBSSolver
-from pqcompile.solvers.sbs_gates import _gate, bit_chain, bit_sharing, discretize
+from pqcompile.solvers.sbs_gates import _gate, _nest, bit_chain, bit_sharing, discretize
 
 
 def _z(n=4096):
@@ -48,6 +48,19 @@ def test_gate_threshold_learns_through_the_sigmoid_surrogate():
     ((out - 0.37) ** 2).sum().backward()
     assert alpha8.grad is not None and abs(float(alpha8.grad)) > 1e-6
     assert torch.allclose(z.grad, 2 * (out.detach() - 0.37))  # straight through to z
+
+
+def test_gates_close_finest_first():
+    # Raw gates (2->4 closed, 4->8 open) count as both open: 8 bits, not 2.
+    closed, opened = torch.zeros(()), torch.ones(())
+    assert [float(g) for g in _nest([closed, opened])] == [1.0, 1.0]
+    assert [float(g) for g in _nest([opened, closed])] == [1.0, 0.0]
+    assert [float(g) for g in _nest([closed, closed])] == [0.0, 0.0]
+    # While the finer gate is open, the coarser threshold gets no gradient from the gates.
+    a1, a2 = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    g1, g2 = _nest([_gate(torch.tensor(0.3), a1), _gate(torch.tensor(0.3), a2)])
+    (2 * g1 + 4 * g1 * g2).backward()  # the expected extra bits over 2
+    assert float(a1.grad) == 0.0 and float(a2.grad) < 0
 
 
 def test_larger_lambda_closes_more_gates():
@@ -94,9 +107,10 @@ def test_floor_stops_the_overshoot_below_the_budget():
     runs = {floor: SBSSolver(steps=40, lam=1.0, floor=floor).solve(
         ctx.problem, Budget(bops="20x"), context=ctx) for floor in (None, 0.85)}
     ratio = {f: ctx.problem.reference["bops"] / r.info["search_bops"] for f, r in runs.items()}
-    assert ratio[None] > 40, ratio
-    assert 20 <= ratio[0.85] <= 20 / 0.85 * 1.05, ratio  # in the band, up to read-off rounding
-    assert not runs[0.85].info["repaired"]
+    band = (20 * 0.95, 20 / 0.85 * 1.05)  # the band [0.85, 0.95] of the limit, up to rounding
+    assert ratio[None] > 1.25 * band[1], ratio
+    assert band[0] <= ratio[0.85] <= band[1], ratio
+    assert bops_ratio(ctx, runs[0.85]) >= 20  # the solution itself (repaired if need be)
 
 
 def test_deterministic_for_a_seed():

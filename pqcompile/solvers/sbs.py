@@ -16,7 +16,8 @@ One training copy of the BN-folded float graph encodes every candidate of the pr
 * **Quantization gates.** ``g_k = 1[A_k > alpha_k]`` with one learnable threshold per gate and
   quantizer, ``A_k`` the RMS of ``z - z_(k-1)`` (the residual the gate would add), and the
   straight-through gradient ``d g / d alpha = -sigmoid'(A_k - alpha_k)``. A gate only matters
-  where its coarser gates are open (``g_2`` refines ``g_1``'s residual).
+  where its coarser gates are open (``g_2`` refines ``g_1``'s residual), so a coarser gate is
+  held open while a finer one is (``g_k OR g_(k+1)``): bits fall 8 -> 4 -> 2, finest first.
 * **Pruning gates.** Each prunable channel group (``problem.groups``, members from the graph's
   ``CHANNEL_GROUPS``) is split into blocks of ``B`` channels; ``g_p = 1[A_p > alpha_p]`` with one
   learnable threshold per group and ``A_p`` the block's mean per-channel L1 norm of the
@@ -50,7 +51,10 @@ Departures from the paper, and details it leaves open, filled with common practi
 * The gate statistic is the RMS of the residual *in units of the coarser step*
   (``||z - z_(k-1)||_2 / (sqrt(n) s_(k-1))``, in [0, 0.5]), not the raw L2 norm, so one
   threshold scale fits every layer size and bit width; the pruning statistic is normalized
-  by the group's largest block for the same reason. Thresholds start at 0 (all gates open,
+  by the group's largest block for the same reason. The raw norms order the gates by
+  themselves (a coarse residual is several times a fine one, so fine gates close first); the
+  normalized ones do not, hence the explicit finest-first nesting of the gates (without it,
+  a 50-step search on ResNet-20 dropped 9 of 22 layers from 8 straight to 2-bit weights). Thresholds start at 0 (all gates open,
   the search starts at the highest precision and no pruning) and learn by momentum SGD whose
   gradients are divided by a running RMS over all thresholds of one kind (weight bits, pruning,
   activation bits; step about ``gate_lr``): scale-free like Adam, but unlike Adam a gate with

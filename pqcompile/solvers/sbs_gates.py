@@ -97,6 +97,20 @@ def _gate(stat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return (stat.detach() > alpha).to(soft.dtype) + (soft - soft.detach())
 
 
+def _nest(gates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Finer first: a refinement gate counts as open while any finer one is (``g_k OR
+    g_(k+1) OR ...``, as ``a + b - a b`` so the surrogate gradient flows). Closing the gates
+    then walks 8 -> 4 -> 2 bits: while the finer gate is open the coarser one gets no cost
+    gradient, where raw gates would close the coarse one first (it carries ``b_1 - b_0``
+    plus every finer step of the expected bits) and drop a layer from 8 to 2 bits."""
+    out: list[torch.Tensor] = []
+    finer = None
+    for g in reversed(list(gates)):
+        finer = g if finer is None else g + finer - g * finer
+        out.append(finer)
+    return out[::-1]
+
+
 def _expected_bits(bits: Sequence[int], gates: Sequence[torch.Tensor]) -> torch.Tensor:
     """``b_0 + sum_k (b_k - b_(k-1)) g_1 ... g_k``: the bits the gates select."""
     total, opened = torch.tensor(float(bits[0]), dtype=torch.float64), None
@@ -142,13 +156,14 @@ class _Quantizer(nn.Module):
                 m = 0.0 if int(self.seen) == 0 else self.momentum
                 self.stat_mean.mul_(m).add_((1 - m) * now)
                 self.seen += 1
-        self.gates = [_gate(s, a) for s, a in zip(stats, self.alpha)]
+        self.gates = _nest([_gate(s, a) for s, a in zip(stats, self.alpha)])
         z_hat = _combine(parts, self.gates, 2 ** self.bits[-1] - 1) + (z - z.detach())
         return (2 * z_hat - 1) * v if self.signed else z_hat * v
 
     def open_gates(self, stats: Sequence[torch.Tensor] | None = None) -> list[bool]:
         stats = self.stat_mean if stats is None else stats
-        return [bool(s > a) for s, a in zip(stats, self.alpha.detach())]
+        raw = [bool(s > a) for s, a in zip(stats, self.alpha.detach())]
+        return [any(raw[k:]) for k in range(len(raw))]  # nested as in forward (_nest)
 
 
 class _WeightQuantizer(_Quantizer):
