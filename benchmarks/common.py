@@ -40,10 +40,7 @@ class Setup:
 
     def train(self, seed: int = 0):
         """A training loader whose shuffling and augmentation start from ``seed``."""
-        if seed == 0:
-            return fashion_mnist_loaders(128, augment=True, eval_batch_size=BATCH).train
-        return fashion_mnist_loaders(128, augment=True, eval_batch_size=BATCH,
-                                     seed=seed).train
+        return fashion_mnist_loaders(128, augment=True, eval_batch_size=BATCH, seed=seed).train
 
 
 def finetune_options(steps: int) -> dict[str, Any]:

@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     runs += [(f"ILP joint {b:g}x", "ilp", f"bops={b:g}x") for b in args.budgets]
     runs = [r for r in runs if r[1] in args.points]
     ilp_bits = [(w, a) for w in (2, 4, 8) for a in args.activation_bits]
+    pb = args.program_batches or None
     rows = []
     for label, family, budget in runs:
         for seed in args.seeds:
-            pb = args.program_batches or None
             rows.append(prune_point(setup, label, budget, args.finetune_batches, pb, seed)
                         if family == "prune" else
                         run_point(setup, label, family, budget, args.finetune_batches,

@@ -369,8 +369,8 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     together) is clipped to it before every step (None: no clipping): a heavily pruned model
     starts far from its teacher, and its first distillation gradients (norm ~20 on the
     Fashion-MNIST ResNet-20 with a quarter of some groups pruned) otherwise wreck it to a
-    constant prediction. (Learned clipping is off by default: on the Fashion-MNIST ResNet-20 at 60x fewer BOPs
-    it scored 0.2-0.3 pt below max scaling after 150 steps). SGD (Nesterov momentum) or Adam, the
+    constant prediction. (Learned clipping is off by default: on the Fashion-MNIST ResNet-20
+    at 60x fewer BOPs it scored 0.2-0.3 pt below max scaling after 150 steps). SGD (Nesterov momentum) or Adam, the
     learning rate decaying from ``lr`` to 0 along a cosine. Deterministic for a ``seed`` (the
     global RNG is restored afterwards; the loader's own order is the loader's business).
 

@@ -358,7 +358,6 @@ class _Space:
         return self.bits(kept), kept
 
 
-
 def _tie(bits: list[int], layers, sets, which: int) -> None:
     """Give every tied set one value of its ``which`` bits (0 weights, 1 activations): the
     smallest common option at or above its members' maximum, else the largest common one."""
@@ -369,6 +368,7 @@ def _tie(bits: list[int], layers, sets, which: int) -> None:
         value = min(above) if above else max(common, default=want)
         for i in members:
             bits[i] = value
+
 
 def tie_bits(problem: Problem, weight_bits: Sequence[int]) -> dict[str, Option]:
     """Options from wanted weight bits: weight sets take their maximum, activations the same

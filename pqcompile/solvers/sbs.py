@@ -54,7 +54,8 @@ Departures from the paper, and details it leaves open, filled with common practi
   by the group's largest block for the same reason. The raw norms order the gates by
   themselves (a coarse residual is several times a fine one, so fine gates close first); the
   normalized ones do not, hence the explicit finest-first nesting of the gates (without it,
-  a 50-step search on ResNet-20 dropped 9 of 22 layers from 8 straight to 2-bit weights). Thresholds start at 0 (all gates open,
+  a 50-step search on ResNet-20 dropped 9 of 22 layers from 8 straight to 2-bit weights).
+  Thresholds start at 0 (all gates open,
   the search starts at the highest precision and no pruning) and learn by momentum SGD whose
   gradients are divided by a running RMS over all thresholds of one kind (weight bits, pruning,
   activation bits; step about ``gate_lr``): scale-free like Adam, but unlike Adam a gate with
@@ -87,8 +88,8 @@ Departures from the paper, and details it leaves open, filled with common practi
   seed, not on what the context served before. The global RNG state is restored afterwards.
 
 Knobs: ``steps`` (default 150: about 2.5 min on ResNet-20 at batch 128 on two cores), ``lam``,
-``penalty``, ``margin``, ``floor``, ``block`` (channels per pruning block; default ``max(1, size // 8)``
-per group), ``lr``, ``gate_lr``, ``range_lr``, ``distill``, ``temperature``, ``momentum``
+``penalty``, ``margin``, ``floor``, ``block`` (channels per pruning block; default
+``max(1, size // 8)`` per group), ``lr``, ``gate_lr``, ``range_lr``, ``distill``, ``temperature``, ``momentum``
 (running mean of the activation statistics).
 
 >>> z = torch.rand(1000, generator=torch.Generator().manual_seed(0))
