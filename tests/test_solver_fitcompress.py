@@ -13,14 +13,8 @@ from pqcompile.criteria import FisherTrace, prepare
 from pqcompile.meta import CHANNEL_GROUPS
 from pqcompile.passes.sensitivity import channel_importance, layer_sensitivities
 from pqcompile.solvers import build_problem, evaluate, get_solver, resolve_limits
-from pqcompile.solvers.fitcompress import (
-    FITCompressSolver,
-    _initial_stats,
-    _Path,
-    _refresh,
-    _Stream,
-    fit_term,
-)
+from pqcompile.solvers.fit_fisher import _initial_stats, _refresh, _Stream
+from pqcompile.solvers.fitcompress import FITCompressSolver, _Path, fit_term
 from pqcompile.solvers.search import SearchContext
 
 SMALL = {"fisher_min_batches": 2, "fisher_max_batches": 6, "refresh_every": 3,
