@@ -87,6 +87,14 @@ Departures from the paper, and details it leaves open, filled with common practi
   ``context.data`` from its start (re-iterated as needed), so the result depends only on the
   seed, not on what the context served before. The global RNG state is restored afterwards.
 
+Known limitation: a pruning gate's task-loss gradient is the first-order Taylor term of its
+mask, about zero at a trained model's optimum (scaling a channel scales its consumers'
+weights, which sit at a stationary point), while the gate with the most BOPs at stake gets
+the largest cost gradient. On Fashion-MNIST ResNet-20 at 60x fewer BOPs the search keeps 4
+of the 16 channels of the stage-1 residual trunk, with 50 search steps and with 150, and
+the fine-tune does not recover (``benchmarks/solvers.py``; README). A second-order signal
+on the pruning gates is the fix to try.
+
 Knobs: ``steps`` (default 150: about 2.5 min on ResNet-20 at batch 128 on two cores), ``lam``,
 ``penalty``, ``margin``, ``floor``, ``block`` (channels per pruning block; default
 ``max(1, size // 8)`` per group), ``lr``, ``gate_lr``, ``range_lr``, ``distill``, ``temperature``, ``momentum``
