@@ -221,6 +221,13 @@ class _GroupGate(nn.Module):
         self.producers = [(layer, *_rows(index)) for layer, index in producers]
         self.alpha = nn.Parameter(torch.zeros(()))
         self.gates = torch.ones(len(self.blocks))
+        # Per sample and block, d(task)/d(g_p) summed over the mask sites of one backward
+        # (filled by the masks' hooks while ``tracking``), and the running estimate of the
+        # task loss a block's closing costs, 0.5 E[(d task_i / d g_p)^2] (see fisher_update).
+        self.tracking = False
+        self.sample_grad: torch.Tensor | None = None
+        self.register_buffer("closing_cost", torch.zeros(len(self.blocks), dtype=torch.float64))
+        self.register_buffer("fisher_seen", torch.zeros((), dtype=torch.long))
 
     def channel_norms(self) -> torch.Tensor:
         """Per channel: the producers' mean |w| over its rows, each producer over its mean."""
@@ -247,6 +254,30 @@ class _GroupGate(nn.Module):
     def kept(self) -> torch.Tensor:
         return (self.gates.double() * self.block_size.double()).sum()
 
+    def add_sample_grad(self, per_channel: torch.Tensor) -> None:
+        """Add one mask site's ``(N, channels)`` per-sample derivatives, summed per block."""
+        blocks = torch.zeros(per_channel.shape[0], len(self.blocks), dtype=torch.float64)
+        blocks.index_add_(1, self.block_of, per_channel.double())
+        self.sample_grad = blocks if self.sample_grad is None else self.sample_grad + blocks
+
+    def fisher_update(self, momentum: float) -> None:
+        """Fold the last backward's per-sample derivatives into ``closing_cost``: the empirical
+        Fisher of the block's gate, halved (the second-order loss change of moving the gate by
+        one, the first-order term averaging out at a trained model)."""
+        if self.sample_grad is None:
+            return
+        n = self.sample_grad.shape[0]
+        now = 0.5 * ((n * self.sample_grad) ** 2).mean(0)  # the loss is a batch mean
+        m = 0.0 if int(self.fisher_seen) == 0 else momentum
+        self.closing_cost.mul_(m).add_((1 - m) * now)
+        self.fisher_seen += 1
+        self.sample_grad = None
+
+    def fisher_penalty(self) -> torch.Tensor:
+        """``sum_p (1 - g_p) * closing_cost_p``: the task loss the closed blocks are estimated
+        to cost, with the gates' surrogate gradient to ``alpha``."""
+        return ((1.0 - self.gates.double()) * self.closing_cost).sum()
+
 
 def _rows(index: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight rows of a producer and the group channel owning each (``index[i]``: channel i's)."""
@@ -268,7 +299,23 @@ class _Mask(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         table = torch.cat([self.gate.channel_gates(), torch.ones(1)])
-        return y * table[self.position_channel].reshape(self.view).to(y.dtype)
+        out = y * table[self.position_channel].reshape(self.view).to(y.dtype)
+        if self.gate.tracking and out.requires_grad and self.view[0] == 1:
+            kept_y = y.detach()
+            out.register_hook(lambda grad: self._record(kept_y, grad))
+        return out
+
+    def _record(self, y: torch.Tensor, grad: torch.Tensor) -> None:
+        """Per sample and group channel: ``sum y * dL/d(out)``, the derivative of the loss by
+        the channel's gate at this site (dim 0 is the batch)."""
+        prod = (y * grad).double()
+        dims = [d for d, v in enumerate(self.view) if v == 1 and d > 0]
+        if dims:
+            prod = prod.sum(dim=dims)
+        prod = prod.reshape(prod.shape[0], -1)
+        per = torch.zeros(prod.shape[0], self.gate.size + 1, dtype=torch.float64)
+        per.index_add_(1, self.position_channel, prod)
+        self.gate.add_sample_grad(per[:, :-1])
 
 
 def _mask_for(gate: _GroupGate, member: Any, shape: Sequence[int]) -> _Mask:
