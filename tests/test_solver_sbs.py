@@ -105,21 +105,19 @@ def test_feasible_and_ties(name, ratio):
 
 
 def test_floor_stops_the_overshoot_below_the_budget():
-    # lam=1 closes gates far past a 20x budget in a short search; with the floor the
-    # pressure stops below 0.85 of the limit and the costs are pulled back up.
+    # lam=1 closes gates far past a 20x budget; with the floor the pressure stops below 0.85
+    # of the limit and the costs are pulled back up, so the search stays at the budget.
     ctx = context("cnn")
-    runs = {floor: SBSSolver(steps=40, lam=1.0, floor=floor).solve(
+    runs = {floor: SBSSolver(steps=80, lam=1.0, floor=floor).solve(
         ctx.problem, Budget(bops="20x"), context=ctx) for floor in (None, 0.85)}
     ratio = {f: ctx.problem.reference["bops"] / r.info["search_bops"] for f, r in runs.items()}
     band = (20 * 0.95, 20 / 0.85 * 1.05)  # the band [0.85, 0.95] of the limit, up to rounding
-    assert ratio[None] > 1.25 * band[1], ratio  # measured 38.5x
-    # With the floor the overshoot is cut (measured 26.2x) ...
-    assert ratio[0.85] < 0.75 * ratio[None], ratio
-    # ... and the search's own costs are back in the band or at the budget by its last step
-    # (measured 19.9x; the read-off above judges activation gates by the running mean of their
-    # statistics, which lags those last steps).
+    # Measured: 59.5x without the floor; with it 19.9x, and 19.9x at every logged step of the
+    # second half of the search.
+    assert ratio[None] > 2 * band[1], ratio
+    assert band[0] <= ratio[0.85] <= band[1], ratio
     history = [h["bops_ratio"] for h in runs[0.85].info["history"]]
-    assert max(history) < 0.75 * ratio[None] and history[-1] <= band[1], history
+    assert all(band[0] <= x <= band[1] for x in history[len(history) // 2:]), history
     assert bops_ratio(ctx, runs[0.85]) >= 20  # the solution itself (repaired if need be)
 
 
