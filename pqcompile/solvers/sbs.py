@@ -125,7 +125,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -141,12 +141,14 @@ from ..progress import Progress
 from .ilp import infeasible_error
 from .problem import Affine, Option, Problem, Solution, evaluate, resolve_limits
 from .sbs_gates import (
+    _channel_scores,
     _expected_bits,
     _GroupGate,
     _mask_for,
     _Quantizer,
     _read_bits,
     _SBSLayer,
+    _ThresholdOptimizer,
     _WeightQuantizer,
     bit_chain,
     bit_sharing,
@@ -482,40 +484,6 @@ class SBSSolver:
                 kept[g.id] = min((lv for lv in g.levels if lv >= count), default=g.levels[0])
                 scores[g.id] = _channel_scores(gate, margin)
         return bits, kept, scores, closed
-
-
-class _ThresholdOptimizer:
-    """Momentum SGD on a set of thresholds, the gradients divided by a running RMS of the
-    whole set: scale-free like Adam, but a gate with a larger gradient (a larger cost saving
-    or task loss at stake) still moves faster than the others."""
-
-    def __init__(self, params: Sequence[nn.Parameter], lr: float, beta1: float = 0.5,
-                 beta2: float = 0.99) -> None:
-        self.params, self.lr, self.beta1, self.beta2 = list(params), lr, beta1, beta2
-        self.velocity = [torch.zeros_like(p) for p in self.params]
-        self.square, self.count = 0.0, 0
-
-    @torch.no_grad()
-    def step(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        mean_square = float(sum(float(g.pow(2).sum()) for g in grads)) / max(
-            1, sum(g.numel() for g in grads))
-        self.count += 1
-        self.square = self.beta2 * self.square + (1 - self.beta2) * mean_square
-        scale = math.sqrt(self.square / (1 - self.beta2 ** self.count)) + 1e-12
-        for p, g, v in zip(self.params, grads, self.velocity):
-            v.mul_(self.beta1).add_((1 - self.beta1) * (g / scale).clamp(-2.0, 2.0))
-            p.sub_(self.lr * v)
-
-
-def _channel_scores(gate: _GroupGate, margin: torch.Tensor) -> np.ndarray:
-    """Blocks by gate margin (rank), channels inside a block by their own norm (in [0, 0.5])."""
-    order = np.argsort(margin.numpy(), kind="stable")
-    rank = np.empty(len(order))
-    rank[order] = np.arange(len(order))
-    norms = gate.channel_norms().numpy().astype(np.float64)
-    inside = 0.5 * norms / max(float(norms.max()), 1e-12)
-    return rank[gate.block_of.numpy()] + inside
 
 
 def _snap_bits(problem: Problem, wanted_w: Mapping[str, int], wanted_a: Mapping[str, int]

@@ -1,6 +1,7 @@
 """The differentiable pieces of :mod:`pqcompile.solvers.sbs`: the bit-sharing quantizer
 (one residual decomposition over a chain of bit widths, gated refinements) and the channel-group
-pruning gates with their masks. The search network and the solver live in ``sbs.py``."""
+pruning gates with their masks and closing costs, the thresholds' optimizer and the read-off's
+channel ranking. The search network and the solver live in ``sbs.py``."""
 
 from __future__ import annotations
 
@@ -326,3 +327,40 @@ def _mask_for(gate: _GroupGate, member: Any, shape: Sequence[int]) -> _Mask:
     for channel, ix in enumerate(member.index):
         table[np.asarray(ix).ravel()] = channel
     return _Mask(gate, torch.from_numpy(table), shape, dims)
+
+
+# --- the thresholds' optimizer and the read-off ranking ---------------------------------
+
+
+class _ThresholdOptimizer:
+    """Momentum SGD on a set of thresholds, the gradients divided by a running RMS of the
+    whole set: scale-free like Adam, but a gate with a larger gradient (a larger cost saving
+    or task loss at stake) still moves faster than the others."""
+
+    def __init__(self, params: Sequence[nn.Parameter], lr: float, beta1: float = 0.5,
+                 beta2: float = 0.99) -> None:
+        self.params, self.lr, self.beta1, self.beta2 = list(params), lr, beta1, beta2
+        self.velocity = [torch.zeros_like(p) for p in self.params]
+        self.square, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        mean_square = float(sum(float(g.pow(2).sum()) for g in grads)) / max(
+            1, sum(g.numel() for g in grads))
+        self.count += 1
+        self.square = self.beta2 * self.square + (1 - self.beta2) * mean_square
+        scale = math.sqrt(self.square / (1 - self.beta2 ** self.count)) + 1e-12
+        for p, g, v in zip(self.params, grads, self.velocity):
+            v.mul_(self.beta1).add_((1 - self.beta1) * (g / scale).clamp(-2.0, 2.0))
+            p.sub_(self.lr * v)
+
+
+def _channel_scores(gate: _GroupGate, margin: torch.Tensor) -> np.ndarray:
+    """Blocks by gate margin (rank), channels inside a block by their own norm (in [0, 0.5])."""
+    order = np.argsort(margin.numpy(), kind="stable")
+    rank = np.empty(len(order))
+    rank[order] = np.arange(len(order))
+    norms = gate.channel_norms().numpy().astype(np.float64)
+    inside = 0.5 * norms / max(float(norms.max()), 1e-12)
+    return rank[gate.block_of.numpy()] + inside
