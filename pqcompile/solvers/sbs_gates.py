@@ -121,6 +121,15 @@ def _expected_bits(bits: Sequence[int], gates: Sequence[torch.Tensor]) -> torch.
     return total
 
 
+def _running_mean(mean: torch.Tensor, seen: torch.Tensor, now: torch.Tensor,
+                  momentum: float) -> None:
+    """In place: ``mean`` takes ``now`` on the first update, then the exponential mean with
+    ``momentum``; ``seen`` counts the updates."""
+    m = 0.0 if int(seen) == 0 else momentum
+    mean.mul_(m).add_((1 - m) * now)
+    seen += 1
+
+
 def _read_bits(bits: Sequence[int], gates: Sequence[bool]) -> int:
     chosen = bits[0]
     for b, g in zip(bits[1:], gates):
@@ -153,10 +162,7 @@ class _Quantizer(nn.Module):
         parts, stats = _codes(z, self.bits)
         if stats and self.training:
             with torch.no_grad():
-                now = torch.stack(stats)
-                m = 0.0 if int(self.seen) == 0 else self.momentum
-                self.stat_mean.mul_(m).add_((1 - m) * now)
-                self.seen += 1
+                _running_mean(self.stat_mean, self.seen, torch.stack(stats), self.momentum)
         self.gates = _nest([_gate(s, a) for s, a in zip(stats, self.alpha)])
         z_hat = _combine(parts, self.gates, 2 ** self.bits[-1] - 1) + (z - z.detach())
         return (2 * z_hat - 1) * v if self.signed else z_hat * v
@@ -269,9 +275,7 @@ class _GroupGate(nn.Module):
             return
         n = self.sample_grad.shape[0]
         now = 0.5 * ((n * self.sample_grad) ** 2).mean(0)  # the loss is a batch mean
-        m = 0.0 if int(self.fisher_seen) == 0 else momentum
-        self.closing_cost.mul_(m).add_((1 - m) * now)
-        self.fisher_seen += 1
+        _running_mean(self.closing_cost, self.fisher_seen, now, momentum)
         self.sample_grad = None
 
     def fisher_penalty(self) -> torch.Tensor:
