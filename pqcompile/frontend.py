@@ -4,7 +4,8 @@ The user's model is deep-copied first and never touched. Code ``torch.fx`` canno
 (data-dependent control flow, calls on proxies that Python cannot intercept) fails with the
 module path and the user's source line, and names the two ways out: declare the module a leaf
 (``leaf_modules=``), or let pqcompile do it (``fallback="leaf"``), which keeps the untraceable
-submodules as opaque nodes (not pruned, not quantized).
+submodules as opaque nodes (not pruned, not quantized). ``nn.MultiheadAttention`` modules are
+traced as the layers they compute (:mod:`pqcompile.attention`), unless declared leaves.
 
 >>> import torch
 >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), (torch.randn(1, 3),))
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 
+from .attention import decompose_attention
 from .errors import ExampleInputError, TraceError
 from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
 from .passes.base import TRACE_PROVIDES, mark_provided
@@ -119,6 +121,11 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                              f"with {sorted(names)[1:6]}")
 
     work = copy.deepcopy(model).eval()
+    reference = work
+    if any(isinstance(m, torch.nn.MultiheadAttention) for m in work.modules()) and \
+            torch.nn.MultiheadAttention not in leaf_types:
+        reference = copy.deepcopy(work)  # the check compares with the module as written
+        decompose_attention(work, skip=leaf_paths)
     if _Tracer((), ()).is_leaf_module(work, ""):
         # A bare torch.nn layer would trace to functional calls; keep it a module node.
         work = torch.nn.Sequential(work)
@@ -148,7 +155,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     gm.meta["pqc.leaf_modules"] = sorted(leaf_paths)
     mark_provided(gm, TRACE_PROVIDES)
     if check:
-        check_example_inputs(gm, work, example_inputs)
+        check_example_inputs(gm, reference, example_inputs)
     return gm
 
 

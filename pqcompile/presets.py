@@ -28,9 +28,17 @@ _COMPUTE = (nn.Conv2d, nn.Linear)
 
 
 def compute_layers(gm: torch.fx.GraphModule) -> list[str]:
-    """Names of the conv2d and linear nodes, in graph order: the layers that get bits."""
-    return [n.name for n in gm.graph.nodes if n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), _COMPUTE)]
+    """Names of the conv2d and linear nodes that read the model's inputs, in graph order: the
+    layers that get bits. (A layer computing from constants alone, such as a position-bias
+    MLP over a fixed table, stays in float and is folded into a constant.)"""
+    live: set[str] = set()
+    layers = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a.name in live for a in n.all_input_nodes):
+            live.add(n.name)
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _COMPUTE):
+                layers.append(n.name)
+    return layers
 
 
 def uniform(gm: torch.fx.GraphModule, bits: int, activation_bits: int | None = None, *,

@@ -18,6 +18,7 @@ Relax values of its inputs, and returns the Relax value of its output. Integer t
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +28,8 @@ from tvm.relax import op as R
 from tvm.relax.frontend.torch import from_fx
 
 from ..errors import UnsupportedOpError
-from ..meta import QParams
+from ..meta import SHAPE, QParams
+from ..quant.plan import is_split, split_dim
 from ..quant.qmodules import (
     Dequantize,
     FloatOp,
@@ -191,8 +193,55 @@ _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
                      torch.nn.Dropout2d, torch.nn.Dropout3d)
 
 
+def _index_box(shape: tuple[int, ...], index) -> list[tuple[int, int, int]]:
+    """``(begin, end, stride)`` per input axis of basic indexing (ints, slices, None, ...)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    used = sum(1 for it in items if it is not None and it is not Ellipsis)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(shape) - used)
+    items += [slice(None)] * (len(shape) - sum(1 for it in items if it is not None))
+    box, axis = [], 0
+    for it in items:
+        if it is None:
+            continue
+        size = shape[axis]
+        if isinstance(it, int):
+            i = it % size
+            box.append((i, i + 1, 1))
+        else:
+            box.append(it.indices(size))
+        axis += 1
+    return box
+
+
+def getitem(lw: Lowering, node, x) -> relax.Expr:
+    """One item of a split (a slice along its dim), or basic indexing of a tensor: a strided
+    slice, then a reshape to the recorded shape (ints drop axes, ``None`` adds them)."""
+    src, index = node.args
+    in_shape = lw.shape(src.all_input_nodes[0]) if is_split(src) else lw.shape(src)
+    if is_split(src):
+        dim = split_dim(src) % len(in_shape)
+        items = SHAPE.get(src)
+        drop = src.target in ("unbind", torch.unbind)
+        begin = index if drop else sum(int(items[j].shape[dim]) for j in range(index))
+        end = begin + (1 if drop else int(items[index].shape[dim]))
+        box = [(0, s, 1) for s in in_shape]
+        box[dim] = (begin, end, 1)
+    else:
+        box = _index_box(in_shape, index)
+    if any(b != (0, s, 1) for b, s in zip(box, in_shape)):
+        x = lw.bb.emit(R.strided_slice(x, axes=list(range(len(in_shape))),
+                                       begin=[b[0] for b in box], end=[b[1] for b in box],
+                                       strides=[b[2] for b in box]))
+    return lw.bb.emit(R.reshape(x, lw.shape(node)))
+
+
 def movement(lw: Lowering, node, x) -> relax.Expr:
-    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose."""
+    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose,
+    indexing."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return getitem(lw, node, x)
     target = node.target
     if node.op == "call_module":
         module = lw.ref.get_submodule(target)

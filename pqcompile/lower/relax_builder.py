@@ -32,6 +32,7 @@ from tvm import relax
 
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
+from ..quant.plan import is_split
 from .ops import EMITTERS, movement
 
 
@@ -120,6 +121,8 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
                 elif n.op == "output":
                     result = map_arg(n.args[0], lambda a: env[a.name])
                     out_qparams = [QPARAMS.get(a) for a in _flat_nodes(n.args[0])]
+                elif is_split(n) and n.all_input_nodes[0].name in env:
+                    env[n.name] = env[n.all_input_nodes[0].name]  # items slice it (getitem)
                 elif not hasattr(SHAPE.find(n), "shape"):
                     continue  # sizes and other Python values: shapes are static here
                 else:

@@ -6,7 +6,9 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``) and ``float`` (an op with
   no integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
-  view, squeeze, unsqueeze, permute, transpose), ``identity`` (Identity, Dropout, contiguous)
+  view, squeeze, unsqueeze, permute, transpose, indexing with integers, slices, ``None`` and
+  ``...``, and taking one item of a split), ``split`` (chunk, split, tensor_split, unbind:
+  tuple-valued, read only through ``getitem``), ``identity`` (Identity, Dropout, contiguous)
   and ``clip`` (a ReLU/ReLU6 that could not be folded);
 * ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
   float whose only user it is);
@@ -41,7 +43,7 @@ from ..assignment import Assignment
 from ..meta import SHAPE
 
 ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float")
-PASS_THROUGH = ("maxpool", "view", "identity", "clip")
+PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split")
 FUSABLE = ("conv", "linear", "add", "cat", "avgpool")
 
 _ADD = (operator.add, operator.iadd, torch.add)
@@ -50,6 +52,8 @@ _RELU_FN = (F.relu, torch.relu)
 _VIEW_FN = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
             torch.transpose)
 _VIEW_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose")
+_SPLIT_FN = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
+_SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _NONNEG = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, torch.sigmoid, F.sigmoid, F.hardsigmoid,
            F.softmax, torch.softmax, torch.exp, "sigmoid", "softmax", "exp")
 
@@ -172,6 +176,35 @@ def _maxpool_args(gm, n) -> dict | None:
                 "dilation": _pair(d), "ceil_mode": bool(c)}
 
 
+def is_split(n: torch.fx.Node) -> bool:
+    """chunk/split/tensor_split/unbind of one tensor, with Python sizes (a tuple of tensors)."""
+    if not ((n.op == "call_function" and n.target in _SPLIT_FN) or
+            (n.op == "call_method" and n.target in _SPLIT_METHODS)):
+        return False
+    return len(n.all_input_nodes) == 1 and isinstance(n.args[0], torch.fx.Node)
+
+
+def split_dim(n: torch.fx.Node) -> int:
+    """The dimension a :func:`is_split` node splits along (not normalized)."""
+    i = 1 if n.target in ("unbind", torch.unbind) else 2
+    return _arg(n, i, "dim", 0)
+
+
+def is_basic_index(index) -> bool:
+    """Indexing a tensor by integers, slices with steps > 0, ``None`` and ``...`` only."""
+    items = index if isinstance(index, tuple) else (index,)
+    for it in items:
+        if isinstance(it, slice):
+            parts = (it.start, it.stop, it.step)
+            if any(p is not None and not isinstance(p, int) for p in parts) or (
+                    it.step is not None and it.step <= 0):
+                return False
+        elif not (it is None or it is Ellipsis or (isinstance(it, int) and
+                                                    not isinstance(it, bool))):
+            return False
+    return True
+
+
 def _relu_kind(gm, n) -> str | None:
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
@@ -185,6 +218,11 @@ def _relu_kind(gm, n) -> str | None:
 
 
 def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) -> str:
+    if n.op == "call_function" and n.target is operator.getitem and \
+            isinstance(n.args[0], torch.fx.Node) and n.args[0].name in quantized:
+        if plan.kind[n.args[0].name] == "split" or (
+                _is_tensor(n.args[0]) and is_basic_index(n.args[1])):
+            return "view"
     tensor_ins = [a for a in n.all_input_nodes if _is_tensor(a)]
     all_quantized = all(a.name in quantized for a in tensor_ins)
     mod = gm.get_submodule(n.target) if n.op == "call_module" else None
@@ -251,11 +289,15 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
         elif not depends:
             kind = "const"
         elif not _is_tensor(n):
-            if SHAPE.find(n) is not None:
+            if SHAPE.find(n) is not None and is_split(n) and \
+                    n.all_input_nodes[0].name in quantized:
+                kind = "split"
+            elif SHAPE.find(n) is not None:
                 raise ValueError(f"node {n.name!r} ({op_name(gm, n)}) returns several tensors; "
                                  "quantizing tuple-valued ops is not supported: make it a "
                                  "leaf module that returns one tensor")
-            kind = "meta"
+            else:
+                kind = "meta"
         elif n.op == "placeholder":
             kind = "input"
         else:
@@ -323,3 +365,12 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
             signed = True
         plan.signed[n.name] = signed
     return plan
+
+
+def activation_sources(gm: torch.fx.GraphModule, layers: list[str]) -> dict[str, str]:
+    """For each conv/linear layer, the node whose quantized tensor it reads: its input, traced
+    back through pass-through ops (pooling by max, views, ReLUs), since a tensor is quantized
+    once and the layers reading it share its activation bits."""
+    plan = make_plan(gm, Assignment.uniform(layers, 8, 8))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {name: plan.root[nodes[name].all_input_nodes[0].name] for name in layers}

@@ -232,7 +232,7 @@ class _Builder:
         handlers: dict[str, Callable] = {
             "input": self.input, "conv": self.layer, "linear": self.layer, "add": self.add,
             "cat": self.cat, "avgpool": self.avgpool, "maxpool": self.maxpool,
-            "clip": self.clip, "view": self.verbatim, "identity": self.verbatim,
+            "clip": self.clip, "view": self.verbatim, "identity": self.verbatim, "split": self.verbatim,
             "meta": self.verbatim, "float": self.float}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
@@ -248,7 +248,7 @@ def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
     """Constant and shape-valued nodes that float ops (or verbatim ops) read."""
     out = set()
     for n in gm.graph.nodes:
-        if plan.kind[n.name] in ("float", "view", "identity", "meta"):
+        if plan.kind[n.name] in ("float", "view", "identity", "meta", "split"):
             out |= {a.name for a in n.all_input_nodes if plan.kind[a.name] in ("const", "meta")}
     return out
 

@@ -36,6 +36,7 @@ from torch import nn
 from ..assignment import Assignment
 from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
 from ..presets import compute_layers, l1_scores
+from ..quant.plan import activation_sources
 from .problem import (
     DEFAULT_BIT_OPTIONS,
     DEFAULT_KEEP_FRACTIONS,
@@ -172,6 +173,7 @@ def build_problem(gm: torch.fx.GraphModule,
     counter = _Counter(gm, nodes, {g.id for g in decided})
     full = {g.id: g.size for g in decided}
     layers, seen, params = [], set(), _Params()
+    sources = activation_sources(gm, list(names))
     for name in names:
         n = nodes[name]
         m = gm.get_submodule(n.target)
@@ -182,7 +184,7 @@ def build_problem(gm: torch.fx.GraphModule,
             params.add_module(m, out, exclude="weight")
         sens = _layer_sensitivity(sensitivities, gm, name, options[name])
         layer = Layer(name, COST.get(n).macs, m.weight.numel(), out, cin, mscale,
-                      ksize if first else 0, options[name], sens, n.args[0].name,
+                      ksize if first else 0, options[name], sens, sources[name],
                       str(n.target))
         pairs = out.value(full) * cin.value(full)
         if mscale * pairs != layer.fp32_macs or ksize * pairs != layer.weight_numel:
