@@ -25,35 +25,44 @@ True
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 
-from .budget import Budget
+from .budget import Budget, BudgetError
 from .build import Compiled, analysis, finish, prepare
+from .errors import DataError, ExampleInputError, ModelError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
-from .meta import BITS
+from .frontend import check_example_inputs
+from .meta import BITS, EXAMPLE_INPUTS
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
 from .progress import Stages
-from .solvers import build_problem, get_solver, to_assignment
+from .solvers import build_problem, get_solver, list_solvers, to_assignment
 from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
 from .solvers.search import SearchContext, needs_context
+from .targets import get_target
 
 _FINETUNE_KEYS = {"epochs", "lr", "distill", "temperature", "max_batches", "optimizer",
                   "weight_decay", "momentum", "distill_weight", "learn_weight_clip",
                   "max_grad_norm"}
+_LOWERING_BITS = range(2, 9)  # the weight and activation widths the integer lowering takes
+_PINNED_BITS = (8, 8)  # the first and last layers' (weight, activation) bits
 
 
-def _batches(data: Iterable[Any] | None, n: int) -> list[Any] | None:
+def _batches(data: Iterable[Any] | None, n: int,
+             graph: torch.fx.GraphModule) -> list[Any] | None:
     if data is None:
         return None
     batches = list(islice(iter(data), n))
     if not batches:
-        raise ValueError("data is empty: pass a DataLoader (or iterable) of (inputs, target) "
-                         "batches, or data=None for the data-free path")
+        raise DataError("data is empty: pass a DataLoader (or iterable) of (inputs, target) "
+                        "batches, or data=None for the data-free path")
+    _check_batches(graph, batches)
     return batches
 
 
@@ -86,50 +95,55 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     ``finetune``: ``{"epochs": 1, "lr": 1e-3, "distill": True, "max_batches": None, ...}``;
     needs ``data`` (``(inputs, target)`` batches). The result's ``.solution`` holds the
     solver's choice and predicted costs, ``.totals`` the built model's.
+
+    A wrong argument fails before any pass runs, with an error of :mod:`pqcompile.errors`
+    (``ModelError``, ``NonFiniteWeightError``, ``ExampleInputError``, ``DataError``,
+    ``OptionError``), :class:`~pqcompile.budget.BudgetError`,
+    :class:`~pqcompile.targets.UnknownTargetError` or
+    :class:`~pqcompile.targets.ToolchainError`; data batches that do not fit the model fail
+    with ``DataError`` as soon as they are read.
     """
+    # Every argument is checked before the first pass runs, so none fails after minutes of
+    # search; data batches are checked against the traced model as they are read.
+    _check_model(model)
+    example_inputs = _check_example_inputs(example_inputs)
     if budget is None:
-        raise ValueError("budget is required, e.g. Budget(bops='60x') (60 times fewer bit "
-                         "operations than FP32) or Budget(weight_bytes='200KB')")
+        raise BudgetError("budget is required, e.g. Budget(bops='60x') (60 times fewer bit "
+                          "operations than FP32) or Budget(weight_bytes='200KB')")
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a pqcompile Budget or its text form, got "
                         f"{type(budget).__name__}")
-    if finetune is not None:
-        unknown = set(finetune) - _FINETUNE_KEYS
-        if unknown:
-            raise ValueError(f"unknown finetune options {sorted(unknown)}; known: "
-                             f"{sorted(_FINETUNE_KEYS)}")
-        if data is None:
-            raise ValueError("finetune needs data: pass data= (a DataLoader of (inputs, target) "
-                             "batches)")
-    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
-        else tuple(example_inputs)
+    get_target(target).find_cross_compiler()  # an unknown target or a missing linker
+    chosen = _check_solver(solver, solver_options)
+    _check_finetune(finetune)
+    _check_data(data, finetune, chosen)
+    bit_options = _check_bit_options(bit_options)
+    keep_levels = _check_keep_levels(keep_levels)
+    for name, value in (("calibration_batches", calibration_batches),
+                        ("sensitivity_batches", sensitivity_batches)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise OptionError(f"{name} must be a positive int (a number of data batches), got "
+                              f"{value!r}")
     torch.manual_seed(seed)
     names = ["analysis", "sensitivity", "solve"] + (["fine-tune"] if finetune else []) \
         + ["quantize, lower, build"]
     stage = Stages(names, enabled=progress)
     with stage("analysis"):
         fp32 = analysis(model, example_inputs)
-    sens_batches = _batches(data, sensitivity_batches)
+    sens_batches = _batches(data, sensitivity_batches, fp32)
     with stage("sensitivity", f"{len(sens_batches)} batches" if sens_batches else "data-free"):
         scored = SensitivityAnalysis(
             criterion, sens_batches, channel_criterion=channel_criterion,
-            bit_options=bit_options or DEFAULT_BIT_OPTIONS)(fp32).graph_module
+            bit_options=bit_options)(fp32).graph_module
         importance = channel_importance(scored)
         problem = build_problem(scored, layer_sensitivities(scored), importance,
-                                bit_options=bit_options or DEFAULT_BIT_OPTIONS,
-                                keep_levels=keep_levels or DEFAULT_KEEP_FRACTIONS,
+                                bit_options=bit_options, keep_levels=keep_levels,
                                 multiple=multiple)
     teacher = copy.deepcopy(model).eval()  # the user's model keeps its mode and weights
-    chosen = get_solver(solver, **dict(solver_options or {})) if isinstance(solver, str) \
-        else solver
     with stage("solve", getattr(chosen, "name", str(solver))):
         if needs_context(chosen):
-            if data is None:
-                raise ValueError(f"solver {getattr(chosen, 'name', solver)!r} searches on "
-                                 "data: pass data= (a DataLoader of (inputs, target) batches), "
-                                 "or pick a data-free solver such as 'ilp'")
             context = SearchContext(problem, scored, teacher=teacher, data=data,
                                     held_out=validation, channel_scores=importance, seed=seed,
                                     progress=progress)
@@ -155,7 +169,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         extra["activation_amax"] = amax
     else:
         prepared = prepare(fp32, assignment)
-    calib_batches = _batches(data, calibration_batches)
+    calib_batches = _batches(data, calibration_batches, fp32)
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
     with stage("quantize, lower, build", str(target)):
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
@@ -166,3 +180,166 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     compiled.calibration = (f"{len(calibration)} batches of data" if calib_batches
                             else "the example inputs (no data given)")
     return compiled
+
+
+def _check_model(model: Any) -> None:
+    """An eager module whose parameters and normalization statistics are all finite."""
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a "
+                         "function in an nn.Module whose forward calls it")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("model is a TorchScript module; pass the eager nn.Module instead")
+    stats = [(name, buf) for name, buf in model.named_buffers()
+             if name.rpartition(".")[2] in ("running_mean", "running_var")]
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", stats)):
+        for name, tensor in named:
+            if not tensor.is_floating_point() or tensor.is_meta:
+                continue
+            bad = ~torch.isfinite(tensor.detach())
+            if bad.any():
+                path = name.rpartition(".")[0]
+                owner = type(model.get_submodule(path)).__name__
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise NonFiniteWeightError(
+                    f"{kind} {name!r} ({owner} {path!r}) holds "
+                    f"{int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} "
+                    f"inf value(s), the first at index {where}: pqcompile needs finite weights; "
+                    "load a checkpoint from before training diverged, or re-initialize or "
+                    "retrain that layer")
+
+
+def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise ExampleInputError(
+            "example_inputs must be a non-empty tuple of tensors, one per forward() argument, "
+            f"got {type(example_inputs).__name__}")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ExampleInputError(
+                f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor; convert it "
+                "with torch.as_tensor(...) (one tensor per forward() argument)")
+    return tuple(example_inputs)
+
+
+def _check_solver(solver: Any, options: Mapping | None) -> Any:
+    """The solver object: a registered name built with ``options``, or ``solver`` itself."""
+    if isinstance(solver, str):
+        if solver not in list_solvers():
+            close = difflib.get_close_matches(solver, list_solvers(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"unknown solver {solver!r}.{hint} Registered solvers: "
+                              f"{', '.join(list_solvers())} (pqcompile.solvers.list_solvers(); "
+                              "add one with pqcompile.solvers.register_solver)")
+        return get_solver(solver, **dict(options or {}))
+    if not callable(getattr(solver, "solve", None)):
+        raise OptionError(f"solver must be a registered name such as 'ilp' or an object with a "
+                          f"solve(problem, budget) method, got {type(solver).__name__}")
+    return solver
+
+
+def _check_finetune(finetune: Any) -> None:
+    if finetune is None:
+        return
+    if not isinstance(finetune, Mapping):
+        raise OptionError(f"finetune must be a dict of options such as {{'epochs': 1, 'lr': "
+                          f"1e-3}}, got {type(finetune).__name__}")
+    unknown = sorted(map(str, set(finetune) - _FINETUNE_KEYS))
+    if unknown:
+        close = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown
+                 if (m := difflib.get_close_matches(k, sorted(_FINETUNE_KEYS), n=1))]
+        hint = f" ({'; '.join(close)})" if close else ""
+        raise OptionError(f"unknown finetune options {unknown}{hint}; known: "
+                          f"{sorted(_FINETUNE_KEYS)}")
+
+
+def _check_data(data: Any, finetune: Mapping | None, solver: Any) -> None:
+    """``data`` is given where an option needs it, and can be read more than once."""
+    if data is None:
+        if finetune is not None:
+            raise DataError("finetune needs data: pass data= (a DataLoader of (inputs, target) "
+                            "batches), or finetune=None")
+        if needs_context(solver):
+            raise DataError(f"solver {getattr(solver, 'name', solver)!r} searches on data: "
+                            "pass data= (a DataLoader of (inputs, target) batches), or pick a "
+                            "data-free solver such as 'ilp'")
+        return
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise DataError(f"data must be an iterable of (inputs, target) batches, such as a "
+                        f"DataLoader or a list, got {type(data).__name__}")
+    if isinstance(data, Iterator):
+        raise DataError(f"data is a {type(data).__name__}, an iterator that can be read only "
+                        "once, but compile() reads the data several times (sensitivity, "
+                        "calibration, fine-tuning): pass a list of batches or a DataLoader")
+
+
+def _check_bit_options(bit_options: Any) -> tuple[tuple[int, int], ...]:
+    if bit_options is None:
+        return DEFAULT_BIT_OPTIONS
+    if isinstance(bit_options, (str, bytes)) or not isinstance(bit_options, Iterable):
+        raise OptionError(f"bit_options must be a list of (weight bits, activation bits) "
+                          f"pairs such as [(8, 8), (4, 8)], got {bit_options!r}")
+    options = list(bit_options)
+    if not options:
+        raise OptionError("bit_options is empty: give (weight bits, activation bits) pairs "
+                          "such as [(8, 8), (4, 8)], or None for the default")
+    for option in options:
+        if isinstance(option, (str, bytes)) or not isinstance(option, Sequence) \
+                or len(option) != 2 or not all(isinstance(b, Integral) and not isinstance(
+                    b, bool) and b in _LOWERING_BITS for b in option):
+            raise OptionError(f"bit_options: {option!r} is not a (weight bits, activation "
+                              f"bits) pair of ints in {_LOWERING_BITS.start}.."
+                              f"{_LOWERING_BITS.stop - 1}, the widths the integer lowering "
+                              f"takes; e.g. (4, 8)")
+    pairs = tuple(sorted({(int(w), int(a)) for w, a in options}))
+    if _PINNED_BITS not in pairs:
+        raise OptionError(f"bit_options {list(pairs)} lack {_PINNED_BITS}: the first and last "
+                          f"layers are kept at {_PINNED_BITS[0]}/{_PINNED_BITS[1]} bits; add "
+                          f"{_PINNED_BITS}")
+    return pairs
+
+
+def _check_keep_levels(keep_levels: Any) -> tuple[float, ...]:
+    if keep_levels is None:
+        return DEFAULT_KEEP_FRACTIONS
+    levels = list(keep_levels) if isinstance(keep_levels, Iterable) \
+        and not isinstance(keep_levels, (str, bytes)) else None
+    if not levels or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1
+                             for f in levels):
+        raise OptionError(f"keep_levels must be fractions in (0, 1] of each channel group's "
+                          f"channels, e.g. (1.0, 0.75, 0.5), got {keep_levels!r}; (1.0,) "
+                          "keeps every channel (no pruning)")
+    return tuple(float(f) for f in levels)
+
+
+def _check_batches(graph: torch.fx.GraphModule, batches: Sequence[Any]) -> None:
+    """Every batch is a tensor or a tuple of tensors (inputs first), and the traced model runs
+    on each distinct input shape and dtype (cut to the example inputs' batch size)."""
+    examples = EXAMPLE_INPUTS.get(graph).args
+    n_inputs = len(examples)
+    tried: set[tuple] = set()
+    for i, batch in enumerate(batches):
+        inputs = (batch,) if isinstance(batch, torch.Tensor) else \
+            tuple(batch[:n_inputs]) if isinstance(batch, (tuple, list)) else ()
+        if len(inputs) != n_inputs or not all(isinstance(t, torch.Tensor) and t.dim()
+                                              for t in inputs):
+            got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else \
+                f"a {type(batch).__name__} of {[type(t).__name__ for t in batch]}"
+            raise DataError(f"data batch {i} is {got}: yield (inputs, target) batches whose "
+                            f"first {n_inputs} item(s) are batched input tensors, as a "
+                            "DataLoader over a TensorDataset does")
+        key = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+        if key in tried:
+            continue
+        tried.add(key)
+        try:
+            check_example_inputs(graph, None, tuple(t[:len(e)] if e.dim() else t
+                                                    for t, e in zip(inputs, examples)))
+        except ExampleInputError as exc:
+            where = str(exc).removeprefix("example inputs do not fit the model: ")
+            where = where.split(". Give example inputs")[0]
+            shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
+            raise DataError(f"data batch {i} (inputs {shapes}) does not fit the model: {where}. "
+                            "Give batches whose inputs have the example inputs' shape (batch "
+                            "size aside) and dtype") from exc.__cause__

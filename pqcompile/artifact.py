@@ -162,7 +162,11 @@ class Artifact:
             manifest = runner.read_manifest(directory)
             files = runner.read_files(directory, manifest)
         except runner.ArtifactFormatError as err:
-            raise ArtifactError(f"cannot load the artifact in {directory}: {err}") from None
+            # A version mismatch names its own remedy; damage is repaired from the source.
+            hint = "" if "format version" in str(err) else (
+                "; copy the artifact directory again from where it was saved, or rebuild it "
+                "and save it again")
+            raise ArtifactError(f"cannot load the artifact in {directory}: {err}{hint}") from None
         return cls(manifest, files)
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -189,7 +193,8 @@ class Artifact:
     def __call__(self, *inputs: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         """Run on this machine; only for an artifact built for this machine's architecture.
 
-        Raises ``ValueError`` naming the input whose shape or dtype is wrong.
+        Raises :class:`ArtifactError` (a ``ValueError``) naming the input whose shape or
+        dtype is wrong.
         """
         if self.arch != host_arch():
             raise ArtifactError(
@@ -197,8 +202,7 @@ class Artifact:
                 f"and this machine is {host_arch()}: save it and run `python runner.py "
                 f"ARTIFACT_DIR` on the device, or run it here under qemu with "
                 f"artifact.run_emulated(...)")
-        arrays = [np.asarray(a) for a in inputs]
-        runner.check_inputs(self._manifest["inputs"], arrays)
+        arrays = _checked_inputs(self._manifest["inputs"], inputs)
         vm, params = self._session()
         outputs = runner.run(vm, self._manifest["entry"], runner.to_tensors(arrays) + params)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -212,8 +216,7 @@ class Artifact:
 
         Raises ``pqcompile.targets.EmulatorError`` with the runner's message when it fails.
         """
-        arrays = [np.asarray(a) for a in inputs]
-        runner.check_inputs(self._manifest["inputs"], arrays)
+        arrays = _checked_inputs(self._manifest["inputs"], inputs)
         with tempfile.TemporaryDirectory(prefix="pqcompile-emulate-") as tmp:
             root = Path(tmp)
             args = [str(self.save(root / "artifact"))]
@@ -285,6 +288,20 @@ class Artifact:
         return (f"Artifact(target={m['target']['name']!r}, arch={self.arch!r}, "
                 f"inputs={[i['name'] for i in m['inputs']]}, params={len(m['params'])}, "
                 f"nbytes={self.nbytes})")
+
+
+def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[np.ndarray]:
+    """The inputs as numpy arrays; :class:`ArtifactError` naming the first that does not match
+    the manifest, with the shape and dtype it needs."""
+    arrays = [np.asarray(a) for a in inputs]
+    try:
+        runner.check_inputs(specs, arrays)
+    except ValueError as err:
+        hint = ("pass one array per input, in that order" if len(arrays) != len(specs) else
+                "convert the array to that dtype, or compile again with example inputs of "
+                "the shape to run (shapes, batch size included, are fixed when compiling)")
+        raise ArtifactError(f"{err}; {hint}") from None
+    return arrays
 
 
 def _flat_outputs(ty: Any) -> list[tuple[str, Any]]:

@@ -39,6 +39,11 @@ _UNITS = {"bops": _COUNT_UNITS, "macs": _COUNT_UNITS, "weight_bytes": _BYTE_UNIT
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+class BudgetError(PQCompileError, ValueError):
+    """A budget is missing or malformed: an unknown key, a bad unit, a limit that is not a
+    positive number; the message names the entry and shows the accepted form."""
+
+
 class InfeasibleBudgetError(PQCompileError, ValueError):
     """No assignment in the search space meets the budget.
 
@@ -68,22 +73,22 @@ def _parse_value(key: str, value: Any) -> int | float | str:
             try:
                 ratio = float(text[:-1])
             except ValueError:
-                raise ValueError(f"Budget.{key}={value!r}: a reduction ratio is a number "
-                                 "followed by 'x', e.g. '60x'") from None
+                raise BudgetError(f"Budget.{key}={value!r}: a reduction ratio is a number "
+                                  "followed by 'x', e.g. '60x'") from None
             if not math.isfinite(ratio) or ratio < 1:
-                raise ValueError(f"Budget.{key}={value!r}: a reduction ratio must be at least "
-                                 "1x (1x = the FP32 reference itself)")
+                raise BudgetError(f"Budget.{key}={value!r}: a reduction ratio must be at least "
+                                  "1x (1x = the FP32 reference itself)")
             return f"{ratio:g}x"
         match = _NUMBER.match(text)
         units = _UNITS[key]
         unit = match.group(2).lower() if match else None
         if match is None or unit not in units:
             names = ", ".join(repr(u) for u in units if u) or "none"
-            raise ValueError(f"Budget.{key}={value!r}: expected a number with an optional unit "
-                             f"({names}) or a reduction ratio such as '60x'")
+            raise BudgetError(f"Budget.{key}={value!r}: expected a number with an optional unit "
+                              f"({names}) or a reduction ratio such as '60x'")
         value = float(match.group(1)) * units[unit]
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Budget.{key}={value!r}: a limit must be a positive, finite number")
+        raise BudgetError(f"Budget.{key}={value!r}: a limit must be a positive, finite number")
     return int(value) if float(value).is_integer() else value
 
 
@@ -107,8 +112,8 @@ class Budget:
             if value is not None:
                 object.__setattr__(self, f.name, _parse_value(f.name, value))
         if not self.items():
-            raise ValueError("Budget sets no limit: give at least one of "
-                             f"{', '.join(BUDGET_KEYS)}, e.g. Budget(bops='60x')")
+            raise BudgetError("Budget sets no limit: give at least one of "
+                              f"{', '.join(BUDGET_KEYS)}, e.g. Budget(bops='60x')")
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.items().items())
@@ -127,7 +132,7 @@ class Budget:
         """Bounds as reduction ratios: ``Budget.reduction(bops=60) == Budget(bops="60x")``."""
         unknown = sorted(set(ratios) - set(BUDGET_KEYS))
         if unknown:
-            raise ValueError(f"unknown budget key(s) {unknown}: use {', '.join(BUDGET_KEYS)}")
+            raise BudgetError(f"unknown budget key(s) {unknown}: use {', '.join(BUDGET_KEYS)}")
         return cls(**{k: f"{float(v):g}x" if isinstance(v, (int, float))
                       and not isinstance(v, bool) else v for k, v in ratios.items()})
 
@@ -145,13 +150,14 @@ class Budget:
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or not value.strip():
-                raise ValueError(f"budget {text!r}: {part!r} is not key=value; write e.g. "
-                                 "'bops=60x,weight_bytes=200KB'")
+                raise BudgetError(f"budget {text!r}: {part!r} is not key=value; write e.g. "
+                                  "'bops=60x,weight_bytes=200KB'")
             if key not in BUDGET_KEYS:
-                raise ValueError(f"budget {text!r}: unknown key {key!r}; use "
-                                 f"{', '.join(BUDGET_KEYS)}")
+                raise BudgetError(f"budget {text!r}: unknown key {key!r}; use "
+                                  f"{', '.join(BUDGET_KEYS)}")
             if key in values:
-                raise ValueError(f"budget {text!r}: {key!r} is given twice")
+                raise BudgetError(f"budget {text!r}: {key!r} is given twice; give each key "
+                                  "once")
             values[key] = value.strip()
         return cls(**values)
 
@@ -181,11 +187,12 @@ class Budget:
     def from_json(cls, text: str) -> Budget:
         data = json.loads(text)
         if data.pop("format", None) != FORMAT_VERSION:
-            raise ValueError(f"budget format is not {FORMAT_VERSION}: this pqcompile reads "
-                             f"format {FORMAT_VERSION} (got {text[:80]!r})")
+            raise BudgetError(f"budget format is not {FORMAT_VERSION}: this pqcompile reads "
+                              f"format {FORMAT_VERSION} (got {text[:80]!r})")
         unknown = sorted(set(data) - set(BUDGET_KEYS))
         if unknown:
-            raise ValueError(f"budget JSON has unknown key(s) {unknown}")
+            raise BudgetError(f"budget JSON has unknown key(s) {unknown}; use "
+                              f"{', '.join(BUDGET_KEYS)}")
         return cls(**data)
 
 

@@ -32,3 +32,22 @@ class PipelineError(PQCompileError, ValueError):
 
 class UnsupportedOpError(PQCompileError, NotImplementedError):
     """An op has no handling in this pass; the message names the node and the op."""
+
+
+class ModelError(PQCompileError, TypeError):
+    """The model is not an eager ``torch.nn.Module`` (a function, a TorchScript module, ...)."""
+
+
+class NonFiniteWeightError(PQCompileError, ValueError):
+    """A parameter or normalization statistic of the model holds NaN or inf; the message names
+    it."""
+
+
+class DataError(PQCompileError, ValueError):
+    """The data is missing where an option needs it, empty, read-once, or its batches do not fit
+    the model; the message names the batch (and the failing node)."""
+
+
+class OptionError(PQCompileError, ValueError):
+    """An option has an unknown name or a value outside what it accepts (solver, fine-tuning
+    options, bit options, keep levels); the message lists what is accepted."""

@@ -4,7 +4,9 @@ The user's model is deep-copied first and never touched. Code ``torch.fx`` canno
 (data-dependent control flow, calls on proxies that Python cannot intercept) fails with the
 module path and the user's source line, and names the two ways out: declare the module a leaf
 (``leaf_modules=``), or let pqcompile do it (``fallback="leaf"``), which keeps the untraceable
-submodules as opaque nodes (not pruned, not quantized). ``nn.MultiheadAttention`` modules are
+submodules as opaque nodes (not pruned, not quantized). Code that only branches on tensor
+*shapes* is traced again with the example inputs' shapes fixed (:mod:`pqcompile.shape_trace`;
+``gm.meta["pqc.shape_specialized"]`` says so). ``nn.MultiheadAttention`` modules are
 traced as the layers they compute (:mod:`pqcompile.attention`), unless declared leaves.
 
 >>> import torch
@@ -27,6 +29,7 @@ from .attention import decompose_attention
 from .errors import ExampleInputError, TraceError
 from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
 from .passes.base import TRACE_PROVIDES, mark_provided
+from .shape_trace import ShapeTracingMixin
 
 _FALLBACKS = (None, "leaf")
 
@@ -85,11 +88,20 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def _run_trace(model: torch.nn.Module, leaf_paths: set[str],
-               leaf_types: tuple[type, ...]) -> torch.fx.GraphModule:
-    tracer = _Tracer(leaf_paths, leaf_types)
+class _ShapeTracer(ShapeTracingMixin, _Tracer):
+    """:class:`_Tracer` that runs the example inputs as it traces (shapes are concrete)."""
+
+
+def _run_trace(model: torch.nn.Module, leaf_paths: set[str], leaf_types: tuple[type, ...],
+               example_inputs: Sequence[torch.Tensor] | None = None) -> torch.fx.GraphModule:
+    """fx's symbolic trace; with ``example_inputs``, the shape-specialized one."""
+    tracer = (_Tracer if example_inputs is None else _ShapeTracer)(leaf_paths, leaf_types)
     try:
-        graph = tracer.trace(model)
+        if example_inputs is None:
+            graph = tracer.trace(model)
+        else:
+            with torch.no_grad():
+                graph = tracer.trace_with(model, example_inputs)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... by case
         exc.pqc_module_path = tracer.path_stack[-1] if tracer.path_stack else ""
         raise
@@ -129,9 +141,14 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     if _Tracer((), ()).is_leaf_module(work, ""):
         # A bare torch.nn layer would trace to functional calls; keep it a module node.
         work = torch.nn.Sequential(work)
+    specialized = False
     while True:
         try:
-            gm = _run_trace(work, leaf_paths, leaf_types)
+            try:
+                gm = _run_trace(work, leaf_paths, leaf_types)
+            except Exception:  # noqa: BLE001 (retried with shapes; its error is reported)
+                gm = _run_trace(work, leaf_paths, leaf_types, example_inputs)
+                specialized = True
             break
         except Exception as exc:
             path = getattr(exc, "pqc_module_path", "")
@@ -153,6 +170,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                                                        for t in example_inputs))
     gm.meta[SOURCE_MODEL.name] = type(model).__name__
     gm.meta["pqc.leaf_modules"] = sorted(leaf_paths)
+    gm.meta["pqc.shape_specialized"] = specialized
     mark_provided(gm, TRACE_PROVIDES)
     if check:
         check_example_inputs(gm, reference, example_inputs)

@@ -156,14 +156,15 @@ def test_calibrate_gives_the_ranges_build_reference_uses_and_amax_overrides_them
 # --- QAT on Fashion-MNIST ---------------------------------------------------------------------
 
 
-def test_qat_recovers_3bit_accuracy_lost_by_ptq(fashion):
-    """At 4 bits this model loses only ~0.3 pt to PTQ, too little for 150 QAT steps to win
-    back measurably; at 3 bits PTQ loses 4 pt and QAT recovers 1 of them (measured on the
-    suite's AVX2 path: float 0.8711, PTQ 0.8306, QAT 0.8408; on AVX-512: 0.8770, 0.8193,
-    0.8354)."""
+def test_qat_recovers_2bit_accuracy_lost_by_ptq(fashion):
+    """With 2-bit weights (4-bit activations) PTQ loses ~19 pt and 150 QAT steps win back
+    ~12 of them, a margin no CPU's float rounding moves (measured on the suite's AVX2 path,
+    AMD EPYC: float 0.8735, PTQ 0.6826, QAT 0.8013). At 3 or 4 bits PTQ loses too little for
+    150 steps to recover measurably on every machine (3 bits: +1.0 pt on one CPU, +0.2 pt on
+    another)."""
     model, train, test, calib = fashion
     gm = analysis(model, (calib[0][:1],))
-    a = uniform(gm, 3)  # every layer 3-bit weights and activations, the input included
+    a = uniform(gm, 2, 4)  # every layer 2-bit weights, 4-bit activations, the input included
     fp = accuracy(model, test)
     ptq = accuracy(build_reference(compressed_graph(gm, a), a, calib), test)
     start = time.perf_counter()
@@ -175,10 +176,10 @@ def test_qat_recovers_3bit_accuracy_lost_by_ptq(fashion):
     fq = fake_quant_model(tuned, a, amax).eval()
     x = torch.cat([b[0] for b in test[:4]])  # 256 test images
     agree = agreement(fq, ref, x)
-    print(f"\n3-bit W/A on {sum(len(y) for _, y in test)} test images: float {fp:.4f}, "
+    print(f"\n2-bit W / 4-bit A on {sum(len(y) for _, y in test)} test images: float {fp:.4f}, "
           f"PTQ {ptq:.4f}, QAT {qat:.4f} (150 steps, {elapsed:.1f} s); integer reference vs "
           f"QAT fake-quant predictions agree on {100 * agree:.1f} % of 256")
-    assert qat > ptq + 0.005
+    assert qat > ptq + 0.05
     assert agree >= 0.99
 
 

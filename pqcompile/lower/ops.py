@@ -219,7 +219,7 @@ def getitem(lw: Lowering, node, x) -> relax.Expr:
     """One item of a split (a slice along its dim), or basic indexing of a tensor: a strided
     slice, then a reshape to the recorded shape (ints drop axes, ``None`` adds them)."""
     src, index = node.args
-    in_shape = lw.shape(src.all_input_nodes[0]) if is_split(src) else lw.shape(src)
+    in_shape = lw.shape(src.args[0]) if is_split(src) else lw.shape(src)
     if is_split(src):
         dim = split_dim(src) % len(in_shape)
         items = SHAPE.get(src)
@@ -262,6 +262,13 @@ def movement(lw: Lowering, node, x) -> relax.Expr:
             axes = list(range(ndim))
             axes[d0], axes[d1] = axes[d1], axes[d0]
         return lw.bb.emit(R.permute_dims(x, [int(a) % ndim for a in axes]))
+    if name in ("channel_shuffle", "native_channel_shuffle", "channelshuffle"):
+        n, c, *rest = lw.shape(node)
+        g = lw.ref.get_submodule(node.target).groups if node.op == "call_module" else \
+            int(node.args[1] if len(node.args) > 1 else node.kwargs["groups"])
+        y = lw.bb.emit(R.reshape(x, (n, g, c // g, *rest)))
+        y = lw.bb.emit(R.permute_dims(y, [0, 2, 1, *range(3, 3 + len(rest))]))
+        return lw.bb.emit(R.reshape(y, (n, c, *rest)))
     if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
         return lw.bb.emit(R.reshape(x, lw.shape(node)))
     raise UnsupportedOpError(f"node {node.name!r} ({name}) has no integer lowering and was "

@@ -121,8 +121,8 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
                 elif n.op == "output":
                     result = map_arg(n.args[0], lambda a: env[a.name])
                     out_qparams = [QPARAMS.get(a) for a in _flat_nodes(n.args[0])]
-                elif is_split(n) and n.all_input_nodes[0].name in env:
-                    env[n.name] = env[n.all_input_nodes[0].name]  # items slice it (getitem)
+                elif is_split(n) and n.args[0].name in env:
+                    env[n.name] = env[n.args[0].name]  # its items slice it (getitem)
                 elif not hasattr(SHAPE.find(n), "shape"):
                     continue  # sizes and other Python values: shapes are static here
                 else:

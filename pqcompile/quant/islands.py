@@ -4,8 +4,10 @@ The same graph runs in the reference (torch) and is translated for the compiled 
 fx frontend), so both compute the op with the same float64 arithmetic. Modules are traced
 through to functional calls, their parameters turned into float64 constants (the frontend
 takes float64 constants but not float64 module parameters). A module whose ``forward`` cannot
-be traced, or that the compiled program cannot run in float64 (TVM's ``layer_norm`` kernel, for
-one, is float32-only), stays one call in float32 between casts (``precision == "float32"``).
+be traced, or that the compiled program cannot run in float64, stays one call in float32
+between casts (``precision == "float32"``). Batch and layer norms are written as the
+elementwise ops they compute first, so they run in float64 (TVM's own ``layer_norm`` and
+``batch_norm`` kernels are float32-only).
 Each candidate is translated and legalized by TVM first (no code generation), so the choice is
 made once, here, and the reference and the program always agree on it.
 
@@ -14,7 +16,7 @@ made once, here, and the reference and the program always agree on it.
 >>> island.precision, [n.op for n in island.fn.graph.nodes]
 ('float64', ['placeholder', 'call_function', 'output'])
 >>> make_island(torch.nn.LayerNorm(3), "call_module", (Slot(0),), {}, [(2, 3)]).precision
-'float32'
+'float64'
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import UnsupportedOpError
+from ..shape_trace import ShapeTracingMixin
 
 
 class Slot(int):
@@ -37,6 +40,10 @@ class Slot(int):
 class _FlatTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return False
+
+
+class _ShapeFlatTracer(ShapeTracingMixin, _FlatTracer):
+    pass
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -94,6 +101,57 @@ def _params_to_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
+def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``F.layer_norm`` written with elementwise ops and means, so that it runs in float64 in
+    both torch and TVM (whose ``layer_norm`` kernel is float32-only)."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    d = x - x.mean(dims, keepdim=True)
+    y = d / torch.sqrt((d * d).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+class _LayerNorm(nn.Module):
+    def __init__(self, m: nn.LayerNorm) -> None:
+        super().__init__()
+        self.shape, self.eps = tuple(m.normalized_shape), m.eps
+        self.weight = None if m.weight is None else nn.Parameter(m.weight.detach().clone())
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone())
+
+    def forward(self, x):
+        return layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+class _BatchNormEval(nn.Module):
+    """An eval-mode batch norm as the per-channel affine map it is."""
+
+    def __init__(self, m: nn.modules.batchnorm._BatchNorm, ndim: int) -> None:
+        super().__init__()
+        self.view = (1, -1) + (1,) * (ndim - 2)
+        with torch.no_grad():
+            inv = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
+            scale = inv * (m.weight.double() if m.weight is not None else 1.0)
+            shift = (m.bias.double() if m.bias is not None else 0.0) - m.running_mean.double() \
+                * scale
+        self.scale, self.shift = nn.Parameter(scale), nn.Parameter(shift)
+
+    def forward(self, x):
+        return x * self.scale.reshape(self.view) + self.shift.reshape(self.view)
+
+
+def _decomposed(target: Any, shapes: list[tuple[int, ...]]) -> Any:
+    """Normalizations as the elementwise ops they compute (exact in float64 on both sides)."""
+    if isinstance(target, nn.modules.batchnorm._BatchNorm) and not target.training and \
+            target.running_mean is not None and len(shapes) == 1:
+        return _BatchNormEval(target, len(shapes[0]))
+    if type(target) is nn.LayerNorm:
+        return _LayerNorm(target)
+    if target is torch.nn.functional.layer_norm or target is torch.layer_norm:
+        return layer_norm
+    return target
+
+
 def make_island(target: Any, kind: str, args: Any, kwargs: Any,
                 shapes: list[tuple[int, ...]], consts: dict[str, torch.Tensor] | None = None,
                 *, where: str = "float op") -> Island:
@@ -106,7 +164,9 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
 
     n_inputs = len(shapes)
     errors = []
+    original = target
     for cast in (False, True):
+        target = original if cast else _decomposed(original, shapes)
         op = _Op(target if kind != "call_module" else None, kind, args, kwargs, n_inputs, cast)
         for name, value in (consts or {}).items():
             op.consts.register_buffer(name, value.to(torch.float32 if cast else torch.float64)
@@ -114,9 +174,15 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
         if kind == "call_module":
             module = copy.deepcopy(target)
             op.op = module.float() if cast else _params_to_buffers(module)
-        tracer = _LeafTracer() if cast else _FlatTracer()
+        tracer = _LeafTracer() if cast else _ShapeFlatTracer()
         try:
-            graph = tracer.trace(op)
+            if cast:
+                graph = tracer.trace(op)
+            else:  # shapes are fixed here: code branching on them traces too
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    graph = tracer.trace_with(op, [torch.randn(sh, dtype=torch.float64,
+                                                               generator=g) for sh in shapes])
             _name_inputs(graph, n_inputs)
             fn = torch.fx.GraphModule(op, graph, "FloatIsland")
             translate_island(fn, shapes, legalize=True)

@@ -6,8 +6,8 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``) and ``float`` (an op with
   no integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
-  view, squeeze, unsqueeze, permute, transpose, indexing with integers, slices, ``None`` and
-  ``...``, and taking one item of a split), ``split`` (chunk, split, tensor_split, unbind:
+  view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
+  slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split, tensor_split, unbind:
   tuple-valued, read only through ``getitem``), ``identity`` (Identity, Dropout, contiguous)
   and ``clip`` (a ReLU/ReLU6 that could not be folded);
 * ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
@@ -52,6 +52,7 @@ _RELU_FN = (F.relu, torch.relu)
 _VIEW_FN = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
             torch.transpose)
 _VIEW_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose")
+_SHUFFLE_FN = (F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
 _SPLIT_FN = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _NONNEG = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, torch.sigmoid, F.sigmoid, F.hardsigmoid,
@@ -181,7 +182,9 @@ def is_split(n: torch.fx.Node) -> bool:
     if not ((n.op == "call_function" and n.target in _SPLIT_FN) or
             (n.op == "call_method" and n.target in _SPLIT_METHODS)):
         return False
-    return len(n.all_input_nodes) == 1 and isinstance(n.args[0], torch.fx.Node)
+    x = n.args[0] if n.args else None
+    return isinstance(x, torch.fx.Node) and all(
+        a is x or not _is_tensor(a) for a in n.all_input_nodes)  # sizes may be traced values
 
 
 def split_dim(n: torch.fx.Node) -> int:
@@ -265,7 +268,8 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
     if isinstance(mod, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) or (
             n.op == "call_method" and n.target in ("contiguous", "clone")):
         return "identity"
-    if isinstance(mod, nn.Flatten) or (n.op == "call_function" and n.target in _VIEW_FN) or (
+    if isinstance(mod, (nn.Flatten, nn.ChannelShuffle)) or (
+            n.op == "call_function" and n.target in _VIEW_FN + _SHUFFLE_FN) or (
             n.op == "call_method" and n.target in _VIEW_METHODS):
         return "view"
     return "float"
@@ -289,8 +293,7 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
         elif not depends:
             kind = "const"
         elif not _is_tensor(n):
-            if SHAPE.find(n) is not None and is_split(n) and \
-                    n.all_input_nodes[0].name in quantized:
+            if SHAPE.find(n) is not None and is_split(n) and n.args[0].name in quantized:
                 kind = "split"
             elif SHAPE.find(n) is not None:
                 raise ValueError(f"node {n.name!r} ({op_name(gm, n)}) returns several tensors; "

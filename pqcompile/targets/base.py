@@ -34,8 +34,8 @@ from typing import Any
 from ..errors import PQCompileError
 
 __all__ = [
-    "ARCHES", "ArchInfo", "Capabilities", "TargetSpec", "ToolchainError", "elf_arch",
-    "host_arch",
+    "ARCHES", "ArchInfo", "Capabilities", "TargetSpec", "ToolchainError", "UnknownTargetError",
+    "elf_arch", "host_arch",
 ]
 
 SPEC_VERSION = 1
@@ -44,6 +44,11 @@ _VALID_WEIGHT_BITS = frozenset(range(1, 9))
 
 class ToolchainError(PQCompileError, RuntimeError):
     """A host tool (cross compiler, emulator) needed for this target is missing or failed."""
+
+
+class UnknownTargetError(PQCompileError, ValueError):
+    """No registered target or TVM tag has this name; the message lists the known ones and how
+    to register a target."""
 
 
 @dataclass(frozen=True)

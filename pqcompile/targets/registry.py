@@ -19,7 +19,7 @@ import os
 import threading
 from typing import Any
 
-from .base import ARCHES, Capabilities, TargetSpec, host_arch
+from .base import ARCHES, Capabilities, TargetSpec, UnknownTargetError, host_arch
 
 __all__ = ["get_target", "list_targets", "register_target", "unregister_target"]
 
@@ -146,7 +146,8 @@ def list_targets(*, include_tvm_tags: bool = False) -> list[str]:
 def get_target(name: str | TargetSpec) -> TargetSpec:
     """Look up a target by pqcompile name or TVM tag; a ``TargetSpec`` is returned as is.
 
-    Raises ``ValueError`` for an unknown name, listing the known ones and how to add one.
+    Raises :class:`UnknownTargetError` (a ``ValueError``) for an unknown name, listing the
+    known ones and how to add one.
     """
     if isinstance(name, TargetSpec):
         return name
@@ -162,7 +163,7 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
         spec = TargetSpec.from_tvm(name, name=name, description=f"TVM tag {name}")
         with _LOCK:
             return _TAG_SPECS.setdefault(name, spec)
-    raise ValueError(_unknown_message(name, tags))
+    raise UnknownTargetError(_unknown_message(name, tags))
 
 
 def _unknown_message(name: str, tags: dict[str, Any]) -> str:
