@@ -329,6 +329,14 @@ def _check_batches(graph: torch.fx.GraphModule, batches: Sequence[Any]) -> None:
             raise DataError(f"data batch {i} is {got}: yield (inputs, target) batches whose "
                             f"first {n_inputs} item(s) are batched input tensors, as a "
                             "DataLoader over a TensorDataset does")
+        if graph.meta.get("pqc.shape_specialized") and any(
+                tuple(t.shape) != tuple(e.shape) for t, e in zip(inputs, examples)):
+            raise DataError(
+                f"data batch {i} has inputs of shape "
+                f"{[tuple(t.shape) for t in inputs]}; the model was traced for "
+                f"{[tuple(e.shape) for e in examples]} exactly (its forward branches on input "
+                "shapes, so the trace is specialized to them): give batches of that shape, "
+                "e.g. a DataLoader with that batch size and drop_last=True")
         key = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
         if key in tried:
             continue

@@ -29,7 +29,7 @@ from .attention import decompose_attention
 from .errors import ExampleInputError, TraceError
 from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
 from .passes.base import TRACE_PROVIDES, mark_provided
-from .shape_trace import ShapeTracingMixin
+from .shape_trace import ShapeTracingMixin, drop_default_arguments
 
 _FALLBACKS = (None, "leaf")
 
@@ -105,7 +105,8 @@ def _run_trace(model: torch.nn.Module, leaf_paths: set[str], leaf_types: tuple[t
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... by case
         exc.pqc_module_path = tracer.path_stack[-1] if tracer.path_stack else ""
         raise
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return gm if example_inputs is None else drop_default_arguments(gm, len(example_inputs))
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,

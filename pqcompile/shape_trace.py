@@ -83,7 +83,10 @@ class ShapeTracingMixin:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn)
         if kind == "placeholder":
-            value = self.inputs[target.lstrip("*")]
+            name = target.lstrip("*")
+            # fx names the placeholder of an argument fixed to its default ``{name}_{k}``
+            value = self.inputs[name] if name in self.inputs else \
+                self.inputs.get(name.rsplit("_", 1)[0])
         elif kind == "get_attr":
             self._executing = True
             try:
@@ -131,24 +134,27 @@ class ShapeTracingMixin:
         self.inputs = {p.name: x for p, x in zip(params, example_inputs)}
         concrete = {p.name: p.default for p in params[len(example_inputs):]
                     if p.default is not inspect.Parameter.empty}
-        graph = self.trace(root, concrete_args=concrete)
-        _drop_unused_placeholders(graph, keep=len(example_inputs))
-        return graph
+        self.inputs.update(concrete)
+        return self.trace(root, concrete_args=concrete)
 
 
 class ShapeTracer(ShapeTracingMixin, torch.fx.Tracer):
     """``torch.fx.Tracer`` with :class:`ShapeTracingMixin`."""
 
 
-def _drop_unused_placeholders(graph: torch.fx.Graph, keep: int) -> None:
-    """Placeholders of arguments left at their defaults, and fx's checks on them, go."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for ph in placeholders[keep:]:
-        for user in list(ph.users):
-            if user.op == "call_function" and "assert" in getattr(user.target, "__name__", ""):
-                graph.erase_node(user)
+def drop_default_arguments(gm: torch.fx.GraphModule, keep: int) -> torch.fx.GraphModule:
+    """fx's checks on the arguments left at their defaults go, and so do their placeholders
+    (all but the first ``keep``), where nothing reads them any more."""
+    graph = gm.graph
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and "assert" in getattr(n.target, "__name__", ""):
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][keep:]:
         if not ph.users:
             graph.erase_node(ph)
+    gm.recompile()
+    return gm
 
 
 def trace_with_shapes(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
@@ -158,4 +164,5 @@ def trace_with_shapes(model: torch.nn.Module, example_inputs: Sequence[torch.Ten
     tracer = tracer or ShapeTracer()
     with torch.no_grad():
         graph = tracer.trace_with(model, example_inputs)
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return drop_default_arguments(gm, len(example_inputs))

@@ -4,7 +4,8 @@ Shared by ``tests/test_coverage.py`` and ``benchmarks/coverage.py`` (the README'
 Weights are the architectures' own random initializations; batch-norm statistics are then
 measured on random batches (as training would have set them), so activations keep their
 scale through deep stacks instead of vanishing (GoogLeNet's init shrinks them to ~1e-17 by
-the classifier, which no trained model has).
+the classifier, which no trained model has); a layer initialized to all zeros (ViT's
+classifier) gets small random weights, so the outputs compared are not all zero.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def make(name: str, batch: int = 2, seed: int = 0) -> tuple[nn.Module, tuple[tor
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(num_classes=10, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():  # ViT starts its classifier at zero: the output would be 0
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
+            with torch.no_grad():
+                m.weight.normal_(0, 0.02, generator=g)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if bns:
         for m in bns:

@@ -3,7 +3,8 @@
 Views, permutes, cat, split, getitem, flatten, channel shuffle and the like are followed
 exactly by running the op on the label tensor. When an op spreads channels over several dims
 (``x.view(N, g, C // g, H, W)``), removing channels must remove whole lines of that grid, so
-the lines are tied here.
+the lines are tied here. A constant-size split of the channel dim into (heads, head width)
+that an attention product reads loses whole heads; any other loses entries of its last dim.
 """
 
 from __future__ import annotations
@@ -106,7 +107,25 @@ def _shrink_dim(n, op, info) -> int | None:
     dyn = [d for d in info.dims if isinstance(sizes[d], torch.fx.Node) or sizes[d] in (-1, None)]
     if len(dyn) > 1:
         return None
-    return dyn[0] if dyn else info.dims[-1]
+    if dyn:
+        return dyn[0]
+    # (N, L, heads, head width) read by an attention product: whole heads go.
+    return info.dims[0] if len(info.dims) == 2 and _feeds_matmul(n) else info.dims[-1]
+
+
+_MATMULS = ("matmul", "bmm")
+_PASS = ("transpose", "permute", "contiguous", "clone")
+
+
+def _feeds_matmul(n: torch.fx.Node, depth: int = 4) -> bool:
+    """Whether ``n`` reaches a matmul through at most ``depth`` transposes/permutes."""
+    for u in n.users:
+        name = getattr(u.target, "__name__", u.target) if u.op != "call_module" else ""
+        if name in _MATMULS:
+            return True
+        if name in _PASS and depth and _feeds_matmul(u, depth - 1):
+            return True
+    return False
 
 
 def _unflatten_sizes(n, op, out_ndim: int) -> list:

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from .labelmoves import movement
-from .labels import InRecord, describe, ids_of, labels_along, make_info, rule
+from .labels import InRecord, TInfo, describe, ids_of, labels_along, make_info, rule
 from .opinfo import along_dim_default
 
 
@@ -253,10 +253,66 @@ def _channel_norm(p, n, op, value):
     return xi
 
 
+def _grid(info: TInfo, t: torch.Tensor, d1: int, d2: int) -> np.ndarray:
+    """Labels of ``info`` as a ``(t.shape[d1], t.shape[d2])`` array (they vary along no other
+    dim)."""
+    lm = info.lm
+    idx = [0] * lm.dim()
+    idx[d1], idx[d2] = slice(None), slice(None)
+    g = lm[tuple(idx)].numpy()
+    return np.broadcast_to(g, (t.shape[d1], t.shape[d2])).astype(np.int64)
+
+
+def _batched_matmul(p, n, op, value, a, ai, b, bi):
+    """Channels along one batch dim of both operands: attention heads (``q @ k^T`` and
+    ``weights @ v`` with the heads along dim 1). Everything of one head, in both operands,
+    is one unit: removing a head removes its query, key and value channels together, which
+    is what zeroing them computes (the head's output is then zero). ``None`` when the
+    operands do not have that layout."""
+    nd = a.dim()
+    da, db = set(ai.dims) if ai else set(), set(bi.dims) if bi else set()
+    batch = (da | db) - {nd - 2, nd - 1}
+    if b.dim() != nd or nd < 3 or len(batch) != 1 or not (ai and bi):
+        return None
+    (bd,) = batch
+    if bd not in da or bd not in db or a.shape[bd] != b.shape[bd]:
+        return None
+    ra, rb = da - {bd}, db - {bd}
+    if ra - {nd - 1, nd - 2} or len(ra) > 1 or rb - {nd - 1, nd - 2} or len(rb) > 1 or \
+            (ra == {nd - 2} and rb == {nd - 1}):
+        return None
+    ga = _grid(ai, a, bd, ra.pop() if ra else nd - 1)
+    gb = _grid(bi, b, bd, rb.pop() if rb else nd - 2)
+    st, where = p.state, p.where(n, op)
+    if not ((ga > 0).any(axis=1) & (gb > 0).any(axis=1)).all():
+        return None
+    reps = np.zeros(ga.shape[0], np.int64)
+    for h in range(ga.shape[0]):
+        ids = np.unique(np.concatenate([ga[h][ga[h] > 0], gb[h][gb[h] > 0]])) - 1
+        st.tie(ids[0], ids)
+        reps[h] = ids[0] + 1
+        for g in (ga, gb):
+            if (g[h] == 0).any() and da - {bd} and db - {bd}:
+                st.block(ids, f"{where} contracts head {h}'s channels with positions that "
+                              "carry none")
+    shape = [1] * value.dim()
+    if da - {bd} == {nd - 2}:        # a's rows carry channels: they index the output's rows
+        shape[bd], shape[nd - 2] = ga.shape
+        return make_info(torch.from_numpy(ga.copy()).reshape(shape))
+    if db - {bd} == {nd - 1}:        # b's columns carry channels: the output's columns
+        shape[bd], shape[nd - 1] = gb.shape
+        return make_info(torch.from_numpy(gb.copy()).reshape(shape))
+    shape[bd] = len(reps)
+    return make_info(torch.from_numpy(reps).reshape(shape))
+
+
 @rule("matmul")
 def _matmul(p, n, op, value):
     (sa, a, ai), (sb, b, bi) = p.tensor_args(n)[:2]
     st, where = p.state, p.where(n, op)
+    heads = _batched_matmul(p, n, op, value, a, ai, b, bi)
+    if heads is not None:
+        return heads
     da, db = set(ai.dims) if ai else set(), set(bi.dims) if bi else set()
     ok_a = a.dim() >= 2 and (ai is None or da in ({a.dim() - 1}, {a.dim() - 2}))
     ok_b = b.dim() >= 2 and (bi is None or db in ({b.dim() - 1}, {b.dim() - 2}))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from ..errors import UnsupportedOpError
 from ..meta import EXAMPLE_INPUTS
 from .observers import Observer
 
@@ -36,6 +37,15 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
                   ) -> list[tuple[torch.Tensor, ...]]:
     """The batches as tuples of tensors, after checking each against the example inputs."""
     expected = _expected(gm)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    fixed = bool(gm.meta.get("pqc.shape_specialized"))
+    for name, e in zip(names, expected):
+        if not e.is_floating_point():
+            raise UnsupportedOpError(
+                f"model input {name!r} is {e.dtype}: pqcompile quantizes float inputs, and "
+                "integer inputs such as token ids (embedding lookups) have no lowering yet; "
+                "make the model take the embeddings instead (for a Hugging Face model, a "
+                "wrapper whose forward calls model(inputs_embeds=x)) and look them up outside")
     if isinstance(batches, torch.Tensor):
         raise TypeError("calib_batches must be an iterable of batches (e.g. a list of tensors "
                         "or a DataLoader yielding inputs), not a single tensor; wrap it: "
@@ -53,6 +63,12 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
                              f"{len(expected)} (shapes "
                              f"{', '.join(_fmt(e.shape) for e in expected)})")
         for j, (t, e) in enumerate(zip(items, expected)):
+            if fixed and tuple(t.shape) != tuple(e.shape):
+                raise ValueError(
+                    f"calibration batch {i}: input {j} has shape {tuple(t.shape)}; the graph "
+                    f"was traced for shape {tuple(e.shape)} exactly (the model branches on "
+                    "input shapes, so its trace is specialized to them): give batches of that "
+                    "shape")
             if t.dim() != e.dim() or tuple(t.shape[1:]) != tuple(e.shape[1:]) or not t.numel():
                 raise ValueError(
                     f"calibration batch {i}: input {j} has shape {tuple(t.shape)}, expected "
