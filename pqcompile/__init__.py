@@ -6,20 +6,23 @@
 """
 
 from . import meta, passes, targets
-from .errors import (ExampleInputError, MissingAnnotationError, PipelineError, PQCompileError,
+from .errors import (DataError, ExampleInputError, MissingAnnotationError, ModelError,
+                     NonFiniteWeightError, OptionError, PipelineError, PQCompileError,
                      TraceError, UnsupportedOpError)
 from .api import compile
-from .budget import Budget, InfeasibleBudgetError
+from .budget import Budget, BudgetError, InfeasibleBudgetError
 from .frontend import trace
 from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
-from .targets import get_target, list_targets, register_target
+from .targets import ToolchainError, UnknownTargetError, get_target, list_targets, register_target
+from .coverage import check_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "InfeasibleBudgetError", "compile",
-    "ExampleInputError", "MissingAnnotationError", "Pass", "PassContext", "PassInfo",
-    "PassResult", "Pipeline", "PipelineError", "PQCompileError", "TraceError",
-    "UnsupportedOpError", "get_target", "graph_pass", "list_targets", "meta", "passes",
-    "register_target", "targets", "trace",
+    "Budget", "BudgetError", "InfeasibleBudgetError", "check_model", "compile",
+    "DataError", "ExampleInputError", "MissingAnnotationError", "ModelError",
+    "NonFiniteWeightError", "OptionError", "Pass", "PassContext", "PassInfo",
+    "PassResult", "Pipeline", "PipelineError", "PQCompileError", "ToolchainError", "TraceError",
+    "UnknownTargetError", "UnsupportedOpError", "get_target", "graph_pass", "list_targets",
+    "meta", "passes", "register_target", "targets", "trace",
 ]

@@ -193,8 +193,10 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     mod, params, report = lower(reference)
     with torch.no_grad():
         sample_out = reference(*example_inputs)
-    sample_in = [t.detach().numpy().astype(np.float32) for t in example_inputs]
-    outs = sample_out if isinstance(sample_out, (tuple, list)) else [sample_out]
+    sample_in = [t.detach().numpy().astype(np.float32) if t.is_floating_point()
+                 else t.detach().numpy() for t in example_inputs]
+    outs = list(sample_out.values()) if isinstance(sample_out, dict) else \
+        sample_out if isinstance(sample_out, (tuple, list)) else [sample_out]
     layers = _layer_rows(gm, fp32, assignment)
     summary = {
         "macs": totals.macs, "bops": totals.bops, "weight_bytes": totals.weight_bytes,

@@ -153,12 +153,33 @@ def test_sdpa_attention_compiles_too():
         np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
 
 
-def test_token_id_inputs_are_refused_with_the_way_out():
+def test_bert_on_token_ids_compiles_with_an_exact_lookup():
     model = bert()
-    ids = torch.randint(0, 100, (2, LENGTH))
-    with pytest.raises(UnsupportedOpError, match=r"model input 'input_ids' is torch.int64.*"
-                                                 r"inputs_embeds"):
-        pqcompile.compile(model, (ids,), target="host", budget="bops=12x")
+    ids = torch.randint(0, 100, (2, LENGTH), generator=torch.Generator().manual_seed(0))
+    c = pqcompile.compile(model, (ids,), target="host", budget="bops=12x")
+    assert c.lowering.weight_storage["embeddings_word_embeddings"] == "int8 lookup table"
+    assert c.artifact.manifest["inputs"][0]["dtype"] == "int64"
+    for seed in (1, 2):
+        x = torch.randint(0, 100, (2, LENGTH), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = c.reference(x)["last_hidden_state"].numpy()
+        np.testing.assert_array_equal(c(x.numpy()), want)
+
+
+class MaskFromIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids) * (ids > 0).unsqueeze(-1))
+
+
+def test_token_ids_read_by_anything_but_a_lookup_are_refused():
+    ids = torch.randint(0, 10, (2, 5))
+    with pytest.raises(UnsupportedOpError, match=r"node 'gt' \(gt\) reads the integer model "
+                                                 r"input 'ids'.*nn.Embedding lookups"):
+        pqcompile.compile(MaskFromIds().eval(), (ids,), target="host", budget="bops=4x")
 
 
 def test_a_specialized_trace_refuses_batches_of_another_shape():

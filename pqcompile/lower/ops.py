@@ -37,6 +37,7 @@ from ..quant.qmodules import (
     QCat,
     QClip,
     QConv2d,
+    QEmbedding,
     QLinear,
     QMaxPool,
     QSumPool,
@@ -149,6 +150,12 @@ def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
     return requant(bb, acc, fp.mult[0], fp.shift[0], module.lo, module.hi, module.out.dtype)
 
 
+def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
+    table = module.table.numpy()
+    lw.storage[node.name] = f"{table.dtype} lookup table"
+    return lw.bb.emit(R.take(lw.param(f"{node.name}.table", table), ids, axis=0))
+
+
 def max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr:
     return lw.bb.emit(R.nn.max_pool2d(x, module.kernel, module.stride, module.padding,
                                       module.dilation, module.ceil_mode))
@@ -187,7 +194,7 @@ def dequantize_output(lw: Lowering, node, module: Dequantize, q) -> relax.Expr:
 
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op}
+            QClip: clip, FloatOp: float_op, QEmbedding: embedding}
 
 _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
                      torch.nn.Dropout2d, torch.nn.Dropout3d)

@@ -110,8 +110,9 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
     bb = lw.bb
     env: dict[str, Any] = {}
     placeholders = [n for n in ref.graph.nodes if n.op == "placeholder"]
-    inputs = {n.name: relax.Var(n.name, relax.TensorType(lw.shape(n), "float32"))
-              for n in placeholders}
+    inputs = {n.name: relax.Var(n.name, relax.TensorType(
+        lw.shape(n), "float32" if SHAPE.get(n).dtype.is_floating_point
+        else str(SHAPE.get(n).dtype).removeprefix("torch."))) for n in placeholders}
     out_qparams: list[QParams] = []
     with bb.function(func_name):
         with bb.dataflow():
@@ -127,11 +128,13 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
                     continue  # sizes and other Python values: shapes are static here
                 else:
                     env[n.name] = _emit(lw, n, env)
-            result = relax.Tuple(_flat(result)) if isinstance(result, (list, tuple)) else result
+            result = relax.Tuple(_flat(result)) if isinstance(result, (list, tuple, dict)) \
+                else result
             out = bb.emit_output(result)
         bb.emit_func_output(out, params=list(inputs.values()) + lw.param_vars)
     mod = bb.get()
-    weight_bytes = {name: lw.params[f"{name}.weight"].nbytes for name in lw.storage}
+    weight_bytes = {name: lw.params[f"{name}.weight" if f"{name}.weight" in lw.params
+                                    else f"{name}.table"].nbytes for name in lw.storage}
     report = LoweringReport(
         float_ops=FLOAT_OPS.get(ref), inputs=tuple((n.name, lw.shape(n)) for n in placeholders),
         outputs=tuple(out_qparams), param_names=tuple(lw.params),

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..errors import UnsupportedOpError
 from ..meta import EXAMPLE_INPUTS
 from .observers import Observer
 
@@ -39,13 +38,6 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
     expected = _expected(gm)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     fixed = bool(gm.meta.get("pqc.shape_specialized"))
-    for name, e in zip(names, expected):
-        if not e.is_floating_point():
-            raise UnsupportedOpError(
-                f"model input {name!r} is {e.dtype}: pqcompile quantizes float inputs, and "
-                "integer inputs such as token ids (embedding lookups) have no lowering yet; "
-                "make the model take the embeddings instead (for a Hugging Face model, a "
-                "wrapper whose forward calls model(inputs_embeds=x)) and look them up outside")
     if isinstance(batches, torch.Tensor):
         raise TypeError("calib_batches must be an iterable of batches (e.g. a list of tensors "
                         "or a DataLoader yielding inputs), not a single tensor; wrap it: "
@@ -73,9 +65,9 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
                 raise ValueError(
                     f"calibration batch {i}: input {j} has shape {tuple(t.shape)}, expected "
                     f"{_fmt(e.shape)} (the example input's shape with any non-zero batch size)")
-            if not t.is_floating_point():
+            if t.is_floating_point() != e.is_floating_point():
                 raise ValueError(f"calibration batch {i}: input {j} has dtype {t.dtype}; give "
-                                 f"float tensors like the example input ({e.dtype})")
+                                 f"tensors of the example input's kind ({e.dtype})")
         out.append(tuple(t.to(e.dtype) for t in items))
     if not out:
         raise ValueError("calib_batches is empty: give at least one batch, e.g. a list of "

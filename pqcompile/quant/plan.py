@@ -3,8 +3,9 @@
 Every tensor-valued node that depends on an input is *quantized*. Nodes are sorted into:
 
 * roots, which produce a new integer tensor with its own scale: ``input``, ``conv``, ``linear``,
-  ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``) and ``float`` (an op with
-  no integer lowering, run dequantize -> float -> quantize);
+  ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``), ``embedding`` (a lookup
+  of integer ids, e.g. tokens, which come in as ``index`` inputs and feed lookups only) and
+  ``float`` (an op with no integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
   slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split, tensor_split, unbind:
@@ -40,9 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assignment import Assignment
+from ..errors import UnsupportedOpError
 from ..meta import SHAPE
 
-ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float")
+ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float", "embedding")
 PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split")
 FUSABLE = ("conv", "linear", "add", "cat", "avgpool")
 
@@ -221,6 +223,16 @@ def _relu_kind(gm, n) -> str | None:
 
 
 def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) -> str:
+    index = [a for a in n.all_input_nodes if plan.kind.get(a.name) == "index"]
+    if index:
+        mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, nn.Embedding) and mod.max_norm is None and len(n.all_input_nodes) == 1:
+            return "embedding"
+        raise UnsupportedOpError(
+            f"node {n.name!r} ({op_name(gm, n)}) reads the integer model input "
+            f"{index[0].name!r}; integer inputs (token ids) can only feed nn.Embedding lookups "
+            "(without max_norm): compute masks and the like outside the model, or feed the "
+            "model float inputs")
     if n.op == "call_function" and n.target is operator.getitem and \
             isinstance(n.args[0], torch.fx.Node) and n.args[0].name in quantized:
         if plan.kind[n.args[0].name] == "split" or (
@@ -286,8 +298,8 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
             SHAPE.get(n)  # names ShapeAnalysis when shapes are missing
     plan, quantized = Plan(), set()
     for n in gm.graph.nodes:
-        depends = n.op == "placeholder" or any(a.name in quantized or plan.kind.get(a.name) ==
-                                               "meta" for a in n.all_input_nodes)
+        depends = n.op == "placeholder" or any(a.name in quantized or plan.kind.get(a.name) in
+                                               ("meta", "index") for a in n.all_input_nodes)
         if n.op == "output":
             kind = "output"
         elif not depends:
@@ -302,12 +314,12 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
             else:
                 kind = "meta"
         elif n.op == "placeholder":
-            kind = "input"
+            kind = "input" if SHAPE.get(n).dtype.is_floating_point else "index"
         else:
             kind = _classify(gm, n, assignment, quantized, plan)
         plan.kind[n.name] = kind
         plan.op.setdefault(n.name, op_name(gm, n) if n.op != "placeholder" else "input")
-        if kind not in ("output", "const", "meta"):
+        if kind not in ("output", "const", "meta", "index"):
             quantized.add(n.name)
 
     for n in gm.graph.nodes:

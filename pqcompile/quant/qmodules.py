@@ -187,6 +187,20 @@ class QSumPool(QModule):
                           self.hi).to(torch.float64)
 
 
+class QEmbedding(QModule):
+    """Integer ids -> integers: a lookup in the table quantized at the output's scale (the
+    rounding of :class:`Quantize`), so the compiled lookup is exact."""
+
+    def __init__(self, table: torch.Tensor, out: QParams, lo: int, hi: int) -> None:
+        super().__init__(out, lo, hi)
+        self.register_buffer("table", table.to(torch.int8 if out.signed else torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.fake:
+            return F.embedding(ids, self.table.to(torch.float32) * self.out.scale)
+        return F.embedding(ids, self.table.to(torch.float64))
+
+
 class QClip(QModule):
     """A ReLU/ReLU6 that could not be folded: a clamp on the integers, scale unchanged."""
 

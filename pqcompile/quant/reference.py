@@ -55,7 +55,18 @@ from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
 from .islands import Slot, make_island
 from .observers import Observer, grid, make_observer
 from .plan import Plan, make_plan
-from .qmodules import Dequantize, QAdd, QCat, QClip, QConv2d, QLinear, QMaxPool, QSumPool, Quantize
+from .qmodules import (
+    Dequantize,
+    QAdd,
+    QCat,
+    QClip,
+    QConv2d,
+    QEmbedding,
+    QLinear,
+    QMaxPool,
+    QSumPool,
+    Quantize,
+)
 from .qmodules import FloatOp as FloatOpModule
 from .qparams import check_accumulator, quantize_bias, quantize_weight, weight_qmax
 
@@ -108,6 +119,20 @@ class _Builder:
         ph.meta.update(n.meta)
         qp = self.qp[n.name]
         return self.emit(n, Quantize(qp), (ph,), f"{n.name}_quantize", meta={QPARAMS: qp})
+
+    def index_input(self, n):
+        ph = self.graph.placeholder(n.name)
+        ph.meta.update(n.meta)
+        return ph
+
+    def embedding(self, n):
+        m = self.gm.get_submodule(n.target)
+        out = self.qp[n.name]
+        lo, hi = self.bounds(n, out)
+        with torch.no_grad():
+            table = torch.floor(m.weight.detach().to(torch.float64) / out.scale + 0.5)
+        module = QEmbedding(table.clamp(lo, hi), out, lo, hi)
+        return self.emit(n, module, (self.env[n.all_input_nodes[0].name],), meta={QPARAMS: out})
 
     def layer(self, n):
         m = self.gm.get_submodule(n.target)
@@ -233,7 +258,8 @@ class _Builder:
             "input": self.input, "conv": self.layer, "linear": self.layer, "add": self.add,
             "cat": self.cat, "avgpool": self.avgpool, "maxpool": self.maxpool,
             "clip": self.clip, "view": self.verbatim, "identity": self.verbatim, "split": self.verbatim,
-            "meta": self.verbatim, "float": self.float}
+            "meta": self.verbatim, "float": self.float, "index": self.index_input,
+            "embedding": self.embedding}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
             if kind == "output":
