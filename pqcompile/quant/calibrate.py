@@ -36,7 +36,6 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
                   ) -> list[tuple[torch.Tensor, ...]]:
     """The batches as tuples of tensors, after checking each against the example inputs."""
     expected = _expected(gm)
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     fixed = bool(gm.meta.get("pqc.shape_specialized"))
     if isinstance(batches, torch.Tensor):
         raise TypeError("calib_batches must be an iterable of batches (e.g. a list of tensors "

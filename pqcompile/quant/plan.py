@@ -8,9 +8,9 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   ``float`` (an op with no integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
-  slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split, tensor_split, unbind:
-  tuple-valued, read only through ``getitem``), ``identity`` (Identity, Dropout, contiguous)
-  and ``clip`` (a ReLU/ReLU6 that could not be folded);
+  slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split,
+  tensor_split, unbind: tuple-valued, read only through ``getitem``), ``identity`` (Identity,
+  Dropout, contiguous) and ``clip`` (a ReLU/ReLU6 that could not be folded);
 * ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
   float whose only user it is);
 * ``const`` (depends on no input; its value is captured) and ``meta`` (non-tensor values such
