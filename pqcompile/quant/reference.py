@@ -258,8 +258,8 @@ class _Builder:
             "input": self.input, "conv": self.layer, "linear": self.layer, "add": self.add,
             "cat": self.cat, "avgpool": self.avgpool, "maxpool": self.maxpool,
             "clip": self.clip, "view": self.verbatim, "identity": self.verbatim,
-            "split": self.verbatim, "meta": self.verbatim, "float": self.float, "index": self.index_input,
-            "embedding": self.embedding}
+            "split": self.verbatim, "meta": self.verbatim, "float": self.float,
+            "index": self.index_input, "embedding": self.embedding}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
             if kind == "output":
