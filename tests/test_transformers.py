@@ -4,8 +4,8 @@ it), its Linear layers get mixed bits, its attention heads and FFN channels are 
 groups, pruning heads computes what zeroing them computes, and it builds for the host and for
 aarch64 with integer parity (the aarch64 build run under QEMU).
 
-The built-in solvers keep head groups whole for now (their cost model does not yet scale the
-attention products' MACs with the kept heads); an assignment's masks prune them.
+The solvers' cost model counts the attention products' MACs per kept head, so they decide
+heads like any other group: past what bits and FFN pruning can reach, the ILP removes heads.
 """
 
 import numpy as np
@@ -113,6 +113,20 @@ def test_linear_layers_get_mixed_bits_and_ffn_channels_are_pruned(compiled):
     kept = [(g, int(m.sum()), m.size) for g, m in c.assignment.masks.items()]
     print(f"\nBERT {LAYERS}x{HIDDEN}: {c.totals['bop_reduction']:.1f}x fewer BOPs, weight bits "
           f"{sorted(weight_bits)}, kept channels {kept}, {len(c.float_ops)} float ops")
+
+
+def test_the_ilp_prunes_heads_when_the_budget_needs_it():
+    model = Encoder(bert())
+    c = pqcompile.compile(model, (embeddings(0),), target="host", budget="bops=14x")
+    heads, _ = heads_and_ffn(CHANNEL_GROUPS.get(analysis(model, (embeddings(0),))))
+    kept = {g.id: int(c.assignment.masks[g.id].sum()) if g.id in c.assignment.masks else HEADS
+            for g in heads}
+    assert sum(kept.values()) < HEADS * LAYERS, kept
+    for key in ("bops", "macs"):  # the attention products scale with the kept heads, exactly
+        assert c.totals[key] == c.solution.costs[key]
+    x = embeddings(3)
+    with torch.no_grad():
+        np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
 
 
 def test_host_program_equals_the_reference(compiled):

@@ -26,6 +26,7 @@ True
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -142,8 +143,8 @@ def build_problem(gm: torch.fx.GraphModule,
     are added in one objective, so give them on one scale. ``layer_options`` overrides
     ``bit_options`` per layer; ``pin_first_last`` puts the first and last layer at 8/8. Keep
     levels are fractions of each group, rounded up to ``multiple`` channels. Groups touching
-    nodes whose cost the model cannot follow (matmul, functional convs, other parametrized
-    modules) stay whole.
+    nodes whose cost the model cannot follow (functional convs, other parametrized modules, a
+    matmul carrying anything but one group's heads) stay whole.
     """
     first_node = next(iter(gm.graph.nodes))
     for key in (SHAPE, COST):
@@ -191,12 +192,12 @@ def build_problem(gm: torch.fx.GraphModule,
             raise ValueError(f"layer {name!r}: the cost model predicts {mscale * pairs} MACs, "
                              f"CostAnalysis counts {layer.fp32_macs}; cannot model this layer")
         layers.append(layer)
-    fixed_macs = params.add_rest(gm, set(names), nodes, counter)
+    fixed_macs, float_macs = params.add_rest(gm, set(names), nodes, counter)
     totals = COST_TOTALS.get(gm)
     reference = {"bops": totals.fp32_bops, "macs": totals.macs,
                  "weight_bytes": totals.fp32_weight_bytes}
     return Problem(tuple(layers), groups, params.affine(), fixed_macs, fixed_macs * 32 * 32,
-                   reference, tuple(fractions), multiple)
+                   reference, tuple(fractions), multiple, float_macs)
 
 
 class _Counter:
@@ -280,14 +281,19 @@ class _Params:
                 continue
             self.add(channels if p.dim() == 1 and p.numel() > 1 else p.numel())
 
-    def add_rest(self, gm, layer_names, nodes, counter: _Counter) -> int:
-        """Parameters and MACs of every node outside the layers; returns those MACs."""
-        macs, seen = 0, {nodes[n].target for n in layer_names}
+    def add_rest(self, gm, layer_names, nodes, counter: _Counter) -> tuple[int, Affine]:
+        """Parameters and MACs of every node outside the layers; returns those MACs: the fixed
+        ones, and those of matmuls whose heads a decided group prunes (per kept head)."""
+        macs, seen, scaled = 0, {nodes[n].target for n in layer_names}, {}
         for n in gm.graph.nodes:
             if n.name in layer_names:
                 continue
             cost = COST.get(n)
-            macs += cost.macs
+            g = _scaling_group(n, counter) if cost.macs else None
+            if g is not None:
+                scaled[g.id] = scaled.get(g.id, 0) + cost.macs // g.size
+            else:
+                macs += cost.macs
             if n.op == "call_module" and n.target not in seen:
                 seen.add(n.target)
                 m = gm.get_submodule(n.target)
@@ -297,20 +303,58 @@ class _Params:
                     self.add(cost.params)
             elif n.op == "get_attr":
                 self.add(cost.params)
-        return int(macs)
+        return int(macs), Affine(0, tuple(sorted(scaled.items())))
 
     def affine(self) -> Affine:
         return Affine(self.const, tuple(sorted(self.terms.items())))
 
 
+_MATMUL_FN = (torch.matmul, torch.bmm, operator.matmul)
+
+
+def _is_matmul(n: torch.fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _MATMUL_FN) or (
+        n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+def _groups_at(n: torch.fx.Node, owners: Mapping[str, set[int]]) -> set[int]:
+    """Groups whose channels a node's output or inputs carry."""
+    return set().union(*(owners.get(x.name, set()) for x in (n, *n.all_input_nodes)))
+
+
+def _scaling_group(n: torch.fx.Node, counter: _Counter) -> ChannelGroup | None:
+    """The decided group a matmul's MACs are linear in (its operands carry that group's
+    channels or heads and no other decided group's), if there is one."""
+    if not _is_matmul(n):
+        return None
+    owners = {node: {g.id for g, _ in ms} for (node, _), ms in counter.members.items()}
+    gs = _groups_at(n, owners) & counter.decided
+    if len(gs) != 1:
+        return None
+    (g,) = [g for ms in counter.members.values() for g, _ in ms if g.id in gs][:1]
+    return g if COST.get(n).macs % g.size == 0 else None
+
+
 def _followable(gm, group: ChannelGroup, nodes, layer_names: set[str]) -> bool:
-    """Whether every node the group touches has a cost the model follows under pruning."""
+    """Whether every node the group touches has a cost the model follows under pruning (a
+    matmul whose operands carry this group alone: its MACs are then linear in the kept
+    count)."""
+    owners: dict[str, set[int]] = {}
+    for g in CHANNEL_GROUPS.get(gm):
+        for m in g.members:
+            owners.setdefault(m.node, set()).add(g.id)
+    def linear(n: torch.fx.Node) -> bool:
+        return _is_matmul(n) and _groups_at(n, owners) == {group.id} and \
+            COST.get(n).macs % group.size == 0
+
     for m in group.members:
         n = nodes[m.node]
+        if any(_is_matmul(u) and COST.get(u).macs and not linear(u) for u in n.users):
+            return False
         if m.node in layer_names:
             continue
         cost = COST.get(n)
-        if cost.macs:
+        if cost.macs and not linear(n):
             return False
         if cost.params and not (n.op == "call_module"
                                 and isinstance(gm.get_submodule(n.target), _AFFINE_MODULES)):

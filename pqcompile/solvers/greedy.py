@@ -113,9 +113,10 @@ class DescentState:
         p = self.p
         self.layer_cost = [layer_costs(layer, self.option[i], self.kept)
                            for i, layer in enumerate(p.layers)]
+        fm = p.float_macs.value(self.kept)
         self.totals = {
-            "bops": p.fixed_bops + sum(c[0] for c in self.layer_cost),
-            "macs": p.fixed_macs + sum(c[1] for c in self.layer_cost),
+            "bops": p.fixed_bops + 1024 * fm + sum(c[0] for c in self.layer_cost),
+            "macs": p.fixed_macs + fm + sum(c[1] for c in self.layer_cost),
             "weight_bytes": (32 * p.params32.value(self.kept)
                              + sum(c[2] for c in self.layer_cost)) / 8}
 
@@ -176,6 +177,9 @@ class DescentState:
         if kept is not self.kept:
             out["weight_bytes"] += 4 * (self.p.params32.value(kept)
                                         - self.p.params32.value(self.kept))
+            fm = self.p.float_macs.value(kept) - self.p.float_macs.value(self.kept)
+            out["bops"] += 1024 * fm
+            out["macs"] += fm
         return out
 
     def delta(self, move, limits) -> tuple[float, float]:

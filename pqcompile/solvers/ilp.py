@@ -69,7 +69,9 @@ class _Model:
         self.n = n
         self.objective = np.zeros(n)
         self.cost = {k: np.zeros(n) for k in COST_KEYS}
-        self.const = {"bops": float(problem.fixed_bops), "macs": float(problem.fixed_macs),
+        fm = problem.float_macs
+        self.const = {"bops": float(problem.fixed_bops + 1024 * fm.const),
+                      "macs": float(problem.fixed_macs + fm.const),
                       "weight_bytes": 4.0 * problem.params32.const}
         for gi, g in enumerate(problem.groups):
             self.objective[self.y0[gi]:self.y0[gi + 1]] = g.sensitivity
@@ -77,6 +79,11 @@ class _Model:
             gi = self.gidx[g_id]
             for j, kept in enumerate(problem.groups[gi].levels):
                 self.cost["weight_bytes"][self.y0[gi] + j] += 4.0 * per * kept
+        for g_id, per in fm.terms:
+            gi = self.gidx[g_id]
+            for j, kept in enumerate(problem.groups[gi].levels):
+                self.cost["bops"][self.y0[gi] + j] += 1024.0 * per * kept
+                self.cost["macs"][self.y0[gi] + j] += per * kept
         for layer, fs in zip(problem.layers, self.factors):
             for fi, f in enumerate(fs):
                 for v, entry in enumerate(f.entries()):

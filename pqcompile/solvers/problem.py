@@ -114,7 +114,9 @@ def _check_sensitivity(what: str, values: tuple[float, ...]) -> None:
 class Problem:
     """Everything a solver needs. ``params32``: parameters stored at 32 bits (biases, norms,
     modules outside the layers) as a function of kept counts; ``fixed_macs``/``fixed_bops``:
-    nodes outside the layers, at FP32; ``reference``: the FP32 model's bops, macs, bytes."""
+    nodes outside the layers, at FP32; ``float_macs``: MACs outside the layers that scale with
+    kept counts (the attention products of a head group), at FP32 (32 x 32 bits) on top of the
+    fixed ones; ``reference``: the FP32 model's bops, macs, bytes."""
 
     layers: tuple[Layer, ...]
     groups: tuple[Group, ...]
@@ -124,6 +126,7 @@ class Problem:
     reference: Mapping[str, float]
     keep_fractions: tuple[float, ...] = DEFAULT_KEEP_FRACTIONS
     multiple: int = 1
+    float_macs: Affine = Affine(0)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -190,7 +193,9 @@ def problem_costs(problem: Problem, solution: Solution | None = None, *,
     if solution is not None:
         bits, kept = solution.bits, solution.kept
     kept = {g.id: g.size for g in problem.groups} | dict(kept or {})
-    bops, macs, wbits = problem.fixed_bops, problem.fixed_macs, 32 * problem.params32.value(kept)
+    fm = problem.float_macs.value(kept)
+    bops, macs = problem.fixed_bops + 1024 * fm, problem.fixed_macs + fm
+    wbits = 32 * problem.params32.value(kept)
     for layer in problem.layers:
         b, m, w = layer_costs(layer, tuple(bits[layer.name]), kept)
         bops, macs, wbits = bops + b, macs + m, wbits + w

@@ -267,8 +267,9 @@ class _Supernet:
         """The problem's costs at the current gates (forward: exact; backward: surrogate)."""
         p = self.problem
         kept = {gid: gate.kept() for gid, gate in self.group_gates.items()}
-        bops = torch.tensor(float(p.fixed_bops), dtype=torch.float64)
-        macs = torch.tensor(float(p.fixed_macs), dtype=torch.float64)
+        fm = _affine(p.float_macs, kept)
+        bops = float(p.fixed_bops) + 1024 * fm
+        macs = float(p.fixed_macs) + fm
         wbits = 32 * _affine(p.params32, kept)
         for layer in p.layers:
             wq = self.weight_q[layer.weight_key or layer.name]
