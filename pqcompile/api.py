@@ -35,9 +35,9 @@ import torch
 
 from .budget import Budget, BudgetError
 from .build import Compiled, analysis, finish, prepare
-from .errors import DataError, ExampleInputError, ModelError, NonFiniteWeightError, OptionError
+from .errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
-from .frontend import check_example_inputs
+from .frontend import check_example_inputs, check_model_and_inputs
 from .meta import BITS, EXAMPLE_INPUTS
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
@@ -105,8 +105,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     """
     # Every argument is checked before the first pass runs, so none fails after minutes of
     # search; data batches are checked against the traced model as they are read.
-    _check_model(model)
-    example_inputs = _check_example_inputs(example_inputs)
+    example_inputs = check_model_and_inputs(model, example_inputs)
+    _check_finite(model)
     if budget is None:
         raise BudgetError("budget is required, e.g. Budget(bops='60x') (60 times fewer bit "
                           "operations than FP32) or Budget(weight_bytes='200KB')")
@@ -182,13 +182,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     return compiled
 
 
-def _check_model(model: Any) -> None:
-    """An eager module whose parameters and normalization statistics are all finite."""
-    if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a "
-                         "function in an nn.Module whose forward calls it")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ModelError("model is a TorchScript module; pass the eager nn.Module instead")
+def _check_finite(model: torch.nn.Module) -> None:
+    """The module's parameters and normalization statistics are all finite."""
     stats = [(name, buf) for name, buf in model.named_buffers()
              if name.rpartition(".")[2] in ("running_mean", "running_var")]
     for kind, named in (("parameter", model.named_parameters()), ("buffer", stats)):
@@ -206,21 +201,6 @@ def _check_model(model: Any) -> None:
                     f"inf value(s), the first at index {where}: pqcompile needs finite weights; "
                     "load a checkpoint from before training diverged, or re-initialize or "
                     "retrain that layer")
-
-
-def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise ExampleInputError(
-            "example_inputs must be a non-empty tuple of tensors, one per forward() argument, "
-            f"got {type(example_inputs).__name__}")
-    for i, t in enumerate(example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise ExampleInputError(
-                f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor; convert it "
-                "with torch.as_tensor(...) (one tensor per forward() argument)")
-    return tuple(example_inputs)
 
 
 def _check_solver(solver: Any, options: Mapping | None) -> Any:

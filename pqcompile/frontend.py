@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from .attention import decompose_attention
-from .errors import ExampleInputError, TraceError
+from .errors import ExampleInputError, ModelError, TraceError
 from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
 from .passes.base import TRACE_PROVIDES, mark_provided
 from .shape_trace import ShapeTracingMixin, drop_default_arguments
@@ -56,13 +56,15 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
-def _check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``model`` is an eager module and ``example_inputs`` a tensor or a non-empty tuple of
+    tensors (returned as a tuple); otherwise an error saying what to pass."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(
+        raise ModelError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in "
             "an nn.Module whose forward calls it")
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model is a TorchScript module; pass the eager nn.Module instead")
+        raise ModelError("model is a TorchScript module; pass the eager nn.Module instead")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
@@ -72,7 +74,8 @@ def _check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
     for i, t in enumerate(example_inputs):
         if not isinstance(t, torch.Tensor):
             raise ExampleInputError(
-                f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor")
+                f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor; convert it "
+                "with torch.as_tensor(...) (one tensor per forward() argument)")
     return tuple(example_inputs)
 
 
@@ -119,7 +122,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     retry, repeatedly. ``check``: run the traced graph on ``example_inputs`` and compare with
     the model's own output, so a wrong input shape is reported here with the failing node.
     """
-    example_inputs = _check_inputs(model, example_inputs)
+    example_inputs = check_model_and_inputs(model, example_inputs)
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
     leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
