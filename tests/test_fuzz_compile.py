@@ -54,8 +54,8 @@ def compile_case(data):
         gm = PruneChannels(masks)(gm).graph_module
     gm = FoldBatchNorm()(gm).graph_module
     layers = compute_layers(gm)
-    act = {src: int(rng.integers(2, 9)) for src in set(activation_sources(gm, layers).values())}
     sources = activation_sources(gm, layers)
+    act = {src: int(rng.integers(2, 9)) for src in sorted(set(sources.values()))}
     bits = {n: BitWidths(int(rng.choice([2, 4, 8])), act[sources[n]]) for n in layers}
     assignment = Assignment(bits, masks)
     calibration = [torch.randn(4, 3, HW, HW, generator=gen) for _ in range(2)]

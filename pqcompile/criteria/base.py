@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..assignment import Assignment
 from ..meta import EXAMPLE_INPUTS, ChannelGroup
 from ..passes.fold_bn import FoldBatchNorm
 from ..presets import compute_layers
 from ..quant.observers import Observer, grid, make_observer
-from ..quant.plan import make_plan
+from ..quant.plan import activation_sources, layer_plan
 
 BitOption = tuple[int, int]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -242,23 +241,21 @@ def combine(options: Sequence[BitOption], w_term: Callable[[int], float],
     return {(w, a): ws[w] + acts[a] for w, a in options}
 
 
-def _layer_plan(work: torch.fx.GraphModule, layers: Sequence[str]):
-    return make_plan(work, Assignment.uniform(layers, 8, 8))
-
-
 def input_signedness(work: torch.fx.GraphModule, layers: Sequence[str], plan=None
                      ) -> dict[str, bool]:
     """Whether each layer's input tensor is stored signed (False after a ReLU), as quant does."""
-    plan = plan or _layer_plan(work, layers)
-    return {l: plan.signed[plan.root[input_node(work, l)]] for l in layers}
+    plan = plan or layer_plan(work, layers)
+    return {layer: plan.signed[src]
+            for layer, src in activation_sources(work, layers, plan).items()}
 
 
 def observe_nodes(work: torch.fx.GraphModule, layers: Sequence[str], plan=None
                   ) -> dict[str, str]:
     """The node whose value quant observes for each layer's input (its domain root's
     folded ReLU, if any): calibration ranges then match the compiled program's."""
-    plan = plan or _layer_plan(work, layers)
-    return {l: plan.observe_at(plan.root[input_node(work, l)]) for l in layers}
+    plan = plan or layer_plan(work, layers)
+    return {layer: plan.observe_at(src)
+            for layer, src in activation_sources(work, layers, plan).items()}
 
 
 class ActivationRanges:
@@ -266,7 +263,7 @@ class ActivationRanges:
 
     def __init__(self, work: torch.fx.GraphModule, layers: Sequence[str],
                  observer: str | Callable[[], Observer] = "minmax") -> None:
-        plan = _layer_plan(work, layers)
+        plan = layer_plan(work, layers)
         self.at = observe_nodes(work, layers, plan)
         self.signed = input_signedness(work, layers, plan)
         factory = make_observer(observer)

@@ -153,7 +153,7 @@ def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
 def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
     table = module.table.numpy()
     lw.storage[node.name] = f"{table.dtype} lookup table"
-    return lw.bb.emit(R.take(lw.param(f"{node.name}.table", table), ids, axis=0))
+    return lw.bb.emit(R.take(lw.param(f"{node.name}.weight", table), ids, axis=0))
 
 
 def max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr:
@@ -226,8 +226,8 @@ def getitem(lw: Lowering, node, x) -> relax.Expr:
     """One item of a split (a slice along its dim), or basic indexing of a tensor: a strided
     slice, then a reshape to the recorded shape (ints drop axes, ``None`` adds them)."""
     src, index = node.args
-    in_shape = lw.shape(src.args[0]) if is_split(src) else lw.shape(src)
     if is_split(src):
+        in_shape = lw.shape(src.args[0])
         dim = split_dim(src) % len(in_shape)
         items = SHAPE.get(src)
         drop = src.target in ("unbind", torch.unbind)
@@ -236,6 +236,7 @@ def getitem(lw: Lowering, node, x) -> relax.Expr:
         box = [(0, s, 1) for s in in_shape]
         box[dim] = (begin, end, 1)
     else:
+        in_shape = lw.shape(src)
         box = _index_box(in_shape, index)
     if any(b != (0, s, 1) for b, s in zip(box, in_shape)):
         x = lw.bb.emit(R.strided_slice(x, axes=list(range(len(in_shape))),

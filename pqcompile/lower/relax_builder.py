@@ -133,8 +133,7 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
             out = bb.emit_output(result)
         bb.emit_func_output(out, params=list(inputs.values()) + lw.param_vars)
     mod = bb.get()
-    weight_bytes = {name: lw.params[f"{name}.weight" if f"{name}.weight" in lw.params
-                                    else f"{name}.table"].nbytes for name in lw.storage}
+    weight_bytes = {name: lw.params[f"{name}.weight"].nbytes for name in lw.storage}
     report = LoweringReport(
         float_ops=FLOAT_OPS.get(ref), inputs=tuple((n.name, lw.shape(n)) for n in placeholders),
         outputs=tuple(out_qparams), param_names=tuple(lw.params),

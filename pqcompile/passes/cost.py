@@ -35,6 +35,12 @@ _MATMUL_FN = (torch.matmul, torch.bmm, torch.mm, operator.matmul)
 _FP32 = BitWidths(32, 32)
 
 
+def is_matmul(node: torch.fx.Node) -> bool:
+    """``matmul``/``bmm``/``mm``/``@`` of two tensors, as a function or a method."""
+    return (node.op == "call_function" and node.target in _MATMUL_FN) or (
+        node.op == "call_method" and node.target in ("matmul", "bmm", "mm"))
+
+
 def conv_macs(out_shape: Sequence[int], kernel_size: Sequence[int], in_channels: int,
               out_channels: int, groups: int) -> int:
     """MACs of a convolution: positions x out_channels x (in_channels / groups) x kernel.

@@ -33,6 +33,13 @@ _CONV_BN = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d),
             (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
 
 
+def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``k = gamma / sqrt(var + eps)`` of an eval-mode batch norm, in float64: it computes
+    ``(x - mean) * k + beta``."""
+    k = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+    return k * bn.weight.detach().to(torch.float64) if bn.weight is not None else k
+
+
 def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     """A copy of ``layer`` computing ``bn(layer(x))`` (float64 arithmetic)."""
     if bn.running_mean is None or bn.running_var is None:
@@ -41,9 +48,7 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Modul
     out = copy.deepcopy(layer)
     w = layer.weight.detach().to(torch.float64)
     mean = bn.running_mean.detach().to(torch.float64)
-    k = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-    if bn.weight is not None:
-        k = k * bn.weight.detach().to(torch.float64)
+    k = bn_scale(bn)
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(k)
     b = layer.bias.detach().to(torch.float64) if layer.bias is not None \
         else torch.zeros_like(mean)

@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -50,12 +49,11 @@ from ..meta import (
     KeptChannels,
 )
 from .base import Pass, PassInfo, PassResult
-from .cost import conv_macs, linear_macs, matmul_macs, node_macs
+from .cost import conv_macs, is_matmul, linear_macs, matmul_macs, node_macs
 from .opinfo import classify
 from .pruneargs import rewrite_shape_args
 from .pruneplan import PrunePlan, check_masks, tensor_shape
 
-_MATMUL_FN = (torch.matmul, torch.bmm, torch.mm, operator.matmul)
 _AFFINE = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
 
 
@@ -255,8 +253,7 @@ def predicted_macs(gm: torch.fx.GraphModule, masks: Mapping) -> int:
         elif kind == "linear":
             m = gm.get_submodule(n.target)
             total += linear_macs(plan.shape(n), plan.in_count(n, m.in_features))
-        elif (n.op == "call_function" and n.target in _MATMUL_FN) or (
-                n.op == "call_method" and n.target in ("matmul", "bmm", "mm")):
+        elif is_matmul(n):
             a, b = (plan.shape(x) for x in n.args[:2])
             total += matmul_macs(a, b) if a is not None and b is not None else 0
         else:

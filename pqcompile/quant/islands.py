@@ -30,6 +30,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import UnsupportedOpError
+from ..passes.fold_bn import bn_scale
 from ..shape_trace import ShapeTracingMixin
 
 
@@ -130,8 +131,7 @@ class _BatchNormEval(nn.Module):
         super().__init__()
         self.view = (1, -1) + (1,) * (ndim - 2)
         with torch.no_grad():
-            inv = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
-            scale = inv * (m.weight.double() if m.weight is not None else 1.0)
+            scale = bn_scale(m)
             shift = (m.bias.double() if m.bias is not None else 0.0) - m.running_mean.double() \
                 * scale
         self.scale, self.shift = nn.Parameter(scale), nn.Parameter(shift)

@@ -33,6 +33,7 @@ A *domain* is a root and the pass-through ops reading it: one scale, one set of 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -382,10 +383,17 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
     return plan
 
 
-def activation_sources(gm: torch.fx.GraphModule, layers: list[str]) -> dict[str, str]:
+def layer_plan(gm: torch.fx.GraphModule, layers: Sequence[str]) -> Plan:
+    """The plan of ``gm`` with ``layers`` quantized; its domains (which tensor each node's
+    value shares, and their signedness) do not depend on the bits."""
+    return make_plan(gm, Assignment.uniform(layers, 8, 8))
+
+
+def activation_sources(gm: torch.fx.GraphModule, layers: Sequence[str],
+                       plan: Plan | None = None) -> dict[str, str]:
     """For each conv/linear layer, the node whose quantized tensor it reads: its input, traced
     back through pass-through ops (pooling by max, views, ReLUs), since a tensor is quantized
     once and the layers reading it share its activation bits."""
-    plan = make_plan(gm, Assignment.uniform(layers, 8, 8))
+    plan = plan or layer_plan(gm, layers)
     nodes = {n.name: n for n in gm.graph.nodes}
     return {name: plan.root[nodes[name].all_input_nodes[0].name] for name in layers}

@@ -114,24 +114,23 @@ class _Builder:
 
     # --- one method per kind --------------------------------------------------------------
 
-    def input(self, n):
-        ph = self.graph.placeholder(n.name)
-        ph.meta.update(n.meta)
-        qp = self.qp[n.name]
-        return self.emit(n, Quantize(qp), (ph,), f"{n.name}_quantize", meta={QPARAMS: qp})
-
     def index_input(self, n):
         ph = self.graph.placeholder(n.name)
         ph.meta.update(n.meta)
         return ph
 
+    def input(self, n):
+        qp = self.qp[n.name]
+        return self.emit(n, Quantize(qp), (self.index_input(n),), f"{n.name}_quantize",
+                         meta={QPARAMS: qp})
+
     def embedding(self, n):
         m = self.gm.get_submodule(n.target)
         out = self.qp[n.name]
         lo, hi = self.bounds(n, out)
-        with torch.no_grad():
-            table = torch.floor(m.weight.detach().to(torch.float64) / out.scale + 0.5)
-        module = QEmbedding(table.clamp(lo, hi), out, lo, hi)
+        with torch.no_grad():  # the table rounded as Quantize rounds the inputs
+            table = Quantize(out, lo, hi)(m.weight.detach())
+        module = QEmbedding(table, out, lo, hi)
         return self.emit(n, module, (self.env[n.all_input_nodes[0].name],), meta={QPARAMS: out})
 
     def layer(self, n):

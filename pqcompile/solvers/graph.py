@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from ..assignment import Assignment
 from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
+from ..passes.cost import is_matmul
 from ..presets import compute_layers, l1_scores
 from ..quant.plan import activation_sources
 from .problem import (
@@ -160,8 +160,9 @@ def build_problem(gm: torch.fx.GraphModule,
     if not names:
         raise ValueError("the graph has no conv2d or linear layer to assign bits to")
     nodes = {n.name: n for n in gm.graph.nodes}
+    owners = _owners(gm)
     decided = [g for g in CHANNEL_GROUPS.get(gm)
-               if g.prunable and _followable(gm, g, nodes, set(names))
+               if g.prunable and _followable(gm, g, nodes, set(names), owners)
                and len({keep_count(g.size, f, multiple) for f in fractions}) > 1]
     groups = tuple(_group(gm, g, fractions, multiple, prune_sensitivities) for g in decided)
     options = _option_table(names, bit_options, layer_options, pin_first_last)
@@ -171,7 +172,7 @@ def build_problem(gm: torch.fx.GraphModule,
         raise ValueError(f"sensitivities name unknown layers {unknown[:5]}; layers are "
                          f"conv2d/linear node names such as {names[:4]}")
 
-    counter = _Counter(gm, nodes, {g.id for g in decided})
+    counter = _Counter(gm, nodes, {g.id for g in decided}, owners)
     full = {g.id: g.size for g in decided}
     layers, seen, params = [], set(), _Params()
     sources = activation_sources(gm, list(names))
@@ -204,10 +205,11 @@ class _Counter:
     """Kept channels of a node's output or input as an :class:`Affine` of the decided groups;
     the channels of groups held whole are constants."""
 
-    def __init__(self, gm, nodes, decided: set[int]) -> None:
-        self.nodes, self.decided = nodes, decided
+    def __init__(self, gm, nodes, decided: set[int], owners: Mapping[str, set[int]]) -> None:
+        self.nodes, self.decided, self.owners = nodes, decided, owners
+        self.groups = {g.id: g for g in CHANNEL_GROUPS.get(gm)}
         self.members: dict[tuple[str, bool], list] = {}
-        for g in CHANNEL_GROUPS.get(gm):
+        for g in self.groups.values():
             for m in g.members:
                 self.members.setdefault((m.node, m.role == "in"), []).append((g, m))
 
@@ -309,47 +311,44 @@ class _Params:
         return Affine(self.const, tuple(sorted(self.terms.items())))
 
 
-_MATMUL_FN = (torch.matmul, torch.bmm, operator.matmul)
-
-
-def _is_matmul(n: torch.fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _MATMUL_FN) or (
-        n.op == "call_method" and n.target in ("matmul", "bmm"))
-
-
 def _groups_at(n: torch.fx.Node, owners: Mapping[str, set[int]]) -> set[int]:
     """Groups whose channels a node's output or inputs carry."""
     return set().union(*(owners.get(x.name, set()) for x in (n, *n.all_input_nodes)))
 
 
-def _scaling_group(n: torch.fx.Node, counter: _Counter) -> ChannelGroup | None:
-    """The decided group a matmul's MACs are linear in (its operands carry that group's
-    channels or heads and no other decided group's), if there is one."""
-    if not _is_matmul(n):
-        return None
-    owners = {node: {g.id for g, _ in ms} for (node, _), ms in counter.members.items()}
-    gs = _groups_at(n, owners) & counter.decided
-    if len(gs) != 1:
-        return None
-    (g,) = [g for ms in counter.members.values() for g, _ in ms if g.id in gs][:1]
-    return g if COST.get(n).macs % g.size == 0 else None
-
-
-def _followable(gm, group: ChannelGroup, nodes, layer_names: set[str]) -> bool:
-    """Whether every node the group touches has a cost the model follows under pruning (a
-    matmul whose operands carry this group alone: its MACs are then linear in the kept
-    count)."""
+def _owners(gm: torch.fx.GraphModule) -> dict[str, set[int]]:
+    """Node name -> ids of the channel groups with a member there."""
     owners: dict[str, set[int]] = {}
     for g in CHANNEL_GROUPS.get(gm):
         for m in g.members:
             owners.setdefault(m.node, set()).add(g.id)
+    return owners
+
+
+def _scaling_group(n: torch.fx.Node, counter: _Counter) -> ChannelGroup | None:
+    """The decided group a matmul's MACs are linear in (its operands carry that group's
+    channels or heads and no other decided group's), if there is one."""
+    if not is_matmul(n):
+        return None
+    gs = _groups_at(n, counter.owners) & counter.decided
+    if len(gs) != 1:
+        return None
+    g = counter.groups[gs.pop()]
+    return g if COST.get(n).macs % g.size == 0 else None
+
+
+def _followable(gm, group: ChannelGroup, nodes, layer_names: set[str],
+                owners: Mapping[str, set[int]]) -> bool:
+    """Whether every node the group touches has a cost the model follows under pruning (a
+    matmul whose operands carry this group alone: its MACs are then linear in the kept
+    count)."""
     def linear(n: torch.fx.Node) -> bool:
-        return _is_matmul(n) and _groups_at(n, owners) == {group.id} and \
+        return is_matmul(n) and _groups_at(n, owners) == {group.id} and \
             COST.get(n).macs % group.size == 0
 
     for m in group.members:
         n = nodes[m.node]
-        if any(_is_matmul(u) and COST.get(u).macs and not linear(u) for u in n.users):
+        if any(is_matmul(u) and COST.get(u).macs and not linear(u) for u in n.users):
             return False
         if m.node in layer_names:
             continue
