@@ -15,14 +15,16 @@ from .frontend import trace
 from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
 from .targets import ToolchainError, UnknownTargetError, get_target, list_targets, register_target
 from .coverage import check_model
+from .artifact import Artifact
+from .onnx_export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "BudgetError", "InfeasibleBudgetError", "check_model", "compile",
+    "Artifact", "Budget", "BudgetError", "InfeasibleBudgetError", "check_model", "compile",
     "DataError", "ExampleInputError", "MissingAnnotationError", "ModelError",
     "NonFiniteWeightError", "OptionError", "Pass", "PassContext", "PassInfo",
     "PassResult", "Pipeline", "PipelineError", "PQCompileError", "ToolchainError", "TraceError",
-    "UnknownTargetError", "UnsupportedOpError", "get_target", "graph_pass", "list_targets",
+    "UnknownTargetError", "UnsupportedOpError", "export_onnx", "get_target", "graph_pass", "list_targets",
     "meta", "passes", "register_target", "targets", "trace",
 ]

@@ -35,14 +35,15 @@ import torch
 
 from .budget import Budget, BudgetError
 from .build import Compiled, analysis, finish, prepare
+from .candidates import public, solver_candidates
 from .errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
 from .frontend import check_example_inputs, check_model_and_inputs
 from .meta import BITS, EXAMPLE_INPUTS
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
-from .progress import Stages
-from .solvers import build_problem, get_solver, list_solvers, to_assignment
+from .progress import Stages, Tracked
+from .solvers import build_problem, get_solver, list_solvers, resolve_limits, to_assignment
 from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
 from .solvers.search import SearchContext, needs_context
 from .targets import get_target
@@ -84,7 +85,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
             keep_levels: Sequence[float] | None = None, multiple: int = 1,
             calibration_batches: int = 8, sensitivity_batches: int = 16,
             observer: str = "minmax", seed: int = 0, solver_options: Mapping | None = None,
-            progress: bool = False) -> Compiled:
+            pareto_points: int = 4, progress: bool = False) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
@@ -95,6 +96,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     ``finetune``: ``{"epochs": 1, "lr": 1e-3, "distill": True, "max_batches": None, ...}``;
     needs ``data`` (``(inputs, target)`` batches). The result's ``.solution`` holds the
     solver's choice and predicted costs, ``.totals`` the built model's.
+    ``.candidates`` lists what the solver saw (:mod:`pqcompile.candidates`; the report's Pareto
+    plot): with ``data``, the chosen assignment and up to ``pareto_points`` candidates of the
+    predicted front are measured on the validation batches (0: predicted loss only).
 
     A wrong argument fails before any pass runs, with an error of :mod:`pqcompile.errors`
     (``ModelError``, ``NonFiniteWeightError``, ``ExampleInputError``, ``DataError``,
@@ -126,33 +130,47 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise OptionError(f"{name} must be a positive int (a number of data batches), got "
                               f"{value!r}")
+    if isinstance(pareto_points, bool) or not isinstance(pareto_points, Integral) \
+            or pareto_points < 0:
+        raise OptionError(f"pareto_points must be an int >= 0 (candidates measured for the "
+                          f"report's Pareto plot), got {pareto_points!r}")
     torch.manual_seed(seed)
-    names = ["analysis", "sensitivity", "solve"] + (["fine-tune"] if finetune else []) \
-        + ["quantize, lower, build"]
+    names = ["analysis", "sensitivity", "solve", "pareto front"] \
+        + (["fine-tune"] if finetune else []) + ["quantize, lower, build"]
     stage = Stages(names, enabled=progress)
     with stage("analysis"):
         fp32 = analysis(model, example_inputs)
     sens_batches = _batches(data, sensitivity_batches, fp32)
     with stage("sensitivity", f"{len(sens_batches)} batches" if sens_batches else "data-free"):
         scored = SensitivityAnalysis(
-            criterion, sens_batches, channel_criterion=channel_criterion,
+            criterion, Tracked(sens_batches, "sensitivity", progress) if sens_batches else None,
+            channel_criterion=channel_criterion,
             bit_options=bit_options)(fp32).graph_module
         importance = channel_importance(scored)
         problem = build_problem(scored, layer_sensitivities(scored), importance,
                                 bit_options=bit_options, keep_levels=keep_levels,
                                 multiple=multiple)
     teacher = copy.deepcopy(model).eval()  # the user's model keeps its mode and weights
+    context = None
     with stage("solve", getattr(chosen, "name", str(solver))):
-        if needs_context(chosen):
+        if data is not None:
             context = SearchContext(problem, scored, teacher=teacher, data=data,
                                     held_out=validation, channel_scores=importance, seed=seed,
                                     progress=progress)
+        if needs_context(chosen):
             solution = chosen.solve(problem, budget, context=context)
         else:
             solution = chosen.solve(problem, budget)
         # A searching solver may say which channels its kept counts keep (e.g. SBS's gates).
         scores = {**(importance or {}), **dict(solution.info.get("channel_scores", {}))}
         assignment = to_assignment(solution, scored, scores or None)
+    with stage("pareto front", "measured" if context is not None and pareto_points
+               else "predicted"):
+        candidates = solver_candidates(problem, chosen, resolve_limits(problem, budget),
+                                       solution, context, measure=pareto_points,
+                                       progress=progress)
+    sensitivity = {lay.name: lay.option_sensitivity(solution.bits[lay.name])
+                   for lay in problem.layers}
 
     extra: dict[str, Any] = {}
     if finetune is not None:
@@ -171,14 +189,20 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         prepared = prepare(fp32, assignment)
     calib_batches = _batches(data, calibration_batches, fp32)
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
+    calibrated_on = (f"{len(calibration)} batches of data" if calib_batches
+                     else "the example inputs (no data given)")
     with stage("quantize, lower, build", str(target)):
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
-                          observer=observer, **extra)
+                          observer=observer, sensitivity=sensitivity,
+                          manifest_extra={"candidates": public(candidates),
+                                          "solver": solution.solver or str(solver),
+                                          "budget": str(budget),
+                                          "calibration": calibrated_on}, **extra)
     compiled.solution = solution
+    compiled.candidates = candidates
     compiled.timings = dict(stage.seconds)  # wall seconds per stage
     compiled.budget = budget
-    compiled.calibration = (f"{len(calibration)} batches of data" if calib_batches
-                            else "the example inputs (no data given)")
+    compiled.calibration = calibrated_on
     return compiled
 
 

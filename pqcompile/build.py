@@ -22,7 +22,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,28 +80,40 @@ class Compiled:
     budget: Any = None
     calibration: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # compile(): seconds per stage
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # what the solver saw
 
-    def report(self) -> str:
-        """Per-layer table: op, w/a bits, kept/total channels, MACs, BOPs, weight bytes."""
-        lines = [f"{'layer':28s} {'op':8s} {'w/a':>5s} {'channels':>9s} {'MACs':>10s} "
-                 f"{'BOPs':>12s} {'bytes':>9s}"]
-        for r in self.layers:
-            ch = (f"{r['kept_channels']}/{r['total_channels']}" if r["kept_channels"] is not None
-                  else "-")
-            lines.append(f"{r['name'][:28]:28s} {r['op'][:8]:8s} "
-                         f"{r['weight_bits']:>2d}/{r['activation_bits']:<2d} {ch:>9s} "
-                         f"{r['macs']:10d} {r['bops']:12d} {r['weight_bytes']:9.0f}")
-        t = self.totals
-        lines.append(f"total: {t['macs'] / 1e6:.2f} M MACs ({t['fp32_macs'] / t['macs']:.2f}x "
-                     f"fewer), {t['bops'] / 1e9:.3f} G BOPs ({t['bop_reduction']:.1f}x fewer "
-                     f"than FP32), {t['weight_bytes'] / 1e3:.1f} KB weights "
-                     f"({t['fp32_weight_bytes'] / t['weight_bytes']:.1f}x smaller)")
-        if self.float_ops:
-            lines.append("run in float (no integer lowering): "
-                         + ", ".join(f"{n} ({op})" for n, op in self.float_ops))
-        if self.calibration:
-            lines.append(f"calibrated on {self.calibration}")
-        return "\n".join(lines)
+    def report(self, plots: str | Path | None = None) -> str:
+        """The per-layer table (op, output shape, kept/total channels, w/a bits, MACs, BOPs,
+        weight bytes, sensitivity of the chosen bits) with totals and reduction ratios.
+
+        ``plots``: a directory to write the PNG plots to (:func:`pqcompile.report.write_plots`:
+        the candidates' accuracy-vs-BOPs Pareto front, per-layer bits and kept channels); the
+        text then names the files. ``pqcompile report DIR`` renders the same from a saved
+        artifact.
+        """
+        from .report import compression_table
+
+        extra = self.artifact.manifest["extra"]
+        text = compression_table(self.layers, self.totals, float_ops=self.float_ops,
+                                 calibration=self.calibration, solver=extra.get("solver"),
+                                 budget=extra.get("budget"))
+        if plots is not None:
+            text += "\nplots: " + ", ".join(str(p) for p in self.plots(plots))
+        return text
+
+    def export_onnx(self, path: str | Path | None = None, **options: Any) -> Any:
+        """The compressed model as an ONNX QDQ graph (:func:`pqcompile.onnx_export.export_onnx`;
+        written to ``path`` when given); returns the ``onnx.ModelProto``."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, **options)
+
+    def plots(self, directory: str | Path) -> list[Path]:
+        """Write the report's PNG plots to ``directory`` (:func:`pqcompile.report.write_plots`)."""
+        from .report import write_plots
+
+        candidates = self.artifact.manifest["extra"].get("candidates", [])
+        return write_plots(self.layers, candidates, self.totals, directory)
 
     def retarget(self, target: Any) -> Artifact:
         """The same lowered program and weights built for another target (no recalibration)."""
@@ -123,7 +135,8 @@ def analysis(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
 
 
 def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
-                assignment: Assignment) -> list[dict[str, Any]]:
+                assignment: Assignment, sensitivity: Mapping[str, float] | None
+                ) -> list[dict[str, Any]]:
     original = {n.name: n for n in fp32.graph.nodes}
     rows = []
     for node in gm.graph.nodes:
@@ -136,16 +149,22 @@ def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
         before = original.get(node.name)
         total = (SHAPE.get(before).shape[kept.dim] if before is not None and kept is not None
                  else None)
+        op = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" \
+            else getattr(node.target, "__name__", str(node.target))
+        dim = kept.dim if kept is not None else (1 if "conv" in op.lower() else -1)
         rows.append({
             "name": node.name,
-            "op": type(gm.get_submodule(node.target)).__name__ if node.op == "call_module"
-            else getattr(node.target, "__name__", str(node.target)),
+            "op": op,
             "weight_bits": bits.weight if bits else 32,
             "activation_bits": bits.activation if bits else 32,
-            "kept_channels": int(out_shape[kept.dim]) if kept is not None else None,
-            "total_channels": int(total) if total is not None else None,
+            "shape": [int(d) for d in out_shape],
+            "kept_channels": int(out_shape[dim]) if len(out_shape) else None,
+            "total_channels": (int(total) if total is not None else
+                               int(out_shape[dim]) if len(out_shape) else None),
             "macs": cost.macs, "bops": cost.bops, "weight_bytes": cost.weight_bytes,
             "fp32_macs": COST.get(before).macs if before is not None else None,
+            "sensitivity": (float(sensitivity[node.name]) if sensitivity is not None
+                            and node.name in sensitivity else None),
         })
     return rows
 
@@ -177,10 +196,14 @@ def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Te
 
 def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Assignment, *,
            target: Any, calibration: Iterable[torch.Tensor] | None, observer: Any = "minmax",
+           sensitivity: Mapping[str, float] | None = None,
+           manifest_extra: Mapping[str, Any] | None = None,
            **reference_kwargs: Any) -> Compiled:
     """Quantize the prepared graph ``gm``, lower it and build the artifact for ``target``.
 
     ``fp32`` is the analyzed, unpruned graph (for the reference costs and the layer table);
+    ``sensitivity``: each layer's sensitivity at its chosen bits (the report's column);
+    ``manifest_extra``: more entries for the manifest's ``extra`` (JSON-ready);
     ``reference_kwargs`` go to :func:`pqcompile.quant.build_reference`.
     """
     if calibration is None:
@@ -197,7 +220,7 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
                  else t.detach().numpy() for t in example_inputs]
     outs = list(sample_out.values()) if isinstance(sample_out, dict) else \
         sample_out if isinstance(sample_out, (tuple, list)) else [sample_out]
-    layers = _layer_rows(gm, fp32, assignment)
+    layers = _layer_rows(gm, fp32, assignment, sensitivity)
     summary = {
         "macs": totals.macs, "bops": totals.bops, "weight_bytes": totals.weight_bytes,
         "fp32_macs": fp32_totals.macs, "fp32_bops": fp32_totals.fp32_bops,
@@ -211,7 +234,7 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
         reference_sample=(sample_in, [o.detach().numpy() for o in outs]),
         sample_tolerance=(0.0, 0.0),
         extra={"assignment": assignment.to_json(), "float_ops": float_ops,
-               "channel_groups": len(CHANNEL_GROUPS.get(fp32))})
+               "channel_groups": len(CHANNEL_GROUPS.get(fp32)), **(manifest_extra or {})})
     artifact = Artifact.build(mod, params, target, **build_kwargs)
     return Compiled(gm, reference, artifact, report, assignment, layers, summary, float_ops,
                     mod, params, build_kwargs)

@@ -5,8 +5,14 @@
   be pruned and why not where it cannot;
 * ``pqcompile compile --model ... --input-shape ... --target arm --budget bops=60x --out DIR
   [--data pkg.module:factory --finetune-steps N]``: compress and build an artifact, with the
-  stages and fine-tuning progress on stderr (``--quiet`` silences them);
-* ``pqcompile demo``: the Fashion-MNIST ResNet-20 end to end.
+  stages and fine-tuning progress on stderr (``--quiet`` silences them), ``--plots DIR``
+  for the report's plots, ``--onnx PATH`` for an ONNX QDQ export;
+* ``pqcompile report DIR [--plots OUT]``: a saved artifact's per-layer table (bits, kept
+  channels, MACs, BOPs, bytes, sensitivity) with totals and ratios, and its PNG plots (the
+  candidates' accuracy-vs-BOPs Pareto front, per-layer bits and kept channels);
+* ``pqcompile demo``: the Fashion-MNIST ResNet-20 end to end;
+* ``pqcompile deploy DIR --rpc HOST:PORT``: run an artifact on a board over TVM RPC, check its
+  outputs against the reference sample and time it (exit 1 when the outputs differ).
 """
 
 from __future__ import annotations
@@ -83,22 +89,61 @@ def _compile(args: argparse.Namespace) -> int:
                 if args.finetune_steps else None)
     compiled = pq_compile(model, (example,), target=args.target, budget=args.budget,
                           solver=args.solver, seed=args.seed, data=data, finetune=finetune,
-                          progress=not args.quiet)
+                          pareto_points=args.pareto_points, progress=not args.quiet)
     path = compiled.save(args.out, overwrite=args.overwrite)
+    plots = compiled.plots(args.plots) if args.plots else []
+    if args.onnx:
+        compiled.export_onnx(args.onnx)
     if args.json:
         print(json.dumps({"artifact": str(path), "totals": compiled.totals,
-                          "calibration": compiled.calibration,
-                          "layers": compiled.layers}, indent=1, default=float))
-    else:
+                          "calibration": compiled.calibration, "timings": compiled.timings,
+                          "layers": compiled.layers,
+                          "candidates": compiled.artifact.manifest["extra"]["candidates"],
+                          "plots": [str(p) for p in plots], "onnx": args.onnx},
+                         indent=1, default=float))
+    elif not args.quiet:
         print(compiled.report())
+        if plots:
+            print("plots: " + ", ".join(str(p) for p in plots))
+        if args.onnx:
+            print(f"ONNX QDQ model written to {args.onnx}")
         print(f"artifact written to {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import artifact_report
+
+    out = artifact_report(args.artifact, plots=args.plots, as_dict=args.json)
+    print(json.dumps(out, indent=1) if args.json else out)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, args.budget, args.finetune_batches)
+    result = run_demo(args.out, args.budget, args.finetune_batches,
+                      log=(lambda *a, **k: None) if args.quiet or args.json else print,
+                      progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from .deploy import deploy, parse_address
+
+    address = parse_address(args.rpc)
+    result = deploy(args.artifact, address.host, address.port, repeat=args.repeat,
+                    number=args.number, check=False, session_timeout=args.session_timeout)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    elif not args.quiet or result.outputs_match is False:
+        print(result.summary())
+    if result.outputs_match is False:
+        print(f"pqcompile deploy: the outputs on the board differ from the reference sample "
+              f"(max abs diff {result.max_abs_diff:.6g})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -122,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(sensitivity, calibration, fine-tuning)")
     c.add_argument("--finetune-steps", type=int, default=0, help="QAT steps on --data")
     c.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
-    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    c.add_argument("--pareto-points", type=int, default=4, help="candidates of the predicted "
+                   "front measured on --data for the report's Pareto plot (0: none)")
+    c.add_argument("--plots", metavar="DIR", help="write the report's PNG plots to DIR")
+    c.add_argument("--onnx", metavar="PATH", help="also write the compressed model as an ONNX "
+                   "QDQ graph")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr, no table")
     c.add_argument("--out", required=True, help="artifact directory")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--seed", type=int, default=0)
@@ -132,7 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="pqcompile-demo")
     d.add_argument("--budget", default="bops=60x")
     d.add_argument("--finetune-batches", type=int, default=150)
+    d.add_argument("--quiet", action="store_true", help="no progress, no log lines")
+    d.add_argument("--json", action="store_true", help="the measured figures as JSON")
     d.set_defaults(func=_demo)
+    rp = sub.add_parser("report", help="a saved artifact's per-layer table and plots")
+    rp.add_argument("artifact", metavar="DIR", help="artifact directory (pqcompile compile --out)")
+    rp.add_argument("--plots", metavar="OUT", help="write pareto.png and layers.png to OUT")
+    rp.add_argument("--json", action="store_true", help="layers, totals, candidates as JSON")
+    rp.set_defaults(func=_report)
+    r = sub.add_parser("deploy", help="run an artifact on a board over TVM RPC: check, time")
+    r.add_argument("artifact", metavar="DIR", help="artifact directory (pqcompile compile --out)")
+    r.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's TVM RPC "
+                   "server, e.g. 192.168.1.20:9090")
+    r.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
+    r.add_argument("--number", type=int, default=10, help="runs averaged per repeat")
+    r.add_argument("--session-timeout", type=float, default=600.0, help="seconds, 0: none")
+    r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    r.add_argument("--quiet", action="store_true", help="print nothing unless outputs differ")
+    r.set_defaults(func=_deploy)
     return parser
 
 

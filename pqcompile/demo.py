@@ -40,7 +40,8 @@ def artifact_predictions(compiled, loader) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def run_demo(out: str | Path = "pqcompile-demo", budget: str = "bops=60x",
-             finetune_batches: int = 150, epochs: int = 1, log=print) -> dict:
+             finetune_batches: int = 150, epochs: int = 1, log=print,
+             progress: bool = True) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     model = pretrained_resnet20_fashion()
@@ -53,7 +54,7 @@ def run_demo(out: str | Path = "pqcompile-demo", budget: str = "bops=60x",
                        data=loaders.train, solver="ilp", bit_options=BIT_OPTIONS,
                        finetune={"epochs": epochs, "max_batches": finetune_batches,
                                  "lr": 0.01, "distill": True},
-                       progress=True)
+                       progress=progress)
     log(compiled.report())
     art, ref, labels = artifact_predictions(compiled, loaders.test)
     acc_art, acc_ref = float((art == labels).mean()), float((ref == labels).mean())
@@ -62,7 +63,9 @@ def run_demo(out: str | Path = "pqcompile-demo", budget: str = "bops=60x",
         f"same prediction on {agree:.2%} of {len(labels)} images; FP32 {fp_acc:.2%}")
     host_dir = compiled.save(out / "host", overwrite=True)
     arm_dir = compiled.retarget("arm").save(out / "arm", overwrite=True)
-    log(f"artifacts: {host_dir} (host), {arm_dir} (aarch64; run runner.py there)")
+    plots = compiled.plots(out / "plots")
+    log(f"artifacts: {host_dir} (host), {arm_dir} (aarch64; run runner.py there); plots: "
+        + ", ".join(str(p) for p in plots))
     log(f"demo took {time.perf_counter() - t0:.0f} s")
     return {"fp32_accuracy": fp_acc, "accuracy": acc_art, "reference_accuracy": acc_ref,
             "agreement": agree, "bop_reduction": compiled.totals["bop_reduction"]}

@@ -1,5 +1,8 @@
 """Progress on stderr for the long steps: a step counter bar and numbered stage lines.
 
+On a terminal the bar redraws one line in place; in a log (not a TTY) it prints about ten
+lines per run. :class:`Tracked` wraps a list of batches so every pass over it shows a bar.
+
 >>> import io
 >>> out = io.StringIO()
 >>> stages = Stages(["analysis", "solve"], stream=out)
@@ -13,15 +16,17 @@ True
 True
 """
 
+
 from __future__ import annotations
 
 import contextlib
+import io  # noqa: F401 (the doctests use it)
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["Progress", "Stages"]
+__all__ = ["Progress", "Stages", "Tracked"]
 
 
 class Progress:
@@ -31,16 +36,27 @@ class Progress:
                  stream: TextIO | None = None) -> None:
         self.total, self.label, self.enabled = total, label, enabled
         self.stream = stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, total // 10)
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
 
     def update(self, step: int, **metrics: float) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
+        if not self.enabled:
             return
+        now, last = time.perf_counter(), step == self.total
+        if self.live and not last and now - self.shown < 0.1:
+            return
+        if not self.live and step % self.every and not last:
+            return
+        self.shown = now
         done = int(20 * step / max(self.total, 1))
         info = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"{self.label} {step}/{self.total} [{'#' * done}{'.' * (20 - done)}] {info} "
-              f"{time.perf_counter() - self.start:.1f}s", file=self.stream, flush=True)
+        line = (f"{self.label} {step}/{self.total} [{'#' * done}{'.' * (20 - done)}] {info} "
+                f"{now - self.start:.1f}s")
+        if self.live:
+            print(f"\r{line}\x1b[K", end="\n" if last else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
 
 
 class Stages:
@@ -63,3 +79,29 @@ class Stages:
         self.seconds[name] = time.perf_counter() - start
         if self.enabled:
             print(f"{label} done in {self.seconds[name]:.1f} s", file=self.stream, flush=True)
+
+
+class Tracked:
+    """A re-iterable list of ``items`` whose every pass shows a :class:`Progress` bar.
+
+    >>> out = io.StringIO()
+    >>> batches = Tracked([1, 2, 3], "sensitivity", stream=out)
+    >>> sum(batches), len(batches), "sensitivity 3/3" in out.getvalue()
+    (6, 3, True)
+    """
+
+    def __init__(self, items: Sequence[Any], label: str, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.items, self.label, self.enabled, self.stream = list(items), label, enabled, stream
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        bar = Progress(len(self.items), self.label, self.enabled, self.stream)
+        for i, item in enumerate(self.items):
+            yield item
+            bar.update(i + 1)

@@ -3,6 +3,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import onnx
 
 from pqcompile.cli import main
 
@@ -57,16 +60,24 @@ def test_compile_with_data_finetunes_and_reports_progress(tmp_path, capsys):
     out = tmp_path / "art"
     assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
                  "--data", "solver_models:digits_train", "--finetune-steps", "4",
-                 "--target", "host", "--budget", "bops=30x", "--out", str(out), "--json"]) == 0
+                 "--target", "host", "--budget", "bops=30x", "--out", str(out), "--json",
+                 "--onnx", str(tmp_path / "m.onnx"), "--plots", str(tmp_path / "plots")]) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in model.graph.node}
+    assert sorted(Path(p).name for p in data["plots"]) == ["layers.png", "pareto.png"]
     assert data["totals"]["bop_reduction"] >= 30
     assert data["calibration"] == "8 batches of data"
-    stages = ["[1/5] analysis", "[2/5] sensitivity (16 batches)", "[3/5] solve (ilp)",
-              "[4/5] fine-tune", "[5/5] quantize, lower, build (host)"]
+    stages = ["[1/6] analysis", "[2/6] sensitivity (16 batches)", "[3/6] solve (ilp)",
+              "[4/6] pareto front (measured)", "[5/6] fine-tune",
+              "[6/6] quantize, lower, build (host)"]
     for stage in stages:
         assert f"{stage} done in" in captured.err
-    assert "qat 4/4 [####################]" in captured.err
+    for bar in ("qat 4/4", "sensitivity 16/16", "pareto 4/4"):
+        assert f"{bar} [####################]" in captured.err
+    assert len(data["candidates"]) >= 5 and data["candidates"][-1]["source"] == "chosen"
     assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
                  "--finetune-steps", "4", "--budget", "bops=30x", "--out", str(out)]) == 2
     assert "--finetune-steps needs --data" in capsys.readouterr().err

@@ -413,4 +413,6 @@ class AJPQSolver:
         assignment = context.assignment(bits, kept)
         module = context.finetune(assignment, self.finetune_steps, lr=self.finetune_lr) \
             if self.finetune_steps else context.fake_quant(assignment)
-        return context.measure(module)
+        loss, acc = context.measure(module)
+        context.record(bits, kept, accuracy=acc, loss=loss)
+        return loss, acc

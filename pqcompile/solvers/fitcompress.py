@@ -388,6 +388,7 @@ class FITCompressSolver:
             entry = _describe(path, move, gone, before)
             entry.update(g=g, h=h, fit=d_fit, key=key, costs=dict(path.state.totals))
             info["path"].append(entry)
+            context.record(path.bits(), path.kept())
             steps = len(info["path"])
             bar.update(steps, g=g)
             if self.refresh_every and steps % self.refresh_every == 0 and not holds():

@@ -229,6 +229,7 @@ class PICPQSolver:
             else:
                 model = context.fake_quant(assignment)
             loss, acc = context.measure(model)
+        context.record(bits, kept, accuracy=acc, loss=loss)
         return (loss if math.isfinite(loss) else math.inf), acc
 
     # --- the search ---

@@ -21,6 +21,8 @@ The context offers the operations every such method repeats:
 * :meth:`SearchContext.measure`: mean loss and accuracy of a module on the held-out batches;
 * :meth:`SearchContext.fixed_batches`: the first ``n`` training batches, the same every call;
   :meth:`SearchContext.train_batches`: the next ``n``, cycling through ``data``;
+* :meth:`SearchContext.record`: note a candidate measured or walked through (the report's
+  Pareto plot shows them);
 * :meth:`SearchContext.tighten`: the greedy repair that lowers the cheapest-to-lose settings
   until the budget holds (AMC/HAQ's "tighten actions after each episode").
 
@@ -133,6 +135,7 @@ class SearchContext:
         self._fixed: list[Any] = []
         self._fixed_stream: Any = None
         self._one_pass = 0
+        self.candidates: list[dict[str, Any]] = []  # what the search saw (see record)
         self.calibration = [self._inputs(b) for b in self.fixed_batches(calibration_batches)]
 
     # --- data ----------------------------------------------------------------------------
@@ -197,6 +200,14 @@ class SearchContext:
         """A :class:`Solution` (objective, costs, feasibility under ``budget``)."""
         limits = resolve_limits(self.problem, budget) if budget is not None else None
         return evaluate(self.problem, bits, kept, limits, solver=solver, info=info)
+
+    def record(self, bits: Mapping[str, Option], kept: Mapping[int, int], *,
+               accuracy: float | None = None, loss: float | None = None) -> None:
+        """Note a candidate the search measured (``accuracy``/``loss`` on the held-out
+        batches) or walked through, for the report's Pareto plot (:mod:`pqcompile.candidates`)."""
+        from ..candidates import candidate
+        self.candidates.append(candidate(self.problem, bits, kept, source="search",
+                                         accuracy=accuracy, loss=loss))
 
     def assignment(self, bits: Mapping[str, Option], kept: Mapping[int, int],
                    channel_scores: Mapping[int, np.ndarray] | None = None) -> Assignment:
