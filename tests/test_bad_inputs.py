@@ -529,3 +529,29 @@ def test_save_over_an_existing_artifact(compiled, copy):
                                                  r"to replace it") as info:
             compiled.save(copy)
     assert type(info.value) is ArtifactError
+
+
+def test_out_of_range_token_ids_are_refused_by_the_program():
+    """The reference raises IndexError for an id past the table; the compiled program (host
+    here, the same check runs on the device) refuses it naming the embedding, and never reads
+    outside the table."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    c = pqcompile.compile(Tokens().eval(), (ids,), target="host", budget="bops=4x")
+    np.testing.assert_array_equal(c(ids.numpy()), c.reference(ids).numpy())
+    for bad_id in (10, 1_000_000, -1):
+        bad = ids.clone()
+        bad[0, 0] = bad_id
+        with pytest.raises(IndexError):
+            c.reference(bad)
+        with pytest.raises(AssertionError, match=r"node 'emb' \(embedding\): ids must be in "
+                                                 r"\[0, 10\)"):
+            c(bad.numpy())

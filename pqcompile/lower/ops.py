@@ -153,7 +153,14 @@ def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
 def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
     table = module.table.numpy()
     lw.storage[node.name] = f"{table.dtype} lookup table"
-    return lw.bb.emit(R.take(lw.param(f"{node.name}.weight", table), ids, axis=0))
+    # Out-of-range ids would read past the table: the program checks them (the reference's
+    # IndexError), and "clip" keeps the lookup in bounds before the check reports.
+    rows, dtype = table.shape[0], str(ids.ty.dtype)
+    ok = R.logical_and(R.greater_equal(R.min(ids), relax.const(0, dtype)),
+                       R.less(R.max(ids), relax.const(rows, dtype)))
+    lw.checks.append((lw.bb.emit(ok), f"node {node.name!r} (embedding): ids must be in "
+                      f"[0, {rows}), the table's rows; an input holds an id outside"))
+    return lw.bb.emit(R.take(lw.param(f"{node.name}.weight", table), ids, axis=0, mode="clip"))
 
 
 def max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr:

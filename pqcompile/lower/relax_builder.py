@@ -29,6 +29,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 from tvm import relax
+from tvm.relax import op as R
 
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
@@ -80,6 +81,7 @@ class Lowering:
         self.params: dict[str, np.ndarray] = {}
         self.param_vars: list[relax.Var] = []
         self.storage: dict[str, str] = {}
+        self.checks: list[tuple[relax.Expr, str]] = []  # (bool scalar, message): run-time checks
 
     def param(self, name: str, array: np.ndarray) -> relax.Var:
         if name in self.params:
@@ -131,6 +133,9 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
             result = relax.Tuple(_flat(result)) if isinstance(result, (list, tuple, dict)) \
                 else result
             out = bb.emit_output(result)
+            checks = [(bb.emit_output(ok), message) for ok, message in lw.checks]
+        for ok, message in checks:  # a failed check raises in the VM, on the device too
+            bb.emit(R.assert_op(ok, [], message))
         bb.emit_func_output(out, params=list(inputs.values()) + lw.param_vars)
     mod = bb.get()
     weight_bytes = {name: lw.params[f"{name}.weight"].nbytes for name in lw.storage}
