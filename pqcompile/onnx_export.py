@@ -74,7 +74,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import operator
 import os
 import warnings
 from typing import Any
@@ -87,7 +86,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.fx.node import map_arg
 
 from .errors import OptionError, UnsupportedOpError
-from .lower.ops import _IDENTITY_MODULES, _index_box
+from .lower.ops import _index_box, view_op
 from .meta import FLOAT_OPS, FUSED_ACTIVATION, QPARAMS, SHAPE, QParams
 from .quant.plan import is_split, split_dim
 from .quant.qmodules import (
@@ -402,44 +401,23 @@ def getitem(ex: _Export, node, x: str) -> str:
 
 def movement(ex: _Export, node, x: str) -> str:
     """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose,
-    channel shuffle, indexing: on the integers."""
-    if node.op == "call_function" and node.target is operator.getitem:
+    channel shuffle, indexing: on the integers (:func:`pqcompile.lower.ops.view_op`)."""
+    kind, arg = view_op(ex.ref, node, len(ex.shape(node)))
+    if kind == "index":
         return getitem(ex, node, x)
-    target = node.target
-    if node.op == "call_module":
-        module = ex.ref.get_submodule(target)
-        if isinstance(module, _IDENTITY_MODULES):
-            return x
-        target = type(module).__name__.lower()
-    name = getattr(target, "__name__", target)
-    if name in ("contiguous", "clone"):
+    if kind == "identity":
         return x
-    if name in ("permute", "transpose"):
-        ndim = len(ex.shape(node))
-        rest = [a for a in node.args[1:]] or list(node.kwargs.values())
-        if name == "permute":
-            axes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) \
-                else list(rest)
-        else:
-            d0, d1 = (int(d) % ndim for d in rest[:2])
-            axes = list(range(ndim))
-            axes[d0], axes[d1] = axes[d1], axes[d0]
-        out = ex.node("Transpose", [x], node.name, f"{node.name}/Transpose",
-                      perm=[int(a) % ndim for a in axes])
-        return ex.passthrough(out, x)
-    if name in ("channel_shuffle", "native_channel_shuffle", "channelshuffle"):
+    if kind == "permute":
+        return ex.passthrough(ex.node("Transpose", [x], node.name, f"{node.name}/Transpose",
+                                      perm=arg), x)
+    if kind == "shuffle":
         n, c, *rest = ex.shape(node)
-        g = ex.ref.get_submodule(node.target).groups if node.op == "call_module" else \
-            int(node.args[1] if len(node.args) > 1 else node.kwargs["groups"])
-        y = ex.reshape(x, (n, g, c // g, *rest), f"{node.name}_groups")
+        y = ex.reshape(x, (n, arg, c // arg, *rest), f"{node.name}_groups")
         y = ex.passthrough(ex.node("Transpose", [y], f"{node.name}_shuffled",
                                    f"{node.name}/Transpose",
                                    perm=[0, 2, 1, *range(3, 3 + len(rest))]), y)
         return ex.reshape(y, (n, c, *rest), node.name)
-    if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
-        return ex.reshape(x, ex.shape(node), node.name)
-    raise UnsupportedOpError(f"node {node.name!r} ({name}) has no ONNX export and was not "
-                             "planned as a float op; this is a pqcompile bug, please report")
+    return ex.reshape(x, ex.shape(node), node.name)
 
 
 # --- float islands --------------------------------------------------------------------------

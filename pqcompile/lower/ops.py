@@ -19,7 +19,7 @@ Relax values of its inputs, and returns the Relax value of its output. Integer t
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -252,22 +252,23 @@ def getitem(lw: Lowering, node, x) -> relax.Expr:
     return lw.bb.emit(R.reshape(x, lw.shape(node)))
 
 
-def movement(lw: Lowering, node, x) -> relax.Expr:
-    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose,
-    indexing."""
+def view_op(ref: torch.fx.GraphModule, node, ndim: int) -> tuple[str, Any]:
+    """What a movement node does to the integers it moves, for the lowering and the ONNX export:
+    ``("index", None)`` (getitem), ``("identity", None)``, ``("permute", axes)``,
+    ``("shuffle", groups)`` (channel shuffle) or ``("reshape", None)`` (flatten/reshape/view/
+    squeeze/unsqueeze: to the recorded shape); ``ndim`` is the output's rank."""
     if node.op == "call_function" and node.target is operator.getitem:
-        return getitem(lw, node, x)
+        return "index", None
     target = node.target
     if node.op == "call_module":
-        module = lw.ref.get_submodule(target)
+        module = ref.get_submodule(target)
         if isinstance(module, _IDENTITY_MODULES):
-            return x
+            return "identity", None
         target = type(module).__name__.lower()
     name = getattr(target, "__name__", target)
     if name in ("contiguous", "clone"):
-        return x
+        return "identity", None
     if name in ("permute", "transpose"):
-        ndim = len(lw.shape(node))
         rest = [a for a in node.args[1:]] or list(node.kwargs.values())
         if name == "permute":
             axes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) \
@@ -276,15 +277,30 @@ def movement(lw: Lowering, node, x) -> relax.Expr:
             d0, d1 = (int(d) % ndim for d in rest[:2])
             axes = list(range(ndim))
             axes[d0], axes[d1] = axes[d1], axes[d0]
-        return lw.bb.emit(R.permute_dims(x, [int(a) % ndim for a in axes]))
+        return "permute", [int(a) % ndim for a in axes]
     if name in ("channel_shuffle", "native_channel_shuffle", "channelshuffle"):
-        n, c, *rest = lw.shape(node)
-        g = lw.ref.get_submodule(node.target).groups if node.op == "call_module" else \
-            int(node.args[1] if len(node.args) > 1 else node.kwargs["groups"])
-        y = lw.bb.emit(R.reshape(x, (n, g, c // g, *rest)))
-        y = lw.bb.emit(R.permute_dims(y, [0, 2, 1, *range(3, 3 + len(rest))]))
-        return lw.bb.emit(R.reshape(y, (n, c, *rest)))
+        return "shuffle", (ref.get_submodule(node.target).groups if node.op == "call_module"
+                           else int(node.args[1] if len(node.args) > 1
+                                    else node.kwargs["groups"]))
     if name in ("flatten", "reshape", "view", "squeeze", "unsqueeze"):
-        return lw.bb.emit(R.reshape(x, lw.shape(node)))
+        return "reshape", None
     raise UnsupportedOpError(f"node {node.name!r} ({name}) has no integer lowering and was "
                              "not planned as a float op; this is a pqcompile bug, please report")
+
+
+def movement(lw: Lowering, node, x) -> relax.Expr:
+    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose,
+    channel shuffle, indexing (:func:`view_op`)."""
+    kind, arg = view_op(lw.ref, node, len(lw.shape(node)))
+    if kind == "index":
+        return getitem(lw, node, x)
+    if kind == "identity":
+        return x
+    if kind == "permute":
+        return lw.bb.emit(R.permute_dims(x, arg))
+    if kind == "shuffle":
+        n, c, *rest = lw.shape(node)
+        y = lw.bb.emit(R.reshape(x, (n, arg, c // arg, *rest)))
+        y = lw.bb.emit(R.permute_dims(y, [0, 2, 1, *range(3, 3 + len(rest))]))
+        return lw.bb.emit(R.reshape(y, (n, c, *rest)))
+    return lw.bb.emit(R.reshape(x, lw.shape(node)))
