@@ -14,3 +14,10 @@ for _name, _value in (("ATEN_CPU_CAPABILITY", "avx2"),  # torch's own vectorized
                       ("MKL_CBWR", "AVX2,STRICT"),  # MKL's conditional numerical reproducibility
                       ("ONEDNN_MAX_CPU_ISA", "AVX2")):  # oneDNN's convolutions
     os.environ.setdefault(_name, _value)
+
+# Builds apply the tuning database of their target (pqcompile.tuning): the suite gets an empty
+# one of its own, so schedules tuned on this machine before do not change what it builds.
+if "PQCOMPILE_TUNING_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PQCOMPILE_TUNING_DIR"] = tempfile.mkdtemp(prefix="pqcompile-tuning-")

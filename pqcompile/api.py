@@ -85,7 +85,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
             keep_levels: Sequence[float] | None = None, multiple: int = 1,
             calibration_batches: int = 8, sensitivity_batches: int = 16,
             observer: str = "minmax", seed: int = 0, solver_options: Mapping | None = None,
-            pareto_points: int = 4, progress: bool = False) -> Compiled:
+            pareto_points: int = 4, tune: int = 0, progress: bool = False) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
@@ -99,6 +99,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     ``.candidates`` lists what the solver saw (:mod:`pqcompile.candidates`; the report's Pareto
     plot): with ``data``, the chosen assignment and up to ``pareto_points`` candidates of the
     predicted front are measured on the validation batches (0: predicted loss only).
+    ``tune``: MetaSchedule trials for the kernels the target's tuning database lacks
+    (:mod:`pqcompile.tuning`: ~1.5 s a trial; a model is tuned once, later builds for the
+    target reuse its records; 0, the default, only reuses). ``.tuning`` reports it.
 
     A wrong argument fails before any pass runs, with an error of :mod:`pqcompile.errors`
     (``ModelError``, ``NonFiniteWeightError``, ``ExampleInputError``, ``DataError``,
@@ -130,6 +133,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise OptionError(f"{name} must be a positive int (a number of data batches), got "
                               f"{value!r}")
+    if isinstance(tune, bool) or not isinstance(tune, Integral) or tune < 0:
+        raise OptionError(f"tune must be an int >= 0 (MetaSchedule trials), got {tune!r}")
     if isinstance(pareto_points, bool) or not isinstance(pareto_points, Integral) \
             or pareto_points < 0:
         raise OptionError(f"pareto_points must be an int >= 0 (candidates measured for the "
@@ -191,13 +196,14 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
     calibrated_on = (f"{len(calibration)} batches of data" if calib_batches
                      else "the example inputs (no data given)")
-    with stage("quantize, lower, build", str(target)):
+    with stage("quantize, lower, build", f"{target}, tuning {tune} trials" if tune
+               else str(target)):
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
                           observer=observer, sensitivity=sensitivity,
                           manifest_extra={"candidates": public(candidates),
                                           "solver": solution.solver or str(solver),
                                           "budget": str(budget),
-                                          "calibration": calibrated_on}, **extra)
+                                          "calibration": calibrated_on}, tune=tune, **extra)
     compiled.solution = solution
     compiled.candidates = candidates
     compiled.timings = dict(stage.seconds)  # wall seconds per stage

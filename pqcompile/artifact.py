@@ -83,7 +83,8 @@ class Artifact:
               layers: Sequence[Mapping[str, Any]] = (), totals: Mapping[str, Any] | None = None,
               reference_sample: tuple[Sequence[np.ndarray], Any] | None = None,
               sample_tolerance: tuple[float, float] = (1e-5, 1e-6),
-              extra: Mapping[str, Any] | None = None, entry: str = "main") -> Artifact:
+              extra: Mapping[str, Any] | None = None, entry: str = "main",
+              tuned: bool = True) -> Artifact:
         """Compile ``mod`` for ``target`` and package it with its weights.
 
         ``mod["main"]`` takes the inputs, then ``params`` in dict order (the lowering's
@@ -93,6 +94,8 @@ class Artifact:
         activation_bits, kept_channels, total_channels, bops, weight_bytes, ...), ``totals``
         must hold ``macs``, ``bops`` and ``weight_bytes``. ``reference_sample`` is
         ``(inputs, outputs)``; float outputs are checked with ``sample_tolerance`` (rtol, atol).
+        ``tuned``: schedule the kernels with the target's tuning database where it has records
+        (:func:`pqcompile.tuning.apply`; the manifest's ``tuning`` says how many).
         """
         import tvm
         import tvm_ffi
@@ -122,6 +125,11 @@ class Artifact:
         validate_params(params, func.params[n_inputs:], n_inputs)
 
         tvm_target = spec.tvm_target()
+        scheduled = 0
+        if tuned:
+            from .tuning import apply
+
+            mod, scheduled = apply(mod, spec)
         executable = tvm.compile(mod, target=tvm_target)
         with tempfile.TemporaryDirectory(prefix="pqcompile-export-") as tmp:
             library = spec.export(executable, Path(tmp) / LIBRARY).read_bytes()
@@ -145,6 +153,7 @@ class Artifact:
             "inputs": inputs, "outputs": outputs,
             "weights_file": WEIGHTS, "byte_order": "little", "params": param_entries,
             "reference_sample": sample_meta,
+            "tuning": {"scheduled_kernels": scheduled},
             "layers": json_ready(_layer_list(layers), "layers"),
             "totals": json_ready(_totals(totals), "totals"),
             "extra": json_ready(dict(extra or {}), "extra"),

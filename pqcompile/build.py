@@ -80,6 +80,7 @@ class Compiled:
     budget: Any = None
     calibration: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # compile(): seconds per stage
+    tuning: Any = None  # pqcompile.tuning.TuningReport when compile(tune=...) tuned
     candidates: list[dict[str, Any]] = field(default_factory=list)  # what the solver saw
 
     def report(self, plots: str | Path | None = None) -> str:
@@ -197,13 +198,15 @@ def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Te
 def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Assignment, *,
            target: Any, calibration: Iterable[torch.Tensor] | None, observer: Any = "minmax",
            sensitivity: Mapping[str, float] | None = None,
-           manifest_extra: Mapping[str, Any] | None = None,
+           manifest_extra: Mapping[str, Any] | None = None, tune: int = 0,
            **reference_kwargs: Any) -> Compiled:
     """Quantize the prepared graph ``gm``, lower it and build the artifact for ``target``.
 
     ``fp32`` is the analyzed, unpruned graph (for the reference costs and the layer table);
     ``sensitivity``: each layer's sensitivity at its chosen bits (the report's column);
     ``manifest_extra``: more entries for the manifest's ``extra`` (JSON-ready);
+    ``tune``: MetaSchedule trials for the program's kernels the target's tuning database lacks
+    (:func:`pqcompile.tuning.tune`; the build applies the database either way);
     ``reference_kwargs`` go to :func:`pqcompile.quant.build_reference`.
     """
     if calibration is None:
@@ -214,6 +217,11 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     totals = COST_TOTALS.get(gm)
     reference = build_reference(gm, assignment, calibration, observer, **reference_kwargs)
     mod, params, report = lower(reference)
+    tuning = None
+    if tune:
+        from .tuning import tune as tune_kernels
+
+        tuning = tune_kernels(mod, target, trials=tune)
     with torch.no_grad():
         sample_out = reference(*example_inputs)
     sample_in = [t.detach().numpy().astype(np.float32) if t.is_floating_point()
@@ -237,4 +245,4 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
                "channel_groups": len(CHANNEL_GROUPS.get(fp32)), **(manifest_extra or {})})
     artifact = Artifact.build(mod, params, target, **build_kwargs)
     return Compiled(gm, reference, artifact, report, assignment, layers, summary, float_ops,
-                    mod, params, build_kwargs)
+                    mod, params, build_kwargs, tuning=tuning)

@@ -89,7 +89,8 @@ def _compile(args: argparse.Namespace) -> int:
                 if args.finetune_steps else None)
     compiled = pq_compile(model, (example,), target=args.target, budget=args.budget,
                           solver=args.solver, seed=args.seed, data=data, finetune=finetune,
-                          pareto_points=args.pareto_points, progress=not args.quiet)
+                          pareto_points=args.pareto_points, tune=args.tune,
+                          progress=not args.quiet)
     path = compiled.save(args.out, overwrite=args.overwrite)
     plots = compiled.plots(args.plots) if args.plots else []
     if args.onnx:
@@ -97,6 +98,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"artifact": str(path), "totals": compiled.totals,
                           "calibration": compiled.calibration, "timings": compiled.timings,
+                          "tuning": vars(compiled.tuning) if compiled.tuning else None,
                           "layers": compiled.layers,
                           "candidates": compiled.artifact.manifest["extra"]["candidates"],
                           "plots": [str(p) for p in plots], "onnx": args.onnx},
@@ -107,6 +109,8 @@ def _compile(args: argparse.Namespace) -> int:
             print("plots: " + ", ".join(str(p) for p in plots))
         if args.onnx:
             print(f"ONNX QDQ model written to {args.onnx}")
+        if compiled.tuning is not None:
+            print(compiled.tuning)
         print(f"artifact written to {path}")
     return 0
 
@@ -170,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pareto-points", type=int, default=4, help="candidates of the predicted "
                    "front measured on --data for the report's Pareto plot (0: none)")
     c.add_argument("--plots", metavar="DIR", help="write the report's PNG plots to DIR")
+    c.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="MetaSchedule trials "
+                   "for kernels the target's tuning database lacks (~1.5 s each; 0: reuse only)")
     c.add_argument("--onnx", metavar="PATH", help="also write the compressed model as an ONNX "
                    "QDQ graph")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr, no table")

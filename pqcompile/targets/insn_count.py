@@ -1,0 +1,284 @@
+"""Count the guest instructions one inference of an artifact executes, under qemu-user.
+
+The counter is QEMU's TCG plugin ``tests/plugin/insn.c`` (``libinsn.so``), built for the
+installed qemu-user by ``scripts/build_insn_plugin.sh`` into ``$PQCOMPILE_CACHE/qemu-plugin``
+(default cache ``~/.cache/pqcompile``; ``PQCOMPILE_INSN_PLUGIN`` points at another build).
+The artifact runs in the sysroot's Python with the TVM runtime, exactly like its ``runner.py``
+(see :mod:`pqcompile.targets.emulator`), on its reference sample inputs.
+
+A process that imports numpy and tvm and loads the library executes ~2.5e9 instructions before
+the first inference (~12 s under qemu). So the entry function runs ``n1`` times in one process
+and ``n2`` times in another, and the per-inference count is ``(count2 - count1) / (n2 - n1)``:
+the start-up work, and the first call's one-time work, cancel. To keep the count reproducible
+the guest runs one thread (``TVM_NUM_THREADS=1``: the plugin sums all threads, and idle workers
+spin), with Python's hash seed fixed, bytecode read from a cache no counted run writes, the
+garbage collector off during the calls and address space randomization off (``setarch -R``)
+where the kernel allows it. Measured: two counts of one artifact give the same per-inference
+number to the instruction; the raw process totals differ by ~1e3 (the temporary paths).
+
+>>> count = count_instructions("artifacts/resnet18-arm")  # doctest: +SKIP
+>>> print(count)  # doctest: +SKIP
+379,323,355 guest instructions per inference (aarch64, target 'arm'; 2,8... in a process ...)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .base import host_arch
+from .emulator import DEFAULT_TIMEOUT_S, EmulatorError, Sysroot, _python_command
+
+__all__ = ["PLUGIN_SCRIPT", "InsnCount", "InstructionCountError", "count_instructions",
+           "default_plugin_path", "find_plugin"]
+
+PLUGIN_SCRIPT = "scripts/build_insn_plugin.sh"
+SETUP_SCRIPT = "scripts/setup.sh"
+_COUNT_LINE = re.compile(r"^insns: (\d+)$", re.MULTILINE)
+# Single-threaded, reproducible guest: forwarded on top of the emulator's clean environment.
+_GUEST_ENV = {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "PYTHONHASHSEED": "0"}
+
+# Runs in the sysroot's Python: imports the artifact's own runner.py (numpy and tvm only).
+# ml_dtypes (bfloat16/float8 for numpy) is blocked unless the artifact uses such a dtype: its
+# extension's start-up is ~7e9 guest instructions, three quarters of an otherwise idle process.
+_GUEST_SCRIPT = '''\
+import gc, json, sys
+from pathlib import Path
+import numpy as np
+artifact, runs, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+manifest = json.loads((Path(artifact) / "manifest.json").read_text(encoding="utf-8"))
+entries = manifest["inputs"] + manifest["outputs"] + manifest["params"]
+try:
+    [np.dtype(e["dtype"]) for e in entries]
+    sys.modules["ml_dtypes"] = None
+except TypeError:
+    pass
+sys.path.insert(0, artifact)
+import runner
+import tvm
+manifest = runner.read_manifest(artifact)
+files = runner.read_files(artifact, manifest)
+params = runner.read_arrays(files[manifest["weights_file"]], manifest["params"])
+if inputs:
+    arrays = [np.load(p, allow_pickle=False) for p in inputs]
+else:
+    sample = manifest["reference_sample"]
+    arrays = runner.read_arrays(files[sample["file"]], sample["inputs"])
+runner.check_inputs(manifest["inputs"], arrays)
+library = tvm.runtime.load_module(str(Path(artifact) / manifest["library"]))
+vm = tvm.relax.VirtualMachine(library, tvm.cpu())
+entry = vm[manifest["entry"]]
+args = runner.to_tensors(arrays) + runner.to_tensors(params)
+gc.collect()
+gc.disable()
+for _ in range(runs):
+    out = entry(*args)
+    del out
+gc.enable()
+print("ran", runs)
+'''
+
+
+class InstructionCountError(EmulatorError):
+    """The instruction counter is missing, or a counted run failed or printed no count."""
+
+
+@dataclass(frozen=True)
+class InsnCount:
+    """Guest instructions per inference, and the raw counts it was computed from.
+
+    ``totals[i]`` is everything process ``i`` executed (start-up included) with the entry
+    function called ``runs[i]`` times; ``per_inference`` is the slope between the two.
+    """
+
+    per_inference: float
+    runs: tuple[int, int]
+    totals: tuple[int, int]
+    arch: str
+    target: str
+
+    @property
+    def startup(self) -> float:
+        """Instructions of a process outside the calls: imports, loading, the first call's
+        one-time work (what the subtraction removes)."""
+        return self.totals[0] - self.runs[0] * self.per_inference
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {"per_inference": self.per_inference, "runs": list(self.runs),
+                "totals": list(self.totals), "startup": self.startup, "arch": self.arch,
+                "target": self.target}
+
+    def __str__(self) -> str:
+        return (f"{self.per_inference:,.0f} guest instructions per inference ({self.arch}, "
+                f"target {self.target!r}; {self.totals[0]:,} in a process with {self.runs[0]} "
+                f"call(s), {self.totals[1]:,} with {self.runs[1]})")
+
+
+def default_plugin_path() -> Path:
+    """Where ``scripts/build_insn_plugin.sh`` puts ``libinsn.so`` by default."""
+    cache = os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile"
+    return Path(cache) / "qemu-plugin" / "libinsn.so"
+
+
+def find_plugin() -> Path:
+    """The instruction-count plugin: ``PQCOMPILE_INSN_PLUGIN`` or :func:`default_plugin_path`.
+
+    Raises :class:`InstructionCountError` saying how to build it when it is missing.
+    """
+    path = Path(os.environ.get("PQCOMPILE_INSN_PLUGIN") or default_plugin_path())
+    if not path.is_file():
+        raise InstructionCountError(
+            f"QEMU's instruction-count plugin is not at {path}. Build it with `bash "
+            f"{SETUP_SCRIPT}` (or just `bash {PLUGIN_SCRIPT}`: needs root for apt-get, ~10 s) "
+            f"from the pqcompile source tree, or point PQCOMPILE_INSN_PLUGIN at a libinsn.so "
+            f"built for the installed qemu-user")
+    return path.resolve()
+
+
+def _no_aslr_prefix() -> list[str]:
+    """``setarch <machine> -R`` when it works here (containers may forbid personality())."""
+    setarch = shutil.which("setarch")
+    if setarch is None:
+        return []
+    prefix = [setarch, os.uname().machine, "-R"]
+    try:
+        proc = subprocess.run([*prefix, "true"], capture_output=True, timeout=30, check=False)
+        ok = proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return prefix if ok else []
+
+
+def _pycache(sysroot: Sysroot) -> tuple[Path, str, bool]:
+    """The bytecode cache the counted processes read (``PYTHONPYCACHEPREFIX``), the stamp that
+    says it was filled for this sysroot, and whether it was.
+
+    Counted processes never write bytecode: a module compiled in one of the two processes but
+    read from its ``.pyc`` in the other would add ~10^8 instructions to the difference. They
+    read it from a cache of their own, filled once per sysroot by an uncounted run.
+    """
+    cache = Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
+    path = cache / "qemu-plugin" / f"pycache-{sysroot.arch}"
+    stamp = path / ".filled"
+    built = (sysroot.path / ".complete").read_text(encoding="utf-8", errors="replace")
+    want = f"{sysroot.path}\n{built}"
+    filled = stamp.is_file() and stamp.read_text(encoding="utf-8", errors="replace") == want
+    return path, want, filled
+
+
+def _run_guest(directory: Path, runs: int, input_paths: Sequence[Path], sysroot: Sysroot,
+               timeout: float, work: Path, qemu_options: Sequence[str],
+               env: dict[str, str], prefix: Sequence[str] = ()) -> None:
+    """Run the guest script calling the entry function ``runs`` times."""
+    script = work / "count_guest.py"
+    if not script.exists():
+        script.write_text(_GUEST_SCRIPT, encoding="utf-8")
+    command, full_env = _python_command(sysroot.arch, sysroot, env)
+    command = [*prefix, command[0], *qemu_options, *command[1:], str(script), str(directory),
+               str(runs), *map(str, input_paths)]
+    try:
+        proc = subprocess.run(command, cwd=work, env=full_env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        raise InstructionCountError(
+            f"running {runs} call(s) under qemu ran past {timeout:.0f} s; pass a larger "
+            f"timeout (emulated inference is slow); command: {' '.join(command)}") from err
+    if proc.returncode != 0:
+        raise InstructionCountError(
+            f"the run with {runs} call(s) failed with exit code {proc.returncode}; "
+            f"command: {' '.join(command)}\nstderr:\n{proc.stderr[-6000:]}")
+
+
+def _count_once(directory: Path, runs: int, input_paths: Sequence[Path], sysroot: Sysroot,
+                plugin: Path, pycache: Path, timeout: float, work: Path,
+                prefix: Sequence[str]) -> int:
+    """Guest instructions of one process calling the entry function ``runs`` times."""
+    log = work / f"insns-{runs}.log"
+    log.unlink(missing_ok=True)
+    env = {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache), "PYTHONDONTWRITEBYTECODE": "1"}
+    _run_guest(directory, runs, input_paths, sysroot, timeout, work,
+               ["-plugin", f"{plugin},inline=on", "-d", "plugin", "-D", str(log)], env, prefix)
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    found = _COUNT_LINE.findall(text)
+    if len(found) != 1:
+        raise InstructionCountError(
+            f"qemu printed {len(found)} instruction counts, not 1, to {log} (is {plugin} "
+            f"built for the installed qemu-user? rebuild it with `bash {PLUGIN_SCRIPT}`); "
+            f"log:\n{text[-2000:]}")
+    return int(found[0])
+
+
+def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
+                       inputs: Sequence[Any] | None = None, sysroot: Sysroot | None = None,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> InsnCount:
+    """Guest instructions per inference of ``artifact`` (a directory or an ``Artifact``).
+
+    Two processes run under ``qemu-<arch> -plugin libinsn.so`` one after the other, calling the
+    entry function ``runs[0]`` and ``runs[1]`` times on the reference sample inputs (or on
+    ``inputs``, numpy arrays), single-threaded; the result is the difference of their counts
+    over the difference of the calls. With ``runs[0] >= 1`` the first call's one-time work
+    cancels too. ``timeout`` applies to each process. The artifact must be for another
+    architecture than this machine's: it runs under qemu-user, in the sysroot of
+    :func:`pqcompile.targets.find_sysroot` (or ``sysroot``). The first count for a sysroot
+    also fills a bytecode cache (one uncounted run, ~30 s).
+
+    Raises :class:`InstructionCountError` (a ``pqcompile.targets.EmulatorError``) when the
+    plugin or the sysroot is missing or a run fails, and
+    ``ValueError`` for bad ``runs`` or an artifact without a reference sample and ``inputs``.
+    """
+    import numpy as np
+
+    from ..artifact import Artifact
+    from .emulator import find_sysroot
+
+    n1, n2 = (int(n) for n in runs) if len(runs) == 2 else (0, 0)
+    if n1 < 0 or n2 <= n1:
+        raise ValueError(f"runs must be two call counts (n1, n2) with 0 <= n1 < n2, got {runs!r}")
+    if isinstance(artifact, Artifact):
+        art, directory = artifact, None
+    elif isinstance(artifact, (str, os.PathLike)):
+        directory = Path(artifact).resolve()
+        art = Artifact.load(directory)  # checks the files before minutes of emulation
+    else:
+        raise TypeError(f"count_instructions takes an artifact directory or an Artifact, "
+                        f"got {type(artifact).__name__}")
+    if art.arch == host_arch():
+        raise ValueError(
+            f"the artifact is for this machine's architecture ({art.arch}); instructions are "
+            f"counted under qemu-user: build it for another architecture (e.g. target 'arm')")
+    if inputs is None and art.reference_sample is None:
+        raise ValueError("the artifact stores no reference sample: pass inputs=[arrays]")
+    plugin = find_plugin()
+    try:
+        sysroot = sysroot or find_sysroot(art.arch)
+    except EmulatorError as err:
+        raise InstructionCountError(f"{err} `bash {SETUP_SCRIPT}` builds it, and the "
+                                    f"instruction-count plugin") from None
+    with tempfile.TemporaryDirectory(prefix="pqcompile-insns-") as tmp:
+        work = Path(tmp)
+        if directory is None:
+            directory = art.save(work / "artifact")
+        input_paths: list[Path] = []
+        for i, array in enumerate(inputs or ()):
+            input_paths.append(work / f"in{i}.npy")
+            np.save(input_paths[-1], np.asarray(array), allow_pickle=False)
+        pycache, stamp, filled = _pycache(sysroot)
+        if not filled:  # one uncounted run writes the bytecode the counted ones read
+            pycache.mkdir(parents=True, exist_ok=True)
+            _run_guest(directory, 1, input_paths, sysroot, timeout, work, [],
+                       {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache)})
+            (pycache / ".filled").write_text(stamp, encoding="utf-8")
+        prefix = _no_aslr_prefix()
+        totals = tuple(_count_once(directory, n, input_paths, sysroot, plugin, pycache,
+                                   timeout, work, prefix) for n in (n1, n2))
+    return InsnCount(per_inference=(totals[1] - totals[0]) / (n2 - n1), runs=(n1, n2),
+                     totals=totals, arch=art.arch, target=art.target.name)
