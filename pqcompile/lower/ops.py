@@ -229,12 +229,13 @@ def _index_box(shape: tuple[int, ...], index) -> list[tuple[int, int, int]]:
     return box
 
 
-def getitem(lw: Lowering, node, x) -> relax.Expr:
-    """One item of a split (a slice along its dim), or basic indexing of a tensor: a strided
-    slice, then a reshape to the recorded shape (ints drop axes, ``None`` adds them)."""
+def item_box(node, shape_of) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The input shape and the ``(begin, end, step)`` box per axis a getitem node reads: one
+    item of a split (a slice along its dim) or basic indexing; ``shape_of(node)`` is a node's
+    static shape. Shared by the lowering and the ONNX export."""
     src, index = node.args
     if is_split(src):
-        in_shape = lw.shape(src.args[0])
+        in_shape = list(shape_of(src.args[0]))
         dim = split_dim(src) % len(in_shape)
         items = SHAPE.get(src)
         drop = src.target in ("unbind", torch.unbind)
@@ -242,9 +243,15 @@ def getitem(lw: Lowering, node, x) -> relax.Expr:
         end = begin + (1 if drop else int(items[index].shape[dim]))
         box = [(0, s, 1) for s in in_shape]
         box[dim] = (begin, end, 1)
-    else:
-        in_shape = lw.shape(src)
-        box = _index_box(in_shape, index)
+        return in_shape, box
+    in_shape = list(shape_of(src))
+    return in_shape, _index_box(in_shape, index)
+
+
+def getitem(lw: Lowering, node, x) -> relax.Expr:
+    """One item of a split (a slice along its dim), or basic indexing of a tensor: a strided
+    slice, then a reshape to the recorded shape (ints drop axes, ``None`` adds them)."""
+    in_shape, box = item_box(node, lw.shape)
     if any(b != (0, s, 1) for b, s in zip(box, in_shape)):
         x = lw.bb.emit(R.strided_slice(x, axes=list(range(len(in_shape))),
                                        begin=[b[0] for b in box], end=[b[1] for b in box],

@@ -16,9 +16,10 @@ garbage collector off during the calls and address space randomization off (``se
 where the kernel allows it. Measured: two counts of one artifact give the same per-inference
 number to the instruction; the raw process totals differ by ~1e3 (the temporary paths).
 
->>> count = count_instructions("artifacts/resnet18-arm")  # doctest: +SKIP
->>> print(count)  # doctest: +SKIP
-379,323,355 guest instructions per inference (aarch64, target 'arm'; 2,8... in a process ...)
+Usage (an aarch64 artifact directory; ``tests/test_insn_count.py`` runs it under QEMU)::
+
+    count = count_instructions("artifacts/resnet18-arm")
+    print(count)  # 379,323,355 guest instructions per inference (aarch64, target 'arm'; ...)
 """
 
 from __future__ import annotations
