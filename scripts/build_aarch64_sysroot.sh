@@ -56,11 +56,7 @@ HOST_TOOLS=(
 log() { printf '[aarch64-sysroot] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-    else die "'$*' needs root; run this script as root or install sudo"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/host_tools.sh"  # as_root, apt_update, install_host_tools
 
 host_pin() {  # "name==version" when the host interpreter has the package, else "name"
     "$PYTHON" - "$1" <<'EOF'
@@ -80,25 +76,8 @@ WHEELS=("apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$TVM_FFI_VERSION" "$NUMPY_RE
         "$ML_DTYPES_REQ" typing_extensions)
 STAMP="v1 ${ARM64_PACKAGES[*]} ${WHEELS[*]}"
 
-apt_updated=0
-apt_update() {
-    if [ "$apt_updated" -eq 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-}
 
-if [ "${PQCOMPILE_SKIP_HOST_TOOLS:-0}" != 1 ]; then
-    missing=()
-    for pair in "${HOST_TOOLS[@]}"; do
-        tool="${pair%%:*}"
-        if [[ "$tool" == /* ]]; then [ -e "$tool" ] || missing+=("${pair#*:}")
-        else command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}"); fi
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        log "installing host tools: ${missing[*]}"
-        apt_update
-        as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    fi
-fi
+install_host_tools
 command -v qemu-aarch64 >/dev/null 2>&1 || die "qemu-aarch64 missing: apt-get install qemu-user"
 
 # Host tools are checked first so that a cached sysroot on a fresh machine still gets them.

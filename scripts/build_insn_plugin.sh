@@ -45,33 +45,12 @@ HOST_TOOLS=(
 log() { printf '[insn-plugin] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-    else die "'$*' needs root; run this script as root or install sudo"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/host_tools.sh"  # as_root, apt_update, install_host_tools
 
-apt_updated=0
-apt_update() {
-    if [ "$apt_updated" -eq 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-}
 
 dpkg -s qemu-user >/dev/null 2>&1 || [ "${PQCOMPILE_SKIP_HOST_TOOLS:-0}" != 1 ] \
     || die "qemu-user is not installed: apt-get install qemu-user"
-if [ "${PQCOMPILE_SKIP_HOST_TOOLS:-0}" != 1 ]; then
-    missing=()
-    for pair in "${HOST_TOOLS[@]}"; do
-        tool="${pair%%:*}"
-        if [[ "$tool" == /* ]]; then [ -e "$tool" ] || missing+=("${pair#*:}")
-        else command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}"); fi
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        log "installing host tools: ${missing[*]}"
-        apt_update
-        as_root env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    fi
-fi
+install_host_tools
 
 # The source package qemu-user was built from; "+bN" binary rebuilds share their source.
 SRC_VERSION="$(dpkg-query -W -f='${source:Version}' qemu-user)"
