@@ -117,8 +117,10 @@ class Compiled:
         return write_plots(self.layers, candidates, self.totals, directory)
 
     def retarget(self, target: Any) -> Artifact:
-        """The same lowered program and weights built for another target (no recalibration)."""
-        return Artifact.build(self.program, self.params, target, **self._build_kwargs)
+        """The same reference lowered and built for another target (no recalibration): the
+        integers are the same, the kernels are those of the new target's instruction set."""
+        mod, params, _ = lower(self.reference, target=target)
+        return Artifact.build(mod, params, target, **self._build_kwargs)
 
     def __call__(self, *inputs: np.ndarray):
         return self.artifact(*inputs)
@@ -216,7 +218,7 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     fp32_totals: CostTotals = COST_TOTALS.get(fp32)
     totals = COST_TOTALS.get(gm)
     reference = build_reference(gm, assignment, calibration, observer, **reference_kwargs)
-    mod, params, report = lower(reference)
+    mod, params, report = lower(reference, target=target)
     tuning = None
     if tune:
         from .tuning import tune as tune_kernels

@@ -43,6 +43,7 @@ from ..quant.qmodules import (
     QSumPool,
     Quantize,
 )
+from . import kernels
 from .packing import emit_unpack, is_packed, pack
 
 if TYPE_CHECKING:
@@ -99,6 +100,10 @@ def _weight(lw: Lowering, name: str, q: np.ndarray, bits: int) -> relax.Expr:
 
 def conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr:
     bb, name = lw.bb, node.name
+    if lw.isa is not None:
+        y = kernel_conv2d(lw, node, module, x)
+        if y is not None:
+            return y
     w = _weight(lw, name, module.weight.numpy(), module.wq.bits)
     acc = bb.emit(R.nn.conv2d(x, w, strides=module.stride, padding=module.padding,
                               dilation=module.dilation, groups=module.groups, out_dtype="int32"))
@@ -106,6 +111,35 @@ def conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr:
     acc = bb.emit(R.add(acc, R.reshape(b, (1, -1, 1, 1))))
     m, sh = _per_channel(lw, name, module, (1, -1, 1, 1))
     return requant(bb, acc, m, sh, module.lo, module.hi, module.out.dtype)
+
+
+def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
+    """The layer as a hand-scheduled kernel (:mod:`pqcompile.lower.kernels`), or ``None``
+    where the kernels do not cover it (grouped, dilated, batch > 1, stride > 2)."""
+    n, c, h, w = lw.shape(node.all_input_nodes[0])
+    q = module.weight.numpy()
+    if n != 1 or module.groups != 1 or tuple(module.dilation) != (1, 1) \
+            or module.stride[0] != module.stride[1]:
+        return None
+    shape = kernels.ConvShape(c, h, w, q.shape[0], tuple(q.shape[2:]), int(module.stride[0]),
+                              tuple(int(p) for p in module.padding), str(x.ty.dtype),
+                              module.out.dtype, module.lo, module.hi)
+    if not kernels.supported(shape):
+        return None
+    bb, name, isa = lw.bb, node.name, kernels.choose_tile(shape, lw.isa)
+    wvar = _weight(lw, name, kernels.pack_weight(q, isa), module.wq.bits)
+    bias, mult, shift = kernels.channel_params(q, module.bias.numpy(), module.mult.numpy(),
+                                               module.shift.numpy(), shape, isa)
+    pvars = [lw.param(f"{name}.{k}", v) for k, v in
+             (("bias", bias), ("mult", mult), ("shift", shift))]
+    pack, conv, scratch = kernels.conv2d_kernel(shape, isa)
+    pack_gv = bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack")
+    conv_gv = bb.add_func(conv.without_attr("global_symbol"), f"{name}_conv")
+    xc = bb.emit(relax.call_tir(pack_gv, [x], relax.TensorType(
+        (scratch,), isa.packed_dtype or shape.in_dtype)))
+    lw.kernels[name] = f"conv2d {isa.name} {isa.mr}x{isa.nr * isa.lanes}"
+    return bb.emit(relax.call_tir(conv_gv, [xc, wvar, *pvars], relax.TensorType(
+        (1, shape.out_channels, *shape.out_hw), shape.out_dtype)))
 
 
 def linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:

@@ -54,6 +54,7 @@ class LoweringReport:
     param_bytes: int
     weight_bytes: dict[str, int] = field(default_factory=dict)
     weight_storage: dict[str, str] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)  # layer -> hand-scheduled kernel
 
     def output_integers(self, outputs: Any) -> list[np.ndarray]:
         """The output integers of a program run: ``round(y / s)`` (exact, as ``|q| < 2^24``)."""
@@ -75,8 +76,10 @@ class LoweringReport:
 class Lowering:
     """State of one lowering: the block builder, parameters and storage notes."""
 
-    def __init__(self, ref: torch.fx.GraphModule) -> None:
+    def __init__(self, ref: torch.fx.GraphModule, isa: Any = None) -> None:
         self.ref = ref
+        self.isa = isa  # pqcompile.lower.kernels.Isa, or None: TVM's portable ops
+        self.kernels: dict[str, str] = {}
         self.bb = relax.BlockBuilder()
         self.params: dict[str, np.ndarray] = {}
         self.param_vars: list[relax.Var] = []
@@ -104,11 +107,23 @@ def _check_reference(ref: Any) -> None:
                             ref, torch.fx.GraphModule) else " without quantization records"))
 
 
-def lower(ref: torch.fx.GraphModule, func_name: str = "main"
+def lower(ref: torch.fx.GraphModule, func_name: str = "main", *, target: Any = None
           ) -> tuple[Any, dict[str, np.ndarray], LoweringReport]:
-    """Lower the reference to ``(IRModule, params, LoweringReport)`` (see the module doc)."""
+    """Lower the reference to ``(IRModule, params, LoweringReport)`` (see the module doc).
+
+    ``target`` (a registry name, ``TargetSpec``, TVM JSON dict or ``tvm.target.Target``): use
+    the hand-scheduled integer kernels of :mod:`pqcompile.lower.kernels` for that target's
+    instruction set (weights pre-packed in their layout, so the program then only runs on
+    targets with that instruction set); ``None``: TVM's portable Relax ops only.
+    """
     _check_reference(ref)
-    lw = Lowering(ref)
+    isa = None
+    if target is not None:
+        from .build import resolve_target
+        from .kernels import isa_for
+
+        isa = isa_for(resolve_target(target))
+    lw = Lowering(ref, isa)
     bb = lw.bb
     env: dict[str, Any] = {}
     placeholders = [n for n in ref.graph.nodes if n.op == "placeholder"]
@@ -143,7 +158,7 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main"
         float_ops=FLOAT_OPS.get(ref), inputs=tuple((n.name, lw.shape(n)) for n in placeholders),
         outputs=tuple(out_qparams), param_names=tuple(lw.params),
         param_bytes=int(sum(a.nbytes for a in lw.params.values())),
-        weight_bytes=weight_bytes, weight_storage=dict(lw.storage))
+        weight_bytes=weight_bytes, weight_storage=dict(lw.storage), kernels=dict(lw.kernels))
     return mod, lw.params, report
 
 

@@ -1,0 +1,297 @@
+"""Hand-scheduled integer convolution kernels (TIR), chosen per target instruction set.
+
+One kernel computes a whole quantized conv layer: ``int8/uint8`` input (NCHW) -> int32
+accumulators -> bias, fixed-point requantization, clamp -> ``int8/uint8`` output (NCHW), the
+same arithmetic as :func:`pqcompile.lower.ops.requant` (so the integers are the reference's).
+
+Layout (direct convolution, no im2col): the kernel first copies the input into a padded,
+channel-interleaved scratch buffer ``[phase][C/4][rows][cols][4]`` (4 channels of a pixel in one
+32-bit word; stride-2 convs are split into 4 stride-1 "phases" of even/odd rows and columns),
+so that for any kernel tap the 4-channel words of 16 consecutive output pixels are one
+contiguous 64-byte vector. The output is computed on a ``rows x cols`` grid (a few junk columns
+per row: the pad) in blocks of ``MR`` output channels x ``NR`` vectors of ``L`` pixels held in
+registers, and each grid row is copied out to NCHW at the end.
+
+The inner step is one dot-product instruction per (output channel, pixel vector):
+
+- ``vnni`` (x86 AVX-512 VNNI, 16 pixels): ``vpdpbusd``, uint8 x int8; a signed input is
+  offset by +128 and the offset's contribution (128 x the channel's weight sum) is taken out
+  of the bias at lowering time;
+- ``sdot`` (aarch64 ``+dotprod``, 4 pixels): ``sdot``, int8 x int8; an unsigned input is
+  offset by -128 the same way;
+- ``generic`` (any CPU): 4 widening multiply-adds per step, vectorized by LLVM.
+
+The weights are pre-packed once at lowering time (:func:`pack_weight`) as
+``[O/MR][C/4 * KH * KW][MR][4]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
+KERNEL_ATTR = "pqcompile.kernel"
+
+ISAS = ("vnni", "sdot", "generic")
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A quantized conv layer, as the kernel sees it (groups = 1, batch 1)."""
+
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: int
+    padding: tuple[int, int]
+    in_dtype: str   # "int8" | "uint8"
+    out_dtype: str  # "int8" | "uint8"
+    lo: int
+    hi: int
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (ph, pw), s = self.kernel, self.padding, self.stride
+        return (self.height + 2 * ph - kh) // s + 1, (self.width + 2 * pw - kw) // s + 1
+
+
+@dataclass(frozen=True)
+class Isa:
+    name: str
+    lanes: int   # output pixels per vector
+    mr: int      # output channels per register tile
+    nr: int      # pixel vectors per register tile
+
+    def __post_init__(self) -> None:
+        # TVM places CPU buffers under 1 KiB on the stack (LLVM then keeps them in registers);
+        # a larger accumulator tile would live in heap memory, reloaded on every step.
+        if self.mr * self.nr * self.lanes * 4 >= 1024:
+            raise ValueError(f"a {self.mr}x{self.nr}x{self.lanes} int32 tile is 1 KiB or more")
+
+    def offset(self, in_dtype: str) -> int:
+        """What the kernel adds to each input byte (the dot product's operand type)."""
+        if self.name == "vnni":
+            return 128 if in_dtype == "int8" else 0
+        if self.name == "sdot":
+            return -128 if in_dtype == "uint8" else 0
+        return 0
+
+    @property
+    def depth(self) -> int:
+        """Input channels per dot-product step (and per interleaved scratch word)."""
+        return 4 if self.name in ("vnni", "sdot") else 1
+
+    @property
+    def packed_dtype(self) -> str | None:
+        return {"vnni": "uint8", "sdot": "int8"}.get(self.name)
+
+
+def isa_for(target: Any) -> Isa:
+    """The kernel flavour for a ``tvm.target.Target`` (its CPU features as LLVM reports them)."""
+    from tvm.target import codegen
+
+    keys = dict(target.export())
+    host = keys.get("host")
+    cpu = target if keys.get("kind") == "llvm" or host is None else host
+    try:
+        features = set(codegen.llvm_get_cpu_features(cpu))
+    except Exception:  # not an LLVM CPU target: no dot products
+        features = set()
+    if {"avx512vnni", "avx512bw"} <= features:
+        return Isa("vnni", 16, 4, 3)
+    if "dotprod" in features:
+        return Isa("sdot", 4, 4, 4)
+    if "neon" in features or "avx512bw" in features:
+        return Isa("generic", 16 if "avx512bw" in features else 8, 4, 2)
+    return Isa("generic", 8, 4, 2)
+
+
+def grid_vectors(shape: ConvShape, lanes: int) -> int:
+    """Pixel vectors of the output grid (output rows x padded input columns)."""
+    oh, _ = shape.out_hw
+    wq = -(-(shape.width + 2 * shape.padding[1]) // shape.stride)
+    return -(-(oh * wq) // lanes)
+
+
+def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
+    """The register tile for one layer: the fewest computed lanes (output channels padded to
+    the tile, pixel vectors padded to the tile), weighted by the loads each dot product
+    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product)."""
+    nv = grid_vectors(shape, isa.lanes)
+    o = shape.out_channels
+    best, best_cost = isa, None
+    for mr in range(1, 9):
+        for nr in range(1, 9):
+            if mr * nr * isa.lanes * 4 >= 1024 or mr * nr > 16:
+                continue
+            lanes = -(-o // mr) * mr * -(-nv // nr) * nr
+            cost = lanes * (1.0 + 0.5 * (mr + nr) / (mr * nr))
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = Isa(isa.name, isa.lanes, mr, nr), cost
+    return best
+
+
+def supported(shape: ConvShape) -> bool:
+    return shape.stride in (1, 2) and all(k >= 1 for k in shape.kernel)
+
+
+def pack_weight(q: np.ndarray, isa: Isa) -> np.ndarray:
+    """``[O, C, KH, KW]`` int8 -> ``[O/MR, C/D * KH * KW, MR, D]`` (zero-padded) int8, ``D``
+    the instruction set's dot-product depth."""
+    o, c, kh, kw = q.shape
+    d = isa.depth
+    ob, cb = -(-o // isa.mr), -(-c // d)
+    w = np.zeros((ob * isa.mr, cb * d, kh, kw), np.int8)
+    w[:o, :c] = q
+    # [ob, mr, cb, d, kh, kw] -> [ob, cb, kh, kw, mr, d]
+    w = w.reshape(ob, isa.mr, cb, d, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(w.reshape(ob, cb * kh * kw, isa.mr, d))
+
+
+def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray,
+                   shape: ConvShape, isa: Isa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bias (less the input offset's contribution), multiplier and shift, padded to MR."""
+    o = q.shape[0]
+    pad = -(-o // isa.mr) * isa.mr - o
+    b = bias.astype(np.int64) - isa.offset(shape.in_dtype) * \
+        q.reshape(o, -1).astype(np.int64).sum(axis=1)
+    fix = lambda a, fill: np.concatenate([a.astype(np.int64), np.full(pad, fill)])  # noqa: E731
+    return (fix(b, 0).astype(np.int32), fix(mult, 0).astype(np.int32),
+            fix(shift, 1).astype(np.int32))
+
+
+def conv2d_kernel(shape: ConvShape, isa: Isa):
+    """The TIR PrimFunc ``(X, Wp, B, M, S, Y)`` for one conv layer (see the module doc)."""
+    from tvm.script import tirx as T
+
+    C, H, W, O = shape.channels, shape.height, shape.width, shape.out_channels
+    KH, KW = shape.kernel
+    PH, PW = shape.padding
+    s = shape.stride
+    OH, OW = shape.out_hw
+    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
+    L, MR, D = isa.lanes, isa.mr, isa.depth
+    CB = -(-C // D)
+    OB = -(-O // MR)
+    KS = CB * KH * KW                       # dot-product steps
+    Wq = -(-(W + 2 * PW) // s)              # grid columns per phase
+    Hq = -(-(H + 2 * PH) // s)              # rows per phase
+    NQ = OH * Wq                            # output grid positions
+    NV = -(-NQ // L)                        # pixel vectors
+    NR = min(isa.nr, NV)
+    QB = -(-NV // NR)                       # pixel tiles
+    plane = Hq * Wq                         # grid positions per (phase, channel block)
+    phases = s * s
+    # Junk lanes of the last tile read past the last plane: slack so they stay in bounds.
+    scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L
+    off = isa.offset(in_dt)
+    pdt = isa.packed_dtype or in_dt
+    pad_value = off                         # a zero input, offset
+    grid = QB * NR * L
+    _dot = _dot_macro(isa)
+
+    @T.prim_func(s_tir=True)
+    def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d.pack"})
+        with T.sblock("root"):
+            # padded, channel-interleaved, phase-split copy of the input: row by row, the
+            # pad columns apart so the interior copy has no bounds checks (LLVM vectorizes it)
+            for pci in T.parallel(phases * CB * Hq):
+                for j in range(Wq):
+                    for t in T.unroll(D):
+                        if T.likely(j < (PW - pci // (CB * Hq) % s + s - 1) // s
+                                    or j >= (W + PW - pci // (CB * Hq) % s + s - 1) // s
+                                    or (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0
+                                    or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H
+                                    or (pci % (CB * Hq) // Hq) * D + t >= C):
+                            Xc[(pci * Wq + j) * D + t] = T.Cast(pdt, pad_value)
+                if (pci % Hq) * s + pci // (CB * Hq) // s - PH >= 0 \
+                        and (pci % Hq) * s + pci // (CB * Hq) // s - PH < H:
+                    for t in T.unroll(D):
+                        if (pci % (CB * Hq) // Hq) * D + t < C:
+                            for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
+                                           (W + PW - pci // (CB * Hq) % s + s - 1) // s):
+                                Xc[(pci * Wq + j) * D + t] = T.Cast(pdt, T.Cast("int32", X[
+                                    0, (pci % (CB * Hq) // Hq) * D + t,
+                                    (pci % Hq) * s + pci // (CB * Hq) // s - PH,
+                                    j * s + pci // (CB * Hq) % s - PW]) + off)
+            for i in T.serial((scratch - phases * CB * plane) * D):
+                Xc[phases * CB * plane * D + i] = T.Cast(pdt, pad_value)
+
+    @T.prim_func(s_tir=True)
+    def kernel(Xc: T.Buffer((scratch * D,), pdt), Wp: T.Buffer((OB, KS, MR, D), "int8"),
+               B: T.Buffer((OB * MR,), "int32"), M: T.Buffer((OB * MR,), "int32"),
+               S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, O, OH, OW), out_dt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
+        with T.sblock("root"):
+            Yg = T.alloc_buffer((OB * MR * grid,), out_dt)
+            # 2. register-tiled direct convolution with the requantizing epilogue
+            for ob_qb in T.parallel(OB * QB):
+                # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
+                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                for r in T.unroll(MR):
+                    for v in T.unroll(NR):
+                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(T.int32(0), L)
+                for cb in range(CB):
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            for r in T.unroll(MR):
+                                for v in T.unroll(NR):
+                                    _dot(acc, Xc, Wp, ob_qb // QB, ((cb * KH + kh) * KW + kw), r,
+                                         (r * NR + v) * L,
+                                         (((kh % s) * s + kw % s) * CB + cb) * plane
+                                         + (kh // s) * Wq + kw // s
+                                         + ((ob_qb % QB) * NR + v) * L)
+                for r in T.unroll(MR):
+                    for v in T.unroll(NR):
+                        for lane in T.vectorized(L):
+                            Yg[(ob_qb // QB * MR + r) * grid + ((ob_qb % QB) * NR + v) * L
+                               + lane] = T.Cast(out_dt, T.max(T.min(
+                                   (T.Cast("int64", acc[(r * NR + v) * L + lane]
+                                           + B[ob_qb // QB * MR + r])
+                                    * T.Cast("int64", M[ob_qb // QB * MR + r])
+                                    + (T.int64(1) << T.Cast("int64", S[ob_qb // QB * MR + r] - 1)))
+                                   >> T.Cast("int64", S[ob_qb // QB * MR + r]),
+                                   T.int64(hi)), T.int64(lo)))
+            # 3. grid rows -> NCHW
+            for o_oh in T.parallel(O * OH):
+                for ow in T.vectorized(OW):
+                    Y[0, o_oh // OH, o_oh % OH, ow] = Yg[o_oh // OH * grid + o_oh % OH * Wq + ow]
+
+    return pack, kernel, scratch * D
+
+
+def _dot_macro(isa: Isa):
+    from tvm.script import tirx as T
+
+    L = isa.lanes
+    if isa.name == "vnni":
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                acc.vload([a], "int32x16"), Xc.vload([x * 4], "uint8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(Wp.vload([ob, ks, r, 0], "int8x4"),
+                                                        dtype="int32"), 16), dtype="int8x64"),
+                dtype="int32x16")
+    elif isa.name == "sdot":
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                acc.vload([a], "int32x4"), Xc.vload([x * 4], "int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(Wp.vload([ob, ks, r, 0], "int8x4"),
+                                                        dtype="int32"), 4), dtype="int8x16"),
+                dtype="int32x4")
+    else:
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            for lane in T.vectorized(L):
+                acc[a + lane] = acc[a + lane] + T.Cast("int32", Xc[x + lane]) \
+                    * T.Cast("int32", Wp[ob, ks, r, 0])
+    return dot
