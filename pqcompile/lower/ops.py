@@ -118,14 +118,17 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
     where the kernels do not cover it (grouped, dilated, batch > 1, stride > 2)."""
     n, c, h, w = lw.shape(node.all_input_nodes[0])
     q = module.weight.numpy()
-    if n != 1 or module.groups != 1 or tuple(module.dilation) != (1, 1) \
-            or module.stride[0] != module.stride[1]:
+    depthwise = module.groups == c == q.shape[0] and c > 1
+    if n != 1 or (module.groups != 1 and not depthwise) \
+            or tuple(module.dilation) != (1, 1) or module.stride[0] != module.stride[1]:
         return None
     shape = kernels.ConvShape(c, h, w, q.shape[0], tuple(q.shape[2:]), int(module.stride[0]),
                               tuple(int(p) for p in module.padding), str(x.ty.dtype),
                               module.out.dtype, module.lo, module.hi)
     if not kernels.supported(shape):
         return None
+    if depthwise:
+        return _kernel_dwconv2d(lw, node, module, x, shape)
     bb, name, isa = lw.bb, node.name, kernels.choose_tile(shape, lw.isa)
     wvar = _weight(lw, name, kernels.pack_weight(q, isa), module.wq.bits)
     bias, mult, shift = kernels.channel_params(q, module.bias.numpy(), module.mult.numpy(),
@@ -142,7 +145,54 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
         (1, shape.out_channels, *shape.out_hw), shape.out_dtype)))
 
 
+def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
+    bb, name = lw.bb, node.name
+    q = module.weight.numpy()
+    wvar = _weight(lw, name, q.reshape(q.shape[0], -1), module.wq.bits)
+    pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
+             (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
+    pack, conv, scratch = kernels.dwconv2d_kernel(shape, lw.isa)
+    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
+                                [x], relax.TensorType((scratch,), shape.in_dtype)))
+    lw.kernels[name] = f"dwconv2d {kernels.dw_isa(lw.isa).lanes} lanes"
+    return bb.emit(relax.call_tir(bb.add_func(conv.without_attr("global_symbol"), f"{name}_dw"),
+                                  [xc, wvar, *pvars], relax.TensorType(
+                                      (1, shape.out_channels, *shape.out_hw), shape.out_dtype)))
+
+
+def _kernel_linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
+    """The layer as a hand-scheduled kernel (:func:`pqcompile.lower.kernels.linear_kernel`);
+    leading input dims are flattened into rows."""
+    bb, name = lw.bb, node.name
+    in_shape = lw.shape(node.all_input_nodes[0])
+    wt = np.ascontiguousarray(module.weight.numpy().T)
+    rows = int(np.prod(in_shape[:-1]))
+    shape = kernels.LinearShape(rows, wt.shape[0], wt.shape[1], str(x.ty.dtype),
+                                module.out.dtype, module.lo, module.hi)
+    isa = kernels.linear_tile(shape, lw.isa)
+    wvar = _weight(lw, name, kernels.pack_linear_weight(wt, isa), module.wq.bits)
+    bias, mult, shift = kernels.linear_params(wt, module.bias.numpy(), module.mult.numpy(),
+                                              module.shift.numpy(), shape, isa)
+    pvars = [lw.param(f"{name}.{k}", v) for k, v in
+             (("bias", bias), ("mult", mult), ("shift", shift))]
+    pack, kernel, scratch = kernels.linear_kernel(shape, isa)
+    if len(in_shape) != 2:
+        x = bb.emit(R.reshape(x, (rows, shape.in_features)))
+    xp = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
+                                [x], relax.TensorType((scratch,), isa.packed_dtype
+                                                      or shape.in_dtype)))
+    lw.kernels[name] = f"linear {isa.name} {isa.mr}x{isa.nr * isa.lanes}"
+    y = bb.emit(relax.call_tir(bb.add_func(kernel.without_attr("global_symbol"), f"{name}_fc"),
+                               [xp, wvar, *pvars], relax.TensorType(
+                                   (rows, shape.out_features), shape.out_dtype)))
+    if len(in_shape) != 2:
+        y = bb.emit(R.reshape(y, (*in_shape[:-1], shape.out_features)))
+    return y
+
+
 def linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
+    if lw.isa is not None:
+        return _kernel_linear(lw, node, module, x)
     # Stored transposed (in, out) so the program multiplies without a per-call transpose.
     bb, name = lw.bb, node.name
     w = _weight(lw, name, np.ascontiguousarray(module.weight.numpy().T), module.wq.bits)
