@@ -169,7 +169,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     """The TIR PrimFunc ``(X, Wp, B, M, S, Y)`` for one conv layer (see the module doc)."""
     from tvm.script import tirx as T
 
-    C, H, W, O = shape.channels, shape.height, shape.width, shape.out_channels
+    C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
     KH, KW = shape.kernel
     PH, PW = shape.padding
     s = shape.stride
@@ -177,7 +177,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
     L, MR, D = isa.lanes, isa.mr, isa.depth
     CB = -(-C // D)
-    OB = -(-O // MR)
+    OB = -(-OC // MR)
     KS = CB * KH * KW                       # dot-product steps
     Wq = -(-(W + 2 * PW) // s)              # grid columns per phase
     Hq = -(-(H + 2 * PH) // s)              # rows per phase
@@ -237,7 +237,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch * D,), pdt), Wp: T.Buffer((OB, KS, MR, D), "int8"),
                B: T.Buffer((OB * MR,), "int32"), M: T.Buffer((OB * MR,), "int32"),
-               S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, O, OH, OW), out_dt)):
+               S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, OC, OH, OW), out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
         with T.sblock("root"):
             Yg = T.alloc_buffer((OB * MR * grid,), out_dt)
@@ -270,7 +270,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
                                    >> T.Cast("int64", S[ob_qb // QB * MR + r]),
                                    T.int64(hi)), T.int64(lo)))
             # 3. grid rows -> NCHW
-            for o_oh in T.parallel(O * OH):
+            for o_oh in T.parallel(OC * OH):
                 for ow in T.vectorized(OW):
                     Y[0, o_oh // OH, o_oh % OH, ow] = Yg[o_oh // OH * grid + o_oh % OH * Wq + ow]
 

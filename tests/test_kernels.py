@@ -1,0 +1,230 @@
+"""The hand-scheduled integer kernels give the reference's integers on every schedule.
+
+Each kernel (conv, depthwise conv, linear) is checked against an int64 numpy/torch computation
+of the same arithmetic (accumulate, add bias, ``(acc * m + 2^(s-1)) >> s``, clamp) on shapes
+that hit the edge cases (channels not a multiple of the dot-product depth or the tile, stride 2
+phases, pads, output grids smaller than a vector, signed and unsigned inputs), for every
+instruction set: on this host (AVX-512 VNNI where the CPU has it, the generic path always),
+and on aarch64 (SDOT and plain NEON) under qemu-aarch64. Whole models compiled for the host
+and for an AVX2-only x86 target match their integer references exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from pqcompile.lower import kernels as K
+from pqcompile.lower.build import resolve_target
+from pqcompile.targets import get_target, run_vm
+
+HOST = resolve_target("host")
+HOST_ISAS = [K.isa_for(HOST)] + ([] if K.isa_for(HOST).name == "generic"
+                                 else [K.Isa("generic", 16, 4, 2)])
+
+
+def _bounds(dtype):
+    return (0, 255) if dtype == "uint8" else (-127, 127)
+
+
+def _requant(acc, b, m, s, lo, hi, dtype, axis):
+    view = [1] * acc.ndim
+    view[axis] = -1
+    acc = acc + b.astype(np.int64).reshape(view)
+    s64 = s.astype(np.int64).reshape(view)
+    y = (acc * m.astype(np.int64).reshape(view) + (np.int64(1) << (s64 - 1))) >> s64
+    return np.clip(y, lo, hi).astype(dtype)
+
+
+def _channel_data(rng, o):
+    return (rng.integers(-2000, 2000, o).astype(np.int32),
+            rng.integers(1 << 28, 1 << 30, o).astype(np.int32),
+            rng.integers(30, 38, o).astype(np.int32))
+
+
+def _input(rng, shape, dtype):
+    lo, hi = _bounds(dtype)
+    return rng.integers(lo, hi + 1, shape).astype(dtype)
+
+
+class Case:
+    """One kernel instance: its Relax functions, inputs and expected integers."""
+
+    def __init__(self, kind, isa, seed, **p):
+        rng = np.random.default_rng(seed)
+        self.kind, self.p = kind, p
+        in_dt, out_dt = p["in_dtype"], p["out_dtype"]
+        lo, hi = _bounds(out_dt)
+        if kind == "linear":
+            shape = K.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
+            isa = K.linear_tile(shape, isa)
+            x = _input(rng, (p["rows"], p["k"]), in_dt)
+            wt = rng.integers(-127, 128, (p["k"], p["n"])).astype(np.int8)
+            b, m, s = _channel_data(rng, p["n"])
+            self.pack, self.kernel, scratch = K.linear_kernel(shape, isa)
+            self.params = [K.pack_linear_weight(wt, isa),
+                           *K.linear_params(wt, b, m, s, shape, isa)]
+            self.expected = _requant(x.astype(np.int64) @ wt.astype(np.int64), b, m, s, lo, hi,
+                                     out_dt, 1)
+            self.out_shape = (p["rows"], p["n"])
+        else:
+            c, h, o, k, st, pad = p["c"], p["h"], p["o"], p["k"], p["stride"], p["pad"]
+            groups = c if kind == "dw" else 1
+            o = c if kind == "dw" else o
+            shape = K.ConvShape(c, h, h + 1, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi)
+            x = _input(rng, (1, c, h, h + 1), in_dt)
+            w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
+            b, m, s = _channel_data(rng, o)
+            acc = torch.nn.functional.conv2d(
+                torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
+                stride=st, padding=pad, groups=groups).numpy().astype(np.int64)
+            self.expected = _requant(acc, b, m, s, lo, hi, out_dt, 1)
+            if kind == "dw":
+                self.pack, self.kernel, scratch = K.dwconv2d_kernel(shape, isa)
+                self.params = [w.reshape(o, -1), b, m, s]
+                isa = K.dw_isa(isa)
+            else:
+                isa = K.choose_tile(shape, isa) if p.get("tile") is None else \
+                    K.Isa(isa.name, isa.lanes, *p["tile"])
+                self.pack, self.kernel, scratch = K.conv2d_kernel(shape, isa)
+                self.params = [K.pack_weight(w, isa), *K.channel_params(w, b, m, s, shape, isa)]
+            self.out_shape = (1, o, *shape.out_hw)
+        self.x, self.out_dtype = x, out_dt
+        self.scratch = ((scratch,), isa.packed_dtype or in_dt)
+
+    def emit(self, bb, x, params):
+        xc = bb.emit(relax.call_tir(bb.add_func(self.pack.without_attr("global_symbol"),
+                                                "pack"), [x], relax.TensorType(*self.scratch)))
+        return bb.emit(relax.call_tir(bb.add_func(self.kernel.without_attr("global_symbol"),
+                                                  "kernel"), [xc, *params],
+                                      relax.TensorType(self.out_shape, self.out_dtype)))
+
+
+def _module(cases):
+    """One Relax function running every case: inputs, then each case's params."""
+    bb = relax.BlockBuilder()
+    args, outs = [], []
+    for i, case in enumerate(cases):
+        args.append(relax.Var(f"x{i}", relax.TensorType(case.x.shape, str(case.x.dtype))))
+    params = [[relax.Var(f"p{i}_{j}", relax.TensorType(a.shape, str(a.dtype)))
+               for j, a in enumerate(case.params)] for i, case in enumerate(cases)]
+    with bb.function("main"):
+        with bb.dataflow():
+            for case, x, ps in zip(cases, args, params):
+                outs.append(case.emit(bb, x, ps))
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out, params=args + [p for ps in params for p in ps])
+    inputs = [c.x for c in cases] + [np.ascontiguousarray(a) for c in cases for a in c.params]
+    return bb.get(), inputs
+
+
+CONV = [  # (c, h, o, k, stride, pad, in, out, tile)
+    (3, 9, 5, 3, 1, 1, "uint8", "uint8", None),
+    (5, 7, 6, 3, 2, 1, "int8", "int8", None),
+    (8, 12, 13, 1, 1, 0, "uint8", "int8", None),
+    (6, 11, 4, 1, 2, 0, "int8", "uint8", None),
+    (3, 17, 7, 7, 2, 3, "int8", "uint8", None),
+    (9, 5, 9, 5, 1, 2, "uint8", "uint8", (3, 2)),
+    (16, 3, 20, 3, 1, 1, "uint8", "int8", (1, 1)),
+    (4, 2, 3, 3, 2, 1, "int8", "int8", None),
+]
+DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
+      (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8")]
+LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),
+          (7, 64, 17, "uint8", "int8"), (1, 70, 300, "int8", "uint8")]
+
+
+def _cases(isa):
+    out = [Case("conv", isa, i, c=c, h=h, o=o, k=k, stride=st, pad=pad, in_dtype=a,
+                out_dtype=b, tile=t) for i, (c, h, o, k, st, pad, a, b, t) in enumerate(CONV)]
+    out += [Case("dw", isa, 100 + i, c=c, h=h, o=c, k=k, stride=st, pad=pad, in_dtype=a,
+                 out_dtype=b) for i, (c, h, k, st, pad, a, b) in enumerate(DW)]
+    out += [Case("linear", isa, 200 + i, rows=r, k=kk, n=n, in_dtype=a, out_dtype=b)
+            for i, (r, kk, n, a, b) in enumerate(LINEAR)]
+    return out
+
+
+def _check(cases, outputs):
+    assert len(outputs) == len(cases)
+    for case, y in zip(cases, outputs):
+        assert y.dtype == case.expected.dtype and y.shape == case.expected.shape, case.p
+        np.testing.assert_array_equal(y, case.expected, err_msg=f"{case.kind} {case.p}")
+        assert np.unique(case.expected).size > 2, case.p  # the check is not vacuous
+
+
+@pytest.mark.parametrize("isa", HOST_ISAS, ids=lambda i: i.name)
+def test_kernels_on_host(isa):
+    cases = _cases(isa)
+    mod, inputs = _module(cases)
+    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
+    outs = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    _check(cases, [o.numpy() for o in outs])
+
+
+def test_host_isa_matches_cpu_features():
+    features = set(tvm.target.codegen.llvm_get_cpu_features(HOST))
+    assert (K.isa_for(HOST).name == "vnni") == ({"avx512vnni", "avx512bw"} <= features)
+    assert K.isa_for(resolve_target("arm-dotprod")).name == "sdot"
+    assert K.isa_for(resolve_target("arm")).name == "generic"
+
+
+@pytest.mark.parametrize("target", ["arm-dotprod", "arm"])
+def test_kernels_on_aarch64(target, sysroot, tmp_path):
+    spec = get_target(target)
+    isa = K.isa_for(spec.tvm_target())
+    cases = _cases(isa)
+    mod, inputs = _module(cases)
+    lib = spec.export(tvm.compile(mod, spec.tvm_target()), tmp_path / "k.so")
+    text = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(lib)], capture_output=True,
+                          text=True, check=True).stdout
+    sdots = sum("\tsdot\t" in line for line in text.splitlines())
+    assert (sdots > 0) == (isa.name == "sdot")  # the dot-product instruction is really used
+    _check(cases, run_vm(lib, inputs, sysroot=sysroot))
+
+
+def test_tile_must_fit_the_stack():
+    with pytest.raises(ValueError, match="1 KiB"):
+        K.Isa("vnni", 16, 4, 4)
+
+
+@pytest.mark.parametrize("target", ["host", "avx2"])
+def test_whole_model_matches_reference(target):
+    """mobilenet_v2 at mixed 4/8-bit weights, pruned: stride-2 stem, depthwise, pointwise
+    convs with signed and unsigned inputs, the classifier; the artifact's outputs are the
+    reference's (dequantized) integers exactly, with VNNI kernels on this host and with the
+    generic kernels of an AVX2-only x86 target."""
+    import torchvision
+
+    from pqcompile import presets
+    from pqcompile.build import analysis, compile_assignment
+    from pqcompile.targets import TargetSpec
+
+    if target == "avx2":
+        target = TargetSpec.from_tvm({"kind": "llvm", "mcpu": "haswell", "num-cores": 2},
+                                     name="avx2-test")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 64, 64, generator=g)
+    calib = [torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)]
+    gm = analysis(model, (x,))
+    compiled = compile_assignment(model, (x,), presets.mixed_pruned(gm), target=target,
+                                  calibration=calib)
+    kinds = {k.split()[0] for k in compiled.lowering.kernels.values()}
+    assert kinds == {"conv2d", "dwconv2d", "linear"}
+    isa = K.isa_for(resolve_target(target))
+    assert isa.name == ("vnni" if target == "host" and HOST_ISAS[0].name == "vnni"
+                        else "generic")
+    assert all(isa.name in k or k.startswith("dwconv2d")
+               for k in compiled.lowering.kernels.values())
+    for t in [x] + [torch.randn(1, 3, 64, 64, generator=g) for _ in range(3)]:
+        with torch.inference_mode():
+            expected = compiled.reference(t).numpy()
+        got = compiled.artifact(t.numpy())
+        got = got[0] if isinstance(got, list) else got
+        np.testing.assert_array_equal(np.asarray(got), expected)
