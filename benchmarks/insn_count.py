@@ -41,7 +41,7 @@ from pqcompile.artifact import Artifact
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.targets.insn_count import count_instructions
 
-TARGET = "arm"
+TARGETS = ("arm", "arm-dotprod")
 BASELINE = "TVM fp32 (untuned)"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "insn_count.json"
 
@@ -87,15 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--size", type=int, default=224, help="input height and width")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS),
+                    help="aarch64 targets (pqcompile names); TVM fp32 is built for each too")
     ap.add_argument("--runs", type=int, nargs=2, default=[1, 2], metavar=("N1", "N2"),
                     help="calls in the two counted processes (default 1 2)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per process")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
-    for name in args.models:
+    for name, target in [(m, t) for m in args.models for t in args.targets]:
         t0 = time.perf_counter()
-        built = variants(name, args.size, TARGET)
+        built = variants(name, args.size, target)
         print(f"{name}: built {len(built)} artifacts in {time.perf_counter() - t0:.0f} s",
               flush=True)
         for label, (art, totals) in built.items():
@@ -109,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                          "bops": totals.get("bops"),
                          "bop_reduction": totals.get("bop_reduction"),
                          "nbytes": art.nbytes})
-    for name in args.models:
-        mine = [r for r in rows if r["model"] == name]
+    for name, target in [(m, t) for m in args.models for t in args.targets]:
+        mine = [r for r in rows if r["model"] == name and r["target"] == target]
         base = next(r["per_inference"] for r in mine if r["variant"] == BASELINE)
         for r in mine:
             r["fewer_than_tvm_fp32"] = base / r["per_inference"]
-        print(f"\n{name} ({args.size}x{args.size}, batch 1, target {TARGET!r}, 1 thread, "
+        print(f"\n{name} ({args.size}x{args.size}, batch 1, target {target!r}, 1 thread, "
               f"qemu-aarch64 guest instructions)")
         print(f"  {'variant':26s} {'instructions/inference':>24s} {'x fewer than TVM fp32':>22s}")
         for r in mine:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['fewer_than_tvm_fp32']:>21.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "size": args.size, "batch": 1, "target": TARGET, "runs": args.runs,
+        "size": args.size, "batch": 1, "targets": args.targets, "runs": args.runs,
         "counter": "qemu-aarch64 -plugin libinsn.so,inline=on (QEMU tests/plugin/insn.c)",
         "numpy": np.__version__, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {args.out}")

@@ -193,7 +193,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     pad_value = off                         # a zero input, offset
     grid = QB * NR * L
+    direct = Wq == OW  # 1x1 convs: no junk columns
     _dot = _dot_macro(isa)
+    _store = _requant_macro(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
@@ -240,7 +242,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
                S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, OC, OH, OW), out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
         with T.sblock("root"):
-            Yg = T.alloc_buffer((OB * MR * grid,), out_dt)
+            Yg = T.alloc_buffer((1 if direct else OB * MR * grid,), out_dt)
+            Yf = T.decl_buffer((OC * NQ,), out_dt, data=Y.data)
             # 2. register-tiled direct convolution with the requantizing epilogue
             for ob_qb in T.parallel(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
@@ -260,21 +263,49 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
                                          + ((ob_qb % QB) * NR + v) * L)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
-                        for lane in T.vectorized(L):
-                            Yg[(ob_qb // QB * MR + r) * grid + ((ob_qb % QB) * NR + v) * L
-                               + lane] = T.Cast(out_dt, T.max(T.min(
-                                   (T.Cast("int64", acc[(r * NR + v) * L + lane]
-                                           + B[ob_qb // QB * MR + r])
-                                    * T.Cast("int64", M[ob_qb // QB * MR + r])
-                                    + (T.int64(1) << T.Cast("int64", S[ob_qb // QB * MR + r] - 1)))
-                                   >> T.Cast("int64", S[ob_qb // QB * MR + r]),
-                                   T.int64(hi)), T.int64(lo)))
-            # 3. grid rows -> NCHW
-            for o_oh in T.parallel(OC * OH):
-                for ow in T.vectorized(OW):
-                    Y[0, o_oh // OH, o_oh % OH, ow] = Yg[o_oh // OH * grid + o_oh % OH * Wq + ow]
+                        if direct:  # the grid is the output: store into it (no copy)
+                            if ob_qb // QB * MR + r < OC:
+                                if ((ob_qb % QB) * NR + v) * L + L <= NQ:
+                                    for lane in T.vectorized(L):
+                                        _store(Yf, (ob_qb // QB * MR + r) * NQ
+                                               + ((ob_qb % QB) * NR + v) * L + lane,
+                                               acc, (r * NR + v) * L + lane,
+                                               ob_qb // QB * MR + r, B, M, S)
+                                else:
+                                    for lane in range(L):
+                                        if ((ob_qb % QB) * NR + v) * L + lane < NQ:
+                                            _store(Yf, (ob_qb // QB * MR + r) * NQ
+                                                   + ((ob_qb % QB) * NR + v) * L + lane,
+                                                   acc, (r * NR + v) * L + lane,
+                                                   ob_qb // QB * MR + r, B, M, S)
+                        else:
+                            for lane in T.vectorized(L):
+                                _store(Yg, (ob_qb // QB * MR + r) * grid
+                                       + ((ob_qb % QB) * NR + v) * L + lane,
+                                       acc, (r * NR + v) * L + lane, ob_qb // QB * MR + r,
+                                       B, M, S)
+            if not direct:  # 3. grid rows -> NCHW
+                for o_oh in T.parallel(OC * OH):
+                    for ow in T.vectorized(OW):
+                        Y[0, o_oh // OH, o_oh % OH, ow] = Yg[o_oh // OH * grid + o_oh % OH * Wq
+                                                            + ow]
 
     return pack, kernel, scratch * D
+
+
+def _requant_macro(out_dt: str, lo: int, hi: int):
+    """``dst[i] = clamp((int64(acc[a] + B[ch]) * M[ch] + 2^(S[ch]-1)) >> S[ch], lo, hi)``: the
+    requantization of :func:`pqcompile.lower.ops.requant` (written without let-bindings, which
+    TVM 0.27's vectorizer evaluates once for all lanes)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def store(dst, i, acc, a, ch, B, M, S):
+        dst[i] = T.Cast(out_dt, T.max(T.min(
+            (T.Cast("int64", acc[a] + B[ch]) * T.Cast("int64", M[ch])
+             + (T.int64(1) << T.Cast("int64", S[ch] - 1))) >> T.Cast("int64", S[ch]),
+            T.int64(hi)), T.int64(lo)))
+    return store
 
 
 def _dot_macro(isa: Isa):
@@ -337,6 +368,7 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     QB = -(-NV // NR)
     plane = Hq * Wq
     grid = QB * NR * L
+    _store = _requant_macro(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, KH * KW), "int8"),
@@ -360,12 +392,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
                                     * T.Cast("int32", Wd[c_qb // QB, kh * KW + kw])
                 for v in T.unroll(NR):
                     for lane in T.vectorized(L):
-                        Yg[c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane] = T.Cast(
-                            out_dt, T.max(T.min(
-                                (T.Cast("int64", acc[v * L + lane] + B[c_qb // QB])
-                                 * T.Cast("int64", M[c_qb // QB])
-                                 + (T.int64(1) << T.Cast("int64", S[c_qb // QB] - 1)))
-                                >> T.Cast("int64", S[c_qb // QB]), T.int64(hi)), T.int64(lo)))
+                        _store(Yg, c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane, acc,
+                               v * L + lane, c_qb // QB, B, M, S)
             for c_oh in T.parallel(C * OH):
                 for ow in T.vectorized(OW):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
@@ -438,6 +466,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     scratch = MB * MR * KB * D
     _dot = _linear_dot_macro(isa)
+    _store = _requant_macro(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((Mr, K), in_dt), Xp: T.Buffer((scratch,), pdt)):
@@ -470,17 +499,9 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         for lane in T.vectorized(L):
-                            Yg[(mb_nb // NB * MR + r) * Ng + ((mb_nb % NB) * NR + v) * L
-                               + lane] = T.Cast(out_dt, T.max(T.min(
-                                   (T.Cast("int64", acc[(r * NR + v) * L + lane] + B[T.min(
-                                       ((mb_nb % NB) * NR + v) * L + lane, Np - 1)])
-                                    * T.Cast("int64", M[T.min(
-                                        ((mb_nb % NB) * NR + v) * L + lane, Np - 1)])
-                                    + (T.int64(1) << T.Cast("int64", S[T.min(
-                                        ((mb_nb % NB) * NR + v) * L + lane, Np - 1)] - 1)))
-                                   >> T.Cast("int64", S[T.min(
-                                       ((mb_nb % NB) * NR + v) * L + lane, Np - 1)]),
-                                   T.int64(hi)), T.int64(lo)))
+                            _store(Yg, (mb_nb // NB * MR + r) * Ng + ((mb_nb % NB) * NR + v) * L
+                                   + lane, acc, (r * NR + v) * L + lane,
+                                   T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1), B, M, S)
             for m in range(Mr):
                 for n in range(N):
                     Y[m, n] = Yg[m * Ng + n]
