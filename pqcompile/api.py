@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from numbers import Integral, Real
@@ -33,12 +34,13 @@ from typing import Any
 
 import torch
 
-from .budget import Budget, BudgetError
+from .budget import Budget, BudgetError, UnsupportedBudgetError
 from .build import Compiled, analysis, finish, prepare
 from .candidates import public, solver_candidates
 from .errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
 from .frontend import check_example_inputs, check_model_and_inputs
+from .latency import LatencyTable, attach_latency, check_where, measure_latency
 from .meta import BITS, EXAMPLE_INPUTS
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
@@ -82,10 +84,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
             validation: Sequence[Any] | None = None,
             finetune: Mapping[str, Any] | None = None, criterion: Any = None,
             channel_criterion: Any = None, bit_options: Sequence[tuple[int, int]] | None = None,
-            keep_levels: Sequence[float] | None = None, multiple: int = 1,
+            keep_levels: Sequence[float] | None = None, multiple: int | None = None,
             calibration_batches: int = 8, sensitivity_batches: int = 16,
             observer: str = "minmax", seed: int = 0, solver_options: Mapping | None = None,
-            pareto_points: int = 4, tune: int = 0, progress: bool = False) -> Compiled:
+            pareto_points: int = 4, tune: int = 0, latency_table: Any = None,
+            latency_rpc: Any = None, progress: bool = False) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
@@ -102,6 +105,17 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     ``tune``: MetaSchedule trials for the kernels the target's tuning database lacks
     (:mod:`pqcompile.tuning`: ~1.5 s a trial; a model is tuned once, later builds for the
     target reuse its records; 0, the default, only reuses). ``.tuning`` reports it.
+    ``multiple``: kept channels are rounded up to a multiple of it; ``None`` (the default)
+    takes the target's ``capabilities.channel_multiple`` (4 on the built-in targets).
+
+    Latency budgets (``Budget(latency_ms=5)`` or ``"2x"``, against the unpruned table): the
+    ``ilp`` and ``greedy`` solvers bound the layers' latency predicted from a per-layer table
+    measured on the target (:mod:`pqcompile.latency`). ``latency_table``: a
+    :class:`~pqcompile.latency.LatencyTable` (or the path of one saved with ``.save``) measured
+    for this model; ``None`` measures it (cached per target: a layer shape is timed once).
+    ``latency_rpc``: where that runs for a target of another architecture than this machine:
+    ``"HOST:PORT"`` of a TVM RPC server on the board, or ``"emulator"`` (a server under
+    qemu-user here: emulated times, a stand-in). ``.latency_table`` holds the table used.
 
     A wrong argument fails before any pass runs, with an error of :mod:`pqcompile.errors`
     (``ModelError``, ``NonFiniteWeightError``, ``ExampleInputError``, ``DataError``,
@@ -122,8 +136,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a pqcompile Budget or its text form, got "
                         f"{type(budget).__name__}")
-    get_target(target).find_cross_compiler()  # an unknown target or a missing linker
+    spec = get_target(target)
+    spec.find_cross_compiler()  # an unknown target or a missing linker
     chosen = _check_solver(solver, solver_options)
+    multiple = _check_multiple(multiple, spec)
+    latency_table = _check_latency(budget, chosen, solver, spec, latency_table, latency_rpc)
     _check_finetune(finetune)
     _check_data(data, finetune, chosen)
     bit_options = _check_bit_options(bit_options)
@@ -140,8 +157,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         raise OptionError(f"pareto_points must be an int >= 0 (candidates measured for the "
                           f"report's Pareto plot), got {pareto_points!r}")
     torch.manual_seed(seed)
-    names = ["analysis", "sensitivity", "solve", "pareto front"] \
-        + (["fine-tune"] if finetune else []) + ["quantize, lower, build"]
+    timed = budget.latency_ms is not None or latency_table is not None
+    names = ["analysis", "sensitivity"] + (["latency table"] if timed else []) \
+        + ["solve", "pareto front"] + (["fine-tune"] if finetune else []) \
+        + ["quantize, lower, build"]
     stage = Stages(names, enabled=progress)
     with stage("analysis"):
         fp32 = analysis(model, example_inputs)
@@ -155,6 +174,14 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         problem = build_problem(scored, layer_sensitivities(scored), importance,
                                 bit_options=bit_options, keep_levels=keep_levels,
                                 multiple=multiple)
+    if timed:
+        where = "given" if latency_table is not None else \
+            f"measured {'here' if latency_rpc is None else f'on {latency_rpc}'}"
+        with stage("latency table", where):
+            if latency_table is None:
+                latency_table = measure_latency(problem, scored, spec, rpc=latency_rpc,
+                                                progress=progress)
+            problem = attach_latency(problem, latency_table)
     teacher = copy.deepcopy(model).eval()  # the user's model keeps its mode and weights
     context = None
     with stage("solve", getattr(chosen, "name", str(solver))):
@@ -171,9 +198,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         assignment = to_assignment(solution, scored, scores or None)
     with stage("pareto front", "measured" if context is not None and pareto_points
                else "predicted"):
-        candidates = solver_candidates(problem, chosen, resolve_limits(problem, budget),
-                                       solution, context, measure=pareto_points,
-                                       progress=progress)
+        limits = resolve_limits(problem, budget, latency=budget.latency_ms is not None)
+        candidates = solver_candidates(problem, chosen, limits, solution, context,
+                                       measure=pareto_points, progress=progress)
     sensitivity = {lay.name: lay.option_sensitivity(solution.bits[lay.name])
                    for lay in problem.layers}
 
@@ -196,19 +223,23 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
     calibrated_on = (f"{len(calibration)} batches of data" if calib_batches
                      else "the example inputs (no data given)")
+    manifest_extra = {"candidates": public(candidates), "solver": solution.solver or str(solver),
+                      "budget": str(budget), "calibration": calibrated_on}
+    if problem.latency is not None:
+        manifest_extra["latency"] = {"predicted_ms": solution.costs["latency_ms"],
+                                     "unpruned_ms": problem.reference["latency_ms"],
+                                     "measured": problem.latency.source}
     with stage("quantize, lower, build", f"{target}, tuning {tune} trials" if tune
                else str(target)):
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
                           observer=observer, sensitivity=sensitivity,
-                          manifest_extra={"candidates": public(candidates),
-                                          "solver": solution.solver or str(solver),
-                                          "budget": str(budget),
-                                          "calibration": calibrated_on}, tune=tune, **extra)
+                          manifest_extra=manifest_extra, tune=tune, **extra)
     compiled.solution = solution
     compiled.candidates = candidates
     compiled.timings = dict(stage.seconds)  # wall seconds per stage
     compiled.budget = budget
     compiled.calibration = calibrated_on
+    compiled.latency_table = latency_table
     return compiled
 
 
@@ -247,6 +278,45 @@ def _check_solver(solver: Any, options: Mapping | None) -> Any:
         raise OptionError(f"solver must be a registered name such as 'ilp' or an object with a "
                           f"solve(problem, budget) method, got {type(solver).__name__}")
     return solver
+
+
+def _check_multiple(multiple: Any, spec: Any) -> int:
+    """The channel granule: ``multiple``, or the target's when ``None``."""
+    if multiple is None:
+        return spec.capabilities.channel_multiple
+    if isinstance(multiple, bool) or not isinstance(multiple, Integral) or multiple < 1:
+        raise OptionError(f"multiple must be a positive int (kept channels are rounded up to a "
+                          f"multiple of it) or None for the target's channel_multiple "
+                          f"({spec.capabilities.channel_multiple} on {spec.name!r}), got "
+                          f"{multiple!r}")
+    return int(multiple)
+
+
+def _check_latency(budget: Budget, chosen: Any, solver: Any, spec: Any, table: Any,
+                   rpc: Any) -> Any:
+    """The latency table to use (loaded when given as a path), after checking that the solver
+    bounds latency and that a table can be measured where it will be."""
+    if budget.latency_ms is not None and not getattr(chosen, "bounds_latency", False):
+        name = getattr(chosen, "name", solver)
+        raise UnsupportedBudgetError(
+            f"solver {name!r} cannot bound latency_ms: only 'ilp' and 'greedy' read the measured "
+            "latency table; pass solver='ilp', or bound bops, weight_bytes or macs instead")
+    if isinstance(table, (str, os.PathLike)):
+        table = LatencyTable.load(table)
+    if table is not None and not isinstance(table, LatencyTable):
+        raise OptionError(f"latency_table must be a pqcompile.latency.LatencyTable, the path of "
+                          f"one saved with .save(), or None (measured), got "
+                          f"{type(table).__name__}")
+    if table is not None and table.target != spec.name:
+        raise OptionError(f"latency_table was measured for target {table.target!r}, the model "
+                          f"is compiled for {spec.name!r}: measure one for {spec.name!r} (or "
+                          "pass latency_table=None)")
+    if rpc is not None and (budget.latency_ms is None or table is not None):
+        raise OptionError("latency_rpc says where compile() measures a latency table, which it "
+                          "does only for a budget with latency_ms and no latency_table; drop it")
+    if budget.latency_ms is not None and table is None:
+        check_where(spec, rpc, "latency_rpc")
+    return table
 
 
 def _check_finetune(finetune: Any) -> None:

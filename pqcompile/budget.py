@@ -27,7 +27,8 @@ from .errors import PQCompileError
 
 FORMAT_VERSION = 1
 
-# Costs a solver over the shared problem can bound; latency needs a measured table.
+# Costs a solver over the shared problem can bound; latency needs a measured table
+# (pqcompile.latency) and a solver that reads it.
 COST_KEYS = ("bops", "weight_bytes", "macs")
 BUDGET_KEYS = COST_KEYS + ("latency_ms",)
 
@@ -59,7 +60,8 @@ class InfeasibleBudgetError(PQCompileError, ValueError):
 
 
 class UnsupportedBudgetError(PQCompileError, NotImplementedError):
-    """The solver cannot bound this cost (a latency budget without a measured latency table)."""
+    """The solver cannot bound this cost (a latency budget without a measured latency table,
+    or with a solver that does not read one)."""
 
 
 def _parse_value(key: str, value: Any) -> int | float | str:
@@ -98,7 +100,9 @@ class Budget:
 
     ``bops``: MACs x weight bits x activation bits, summed over compute layers;
     ``weight_bytes``: stored parameters (weights at their bits, the rest at 32 bits);
-    ``macs``: multiply-accumulates after pruning; ``latency_ms``: measured on the target.
+    ``macs``: multiply-accumulates after pruning; ``latency_ms``: the conv/linear layers'
+    summed latency, predicted from a per-layer table measured on the target
+    (:mod:`pqcompile.latency`; a ratio is against the table's unpruned total).
     """
 
     bops: int | float | str | None = None
@@ -165,7 +169,8 @@ class Budget:
         """Absolute limits, ratios divided into the FP32 reference ``fp32``.
 
         ``fp32`` is a mapping with the FP32 ``bops``, ``weight_bytes``, ``macs`` (and
-        ``latency_ms`` for a latency ratio), or a :class:`~pqcompile.meta.CostTotals`.
+        ``latency_ms`` for a latency ratio: the latency table's unpruned total), or a
+        :class:`~pqcompile.meta.CostTotals`.
         """
         reference = _reference(fp32)
         limits: dict[str, float] = {}
@@ -206,11 +211,19 @@ def _reference(fp32: Any) -> dict[str, float]:
                     f"'macs': ...}} or a CostTotals, got {type(fp32).__name__}")
 
 
-def latency_unsupported() -> UnsupportedBudgetError:
+def latency_unsupported(solver: bool = False) -> UnsupportedBudgetError:
+    """The error for a latency limit where it cannot be bounded: by a solver that does not
+    read latency tables (``solver=True``), or without a measured table."""
+    if solver:
+        return UnsupportedBudgetError(
+            "this solver cannot bound latency_ms: only the 'ilp' and 'greedy' solvers use a "
+            "measured latency table; pick one of them, or bound bops, weight_bytes or macs "
+            "instead")
     return UnsupportedBudgetError(
-        "latency budgets need a measured latency table for the target (per layer and bit "
-        "option), which this solver does not have yet (a later feature); bound bops, "
-        "weight_bytes or macs instead")
+        "latency budgets need a measured latency table for the target: compile() measures one "
+        "when the budget sets latency_ms (or takes latency_table=); a solver called directly "
+        "needs the problem from pqcompile.latency.attach_latency(problem, "
+        "measure_latency(problem, graph, target)); or bound bops, weight_bytes or macs instead")
 
 
 def check_limits(limits: Mapping[str, float], supported: tuple[str, ...] = COST_KEYS

@@ -82,6 +82,7 @@ class Compiled:
     timings: dict[str, float] = field(default_factory=dict)  # compile(): seconds per stage
     tuning: Any = None  # pqcompile.tuning.TuningReport when compile(tune=...) tuned
     candidates: list[dict[str, Any]] = field(default_factory=list)  # what the solver saw
+    latency_table: Any = None  # pqcompile.latency.LatencyTable behind a latency budget
 
     def report(self, plots: str | Path | None = None) -> str:
         """The per-layer table (op, output shape, kept/total channels, w/a bits, MACs, BOPs,

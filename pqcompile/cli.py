@@ -90,7 +90,7 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = pq_compile(model, (example,), target=args.target, budget=args.budget,
                           solver=args.solver, seed=args.seed, data=data, finetune=finetune,
                           pareto_points=args.pareto_points, tune=args.tune,
-                          progress=not args.quiet)
+                          latency_rpc=args.latency_rpc, progress=not args.quiet)
     path = compiled.save(args.out, overwrite=args.overwrite)
     plots = compiled.plots(args.plots) if args.plots else []
     if args.onnx:
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plots", metavar="DIR", help="write the report's PNG plots to DIR")
     c.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="MetaSchedule trials "
                    "for kernels the target's tuning database lacks (~1.5 s each; 0: reuse only)")
+    c.add_argument("--latency-rpc", metavar="HOST:PORT", help="for a latency_ms budget on "
+                   "another architecture: the TVM RPC server of the board that times the layers, "
+                   "or 'emulator' (qemu-user here: emulated times)")
     c.add_argument("--onnx", metavar="PATH", help="also write the compressed model as an ONNX "
                    "QDQ graph")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr, no table")

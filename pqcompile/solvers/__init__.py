@@ -23,16 +23,20 @@ from .ilp import ILPSolver, infeasible_error, minimum_costs
 from .problem import (
     Affine,
     Group,
+    LatencyModel,
+    LatencyTerm,
     Layer,
     Problem,
     Solution,
     build_problem,
     evaluate,
     keep_count,
+    layer_latency,
     problem_costs,
     resolve_limits,
     to_assignment,
     weight_noise_sensitivity,
+    with_latency_model,
 )
 from .uniform import PruneUniformSolver, UniformSolver
 
@@ -43,6 +47,8 @@ class Solver(Protocol):
     def solve(self, problem: Problem, budget: Budget | Mapping[str, float]) -> Solution: ...
 
 
+# A solver that bounds ``latency_ms`` (reads the problem's latency model) sets
+# ``bounds_latency = True`` and calls ``resolve_limits(problem, budget, latency=True)``.
 # A searching solver also sets ``needs_context = True`` and takes ``solve(problem, budget, *,
 # context: SearchContext)`` (pqcompile.solvers.search).
 
@@ -92,8 +98,9 @@ register_solver("fitcompress", _searching("fitcompress", "FITCompressSolver"))
 register_solver("picpq", _searching("picpq", "PICPQSolver"))
 
 __all__ = [
-    "Affine", "GreedySolver", "Group", "ILPSolver", "Layer", "Problem", "PruneUniformSolver",
-    "Solution", "Solver", "UniformSolver", "build_problem", "evaluate", "get_solver",
-    "infeasible_error", "keep_count", "list_solvers", "minimum_costs", "problem_costs",
-    "register_solver", "resolve_limits", "to_assignment", "weight_noise_sensitivity",
+    "Affine", "GreedySolver", "Group", "ILPSolver", "LatencyModel", "LatencyTerm", "Layer",
+    "Problem", "PruneUniformSolver", "Solution", "Solver", "UniformSolver", "build_problem",
+    "evaluate", "get_solver", "infeasible_error", "keep_count", "layer_latency", "list_solvers",
+    "minimum_costs", "problem_costs", "register_solver", "resolve_limits", "to_assignment",
+    "weight_noise_sensitivity", "with_latency_model",
 ]

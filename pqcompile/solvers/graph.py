@@ -142,7 +142,10 @@ def build_problem(gm: torch.fx.GraphModule,
     level costs the summed importance of the channels it removes, least important first. Both
     are added in one objective, so give them on one scale. ``layer_options`` overrides
     ``bit_options`` per layer; ``pin_first_last`` puts the first and last layer at 8/8. Keep
-    levels are fractions of each group, rounded up to ``multiple`` channels. Groups touching
+    levels are fractions of each group, rounded up so that the layers keep a multiple of
+    ``multiple`` channels (an element spanning several channels, such as an attention head,
+    rounds to fewer elements: :func:`_granule`); a group smaller than that stays whole. Groups
+    touching
     nodes whose cost the model cannot follow (functional convs, other parametrized modules, a
     matmul carrying anything but one group's heads) stay whole.
     """
@@ -163,7 +166,7 @@ def build_problem(gm: torch.fx.GraphModule,
     owners = _owners(gm)
     decided = [g for g in CHANNEL_GROUPS.get(gm)
                if g.prunable and _followable(gm, g, nodes, set(names), owners)
-               and len({keep_count(g.size, f, multiple) for f in fractions}) > 1]
+               and len({keep_count(g.size, f, _granule(g, multiple)) for f in fractions}) > 1]
     groups = tuple(_group(gm, g, fractions, multiple, prune_sensitivities) for g in decided)
     options = _option_table(names, bit_options, layer_options, pin_first_last)
     unknown = sorted(set(sensitivities if isinstance(sensitivities, Mapping) else ())
@@ -242,11 +245,21 @@ def _layer_shape(n: torch.fx.Node, m: nn.Module, counter: _Counter):
     return out, counter(n.name, "in", m.in_features, len(shape) - 1), math.prod(shape[:-1]), 1
 
 
+def _granule(g: ChannelGroup, multiple: int) -> int:
+    """``multiple`` channels in units of the group's elements: an element spanning ``w``
+    channels of the layers (an attention head: its head dim) needs ``multiple / gcd(multiple,
+    w)`` of them (1 for a head of 16 channels and ``multiple`` 4)."""
+    widths = [int(np.asarray(m.index).shape[1]) for m in g.members if m.role in ("in", "out")]
+    width = math.gcd(*widths) if widths else 1
+    return multiple // math.gcd(multiple, width)
+
+
 def _group(gm, g: ChannelGroup, fractions, multiple: int, criterion) -> Group:
-    levels = tuple(dict.fromkeys(keep_count(g.size, f, multiple) for f in fractions))
+    granule = _granule(g, multiple)
+    levels = tuple(dict.fromkeys(keep_count(g.size, f, granule) for f in fractions))
     order = np.sort(_importance(criterion, gm, g))
     return Group(g.id, g.name, g.size, levels,
-                 tuple(float(order[:g.size - k].sum()) for k in levels))
+                 tuple(float(order[:g.size - k].sum()) for k in levels), granule)
 
 
 def _option_table(names, bit_options, layer_options, pin_first_last) -> dict[str, tuple]:

@@ -5,7 +5,9 @@ activation tensor's bits one step (every layer reading it moves together, keepin
 bits or the next lower available), or one group one keep level. The move taken is the one
 with the smallest sensitivity increase per unit of cost saved, where savings count only on the
 limits still exceeded, each relative to its limit. It is fast and never better than the ILP's
-optimum: the baseline the exact solver is measured against.
+optimum: the baseline the exact solver is measured against. A ``latency_ms`` limit is read from
+the problem's latency model; measured latency need not fall with every keep level, so the
+descent can stop short of a reachable latency budget (the error says so; the ILP is exact).
 
 >>> from pqcompile.solvers.problem import Affine, Group, Layer, Problem
 >>> layer = Layer("fc", 64, 64, Affine(0, ((0, 1),)), Affine(8), 1, 1, ((8, 8), (4, 8)),
@@ -21,8 +23,17 @@ from __future__ import annotations
 
 import time
 
+from ..budget import InfeasibleBudgetError
 from .ilp import infeasible_error
-from .problem import Option, Problem, Solution, evaluate, layer_costs, resolve_limits
+from .problem import (
+    Option,
+    Problem,
+    Solution,
+    evaluate,
+    layer_costs,
+    layer_latency,
+    resolve_limits,
+)
 
 _KEYS = ("bops", "macs", "weight_bytes")
 
@@ -31,11 +42,12 @@ class GreedySolver:
     """Best sensitivity-per-cost-saved first; raises ``InfeasibleBudgetError`` like the ILP."""
 
     name = "greedy"
+    bounds_latency = True  # reads the problem's latency model for a latency_ms limit
 
     def solve(self, problem: Problem, budget, *, start=None) -> Solution:
         """``start``: ``(bits, kept)`` to descend from instead of the highest setting (a
         repair: a start that already meets the budget comes back unchanged)."""
-        limits = resolve_limits(problem, budget)
+        limits = resolve_limits(problem, budget, latency=self.bounds_latency)
         t0 = time.perf_counter()
         state = DescentState(problem)
         if start is not None:
@@ -51,11 +63,23 @@ class GreedySolver:
                 if best is None or ratio < best[0]:
                     best = (ratio, move)
             if best is None:
-                raise infeasible_error(problem, limits)
+                error = infeasible_error(problem, limits)
+                if all(error.minimum[k] <= v for k, v in limits.items()) and len(limits) == 1:
+                    raise InfeasibleBudgetError(
+                        f"the greedy descent stopped at {_fmt_costs(state.totals, limits)}: no "
+                        f"single move lowers it further, though the search space reaches "
+                        f"{_fmt_costs(error.minimum, limits)} (measured latency need not fall "
+                        "with every keep level); use the exact 'ilp' solver",
+                        error.minimum, limits)
+                raise error
             state.apply(best[1])
             steps += 1
         info = {"steps": steps, "seconds": time.perf_counter() - t0}
         return evaluate(problem, state.bits(), state.kept, limits, solver=self.name, info=info)
+
+
+def _fmt_costs(costs, limits) -> str:
+    return ", ".join(f"{k} {costs[k]:.4g}" for k in sorted(limits))
 
 
 class DescentState:
@@ -109,16 +133,24 @@ class DescentState:
             self.level[g.id], self.kept[g.id] = g.levels.index(k), k
         self._recost()
 
+    def _cost(self, i: int, option: Option, kept) -> tuple[float, ...]:
+        """``(bops, macs, weight bits, latency ms)`` of layer ``i`` (latency 0 without a
+        latency model)."""
+        ms = layer_latency(self.p, i, kept) if self.p.latency is not None else 0.0
+        return (*layer_costs(self.p.layers[i], option, kept), ms)
+
     def _recost(self) -> None:
         p = self.p
-        self.layer_cost = [layer_costs(layer, self.option[i], self.kept)
-                           for i, layer in enumerate(p.layers)]
+        self.layer_cost = [self._cost(i, self.option[i], self.kept)
+                           for i in range(len(p.layers))]
         fm = p.float_macs.value(self.kept)
         self.totals = {
             "bops": p.fixed_bops + 1024 * fm + sum(c[0] for c in self.layer_cost),
             "macs": p.fixed_macs + fm + sum(c[1] for c in self.layer_cost),
             "weight_bytes": (32 * p.params32.value(self.kept)
                              + sum(c[2] for c in self.layer_cost)) / 8}
+        if p.latency is not None:
+            self.totals["latency_ms"] = sum(c[3] for c in self.layer_cost)
 
     def bits(self) -> dict[str, Option]:
         return {layer.name: self.option[i] for i, layer in enumerate(self.p.layers)}
@@ -157,14 +189,14 @@ class DescentState:
         """New per-layer costs, the new kept map and the sensitivity change of ``move``."""
         kind, what = move
         if kind == "bits":
-            new = {i: layer_costs(self.p.layers[i], o, self.kept) for i, o in what}
+            new = {i: self._cost(i, o, self.kept) for i, o in what}
             d_sens = sum(self.p.layers[i].option_sensitivity(o)
                          - self.p.layers[i].option_sensitivity(self.option[i]) for i, o in what)
             return new, self.kept, d_sens
         g, j = what, self.level[what.id]
         kept = dict(self.kept)
         kept[g.id] = g.levels[j + 1]
-        new = {i: layer_costs(self.p.layers[i], self.option[i], kept) for i in self.users[g.id]}
+        new = {i: self._cost(i, self.option[i], kept) for i in self.users[g.id]}
         return new, kept, g.sensitivity[j + 1] - g.sensitivity[j]
 
     def _totals(self, new, kept) -> dict[str, float]:
@@ -174,6 +206,8 @@ class DescentState:
             out["bops"] += c[0] - old[0]
             out["macs"] += c[1] - old[1]
             out["weight_bytes"] += (c[2] - old[2]) / 8
+            if "latency_ms" in out:
+                out["latency_ms"] += c[3] - old[3]
         if kept is not self.kept:
             out["weight_bytes"] += 4 * (self.p.params32.value(kept)
                                         - self.p.params32.value(self.kept))

@@ -7,7 +7,11 @@ linear function of binaries and exact. Their marginals are tied to one-hot level
 ``y[g, j]`` per group, and a layer's several factors (a concat input) agree on its bit option.
 Layers reading one tensor get equal activation bits; calls of one module equal weight bits.
 The objective is the summed sensitivity (bit options + keep levels); every budget limit is one
-row. After solving, the costs are
+row. A latency model (:class:`~pqcompile.solvers.problem.LatencyModel`) is a sum of tables over
+the levels of at most two groups of a layer, each within one of the layer's factors (a layer's
+latency depends on its kept output and input channels, as its MACs do): each table value goes
+on the factor's binaries of that level combination, so the latency row is exact too.
+After solving, the costs are
 recomputed in integers and the solve is repeated with a tighter row if HiGHS's tolerances let
 a limit slip.
 
@@ -73,6 +77,8 @@ class _Model:
         self.const = {"bops": float(problem.fixed_bops + 1024 * fm.const),
                       "macs": float(problem.fixed_macs + fm.const),
                       "weight_bytes": 4.0 * problem.params32.const}
+        if problem.latency is not None:
+            self._latency_costs()
         for gi, g in enumerate(problem.groups):
             self.objective[self.y0[gi]:self.y0[gi + 1]] = g.sensitivity
         for g_id, per in problem.params32.terms:
@@ -89,6 +95,31 @@ class _Model:
                 for v, entry in enumerate(f.entries()):
                     self._entry_costs(layer, f, f.offset + v, entry, fi == 0)
         self._equalities()
+
+    def _latency_costs(self) -> None:
+        """The ``latency_ms`` row: each term's table value on the binaries of a factor that
+        holds the term's groups, at the entry's levels (constants go to ``const``)."""
+        cost, const = np.zeros(self.n), 0.0
+        for layer, fs, terms in zip(self.problem.layers, self.factors,
+                                    self.problem.latency.layers):
+            for term in terms:
+                if not term.groups:
+                    const += float(term.values[0])
+                    continue
+                gs = [self.gidx[g] for g in term.groups]
+                home = next((f for f in fs if set(gs) <= set(f.groups)), None)
+                if home is None:
+                    raise ValueError(f"layer {layer.name!r}: a latency term over groups "
+                                     f"{term.groups} spans groups of no single factor of its "
+                                     "MACs; the latency model does not fit this problem")
+                pos = [home.groups.index(g) + 1 for g in gs]
+                sizes = [len(self.problem.groups[g].levels) for g in gs]
+                for v, entry in enumerate(home.entries()):
+                    flat = 0
+                    for p, size in zip(pos, sizes):
+                        flat = flat * size + entry[p]
+                    cost[home.offset + v] += term.values[flat]
+        self.cost["latency_ms"], self.const["latency_ms"] = cost, const
 
     def _entry_costs(self, layer: Layer, f: _Factor, var: int, entry, first: bool) -> None:
         w, a = layer.options[entry[0]]
@@ -212,10 +243,12 @@ class ILPSolver:
 
     ``time_limit`` (s) and ``mip_rel_gap`` bound the search; ``seed`` and ``threads=1`` make
     HiGHS deterministic. ``solve`` raises :class:`~pqcompile.budget.InfeasibleBudgetError`
-    with the smallest reachable value of each limited cost.
+    with the smallest reachable value of each limited cost. It bounds ``latency_ms`` on a
+    problem with a latency model (:func:`pqcompile.latency.attach_latency`).
     """
 
     name = "ilp"
+    bounds_latency = True  # reads the problem's latency model for a latency_ms limit
 
     def __init__(self, *, time_limit: float = 60.0, mip_rel_gap: float = 1e-6, seed: int = 0,
                  threads: int = 1) -> None:
@@ -226,7 +259,7 @@ class ILPSolver:
                         "random_seed": int(seed), "threads": int(threads), "presolve": True}
 
     def solve(self, problem: Problem, budget) -> Solution:
-        limits = resolve_limits(problem, budget)
+        limits = resolve_limits(problem, budget, latency=self.bounds_latency)
         start = time.perf_counter()
         model = _Model(problem)
         rows = dict(limits)
@@ -267,7 +300,9 @@ def minimum_costs(problem: Problem, keys, model: _Model | None = None) -> dict[s
     return out
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, key: str = "") -> str:
+    if key == "latency_ms":
+        return f"{v:.4g} ms"
     return f"{int(v):,}" if float(v).is_integer() else f"{v:,.2f}"
 
 
@@ -278,9 +313,10 @@ def infeasible_error(problem: Problem, limits: dict[str, float],
     parts = []
     for key in sorted(limits):
         ref = problem.reference.get(key)
-        ratio = f" ({ref / lows[key]:.1f}x below FP32)" if ref and lows[key] else ""
-        parts.append(f"{key} <= {_fmt(limits[key])} asked, smallest reachable is "
-                     f"{_fmt(lows[key])}{ratio}")
+        against = "the unpruned latency table" if key == "latency_ms" else "FP32"
+        ratio = f" ({ref / lows[key]:.1f}x below {against})" if ref and lows[key] else ""
+        parts.append(f"{key} <= {_fmt(limits[key], key)} asked, smallest reachable is "
+                     f"{_fmt(lows[key], key)}{ratio}")
     alone = all(lows[k] <= limits[k] for k in limits)
     hint = ("each limit is reachable alone but not all together; relax one" if alone else
             "relax the budget, or widen the search space (lower bit options, lower keep "

@@ -13,6 +13,11 @@ A layer's kept output channels and kept input channels (per conv group) are each
 whose input and output are one group (a square). Costs match ``CostAnalysis`` on the pruned
 graph exactly (see ``tests/test_solvers.py``).
 
+A problem may carry a :class:`LatencyModel` (:func:`with_latency_model`; built from a table
+measured on the target by :func:`pqcompile.latency.attach_latency`): each layer's latency as a
+sum of :class:`LatencyTerm` tables over the keep levels of at most two groups, which the
+solvers that bound ``latency_ms`` (``ilp``, ``greedy``) read; bits do not change it.
+
 >>> layer = Layer("fc", fp32_macs=32, weight_numel=32, out_channels=Affine(0, ((0, 1),)),
 ...               in_channels=Affine(4), macs_scale=1, weight_scale=1,
 ...               options=((8, 8), (4, 8)), sensitivity=(0.0, 0.3), activation_key="x")
@@ -28,11 +33,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
-from ..budget import Budget, check_limits, latency_unsupported
+from ..budget import COST_KEYS, Budget, check_limits, latency_unsupported
 
 Option = tuple[int, int]  # (weight bits, activation bits)
 
@@ -87,13 +92,15 @@ class Layer:
 
 @dataclass(frozen=True)
 class Group:
-    """A prunable channel group: ``levels`` are kept counts, descending, ``levels[0] == size``."""
+    """A prunable channel group: ``levels`` are kept counts, descending, ``levels[0] == size``;
+    ``granule``: the count kept counts are rounded to (``keep_count``'s ``multiple``)."""
 
     id: int
     name: str
     size: int
     levels: tuple[int, ...]
     sensitivity: tuple[float, ...]  # aligned with ``levels``
+    granule: int = 1
 
     def __post_init__(self) -> None:
         lv = self.levels
@@ -102,7 +109,37 @@ class Group:
                              f"the size {self.size} strictly down to >= 1, got {lv}")
         if len(self.sensitivity) != len(lv):
             raise ValueError(f"group {self.id} {self.name!r}: give one sensitivity per level")
+        if isinstance(self.granule, bool) or not isinstance(self.granule, int) \
+                or self.granule < 1:
+            raise ValueError(f"group {self.id} {self.name!r}: granule must be a positive int, "
+                             f"got {self.granule!r}")
         _check_sensitivity(f"group {self.id} {self.name!r}", self.sensitivity)
+
+
+@dataclass(frozen=True)
+class LatencyTerm:
+    """A part of one layer's predicted latency (ms): a table over the keep levels of at most
+    two groups, ``values`` row-major over ``groups``' levels (one value for no group)."""
+
+    groups: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.groups) > 2 or len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"a latency term depends on at most two distinct groups, got "
+                             f"{self.groups}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.values):
+            raise ValueError(f"latency term over groups {self.groups}: values must be finite "
+                             f"milliseconds, got {self.values[:6]}")
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Predicted latency of each layer (aligned with ``Problem.layers``) as a sum of terms,
+    and where the table behind it was measured (``source``: target and device)."""
+
+    layers: tuple[tuple[LatencyTerm, ...], ...]
+    source: str = ""
 
 
 def _check_sensitivity(what: str, values: tuple[float, ...]) -> None:
@@ -116,7 +153,9 @@ class Problem:
     modules outside the layers) as a function of kept counts; ``fixed_macs``/``fixed_bops``:
     nodes outside the layers, at FP32; ``float_macs``: MACs outside the layers that scale with
     kept counts (the attention products of a head group), at FP32 (32 x 32 bits) on top of the
-    fixed ones; ``reference``: the FP32 model's bops, macs, bytes."""
+    fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the
+    unpruned total of the latency table, when ``latency`` is set); ``latency``: the layers'
+    predicted latency on the target, or ``None`` (set it with :func:`with_latency_model`)."""
 
     layers: tuple[Layer, ...]
     groups: tuple[Group, ...]
@@ -127,6 +166,7 @@ class Problem:
     keep_fractions: tuple[float, ...] = DEFAULT_KEEP_FRACTIONS
     multiple: int = 1
     float_macs: Affine = Affine(0)
+    latency: LatencyModel | None = None
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -163,14 +203,85 @@ class Solution:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
-def resolve_limits(problem: Problem, budget: Budget | Mapping[str, float]) -> dict[str, float]:
-    """Absolute limits from a :class:`Budget` (ratios against ``problem.reference``) or a
-    mapping of absolute limits; latency limits raise ``UnsupportedBudgetError``."""
-    if isinstance(budget, Budget):
-        if budget.latency_ms is not None:
+def resolve_limits(problem: Problem, budget: Budget | Mapping[str, float], *,
+                   latency: bool = False) -> dict[str, float]:
+    """Absolute limits from a :class:`Budget` (ratios against ``problem.reference``; a latency
+    ratio against the latency table's unpruned total) or a mapping of absolute limits.
+
+    ``latency``: the caller can bound ``latency_ms`` (the ``ilp`` and ``greedy`` solvers); a
+    latency limit raises ``UnsupportedBudgetError`` for any other caller, and for a problem
+    without a latency model (:func:`with_latency_model`).
+    """
+    asked = budget.latency_ms is not None if isinstance(budget, Budget) else \
+        isinstance(budget, Mapping) and "latency_ms" in budget
+    if asked:
+        if not latency:
+            raise latency_unsupported(solver=True)
+        if problem.latency is None:
             raise latency_unsupported()
+    if isinstance(budget, Budget):
         budget = budget.resolve(problem.reference)
-    return check_limits(budget)
+    return check_limits(budget, COST_KEYS + (("latency_ms",) if asked else ()))
+
+
+def with_latency_model(problem: Problem, model: LatencyModel) -> Problem:
+    """``problem`` with the latency model ``model`` and ``reference["latency_ms"]``, its
+    unpruned total. Checks that the terms fit the problem's layers and groups."""
+    if not isinstance(model, LatencyModel):
+        raise TypeError(f"a latency model is a LatencyModel, got {type(model).__name__}")
+    if len(model.layers) != len(problem.layers):
+        raise ValueError(f"the latency model has {len(model.layers)} layers, the problem "
+                         f"{len(problem.layers)}: build it for this problem")
+    groups = {g.id: g for g in problem.groups}
+    for layer, terms in zip(problem.layers, model.layers):
+        for term in terms:
+            if not set(term.groups) <= set(layer.groups):
+                raise ValueError(f"layer {layer.name!r}: a latency term depends on groups "
+                                 f"{term.groups}, the layer's channels on {layer.groups}")
+            size = math.prod(len(groups[g].levels) for g in term.groups)
+            if len(term.values) != size:
+                raise ValueError(f"layer {layer.name!r}: a latency term over groups "
+                                 f"{term.groups} needs {size} values (one per level "
+                                 f"combination), got {len(term.values)}")
+    out = replace(problem, latency=model)
+    full = {g.id: g.size for g in problem.groups}
+    total = sum(layer_latency(out, i, full) for i in range(len(problem.layers)))
+    return replace(out, reference={**problem.reference, "latency_ms": total})
+
+
+def _level_weights(group: Group, kept: int) -> list[tuple[int, float]]:
+    """Level indices and weights giving ``kept``: the level itself, else linear between the
+    neighbouring levels (clamped to the first and last)."""
+    levels = group.levels
+    if kept in levels:
+        return [(levels.index(kept), 1.0)]
+    if kept >= levels[0]:
+        return [(0, 1.0)]
+    if kept <= levels[-1]:
+        return [(len(levels) - 1, 1.0)]
+    j = next(i for i, lv in enumerate(levels) if lv < kept)  # levels[j - 1] > kept > levels[j]
+    w = (kept - levels[j]) / (levels[j - 1] - levels[j])
+    return [(j - 1, w), (j, 1.0 - w)]
+
+
+def layer_latency(problem: Problem, index: int, kept: Mapping[int, int]) -> float:
+    """Predicted latency (ms) of ``problem.layers[index]`` at ``kept`` channels per group
+    (levels read from the tables; kept counts between levels interpolated linearly)."""
+    if problem.latency is None:
+        raise ValueError("the problem has no latency model; attach one with "
+                         "pqcompile.latency.attach_latency(problem, table)")
+    groups = {g.id: g for g in problem.groups}
+    total = 0.0
+    for term in problem.latency.layers[index]:
+        sizes = [len(groups[g].levels) for g in term.groups]
+        axes = [_level_weights(groups[g], int(kept.get(g, groups[g].size)))
+                for g in term.groups]
+        for combo in itertools.product(*axes):
+            flat, weight = 0, 1.0
+            for size, (j, w) in zip(sizes, combo):
+                flat, weight = flat * size + j, weight * w
+            total += weight * term.values[flat]
+    return total
 
 
 def keep_count(size: int, fraction: float, multiple: int = 1) -> int:
@@ -189,7 +300,8 @@ def layer_costs(layer: Layer, option: Option, kept: Mapping[int, int]) -> tuple[
 def problem_costs(problem: Problem, solution: Solution | None = None, *,
                   bits: Mapping[str, Option] | None = None,
                   kept: Mapping[int, int] | None = None) -> dict[str, float]:
-    """Total ``bops``, ``macs`` and ``weight_bytes`` of a solution (or of ``bits``/``kept``)."""
+    """Total ``bops``, ``macs`` and ``weight_bytes`` of a solution (or of ``bits``/``kept``),
+    and ``latency_ms`` when the problem has a latency model."""
     if solution is not None:
         bits, kept = solution.bits, solution.kept
     kept = {g.id: g.size for g in problem.groups} | dict(kept or {})
@@ -199,7 +311,11 @@ def problem_costs(problem: Problem, solution: Solution | None = None, *,
     for layer in problem.layers:
         b, m, w = layer_costs(layer, tuple(bits[layer.name]), kept)
         bops, macs, wbits = bops + b, macs + m, wbits + w
-    return {"bops": bops, "macs": macs, "weight_bytes": wbits / 8}
+    costs = {"bops": bops, "macs": macs, "weight_bytes": wbits / 8}
+    if problem.latency is not None:
+        costs["latency_ms"] = sum(layer_latency(problem, i, kept)
+                                  for i in range(len(problem.layers)))
+    return costs
 
 
 def objective(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, int]) -> float:

@@ -58,7 +58,7 @@ class PruneUniformSolver:
         bits = {layer.name: (self.bits, self.bits) for layer in problem.layers}
         sol = None
         for fraction in sorted(problem.keep_fractions, reverse=True):
-            kept = {g.id: keep_count(g.size, fraction, problem.multiple)
+            kept = {g.id: keep_count(g.size, fraction, g.granule)
                     for g in problem.groups}
             sol = evaluate(problem, bits, kept, limits, solver=self.name,
                            info={"keep_fraction": fraction})

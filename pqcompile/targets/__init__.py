@@ -8,13 +8,23 @@
 'riscv64'
 """
 
-from .base import (ARCHES, ArchInfo, Capabilities, TargetSpec, ToolchainError,
-                   UnknownTargetError, elf_arch, host_arch)
+from .base import (
+    ARCHES,
+    ArchInfo,
+    Capabilities,
+    TargetSpec,
+    ToolchainError,
+    UnknownTargetError,
+    default_channel_multiple,
+    elf_arch,
+    host_arch,
+)
 from .emulator import EmulatorError, Sysroot, find_sysroot, run_python, run_vm
 from .registry import get_target, list_targets, register_target, unregister_target
 
 __all__ = [
     "ARCHES", "ArchInfo", "Capabilities", "EmulatorError", "Sysroot", "TargetSpec",
-    "ToolchainError", "UnknownTargetError", "elf_arch", "find_sysroot", "get_target",
-    "host_arch", "list_targets", "register_target", "run_python", "run_vm", "unregister_target",
+    "ToolchainError", "UnknownTargetError", "default_channel_multiple", "elf_arch",
+    "find_sysroot", "get_target", "host_arch", "list_targets", "register_target", "run_python",
+    "run_vm", "unregister_target",
 ]

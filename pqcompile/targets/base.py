@@ -35,7 +35,7 @@ from ..errors import PQCompileError
 
 __all__ = [
     "ARCHES", "ArchInfo", "Capabilities", "TargetSpec", "ToolchainError", "UnknownTargetError",
-    "elf_arch", "host_arch",
+    "default_channel_multiple", "elf_arch", "host_arch",
 ]
 
 SPEC_VERSION = 1
@@ -89,6 +89,31 @@ _SIMD_FEATURE_BITS = {
 # LLVM features giving int8 dot products (4 x int8 -> int32 per lane) / int8 matrix multiply.
 _DOTPROD_FEATURES = ("dotprod", "avxvnni", "avx512vnni")
 _I8MM_FEATURES = ("i8mm",)
+# LLVM features whose int8 conv kernels vectorize over pixels, not channels (x86 AVX-512).
+_PIXEL_VECTOR_FEATURES = ("avx512f",)
+_MAX_CHANNEL_MULTIPLE = 16
+
+
+def default_channel_multiple(simd_bits: int, pixel_vectors: bool) -> int:
+    """The granule pruning rounds kept channels to, from the SIMD width.
+
+    ``pixel_vectors``: the target's int8 conv kernels vectorize over output pixels (int8 dot
+    products: Arm ``sdot``, x86 VNNI; and x86 AVX-512), taking input channels as 4-channel
+    words (4 int8 per dot-product step) and output channels in tiles of 4
+    (:mod:`pqcompile.lower.kernels`): a kept count off a multiple of 4 is zero-padded to it and
+    costs as much, and a coarser granule saves nothing. Elsewhere the widening multiply-adds
+    accumulate one int32 per vector lane, ``simd_bits / 32`` channels a register (4 on 128-bit
+    NEON/SSE, 8 on AVX2), clamped to 1..16: 1 without SIMD (scalar code pads nothing), at
+    most 16 so wide vector units (RISC-V ``zvl1024b``) do not forbid pruning small layers.
+
+    >>> default_channel_multiple(128, False), default_channel_multiple(256, False)
+    (4, 8)
+    >>> default_channel_multiple(512, True), default_channel_multiple(0, False)
+    (4, 1)
+    """
+    if pixel_vectors:
+        return 4
+    return min(max(simd_bits // 32, 1), _MAX_CHANNEL_MULTIPLE)
 
 
 def arch_from_triple(triple: str) -> str:
@@ -130,7 +155,10 @@ class Capabilities:
     """What the target hardware offers the compression passes.
 
     ``weight_bits`` are the weight bit-widths the lowering can pack for this target;
-    ``supports_int8`` says int8 x int8 -> int32 arithmetic is worth using at all.
+    ``supports_int8`` says int8 x int8 -> int32 arithmetic is worth using at all;
+    ``channel_multiple`` is the granule pruning rounds kept channels to (``compile``'s default
+    ``multiple``); left out, it follows :func:`default_channel_multiple` (4 with int8 dot
+    products, else ``simd_bits / 32`` clamped to 1..16).
     """
 
     simd_bits: int = 128
@@ -138,6 +166,7 @@ class Capabilities:
     supports_i8mm: bool = False
     weight_bits: tuple[int, ...] = (2, 4, 8)
     supports_int8: bool = True
+    channel_multiple: int | None = None  # None: derived; always an int once constructed
 
     def __post_init__(self) -> None:
         if isinstance(self.simd_bits, bool) or not isinstance(self.simd_bits, int):
@@ -154,6 +183,16 @@ class Capabilities:
         if not bits or any(isinstance(b, bool) or b not in _VALID_WEIGHT_BITS for b in bits):
             raise ValueError(f"weight_bits must be non-empty ints in 1..8, got {bits}")
         object.__setattr__(self, "weight_bits", tuple(sorted(set(bits))))
+        multiple = self.channel_multiple
+        if multiple is None:
+            multiple = default_channel_multiple(self.simd_bits, self.supports_dotprod)
+        elif isinstance(multiple, bool) or not isinstance(multiple, int):
+            raise TypeError(f"channel_multiple must be an int (channels; None: derived from "
+                            f"simd_bits), got {type(multiple).__name__} {multiple!r}")
+        elif not 1 <= multiple <= 64:
+            raise ValueError(f"channel_multiple must be in 1..64 (the granule kept channels are "
+                             f"rounded to; 1: no rounding), got {multiple}")
+        object.__setattr__(self, "channel_multiple", multiple)
 
     @classmethod
     def from_tvm_target(cls, target: Any) -> Capabilities:
@@ -166,9 +205,12 @@ class Capabilities:
         cpu = _cpu_part(target)
         features = codegen.llvm_get_cpu_features(cpu) if cpu is not None else set()
         widths = [bits for feat, bits in _SIMD_FEATURE_BITS.items() if feat in features]
-        return cls(simd_bits=max(widths, default=0),
-                   supports_dotprod=any(f in features for f in _DOTPROD_FEATURES),
-                   supports_i8mm=any(f in features for f in _I8MM_FEATURES))
+        simd = max(widths, default=0)
+        dotprod = any(f in features for f in _DOTPROD_FEATURES)
+        pixel_vectors = dotprod or any(f in features for f in _PIXEL_VECTOR_FEATURES)
+        return cls(simd_bits=simd, supports_dotprod=dotprod,
+                   supports_i8mm=any(f in features for f in _I8MM_FEATURES),
+                   channel_multiple=default_channel_multiple(simd, pixel_vectors))
 
 
 def _cpu_part(target: Any) -> Any:
@@ -272,7 +314,7 @@ class TargetSpec:
             "capabilities": {
                 "simd_bits": caps.simd_bits, "supports_dotprod": caps.supports_dotprod,
                 "supports_i8mm": caps.supports_i8mm, "weight_bits": list(caps.weight_bits),
-                "supports_int8": caps.supports_int8,
+                "supports_int8": caps.supports_int8, "channel_multiple": caps.channel_multiple,
             },
         }
 

@@ -60,10 +60,13 @@ def _arm(mcpu: str, mattr: list[str], caps: Capabilities, name: str, about: str)
 def _builtin_specs() -> list[TargetSpec]:
     return [
         _host_spec(),
-        _arm("cortex-a72", ["+neon"], Capabilities(simd_bits=128), "arm",
+        # channel_multiple 4 (see default_channel_multiple): 128-bit NEON holds 4 int32
+        # accumulators; the sdot kernels take 4-channel words and tile 4 output channels.
+        _arm("cortex-a72", ["+neon"], Capabilities(simd_bits=128, channel_multiple=4), "arm",
              "64-bit Arm Linux, Armv8-a NEON (Cortex-A72 class: Raspberry Pi 4, RK3399)"),
         _arm("cortex-a76", ["+neon", "+dotprod"],
-             Capabilities(simd_bits=128, supports_dotprod=True), "arm-dotprod",
+             Capabilities(simd_bits=128, supports_dotprod=True, channel_multiple=4),
+             "arm-dotprod",
              "64-bit Arm Linux, Armv8.2-a NEON + SDOT/UDOT (Cortex-A76 class: Raspberry Pi 5)"),
     ]
 

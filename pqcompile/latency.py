@@ -1,0 +1,678 @@
+"""Per-layer latency measured on the target, for latency budgets (``Budget(latency_ms=...)``).
+
+:func:`measure_latency` times every conv/linear layer of a problem on the target at the kept
+channel counts the solvers can pick, each as a one-layer program built the way ``compile``
+builds a model: a torch module of the pruned shape, quantized by
+:func:`pqcompile.quant.build_reference` at 8/8 bits, lowered by :func:`pqcompile.lower.lower`
+with the target's integer kernels, scheduled with the target's tuning database where it has
+records (kernels it does not schedule itself), built for the target and
+timed with the Relax VM's ``time_evaluator`` -- in this process for a target this machine runs,
+else over TVM RPC on the board (``rpc="HOST:PORT"``) or on an aarch64/riscv64 server under
+qemu-user here (``rpc="emulator"``: emulated times, a stand-in for a board, not its speed).
+:func:`attach_latency` turns the table into the problem's latency model, which the ``ilp`` and
+``greedy`` solvers bound; ``pqcompile.compile`` does both when the budget sets ``latency_ms``.
+
+What is measured, per layer (``O``/``I``: its kept output channels and input channels per conv
+group, ``O_full``/``I_full`` unpruned):
+
+* ``t(O_full, I_full)``, ``t(o, I_full)`` at every keep level ``o`` of its output group and
+  ``t(O_full, i)`` at every keep level ``i`` of the group feeding it (its producer's): a cross
+  through the unpruned point, ``levels(out) + levels(in) - 1`` one-layer programs;
+* each figure is the fastest of ``repeat`` repeats, each the mean of back-to-back runs (at
+  least ``min_repeat_ms`` long): the figure least disturbed by other load on the machine. It
+  covers the program's whole work: quantizing its float input, the integer layer with bias and
+  requantization, and dequantizing its output (elementwise passes over the layer's input and
+  output, small against its MACs; inside a model the neighbours' requantization does this).
+
+What is modeled:
+
+* off the cross, ``t(o, i) = t(o, I_full) * t(O_full, i) / t(O_full, I_full)``: the input's
+  kept fraction changes the time by the same ratio at every output width (the exact figures
+  on the cross, a product of a function of each group's level elsewhere, which is what the
+  ILP linearizes for the MACs: one binary per pair of levels);
+* a side whose channels come from several groups (a layer reading a concat) gets a straight
+  line through its measured points (every group of that side at its j-th level), in the
+  channel count: linear in each group, as the MACs are;
+* bits do not change latency (sub-8-bit weights run as int8 after unpacking); the model's
+  other nodes (pooling, adds, activations) are left out: ``latency_ms`` bounds the summed
+  conv/linear layers, and a ratio budget (``"2x"``) is against the table's unpruned total.
+
+Measured latency need not fall with every level (tiles, vector remainders): the tables keep it
+as measured, and the ILP picks among the real figures.
+
+Figures are cached per target in ``latency.json`` next to the tuning database
+(:func:`pqcompile.tuning.database_dir`: ``$PQCOMPILE_TUNING_DIR`` or
+``~/.cache/pqcompile/tuning/<target>``), keyed by the device that ran them, a fingerprint of the
+lowering and quantization code (as this process read it), TVM's version and the tuning records,
+and the one-layer program's shape: a shape is measured once, by any model that has it, until
+the kernels change.
+
+>>> import torch
+>>> from torch import nn
+>>> from pqcompile.build import analysis
+>>> from pqcompile.budget import Budget
+>>> from pqcompile.solvers import build_problem, get_solver
+>>> gm = analysis(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(),
+...               (torch.randn(1, 3, 8, 8),))
+>>> problem = build_problem(gm, None, None, keep_levels=(1.0, 0.5))
+>>> table = measure_latency(problem, gm, "host", repeat=2, min_repeat_ms=1, cache=False)
+>>> sorted(table.layers["_0"].points)  # (kept out, kept in) measured for the first conv
+[(4, 3), (8, 3)]
+>>> timed = attach_latency(problem, table)
+>>> s = get_solver("ilp").solve(timed, Budget(latency_ms="1x"))
+>>> s.costs["latency_ms"] <= timed.reference["latency_ms"] * (1 + 1e-9)
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError, PQCompileError
+from .targets import TargetSpec, get_target, host_arch
+
+__all__ = ["CACHE_FILE", "LatencyError", "LatencyTable", "LayerTable", "attach_latency",
+           "cache_path", "check_where", "layer_points", "measure_latency"]
+
+FORMAT_VERSION = 1
+CACHE_FILE = "latency.json"
+EMULATOR = "emulator"
+_ROOT = Path(__file__).resolve().parent
+
+
+class LatencyError(PQCompileError, RuntimeError):
+    """Measuring a latency table failed, or a table does not fit the problem it is attached
+    to; the message names the layer and what to do."""
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """One layer's measured figures: ``points[(kept out, kept in)]`` in ms (``in``: input
+    channels per conv group), ``full`` the unpruned pair, ``shape`` the unpruned one-layer
+    program (its cache key)."""
+
+    shape: str
+    full: tuple[int, int]
+    points: Mapping[tuple[int, int], float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "full", tuple(int(c) for c in self.full))
+        points = {(int(o), int(i)): float(ms) for (o, i), ms in dict(self.points).items()}
+        bad = {k: v for k, v in points.items() if not math.isfinite(v) or v <= 0}
+        if bad:
+            raise ValueError(f"layer {self.shape!r}: latencies must be positive milliseconds, "
+                             f"got {bad}")
+        if self.full not in points:
+            raise ValueError(f"layer {self.shape!r}: the unpruned point {self.full} is missing")
+        object.__setattr__(self, "points", points)
+
+    @property
+    def unpruned_ms(self) -> float:
+        return self.points[self.full]
+
+
+@dataclass
+class LatencyTable:
+    """Measured per-layer latencies of one model on one target (see the module docstring).
+
+    ``device`` says what ran them (``local``, ``emulator qemu-aarch64``, ``rpc <board>``);
+    :meth:`save`/:meth:`load` keep a table as JSON to reuse with ``compile(latency_table=)``.
+    """
+
+    target: str
+    device: str
+    layers: dict[str, LayerTable] = field(default_factory=dict)
+    seconds: float = 0.0  # spent measuring (0 when every figure came from the cache)
+    measured: int = 0  # one-layer programs timed now; the rest came from the cache
+
+    @property
+    def unpruned_ms(self) -> float:
+        """The layers' summed latency with every channel kept: what ``"Nx"`` divides."""
+        return sum(t.unpruned_ms for t in self.layers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "target": self.target, "device": self.device,
+                "layers": {name: {"shape": t.shape, "full": list(t.full),
+                                  "points": [[o, i, ms] for (o, i), ms in
+                                             sorted(t.points.items(), reverse=True)]}
+                           for name, t in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        if data.get("format") != FORMAT_VERSION:
+            raise LatencyError(f"latency table format is {data.get('format')!r}; this pqcompile "
+                               f"reads format {FORMAT_VERSION}: measure it again")
+        layers = {name: LayerTable(d["shape"], tuple(d["full"]),
+                                   {(o, i): ms for o, i, ms in d["points"]})
+                  for name, d in data["layers"].items()}
+        return cls(str(data["target"]), str(data["device"]), layers)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LatencyError(f"cannot read a latency table from {path}: {err}; write one with "
+                               "LatencyTable.save") from None
+
+    def summary(self) -> str:
+        """One line per layer: its unpruned figure and the range over its points."""
+        lines = [f"latency table for {self.target} on {self.device}: "
+                 f"{self.unpruned_ms:.4g} ms unpruned over {len(self.layers)} layers"]
+        for name, t in self.layers.items():
+            ms = sorted(t.points.values())
+            lines.append(f"  {name}: {t.unpruned_ms:.4g} ms at {t.full[0]} out x {t.full[1]} "
+                         f"in; {ms[0]:.4g}..{ms[-1]:.4g} ms over {len(ms)} points")
+        return "\n".join(lines)
+
+
+# --- which points ---------------------------------------------------------------------------
+
+
+def _side_states(problem: Any, affine: Any) -> list[dict[int, int]]:
+    """Kept counts stepping a side's groups down together: every group at its j-th level."""
+    groups = {g.id: g for g in problem.groups}
+    ids = [g for g, _ in affine.terms]
+    if not ids:
+        return []
+    depth = max(len(groups[g].levels) for g in ids)
+    return [{g: groups[g].levels[min(j, len(groups[g].levels) - 1)] for g in ids}
+            for j in range(depth)]
+
+
+def layer_points(problem: Any, index: int) -> list[tuple[int, int]]:
+    """The ``(kept out, kept in)`` pairs measured for ``problem.layers[index]``: the cross
+    through the unpruned point (module docstring), unpruned first."""
+    layer = problem.layers[index]
+    full = {g.id: g.size for g in problem.groups}
+    o_full, i_full = layer.out_channels.value(full), layer.in_channels.value(full)
+    points = [(o_full, i_full)]
+    for kept in _side_states(problem, layer.out_channels):
+        points.append((layer.out_channels.value(full | kept), i_full))
+    for kept in _side_states(problem, layer.in_channels):
+        points.append((o_full, layer.in_channels.value(full | kept)))
+    return list(dict.fromkeys(points))
+
+
+# --- one-layer programs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What a layer's one-layer program needs besides its channel counts."""
+
+    kind: str  # "conv2d" | "linear"
+    input_shape: tuple[int, ...]
+    channel_dim: int
+    bias: bool
+    # kernel, stride, padding, dilation, groups, padding_mode, depthwise, depth multiplier
+    conv: tuple = ()
+
+    def program(self, out: int, inp: int) -> tuple[str, Any, tuple[int, ...]]:
+        """``(key, module, input shape)`` of the program with ``out`` output channels and
+        ``inp`` input channels per conv group."""
+        from torch import nn
+
+        shape = list(self.input_shape)
+        if self.kind == "linear":
+            shape[-1] = inp
+            module: Any = nn.Linear(inp, out, bias=self.bias)
+            key = f"linear x={'x'.join(map(str, shape))} o={out} b={int(self.bias)}"
+            return key, module, tuple(shape)
+        kernel, stride, padding, dilation, groups, mode, depthwise, multiplier = self.conv
+        if depthwise:  # in == groups: pruning removes whole conv groups (in and out together)
+            groups = cin = max(1, out // multiplier)
+            out = groups * multiplier
+        else:
+            out = -(-out // groups) * groups  # a grouped conv's outputs split over its groups
+            cin = inp * groups
+        shape[self.channel_dim] = cin
+        module = nn.Conv2d(cin, out, kernel, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, bias=self.bias, padding_mode=mode)
+        key = (f"conv2d x={'x'.join(map(str, shape))} o={out} k={_fmt(kernel)} "
+               f"s={_fmt(stride)} p={_fmt(padding)} d={_fmt(dilation)} g={groups} "
+               f"b={int(self.bias)} m={mode}")
+        return key, module, tuple(shape)
+
+
+def _fmt(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _geometry(gm: Any, name: str) -> _Geometry:
+    from torch import nn
+
+    from .meta import SHAPE
+
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None or node.op != "call_module":
+        raise LatencyError(f"layer {name!r} of the problem is not a module call in the graph: "
+                           "pass the analyzed graph the problem was built from")
+    m = gm.get_submodule(node.target)
+    src = node.args[0]
+    found = SHAPE.find(src) if hasattr(src, "op") else None
+    if found is None:
+        raise LatencyError(f"layer {name!r}: its input has no shape annotation; pass the "
+                           "analyzed graph (pqcompile.build.analysis) the problem was built from")
+    shape = tuple(int(d) for d in found.shape)
+    bias = getattr(m, "bias", None) is not None
+    if isinstance(m, nn.Linear):
+        return _Geometry("linear", shape, len(shape) - 1, bias)
+    if isinstance(m, nn.Conv2d):
+        depthwise = m.groups > 1 and m.in_channels == m.groups
+        return _Geometry("conv2d", shape, 1, bias,
+                         (tuple(m.kernel_size), tuple(m.stride),
+                          m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                          tuple(m.dilation), m.groups, m.padding_mode, depthwise,
+                          m.out_channels // m.in_channels if depthwise else 1))
+    raise LatencyError(f"layer {name!r} is a {type(m).__name__}; latency tables cover "
+                       "Conv2d and Linear layers")
+
+
+def _lowered(module: Any, shape: tuple[int, ...], spec: TargetSpec
+             ) -> tuple[Any, dict, np.ndarray]:
+    """The one-layer program as ``compile`` lowers a model: traced, quantized at 8/8 bits
+    (calibrated on its own input), lowered to integer Relax with the target's kernels."""
+    import torch
+
+    from .assignment import Assignment
+    from .frontend import trace
+    from .lower import lower
+    from .presets import compute_layers
+    from .quant import build_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    gm = trace(module.eval(), (x,))
+    reference = build_reference(gm, Assignment.uniform(compute_layers(gm), 8, 8), [x])
+    mod, params, _ = lower(reference, target=spec)
+    return mod, params, x.numpy()
+
+
+def _library(mod: Any, params: Mapping[str, np.ndarray], spec: TargetSpec) -> bytes:
+    """The program's shared library for ``spec``, built by :meth:`Artifact.build
+    <pqcompile.artifact.Artifact.build>` as ``compile`` builds a model (the target's tuning
+    records applied, its build pipeline, linked by its toolchain)."""
+    from .artifact import LIBRARY, Artifact
+
+    return Artifact.build(mod, params, spec)._files[LIBRARY]
+
+
+# --- where the programs run -----------------------------------------------------------------
+
+
+class _Local:
+    """Runs programs in this process on this machine's CPU."""
+
+    def __init__(self) -> None:
+        self.device = "local"
+
+    def time(self, library: bytes, spec: TargetSpec, args: list[np.ndarray],
+             timing: dict[str, Any]) -> list[float]:
+        import tvm
+        from tvm import relax
+
+        with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
+            path = Path(tmp, "lib.so")
+            path.write_bytes(library)
+            lib = tvm.runtime.load_module(str(path))  # mapped: the file may go
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(lib, dev)
+        return _time_vm(vm, dev, [tvm.runtime.tensor(a, device=dev) for a in args], timing)
+
+    def close(self) -> None:
+        pass
+
+
+class _Remote:
+    """Runs programs on a TVM RPC server (a board, or a qemu-user server here); every remote
+    object is dropped on :meth:`close`, so the server is free for the next session."""
+
+    def __init__(self, address: Any, spec: TargetSpec, key: str, session_timeout: float,
+                 connect_timeout: float, device: str | None) -> None:
+        from .deploy import _check_arch, _connect, _remote_info
+
+        self.address = address
+        self.remote = _connect(address, key, session_timeout, connect_timeout)
+        info = _remote_info(self.remote)
+        if info is not None:
+            _check_arch(info, spec.arch, spec.name, address)
+        board = f"{info.get('node')} {info.get('machine')}" if info else str(address)
+        self.device = device or f"rpc {board}"
+        self.count = 0
+
+    def time(self, library: bytes, spec: TargetSpec, args: list[np.ndarray],
+             timing: dict[str, Any]) -> list[float]:
+        from tvm import relax
+        from tvm.runtime import tensor
+
+        from .deploy import _first_line
+
+        self.count += 1
+        name = f"pqcompile_latency_{os.getpid()}_{self.count}.so"  # a fresh dlopen each time
+        try:
+            self.remote.upload(bytearray(library), name)
+            lib = self.remote.load_module(name)
+        except Exception as err:  # noqa: BLE001 (TVM raises many types; re-raised)
+            raise LatencyError(f"the RPC server at {self.address} cannot load a program "
+                               f"built for {spec.name!r}: {_first_line(err)}") from None
+        dev = self.remote.cpu()
+        vm = relax.VirtualMachine(lib, dev)
+        return _time_vm(vm, dev, [tensor(a, device=dev) for a in args], timing)
+
+    def close(self) -> None:
+        self.remote = None
+        gc.collect()
+
+
+def _time_vm(vm: Any, dev: Any, args: list, timing: Mapping[str, Any]) -> list[float]:
+    """Milliseconds per repeat of ``main`` after one warm-up run."""
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    timer = vm.time_evaluator("invoke_stateful", dev, number=timing["number"],
+                              repeat=timing["repeat"], min_repeat_ms=timing["min_repeat_ms"])
+    return [float(t) * 1e3 for t in timer("main").results]
+
+
+def _parse_rpc(rpc: Any) -> Any:
+    from .deploy import ServerAddress, parse_address
+
+    if isinstance(rpc, ServerAddress):
+        return rpc
+    if isinstance(rpc, tuple) and len(rpc) == 2:
+        return ServerAddress(str(rpc[0]), int(rpc[1]))
+    if isinstance(rpc, str):
+        return parse_address(rpc)
+    raise OptionError(f"rpc must be 'HOST:PORT' (a TVM RPC server on the board), "
+                      f"'{EMULATOR}' or None, got {rpc!r}")
+
+
+def check_where(target: Any, rpc: Any, what: str = "rpc") -> None:
+    """Fail early, naming ``what``, when a table for ``target`` cannot be measured with
+    ``rpc`` (a non-native target needs a server; a malformed address)."""
+    spec = get_target(target)
+    flag = " (--latency-rpc on the command line)" if what == "latency_rpc" else ""
+    if rpc is None:
+        if spec.arch != host_arch():
+            raise OptionError(
+                f"target {spec.name!r} runs on {spec.arch} and this machine is {host_arch()}: "
+                f"its latency table is measured there. Give {what}='HOST:PORT'{flag} of a TVM "
+                f"RPC server on the board (`python -m pqcompile.rpc_server --port 9090` there), "
+                f"or {what}='{EMULATOR}' to time it under {spec.emulator or 'qemu-user'} here "
+                f"(emulated times: a stand-in, not the board's speed)")
+        return
+    if rpc == EMULATOR:
+        if spec.arch == host_arch():
+            raise OptionError(f"{what}='{EMULATOR}' runs another architecture under qemu-user; "
+                              f"target {spec.name!r} is this machine's ({spec.arch}): give "
+                              f"{what}=None to time it here")
+        return
+    _parse_rpc(rpc)
+
+
+@contextmanager
+def _runner(spec: TargetSpec, rpc: Any, key: str, session_timeout: float,
+            connect_timeout: float) -> Iterator[Any]:
+    if rpc is None:
+        yield _Local()
+        return
+    if rpc == EMULATOR:
+        from .rpc_local import local_server
+
+        with local_server(spec.arch) as address:
+            runner = _Remote(address, spec, key, session_timeout, connect_timeout,
+                             f"emulator {spec.emulator or 'qemu-' + spec.arch}")
+            try:
+                yield runner
+            finally:
+                runner.close()
+        return
+    runner = _Remote(_parse_rpc(rpc), spec, key, session_timeout, connect_timeout, None)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def cache_path(target: Any, directory: str | os.PathLike | None = None) -> Path:
+    """Where ``target``'s figures are cached: ``latency.json`` in ``directory``, by default its
+    tuning database folder (:func:`pqcompile.tuning.database_dir`)."""
+    from .tuning import database_dir
+
+    return database_dir(target, directory) / CACHE_FILE
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """The lowering and quantization code and TVM's version, read once per process: the code
+    this process builds with (an edit made after it started applies to the next one)."""
+    import tvm
+
+    digest = hashlib.sha256(f"tvm {tvm.__version__}".encode())
+    for sub in ("lower", "quant"):
+        for path in sorted((_ROOT / sub).glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(spec: TargetSpec) -> str:
+    """What the figures depend on besides the shape: the code (:func:`_code_fingerprint`) and
+    the tuning records the build applies (the target's database)."""
+    from .tuning import database_dir
+
+    digest = hashlib.sha256(_code_fingerprint().encode())
+    records = database_dir(spec) / "records.json"
+    if records.exists():
+        st = records.stat()
+        digest.update(f"records {st.st_size} {st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache(path: Path, new: Mapping[str, Any]) -> None:
+    """Merge ``new`` into the file (re-read first: another process may have added some)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {**_read_cache(path), **new}
+    fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": FORMAT_VERSION, "entries": entries}, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host", *,
+                    rpc: Any = None, key: str = "", repeat: int = 10, number: int = 1,
+                    min_repeat_ms: float = 20.0, directory: str | os.PathLike | None = None,
+                    cache: bool = True, progress: bool = False,
+                    session_timeout: float = 600.0, connect_timeout: float = 10.0
+                    ) -> LatencyTable:
+    """The latency table of ``problem``'s layers on ``target`` (module docstring).
+
+    ``graph``: the analyzed graph the problem was built from (shapes and modules).
+    ``rpc``: ``None`` times in this process (a target of this machine's architecture);
+    ``"HOST:PORT"`` on a TVM RPC server (a board: ``python -m pqcompile.rpc_server`` there;
+    ``key`` its key); ``"emulator"`` on a server started here under qemu-user. Each figure is
+    the fastest of ``repeat`` repeats of ``number`` runs (raised until a repeat lasts
+    ``min_repeat_ms``). ``directory``: where ``latency.json`` caches the figures (default:
+    the target's tuning database folder, :func:`pqcompile.tuning.database_dir`);
+    ``cache=False`` neither reads nor writes it.
+    """
+    from .deploy import _first_line
+    from .progress import Progress
+
+    spec = get_target(target)
+    check_where(spec, rpc)
+    for name, value in (("repeat", repeat), ("number", number)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(min_repeat_ms, bool) or not isinstance(min_repeat_ms, (int, float)) \
+            or not min_repeat_ms >= 0:
+        raise OptionError(f"min_repeat_ms must be a number >= 0, got {min_repeat_ms!r}")
+    timing = {"repeat": repeat, "number": number, "min_repeat_ms": int(math.ceil(min_repeat_ms))}
+    plans: dict[str, tuple[str, list[tuple[tuple[int, int], str]]]] = {}
+    programs: dict[str, tuple[Any, tuple[int, ...]]] = {}
+    for index, layer in enumerate(problem.layers):
+        geometry = _geometry(graph, layer.name)
+        pairs = []
+        for point in layer_points(problem, index):
+            shape_key, module, shape = geometry.program(*point)
+            programs.setdefault(shape_key, (module, shape))
+            pairs.append((point, shape_key))
+        plans[layer.name] = (pairs[0][1], pairs)
+    path = cache_path(spec, directory)
+    start = time.perf_counter()
+    with _runner(spec, rpc, key, session_timeout, connect_timeout) as runner:
+        prefix = f"{runner.device}|{_fingerprint(spec)}|"
+        known = _read_cache(path) if cache else {}
+        figures = {k: float(known[prefix + k]["ms"]) for k in programs
+                   if isinstance(known.get(prefix + k), dict) and "ms" in known[prefix + k]}
+        todo = [k for k in programs if k not in figures]
+        bar = Progress(len(todo), "latency", enabled=progress and bool(todo))
+        new: dict[str, Any] = {}
+        for step, shape_key in enumerate(todo, 1):
+            module, shape = programs[shape_key]
+            mod, params, x = _lowered(module, shape, spec)
+            library = _library(mod, params, spec)
+            args = [x] + [np.ascontiguousarray(p) for p in params.values()]
+            failure = None
+            try:
+                repeats = runner.time(library, spec, args, timing)
+            except LatencyError as err:
+                failure = str(err)
+            except Exception as err:  # noqa: BLE001 (TVM raises many types; re-raised)
+                failure = (f"timing the one-layer program {shape_key!r} on {runner.device} "
+                           f"failed: {_first_line(err)}")
+            if failure is not None:  # raised here: no remote object stays in a traceback
+                raise LatencyError(failure)
+            figures[shape_key] = min(repeats)
+            new[prefix + shape_key] = {"ms": min(repeats), "repeats_ms": repeats,
+                                       "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            bar.update(step, ms=min(repeats))
+        device = runner.device
+    if new and cache:
+        _write_cache(path, new)
+    layers = {name: LayerTable(shape_key, pairs[0][0],
+                               {point: figures[k] for point, k in pairs})
+              for name, (shape_key, pairs) in plans.items()}
+    return LatencyTable(spec.name, device, layers,
+                        seconds=time.perf_counter() - start if new else 0.0, measured=len(new))
+
+
+# --- the table as the problem's latency model -----------------------------------------------
+
+
+def _side_pieces(problem: Any, affine: Any, lookup: Any, what: str
+                 ) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """One side of a layer (output or input channels) as pieces ``(groups, values)`` over at
+    most one group each, summing to its measured figure at each level (module docstring)."""
+    groups = {g.id: g for g in problem.groups}
+    full = {g.id: g.size for g in problem.groups}
+    if not affine.terms:
+        return [((), np.array([lookup(affine.value(full))]))]
+    if len(affine.terms) == 1:
+        g, per = affine.terms[0]
+        return [((g,), np.array([lookup(affine.const + per * lv) for lv in groups[g].levels]))]
+    xs = [affine.value(full | kept) for kept in _side_states(problem, affine)]
+    ys = [lookup(x) for x in xs]
+    if len(set(xs)) < 2:
+        raise LatencyError(f"{what}: too few distinct channel counts to fit a line")
+    slope, intercept = np.polyfit(np.array(xs, float), np.array(ys, float), 1)
+    pieces = [((), np.array([intercept + slope * affine.const]))]
+    pieces += [((g,), slope * per * np.array(groups[g].levels, float)) for g, per in affine.terms]
+    return pieces
+
+
+def _product(a: tuple[tuple[int, ...], np.ndarray], b: tuple[tuple[int, ...], np.ndarray]
+             ) -> tuple[tuple[int, ...], np.ndarray]:
+    (ga, va), (gb, vb) = a, b
+    if not ga or not gb or ga == gb:
+        groups = ga or gb
+        return groups, (va * vb).reshape(-1)
+    grid = np.outer(va, vb)  # rows: ga's levels, columns: gb's
+    if ga[0] > gb[0]:
+        return gb + ga, grid.T.reshape(-1)
+    return ga + gb, grid.reshape(-1)
+
+
+def attach_latency(problem: Any, table: LatencyTable) -> Any:
+    """``problem`` with the latency model of ``table`` (measured for this problem's layers and
+    levels by :func:`measure_latency`), and ``reference["latency_ms"]`` its unpruned total.
+
+    Raises :class:`LatencyError` naming the layer when the table lacks a layer or a level
+    (measured for another model, other keep levels or another ``multiple``).
+    """
+    from .solvers.problem import LatencyModel, LatencyTerm, with_latency_model
+
+    if not isinstance(table, LatencyTable):
+        raise TypeError(f"a latency table is a pqcompile.latency.LatencyTable, got "
+                        f"{type(table).__name__}")
+    full = {g.id: g.size for g in problem.groups}
+    model = []
+    for layer in problem.layers:
+        entry = table.layers.get(layer.name)
+        hint = (f"measure the table for this problem: measure_latency(problem, graph, "
+                f"{table.target!r})")
+        if entry is None:
+            raise LatencyError(f"the latency table has no layer {layer.name!r} (it has "
+                               f"{sorted(table.layers)[:4]}...): {hint}")
+        o_full, i_full = layer.out_channels.value(full), layer.in_channels.value(full)
+        if entry.full != (o_full, i_full):
+            raise LatencyError(f"layer {layer.name!r}: the table was measured at {entry.full} "
+                               f"(out, in) channels, the problem has {(o_full, i_full)}: {hint}")
+
+        def lookup(point: tuple[int, int], name: str = layer.name,
+                   points: Mapping = entry.points) -> float:
+            if point not in points:
+                raise LatencyError(f"layer {name!r}: the latency table lacks {point[0]} out x "
+                                   f"{point[1]} in channels (other keep levels or multiple?): "
+                                   f"{hint}")
+            return points[point]
+
+        t_full = entry.unpruned_ms
+        outs = _side_pieces(problem, layer.out_channels, lambda o: lookup((o, i_full)),
+                            f"layer {layer.name!r} output")
+        ins = _side_pieces(problem, layer.in_channels, lambda i: lookup((o_full, i)),
+                           f"layer {layer.name!r} input")
+        merged: dict[tuple[int, ...], np.ndarray] = {}
+        for a in outs:
+            for b in ins:
+                groups, values = _product(a, b)
+                merged[groups] = merged.get(groups, 0) + values / t_full
+        model.append(tuple(LatencyTerm(g, tuple(float(v) for v in values))
+                           for g, values in sorted(merged.items())))
+    return with_latency_model(problem, LatencyModel(tuple(model),
+                                                    f"{table.target} on {table.device}"))
