@@ -101,6 +101,7 @@ class Artifact:
         import tvm_ffi
 
         from . import __version__  # here: pqcompile/__init__ may import this module first
+        from .lower.build import pipeline
 
         spec = get_target(target)
         if not isinstance(mod, tvm.IRModule):
@@ -130,7 +131,7 @@ class Artifact:
             from .tuning import apply
 
             mod, scheduled = apply(mod, spec)
-        executable = tvm.compile(mod, target=tvm_target)
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
         with tempfile.TemporaryDirectory(prefix="pqcompile-export-") as tmp:
             library = spec.export(executable, Path(tmp) / LIBRARY).read_bytes()
         weights, param_entries = pack_arrays(list(params.items()))

@@ -97,11 +97,15 @@ def _database(path: Path) -> Any:
 
 
 def _legalized(mod: Any, tvm_target: Any) -> Any:
+    """Legalized and fused as the build does it (:func:`pqcompile.lower.build.legalize`:
+    kernels marked ``tirx.is_scheduled`` stay out of fusion, unchanged)."""
     from tvm import relax
+
+    from .lower.build import legalize
 
     with tvm_target:
         mod = relax.transform.DecomposeOpsForInference()(mod)
-        return relax.get_pipeline("zero")(mod)
+    return legalize(mod, tvm_target)
 
 
 def _has_record(db: Any, task: Any, tvm_target: Any) -> bool:
@@ -129,7 +133,9 @@ def tune(mod: Any, target: str | TargetSpec, *, trials: int,
     report = TuningReport(spec.name, str(path))
     t0 = time.perf_counter()
     db = _database(path)
-    tasks = extract_tasks(_legalized(mod, tvm_target), tvm_target)
+    # kernels scheduled already (hand-written ones) are not tasks: they stay as they are
+    tasks = [t for t in extract_tasks(_legalized(mod, tvm_target), tvm_target)
+             if not _is_scheduled(t.dispatched[0]["main"])]
     missing = [t for t in tasks if not _has_record(db, t, tvm_target)]
     report.tasks, report.reused = len(tasks), len(tasks) - len(missing)
     if missing and trials > 0:
@@ -163,9 +169,15 @@ def apply(mod: Any, target: str | TargetSpec,
     tvm_target = spec.tvm_target()
     db = _database(path)
     legal = _legalized(mod, tvm_target)
+    before = {gv.name_hint for gv, f in legal.functions_items() if _is_scheduled(f)}
     with tvm_target, db:
         scheduled = relax.transform.MetaScheduleApplyDatabase()(legal)
-    count = sum(1 for _, f in scheduled.functions.items()
-                if getattr(f, "attrs", None) is not None and "tirx.is_scheduled" in f.attrs
-                and bool(f.attrs["tirx.is_scheduled"]))
+    count = sum(1 for gv, f in scheduled.functions_items()
+                if _is_scheduled(f) and gv.name_hint not in before)
     return scheduled, count
+
+
+def _is_scheduled(func: Any) -> bool:
+    from .lower.schedule import is_scheduled
+
+    return is_scheduled(func)

@@ -29,8 +29,12 @@ from typing import Any
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
 
 from ..targets import TargetSpec, get_target
+from .schedule import ScheduleReport, is_scheduled, schedule_cpu
+
+_OPAQUE = 8  # relax op_pattern kOpaque: FuseOps fuses nothing with such a call
 
 
 def resolve_target(target: Any = "host") -> tvm.target.Target:
@@ -45,9 +49,55 @@ def resolve_target(target: Any = "host") -> tvm.target.Target:
                     f"dict or a tvm.target.Target, got {type(target).__name__}")
 
 
-def build(mod: tvm.IRModule, target: Any = "host", *, opt_level: int | None = None
+def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """TVM's CPU legalization (LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps,
+    FuseTIR) with every TIR function marked ``tirx.is_scheduled`` (hand-written kernels,
+    MetaSchedule records) kept out of fusion and left exactly as it was.
+
+    Unprotected, FuseOps would merge such a kernel with its neighbours into a new, unscheduled
+    function. Running it again on its own output changes nothing that matters (``tuning.apply``
+    returns a legalized program, which the build legalizes again).
+    """
+    kept = {gv.name_hint: f for gv, f in mod.functions_items() if is_scheduled(f)}
+    if kept:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for name, func in kept.items():
+            mod[mod.get_global_var(name)] = func.with_attr("op_pattern", _OPAQUE)
+    with target:
+        mod = tvm.transform.Sequential(cpu_passes.legalize_passes(target))(mod)
+    present = {gv.name_hint for gv in mod.get_global_vars()}
+    for name, func in kept.items():
+        if name in present:
+            mod[mod.get_global_var(name)] = func
+    return mod
+
+
+def pipeline(target: tvm.target.Target, *, schedule: bool = True,
+             report: ScheduleReport | None = None) -> tvm.transform.Pass:
+    """The Relax pipeline of every pqcompile build (``tvm.compile(..., relax_pipeline=)``):
+    TVM's library dispatch, :func:`legalize`, the rule-based CPU schedules of
+    :func:`pqcompile.lower.schedule.schedule_cpu` for the functions nothing scheduled
+    (``schedule=False``: none; ``report`` says what it did), then TVM's dataflow lowering and
+    finalization passes."""
+
+    @tvm.transform.module_pass(opt_level=0, name="pqcompile.Pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(cpu_passes.library_dispatch_passes(target))(mod)
+            mod = legalize(mod, target)
+            if schedule:
+                mod = schedule_cpu(mod, target, report=report)
+            return tvm.transform.Sequential(cpu_passes.dataflow_lower_passes(target)
+                                            + cpu_passes.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
+def build(mod: tvm.IRModule, target: Any = "host", *, opt_level: int | None = None,
+          schedule: bool = True, report: ScheduleReport | None = None
           ) -> relax.VMExecutable:
-    """Compile ``mod`` with TVM's default Relax pipeline (untuned) for ``target``.
+    """Compile ``mod`` for ``target`` with :func:`pipeline` (untuned kernels get the rule-based
+    CPU schedules; ``schedule=False`` leaves them as TVM's legalization wrote them).
 
     ``opt_level`` (0..3) overrides LLVM's optimization level: 0 cuts code generation ~5x
     (e.g. mobilenet_v2 at 64x64: ~24 s -> ~5 s) for programs that run a few times, such as
@@ -60,7 +110,7 @@ def build(mod: tvm.IRModule, target: Any = "host", *, opt_level: int | None = No
         config = dict(tgt.export())
         config["opt-level"] = opt_level
         tgt = tvm.target.Target({k: v for k, v in config.items() if k != "tag" or v})
-    return tvm.compile(mod, tgt)
+    return tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, schedule=schedule, report=report))
 
 
 def _tensors(arrays: Sequence[Any]) -> list:
