@@ -194,6 +194,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     pad_value = off                         # a zero input, offset
     grid = QB * NR * L
     direct = Wq == OW  # 1x1 convs: no junk columns
+    _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off)
     _dot = _dot_macro(isa)
     _store = _requant_macro(out_dt, lo, hi)
 
@@ -201,6 +202,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d.pack"})
         with T.sblock("root"):
+            Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
             # padded, channel-interleaved, phase-split copy of the input, row by row: pad
             # rows and pad columns filled apart so the interior copy has no bounds checks
             # (LLVM vectorizes it, the D channels of a word interleaved by shuffles)
@@ -215,13 +217,12 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
                     for e in range((W + PW - pci // (CB * Hq) % s + s - 1) // s * D, Wq * D):
                         Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
                     if (pci % (CB * Hq) // Hq) * D + D <= C:
-                        for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
-                                       (W + PW - pci // (CB * Hq) % s + s - 1) // s):
-                            for t in T.unroll(D):
-                                Xc[(pci * Wq + j) * D + t] = T.Cast(pdt, T.Cast("int32", X[
-                                    0, (pci % (CB * Hq) // Hq) * D + t,
-                                    (pci % Hq) * s + pci // (CB * Hq) // s - PH,
-                                    j * s + pci // (CB * Hq) % s - PW]) + off)
+                        _row(Xc, Xf, pci * Wq * D,
+                             (((pci % (CB * Hq) // Hq) * D) * H
+                              + (pci % Hq) * s + pci // (CB * Hq) // s - PH) * W
+                             + pci // (CB * Hq) % s - PW,
+                             (PW - pci // (CB * Hq) % s + s - 1) // s,
+                             (W + PW - pci // (CB * Hq) % s + s - 1) // s)
                     else:
                         for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
                                        (W + PW - pci // (CB * Hq) % s + s - 1) // s):
@@ -291,6 +292,58 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
                                                             + ow]
 
     return pack, kernel, scratch * D
+
+
+def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: int):
+    """Copy one input row's columns ``jlo..jhi`` (every ``s``-th source byte, ``D`` channels
+    ``chan`` apart interleaved into words) to ``Xc[dst + j * D ...]``, adding ``off`` (as a
+    byte xor): 16 columns a step with vector loads and one shuffle, the rest one by one."""
+    from tvm.script import tirx as T
+
+    CH = 16
+    src_lanes = f"{in_dt}x{CH * s}"
+    idx = [t * CH * s + j * s for j in range(CH) for t in range(D)]
+    flip = T.broadcast(T.uint8(128), CH * D) if off else None
+
+    def fix(v):  # in_dt bytes -> pdt bytes with the offset: a xor of the sign bit
+        if not off:
+            return v
+        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CH * D}"), flip),
+                             dtype=f"{pdt}x{CH * D}")
+
+    if D == 1:
+        @T.macro
+        def row(Xc, Xf, dst, src, jlo, jhi):
+            for jc in range((jhi - jlo) // CH):
+                if src + (jlo + jc * CH + CH) * s <= size:
+                    Xc[T.ramp(dst + jlo + jc * CH, 1, CH)] = fix(T.Shuffle(
+                        [Xf.vload([src + (jlo + jc * CH) * s], src_lanes)], idx))
+                else:
+                    for j in range(CH):
+                        Xc[dst + jlo + jc * CH + j] = T.Cast(pdt, T.Cast(
+                            "int32", Xf[src + (jlo + jc * CH + j) * s]) + off)
+            for j in range(jlo + (jhi - jlo) // CH * CH, jhi):
+                Xc[dst + j] = T.Cast(pdt, T.Cast("int32", Xf[src + j * s]) + off)
+    else:
+        @T.macro
+        def row(Xc, Xf, dst, src, jlo, jhi):
+            for jc in range((jhi - jlo) // CH):
+                if src + 3 * chan + (jlo + jc * CH + CH) * s <= size:
+                    Xc[T.ramp(dst + (jlo + jc * CH) * 4, 1, CH * 4)] = fix(T.Shuffle(
+                        [Xf.vload([src + (jlo + jc * CH) * s], src_lanes),
+                         Xf.vload([src + chan + (jlo + jc * CH) * s], src_lanes),
+                         Xf.vload([src + 2 * chan + (jlo + jc * CH) * s], src_lanes),
+                         Xf.vload([src + 3 * chan + (jlo + jc * CH) * s], src_lanes)], idx))
+                else:
+                    for j in range(CH):
+                        for t in T.unroll(4):
+                            Xc[dst + (jlo + jc * CH + j) * 4 + t] = T.Cast(pdt, T.Cast(
+                                "int32", Xf[src + t * chan + (jlo + jc * CH + j) * s]) + off)
+            for j in range(jlo + (jhi - jlo) // CH * CH, jhi):
+                for t in T.unroll(4):
+                    Xc[dst + j * 4 + t] = T.Cast(pdt, T.Cast(
+                        "int32", Xf[src + t * chan + j * s]) + off)
+    return row
 
 
 def _requant_macro(out_dt: str, lo: int, hi: int):
