@@ -62,6 +62,19 @@ LIBRARY, WEIGHTS, SAMPLE, RUNNER = "lib.so", "weights.bin", "sample.bin", "runne
 _RUNNER_SOURCE = Path(runner.__file__)
 
 
+def use_all_cores() -> None:
+    """Size TVM's thread pool to the CPUs this process may use, unless ``TVM_NUM_THREADS`` says
+    otherwise. TVM's default on x86 is half the hardware threads (it assumes hyper-threading),
+    which leaves half the cores idle on machines without it; the pool reads the variable when
+    it starts (the first parallel kernel run in the process)."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(cores)
+
+
 class Artifact:
     """A model compiled for one target. Make one with :meth:`build` or :meth:`load`.
 
@@ -247,6 +260,7 @@ class Artifact:
         if self._vm is None:
             import tvm
 
+            use_all_cores()
             with tempfile.TemporaryDirectory(prefix="pqcompile-lib-") as tmp:
                 lib_path = Path(tmp) / LIBRARY
                 lib_path.write_bytes(self._files[LIBRARY])

@@ -331,6 +331,9 @@ class _Local:
         import tvm
         from tvm import relax
 
+        from .artifact import use_all_cores
+
+        use_all_cores()  # the thread count the artifacts run with
         with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
             path = Path(tmp, "lib.so")
             path.write_bytes(library)
