@@ -97,7 +97,7 @@ class Artifact:
               reference_sample: tuple[Sequence[np.ndarray], Any] | None = None,
               sample_tolerance: tuple[float, float] = (1e-5, 1e-6),
               extra: Mapping[str, Any] | None = None, entry: str = "main",
-              tuned: bool = True) -> Artifact:
+              tuned: bool = True, prepare_params: bool = False) -> Artifact:
         """Compile ``mod`` for ``target`` and package it with its weights.
 
         ``mod["main"]`` takes the inputs, then ``params`` in dict order (the lowering's
@@ -109,6 +109,10 @@ class Artifact:
         ``(inputs, outputs)``; float outputs are checked with ``sample_tolerance`` (rtol, atol).
         ``tuned``: schedule the kernels with the target's tuning database where it has records
         (:func:`pqcompile.tuning.apply`; the manifest's ``tuning`` says how many).
+        ``prepare_params``: what the program computes from the weights alone (unpacking 2/4-bit
+        weights) moves to a function run once at load (Relax's ``LiftTransformParams``; the
+        manifest's ``prepare`` names it): ``weights.bin`` keeps the packed bytes, each call
+        gets the unpacked weights.
         """
         import tvm
         import tvm_ffi
@@ -139,6 +143,15 @@ class Artifact:
         validate_params(params, func.params[n_inputs:], n_inputs)
 
         tvm_target = spec.tvm_target()
+        prepare = None
+        if prepare_params:
+            from tvm import relax
+
+            gv = mod.get_global_var(entry)  # a new module: the caller's stays as it is
+            mod = tvm.IRModule({g: (func.with_attr("num_input", n_inputs) if g.same_as(gv)
+                                    else f) for g, f in mod.functions.items()}, attrs=mod.attrs)
+            mod = relax.transform.LiftTransformParams()(mod)
+            prepare = f"{entry}_transform_params"
         scheduled = 0
         if tuned:
             from .tuning import apply
@@ -164,6 +177,7 @@ class Artifact:
             "target": {"name": spec.name, "arch": spec.arch, "tvm_target": str(tvm_target),
                        "spec": spec.to_dict()},
             "library": LIBRARY, "entry": entry, "calling_convention": CALLING_CONVENTION,
+            "prepare": prepare,
             "inputs": inputs, "outputs": outputs,
             "weights_file": WEIGHTS, "byte_order": "little", "params": param_entries,
             "reference_sample": sample_meta,
@@ -265,8 +279,9 @@ class Artifact:
                 lib_path = Path(tmp) / LIBRARY
                 lib_path.write_bytes(self._files[LIBRARY])
                 library = tvm.runtime.load_module(str(lib_path))  # mapped: the file may go
-            self._params = runner.to_tensors(self.params.values())
             self._vm = tvm.relax.VirtualMachine(library, tvm.cpu())
+            self._params = runner.prepare(self._vm, self._manifest,
+                                          runner.to_tensors(self.params.values()))
         return self._vm, self._params
 
     # --- what it holds ------------------------------------------------------------------------

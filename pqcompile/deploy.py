@@ -315,8 +315,13 @@ class _Session:
             weights = list(self.artifact.params.values())
             self.weights_bytes = int(sum(a.nbytes for a in weights))
             start = clock()
+            tensors = [tensor(np.ascontiguousarray(a), device=device) for a in weights]
+            prepare = self.artifact.manifest.get("prepare")
+            if prepare:  # weights stored packed: unpacked once on the board
+                made = vm[prepare](tensors)
+                tensors = [made[i] for i in range(len(made))]
             args = [tensor(np.ascontiguousarray(a), device=device)
-                    for a in [*self.inputs, *weights]]  # calling convention: inputs_then_params
+                    for a in self.inputs] + tensors  # calling convention: inputs_then_params
             self.timings["weights"] = clock() - start
             start = clock()
             vm.set_input(entry, *args)

@@ -222,9 +222,35 @@ def test_whole_model_matches_reference(target):
                         else "generic")
     assert all(isa.name in k or k.startswith("dwconv2d")
                for k in compiled.lowering.kernels.values())
+    # 4-bit weights stay packed in weights.bin and are unpacked once at load
+    assert compiled.artifact.manifest["prepare"] == "main_transform_params"
+    assert any("packed" in v for v in compiled.lowering.weight_storage.values())
     for t in [x] + [torch.randn(1, 3, 64, 64, generator=g) for _ in range(3)]:
         with torch.inference_mode():
             expected = compiled.reference(t).numpy()
         got = compiled.artifact(t.numpy())
         got = got[0] if isinstance(got, list) else got
         np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_packed_weights_prepared_once_by_the_device_runner(tmp_path):
+    """The standalone runner (numpy + TVM runtime only) prepares the packed weights the same
+    way: its sample check passes on a saved mixed-bit artifact."""
+    import sys
+
+    from pqcompile import presets
+    from pqcompile.build import analysis, compile_assignment
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3, stride=2), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 7 * 7, 5)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    gm = analysis(model, (x,))
+    compiled = compile_assignment(model, (x,), presets.uniform(gm, 4, 8), target="host",
+                                  calibration=[torch.randn(8, 3, 16, 16)])
+    assert compiled.artifact.manifest["prepare"]
+    out = compiled.save(tmp_path / "art")
+    proc = subprocess.run([sys.executable, str(out / "runner.py"), str(out), "--check-sample"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -109,6 +109,17 @@ def to_tensors(arrays):
     return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
 
 
+def prepare(vm, manifest, params):
+    """The weight tensors the entry function takes: ``params`` themselves, or, when the manifest
+    names a ``prepare`` function (weights stored packed, e.g. 4 bits), what that function makes
+    of them, computed once here (load time) instead of in every call."""
+    name = manifest.get("prepare")
+    if not name:
+        return list(params)
+    out = vm[name](list(params))
+    return [out[i] for i in range(len(out))]
+
+
 def run(vm, entry, args):
     """Call ``entry`` on TVM tensors; outputs come back as numpy, nested tuples flattened."""
     outputs, pending = [], [vm[entry](*args)]
@@ -169,7 +180,7 @@ def main(argv=None):
 
     library = tvm.runtime.load_module(str(Path(args.artifact) / manifest["library"]))
     vm = tvm.relax.VirtualMachine(library, tvm.cpu())
-    params, entry = to_tensors(params_np), manifest["entry"]
+    params, entry = prepare(vm, manifest, to_tensors(params_np)), manifest["entry"]
     call_args = to_tensors(inputs) + params  # the calling convention: inputs_then_params
     outputs = run(vm, entry, call_args)
     for spec, array in zip(manifest["outputs"], outputs):

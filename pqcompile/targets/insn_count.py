@@ -77,7 +77,7 @@ runner.check_inputs(manifest["inputs"], arrays)
 library = tvm.runtime.load_module(str(Path(artifact) / manifest["library"]))
 vm = tvm.relax.VirtualMachine(library, tvm.cpu())
 entry = vm[manifest["entry"]]
-args = runner.to_tensors(arrays) + runner.to_tensors(params)
+args = runner.to_tensors(arrays) + runner.prepare(vm, manifest, runner.to_tensors(params))
 gc.collect()
 gc.disable()
 for _ in range(runs):
