@@ -24,7 +24,9 @@ pqcompile's builds must also equal their integer-exact references bit for bit (f
 mixed build that is the only bar: its float agreement is recorded). A variant that fails is
 reported, not timed, and the run exits 1.
 
-Each figure is the median of ``--repeat`` calls after ``--warmup`` calls; ratios are against
+Each figure is the median of ``--repeat`` calls after ``--warmup`` calls, timed once every variant
+of a model is built and checked, in 5 interleaved rounds (so noise on a shared machine falls on
+every variant alike, not on whichever ran during it); ratios are against
 the fastest whole-model peer (torch and ONNX Runtime, fp32 or int8) and, for the pruned
 architecture, the fastest peer on it. JSON (machine, versions, settings, every figure and
 check) goes to ``--out`` (benchmarks/results/latency.json).
@@ -119,11 +121,12 @@ def check(kind: str, reference: list[np.ndarray], outputs: list[np.ndarray],
 
 
 class Bench:
-    """Builds, checks and times the variants of one model, in order."""
+    """Builds and checks the variants of one model, in order; :meth:`time_all` times them."""
 
     def __init__(self, args: argparse.Namespace, tests: list[np.ndarray], x: np.ndarray):
         self.args, self.tests, self.x = args, tests, x
         self.rows: list[dict[str, Any]] = []
+        self.timed: list[tuple[dict[str, Any], Callable[[], Any]]] = []
 
     def add(self, label: str, group: str, kind: str, build: Callable[[], Callable],
             reference: list[np.ndarray] | Callable[[], list[np.ndarray]],
@@ -149,9 +152,31 @@ class Bench:
             print(f" CHECK FAILED, not timed: {row['error']}", flush=True)
             return None
         x = self.x
-        row.update(timings(lambda: fn(x), self.args.repeat, self.args.warmup))
-        print(f" {row['ms']:.2f} ms (built in {row['build_s']:.1f} s)", flush=True)
+        for _ in range(self.args.warmup):
+            fn(x)
+        self.timed.append((row, lambda: fn(x)))
+        print(f" checked (built in {row['build_s']:.1f} s)", flush=True)
         return fn
+
+    def time_all(self, rounds: int = 5) -> None:
+        """Time every checked variant in ``rounds`` interleaved rounds (each variant's calls
+        spread over the whole run, so a burst of noise on a shared machine hits them alike);
+        each row gets the median, min and max of its ``repeat`` calls."""
+        per = max(1, -(-self.args.repeat // rounds))
+        times: dict[int, list[float]] = {id(row): [] for row, _ in self.timed}
+        for _ in range(rounds):
+            for row, call in self.timed:
+                time.sleep(0.1)  # let the previous backend's spinning worker threads sleep
+                for _ in range(per):
+                    t = time.perf_counter()
+                    call()
+                    times[id(row)].append((time.perf_counter() - t) * 1e3)
+        for row, _ in self.timed:
+            ts = times[id(row)]
+            row.update({"ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+                        "times_ms": [round(t, 4) for t in ts]})
+            print(f"  {row['label']:34s} {row['ms']:9.2f} ms", flush=True)
+        self.timed.clear()
 
 
 def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -209,6 +234,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     b.add("pqcompile mixed+pruned", "pqcompile", "exact", pq("mixed", mixed), pruned_reference,
           exact=integer_reference("mixed"), architecture="pruned")
     if "mixed" not in builds:
+        b.time_all()
         return summarize(name, b.rows, builds)
     pruned = builds["mixed"].graph
     gc.collect()
@@ -229,6 +255,8 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     int8_pruned = Assignment(presets.uniform(gm, 8).bits, mixed.masks)
     b.add("pqcompile int8 (pruned)", "pqcompile", "int", pq("int8_pruned", int8_pruned), pref,
           exact=integer_reference("int8_pruned"), architecture="pruned")
+    print(f"{name}: timing {len(b.timed)} variants, interleaved", flush=True)
+    b.time_all()
     result = summarize(name, b.rows, builds)
     if "int8_pruned" in builds:  # the same architecture as the mixed+pruned build?
         shapes = [tuple(p.shape) for p in builds["int8_pruned"].graph.parameters()]
