@@ -72,6 +72,16 @@ class Case:
             self.expected = _requant(x.astype(np.int64) @ wt.astype(np.int64), b, m, s, lo, hi,
                                      out_dt, 1)
             self.out_shape = (p["rows"], p["n"])
+        elif kind == "pool":
+            c, h, k, st, pad = p["c"], p["h"], p["k"], p["stride"], p["pad"]
+            shape = K.ConvShape(c, h, h + 1, c, (k, k), st, (pad, pad), in_dt, in_dt, 0, 0)
+            x = _input(rng, (1, c, h, h + 1), in_dt)
+            self.expected = torch.nn.functional.max_pool2d(
+                torch.from_numpy(x.astype(np.float64)), k, st, pad).numpy().astype(in_dt)
+            self.pack, self.kernel, scratch = K.maxpool2d_kernel(shape, isa)
+            self.params, out_dt = [], in_dt
+            self.out_shape = (1, c, *shape.out_hw)
+            isa = K.Isa("generic", 1, 1, 1)  # the scratch is the input's dtype
         else:
             c, h, o, k, st, pad = p["c"], p["h"], p["o"], p["k"], p["stride"], p["pad"]
             groups = c if kind == "dw" else 1
@@ -135,6 +145,8 @@ CONV = [  # (c, h, o, k, stride, pad, in, out, tile)
 ]
 DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8")]
+POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),
+        (9, 5, 3, 1, 1, "uint8")]
 LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),
           (7, 64, 17, "uint8", "int8"), (1, 70, 300, "int8", "uint8")]
 
@@ -144,6 +156,8 @@ def _cases(isa):
                 out_dtype=b, tile=t) for i, (c, h, o, k, st, pad, a, b, t) in enumerate(CONV)]
     out += [Case("dw", isa, 100 + i, c=c, h=h, o=c, k=k, stride=st, pad=pad, in_dtype=a,
                  out_dtype=b) for i, (c, h, k, st, pad, a, b) in enumerate(DW)]
+    out += [Case("pool", isa, 300 + i, c=c, h=h, k=k, stride=st, pad=pad, in_dtype=a,
+                 out_dtype=a) for i, (c, h, k, st, pad, a) in enumerate(POOL)]
     out += [Case("linear", isa, 200 + i, rows=r, k=kk, n=n, in_dtype=a, out_dtype=b)
             for i, (r, kk, n, a, b) in enumerate(LINEAR)]
     return out
@@ -216,11 +230,11 @@ def test_whole_model_matches_reference(target):
     compiled = compile_assignment(model, (x,), presets.mixed_pruned(gm), target=target,
                                   calibration=calib)
     kinds = {k.split()[0] for k in compiled.lowering.kernels.values()}
-    assert kinds == {"conv2d", "dwconv2d", "linear"}
+    assert kinds == {"conv2d", "dwconv2d", "linear"}  # mobilenet_v2 has no max pool
     isa = K.isa_for(resolve_target(target))
     assert isa.name == ("vnni" if target == "host" and HOST_ISAS[0].name == "vnni"
                         else "generic")
-    assert all(isa.name in k or k.startswith("dwconv2d")
+    assert all(isa.name in k or k.startswith(("dwconv2d", "maxpool2d"))
                for k in compiled.lowering.kernels.values())
     # 4-bit weights stay packed in weights.bin and are unpacked once at load
     assert compiled.artifact.manifest["prepare"] == "main_transform_params"

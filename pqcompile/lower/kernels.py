@@ -165,8 +165,9 @@ def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
             fix(shift, 1).astype(np.int32))
 
 
-def conv2d_kernel(shape: ConvShape, isa: Isa):
-    """The TIR PrimFunc ``(X, Wp, B, M, S, Y)`` for one conv layer (see the module doc)."""
+def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
+    """``(pack, kernel, scratch)``: ``pack(X) -> Xc`` and ``kernel(Xc, Wp, B, M, S, Y)`` for one
+    conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input)."""
     from tvm.script import tirx as T
 
     C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
@@ -191,7 +192,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa):
     scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
-    pad_value = off                         # a zero input, offset
+    pad_value = off if pad is None else pad  # a zero input, offset
     grid = QB * NR * L
     direct = Wq == OW  # 1x1 convs: no junk columns
     _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off)
@@ -592,3 +593,53 @@ def _linear_dot_macro(isa: Isa):
                 acc[a + lane] = acc[a + lane] + T.Cast("int32", Wv[nv, kb, lane, 0]) \
                     * T.Cast("int32", Xp[x])
     return dot
+
+
+def maxpool2d_kernel(shape: ConvShape, isa: Isa):
+    """Max pool on the integers (stride 1 or 2, no dilation, floor mode): ``(pack, kernel,
+    scratch)`` with ``kernel(Xc, Y)``. The scratch is the depthwise conv's padded planar one,
+    padded with the dtype's minimum; each tile takes the vector max over the window's taps,
+    a byte per lane."""
+    from tvm.script import tirx as T
+
+    lanes = 4 * dw_isa(isa).lanes  # bytes, not int32 accumulators
+    tile = Isa("generic", lanes, 1, max(1, min(3, 1020 // (lanes * 4))))
+    low = 0 if shape.in_dtype == "uint8" else -128
+    pack, _, scratch = conv2d_kernel(shape, tile, pad=low)
+    C, H, W = shape.channels, shape.height, shape.width
+    KH, KW = shape.kernel
+    PH, PW = shape.padding
+    s = shape.stride
+    OH, OW = shape.out_hw
+    dt = shape.in_dtype
+    L = tile.lanes
+    Wq = -(-(W + 2 * PW) // s)
+    Hq = -(-(H + 2 * PH) // s)
+    NV = -(-(OH * Wq) // L)
+    NR = min(tile.nr, NV)
+    QB = -(-NV // NR)
+    plane = Hq * Wq
+    grid = QB * NR * L
+
+    @T.prim_func(s_tir=True)
+    def kernel(Xc: T.Buffer((scratch,), dt), Y: T.Buffer((1, C, OH, OW), dt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "maxpool2d"})
+        with T.sblock("root"):
+            Yg = T.alloc_buffer((C * grid,), dt)
+            for c_qb in T.parallel(C * QB):
+                for v in T.unroll(NR):
+                    for lane in T.vectorized(L):
+                        Yg[c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane] = T.Cast(dt, low)
+                    for kh in T.unroll(KH):
+                        for kw in T.unroll(KW):
+                            for lane in T.vectorized(L):
+                                Yg[c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane] = T.max(
+                                    Yg[c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane],
+                                    Xc[(((kh % s) * s + kw % s) * C + c_qb // QB) * plane
+                                       + (kh // s) * Wq + kw // s
+                                       + ((c_qb % QB) * NR + v) * L + lane])
+            for c_oh in T.parallel(C * OH):
+                for ow in T.vectorized(OW):
+                    Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
+
+    return pack, kernel, scratch

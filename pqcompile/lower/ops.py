@@ -248,8 +248,35 @@ def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
 
 
 def max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr:
+    if lw.isa is not None:
+        y = _kernel_max_pool(lw, node, module, x)
+        if y is not None:
+            return y
     return lw.bb.emit(R.nn.max_pool2d(x, module.kernel, module.stride, module.padding,
                                       module.dilation, module.ceil_mode))
+
+
+def _kernel_max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr | None:
+    """The pool as a hand-scheduled kernel, where it covers it (batch 1, stride 1/2, square
+    stride, no dilation, floor mode, pads under half the window)."""
+    pair = torch.nn.modules.utils._pair
+    (kh, kw), (sh, sw) = pair(module.kernel), pair(module.stride or module.kernel)
+    (ph, pw), dil = pair(module.padding), pair(module.dilation)
+    n, c, h, w = lw.shape(node.all_input_nodes[0])
+    if n != 1 or sh != sw or dil != (1, 1) or module.ceil_mode or 2 * ph > kh or 2 * pw > kw:
+        return None
+    shape = kernels.ConvShape(c, h, w, c, (kh, kw), sh, (ph, pw), str(x.ty.dtype),
+                              str(x.ty.dtype), 0, 0)
+    if not kernels.supported(shape) or tuple(lw.shape(node))[2:] != shape.out_hw:
+        return None
+    bb, name = lw.bb, node.name
+    pack, kernel, scratch = kernels.maxpool2d_kernel(shape, lw.isa)
+    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
+                                [x], relax.TensorType((scratch,), shape.in_dtype)))
+    lw.kernels[name] = "maxpool2d"
+    return bb.emit(relax.call_tir(bb.add_func(kernel.without_attr("global_symbol"),
+                                              f"{name}_pool"), [xc], relax.TensorType(
+                                                  (1, c, *shape.out_hw), shape.in_dtype)))
 
 
 def clip(lw: Lowering, node, module: QClip, x) -> relax.Expr:
