@@ -142,6 +142,8 @@ CONV = [  # (c, h, o, k, stride, pad, in, out, tile)
     (9, 5, 9, 5, 1, 2, "uint8", "uint8", (3, 2)),
     (16, 3, 20, 3, 1, 1, "uint8", "int8", (1, 1)),
     (4, 2, 3, 3, 2, 1, "int8", "int8", None),
+    (7, 5, 6, 1, 1, 0, "int8", "uint8", None),   # 1x1: the plane copied as one row
+    (10, 7, 9, 1, 1, 0, "uint8", "int8", None),
 ]
 DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8")]

@@ -195,6 +195,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     pad_value = off if pad is None else pad  # a zero input, offset
     grid = QB * NR * L
     direct = Wq == OW  # 1x1 convs: no junk columns
+    flat = s == 1 and PH == 0 and PW == 0
     _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off)
     _dot = _dot_macro(isa)
     _store = _requant_macro(out_dt, lo, hi)
@@ -207,34 +208,46 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
             # padded, channel-interleaved, phase-split copy of the input, row by row: pad
             # rows and pad columns filled apart so the interior copy has no bounds checks
             # (LLVM vectorizes it, the D channels of a word interleaved by shuffles)
-            for pci in T.parallel(phases * CB * Hq):
-                if (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0 \
-                        or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H:
-                    for e in range(Wq * D):
-                        Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
-                else:
-                    for e in range((PW - pci // (CB * Hq) % s + s - 1) // s * D):
-                        Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
-                    for e in range((W + PW - pci // (CB * Hq) % s + s - 1) // s * D, Wq * D):
-                        Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
-                    if (pci % (CB * Hq) // Hq) * D + D <= C:
-                        _row(Xc, Xf, pci * Wq * D,
-                             (((pci % (CB * Hq) // Hq) * D) * H
-                              + (pci % Hq) * s + pci // (CB * Hq) // s - PH) * W
-                             + pci // (CB * Hq) % s - PW,
-                             (PW - pci // (CB * Hq) % s + s - 1) // s,
-                             (W + PW - pci // (CB * Hq) % s + s - 1) // s)
+            if flat:  # no pad, stride 1: a channel plane is one contiguous row
+                for cb in T.parallel(CB):
+                    if cb * D + D <= C:
+                        _row(Xc, Xf, cb * plane * D, cb * D * H * W, 0, H * W)
                     else:
-                        for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
-                                       (W + PW - pci // (CB * Hq) % s + s - 1) // s):
-                            for t in T.unroll(D):
-                                Xc[(pci * Wq + j) * D + t] = T.if_then_else(
-                                    (pci % (CB * Hq) // Hq) * D + t < C,
-                                    T.Cast(pdt, T.Cast("int32", X[
-                                        0, T.min((pci % (CB * Hq) // Hq) * D + t, C - 1),
-                                        (pci % Hq) * s + pci // (CB * Hq) // s - PH,
-                                        j * s + pci // (CB * Hq) % s - PW]) + off),
+                        for t in T.unroll(D):
+                            for e in range(H * W):
+                                Xc[(cb * plane + e) * D + t] = T.if_then_else(
+                                    cb * D + t < C, T.Cast(pdt, T.Cast("int32", Xf[
+                                        T.min(cb * D + t, C - 1) * H * W + e]) + off),
                                     T.Cast(pdt, pad_value))
+            else:
+                for pci in T.parallel(phases * CB * Hq):
+                    if (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0 \
+                            or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H:
+                        for e in range(Wq * D):
+                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                    else:
+                        for e in range((PW - pci // (CB * Hq) % s + s - 1) // s * D):
+                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                        for e in range((W + PW - pci // (CB * Hq) % s + s - 1) // s * D, Wq * D):
+                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                        if (pci % (CB * Hq) // Hq) * D + D <= C:
+                            _row(Xc, Xf, pci * Wq * D,
+                                 (((pci % (CB * Hq) // Hq) * D) * H
+                                  + (pci % Hq) * s + pci // (CB * Hq) // s - PH) * W
+                                 + pci // (CB * Hq) % s - PW,
+                                 (PW - pci // (CB * Hq) % s + s - 1) // s,
+                                 (W + PW - pci // (CB * Hq) % s + s - 1) // s)
+                        else:
+                            for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
+                                           (W + PW - pci // (CB * Hq) % s + s - 1) // s):
+                                for t in T.unroll(D):
+                                    Xc[(pci * Wq + j) * D + t] = T.if_then_else(
+                                        (pci % (CB * Hq) // Hq) * D + t < C,
+                                        T.Cast(pdt, T.Cast("int32", X[
+                                            0, T.min((pci % (CB * Hq) // Hq) * D + t, C - 1),
+                                            (pci % Hq) * s + pci // (CB * Hq) // s - PH,
+                                            j * s + pci // (CB * Hq) % s - PW]) + off),
+                                        T.Cast(pdt, pad_value))
             for i in T.serial((scratch - phases * CB * plane) * D):
                 Xc[phases * CB * plane * D + i] = T.Cast(pdt, pad_value)
 
