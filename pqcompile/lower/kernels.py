@@ -196,7 +196,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     grid = QB * NR * L
     direct = Wq == OW  # 1x1 convs: no junk columns
     flat = s == 1 and PH == 0 and PW == 0
-    _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off)
+    cols = H * W if flat else W // s  # columns a row copy moves
+    _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
+                      16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
     _store = _requant_macro(out_dt, lo, hi)
 
@@ -308,13 +310,13 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     return pack, kernel, scratch * D
 
 
-def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: int):
+def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: int,
+               CH: int = 16):
     """Copy one input row's columns ``jlo..jhi`` (every ``s``-th source byte, ``D`` channels
     ``chan`` apart interleaved into words) to ``Xc[dst + j * D ...]``, adding ``off`` (as a
-    byte xor): 16 columns a step with vector loads and one shuffle, the rest one by one."""
+    byte xor): ``CH`` columns a step with vector loads and one shuffle, the rest one by one."""
     from tvm.script import tirx as T
 
-    CH = 16
     src_lanes = f"{in_dt}x{CH * s}"
     idx = [t * CH * s + j * s for j in range(CH) for t in range(D)]
     flip = T.broadcast(T.uint8(128), CH * D) if off else None
