@@ -1,0 +1,151 @@
+"""The integer linear kernel: rows x output-feature vectors, the inputs' 4-byte groups
+broadcast against weight vectors (``vpdpbusd`` / ``sdot``), the requantizing epilogue of the
+conv kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels import KERNEL_ATTR, Isa, _requant_macro
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A quantized linear layer as the kernel sees it: ``[M, K] x [K, N]`` (M: the flattened
+    leading dims of the input)."""
+
+    rows: int
+    in_features: int
+    out_features: int
+    in_dtype: str
+    out_dtype: str
+    lo: int
+    hi: int
+
+
+def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
+    """Rows of the input x vectors of output features held in registers."""
+    mr = max(1, min(4, shape.rows))
+    nv = -(-shape.out_features // isa.lanes)
+    nr = max(1, min(nv, 1020 // (mr * isa.lanes * 4), 8))
+    return Isa(isa.name, isa.lanes, mr, nr)
+
+
+def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
+    """``[K, N]`` int8 -> ``[N/L, K/D, L, D]`` (zero-padded): a vector is ``L`` outputs x ``D``
+    consecutive inputs."""
+    k, n = wt.shape
+    d, lanes = isa.depth, isa.lanes
+    kp, np_ = -(-k // d) * d, -(-n // lanes) * lanes
+    w = np.zeros((kp, np_), np.int8)
+    w[:k, :n] = wt
+    w = w.reshape(kp // d, d, np_ // lanes, lanes).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(w)
+
+
+def linear_params(wt: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray,
+                  shape: LinearShape, isa: Isa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output feature: bias (less the input offset's contribution), multiplier, shift,
+    padded to whole vectors."""
+    n = wt.shape[1]
+    pad = -(-n // isa.lanes) * isa.lanes - n
+    b = bias.astype(np.int64) - isa.offset(shape.in_dtype) * wt.astype(np.int64).sum(axis=0)
+    fix = lambda a, fill: np.concatenate([a.astype(np.int64), np.full(pad, fill)])  # noqa: E731
+    return (fix(b, 0).astype(np.int32), fix(mult, 0).astype(np.int32),
+            fix(shift, 1).astype(np.int32))
+
+
+def linear_kernel(shape: LinearShape, isa: Isa):
+    """``(pack, kernel, scratch)``: ``pack(X[M, K]) -> Xp`` (offset, K padded to the depth),
+    ``kernel(Xp, Wv, B, M, S, Y[M, N])``. Tiles of ``MR`` rows x ``NR`` vectors of ``L``
+    output features; each step broadcasts ``D`` inputs of a row against a weight vector."""
+    from tvm.script import tirx as T
+
+    Mr, K, N = shape.rows, shape.in_features, shape.out_features
+    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
+    L, MR, NR, D = isa.lanes, isa.mr, isa.nr, isa.depth
+    KB = -(-K // D)
+    NV = -(-N // L)
+    NB = -(-NV // NR)
+    MB = -(-Mr // MR)
+    Np = NV * L
+    Ng = NB * NR * L
+    off = isa.offset(in_dt)
+    pdt = isa.packed_dtype or in_dt
+    scratch = MB * MR * KB * D
+    _dot = _linear_dot_macro(isa)
+    _store = _requant_macro(out_dt, lo, hi)
+
+    @T.prim_func(s_tir=True)
+    def pack(X: T.Buffer((Mr, K), in_dt), Xp: T.Buffer((scratch,), pdt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear.pack"})
+        with T.sblock("root"):
+            for m in range(MB * MR):
+                for k in range(KB * D):
+                    Xp[m * KB * D + k] = T.if_then_else(
+                        m < Mr and k < K, T.Cast(pdt, T.Cast("int32", X[
+                            T.min(m, Mr - 1), T.min(k, K - 1)]) + off), T.Cast(pdt, off))
+
+    @T.prim_func(s_tir=True)
+    def kernel(Xp: T.Buffer((scratch,), pdt), Wv: T.Buffer((NV, KB, L, D), "int8"),
+               B: T.Buffer((Np,), "int32"), M: T.Buffer((Np,), "int32"),
+               S: T.Buffer((Np,), "int32"), Y: T.Buffer((Mr, N), out_dt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear"})
+        with T.sblock("root"):
+            Yg = T.alloc_buffer((MB * MR * Ng,), out_dt)
+            for mb_nb in T.parallel(MB * NB):
+                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                for r in T.unroll(MR):
+                    for v in T.unroll(NR):
+                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(T.int32(0), L)
+                for kb in range(KB):
+                    for r in T.unroll(MR):
+                        for v in T.unroll(NR):
+                            _dot(acc, (r * NR + v) * L, Wv,
+                                 T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
+                                 ((mb_nb // NB * MR + r) * KB + kb) * D)
+                for r in T.unroll(MR):
+                    for v in T.unroll(NR):
+                        for lane in T.vectorized(L):
+                            _store(Yg, (mb_nb // NB * MR + r) * Ng + ((mb_nb % NB) * NR + v) * L
+                                   + lane, acc, (r * NR + v) * L + lane,
+                                   T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1), B, M, S)
+            for m in range(Mr):
+                for n in range(N):
+                    Y[m, n] = Yg[m * Ng + n]
+
+    return pack, kernel, scratch
+
+
+def _linear_dot_macro(isa: Isa):
+    """``acc[a:a+L] += Wv[nv, kb] (L x D weights) . broadcast(Xp[x:x+D])``."""
+    from tvm.script import tirx as T
+
+    L = isa.lanes
+    if isa.name == "vnni":  # vpdpbusd: first operand unsigned (the inputs), second signed
+        @T.macro
+        def dot(acc, a, Wv, nv, kb, Xp, x):
+            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                acc.vload([a], "int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(Xp.vload([x], "uint8x4"),
+                                                        dtype="int32"), 16), dtype="uint8x64"),
+                Wv.vload([nv, kb, 0, 0], "int8x64"), dtype="int32x16")
+    elif isa.name == "sdot":
+        @T.macro
+        def dot(acc, a, Wv, nv, kb, Xp, x):
+            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                acc.vload([a], "int32x4"), Wv.vload([nv, kb, 0, 0], "int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(Xp.vload([x], "int8x4"),
+                                                        dtype="int32"), 4), dtype="int8x16"),
+                dtype="int32x4")
+    else:
+        @T.macro
+        def dot(acc, a, Wv, nv, kb, Xp, x):
+            for lane in T.vectorized(L):
+                acc[a + lane] = acc[a + lane] + T.Cast("int32", Wv[nv, kb, lane, 0]) \
+                    * T.Cast("int32", Xp[x])
+    return dot
