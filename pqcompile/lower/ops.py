@@ -129,35 +129,41 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
         return None
     if depthwise:
         return _kernel_dwconv2d(lw, node, module, x, shape)
-    bb, name, isa = lw.bb, node.name, kernels.choose_tile(shape, lw.isa)
+    name, isa = node.name, kernels.choose_tile(shape, lw.isa)
     wvar = _weight(lw, name, kernels.pack_weight(q, isa), module.wq.bits)
     bias, mult, shift = kernels.channel_params(q, module.bias.numpy(), module.mult.numpy(),
                                                module.shift.numpy(), shape, isa)
     pvars = [lw.param(f"{name}.{k}", v) for k, v in
              (("bias", bias), ("mult", mult), ("shift", shift))]
-    pack, conv, scratch = kernels.conv2d_kernel(shape, isa)
-    pack_gv = bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack")
-    conv_gv = bb.add_func(conv.without_attr("global_symbol"), f"{name}_conv")
-    xc = bb.emit(relax.call_tir(pack_gv, [x], relax.TensorType(
-        (scratch,), isa.packed_dtype or shape.in_dtype)))
     lw.kernels[name] = f"conv2d {isa.name} {isa.mr}x{isa.nr * isa.lanes}"
-    return bb.emit(relax.call_tir(conv_gv, [xc, wvar, *pvars], relax.TensorType(
-        (1, shape.out_channels, *shape.out_hw), shape.out_dtype)))
+    return _call_kernel(lw, name, "conv", kernels.conv2d_kernel(shape, isa),
+                        isa.packed_dtype or shape.in_dtype, x, [wvar, *pvars],
+                        (1, shape.out_channels, *shape.out_hw), shape.out_dtype)
+
+
+def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str, x,
+                 args: list, out_shape, out_dtype: str) -> relax.Expr:
+    """Emit a kernel's two calls: its pack of ``x`` into the scratch, then the kernel on the
+    scratch and ``args``; ``made`` is the kernel builder's ``(pack, kernel, scratch)``."""
+    bb = lw.bb
+    pack, kernel, scratch = made
+    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
+                                [x], relax.TensorType((scratch,), scratch_dtype)))
+    return bb.emit(relax.call_tir(
+        bb.add_func(kernel.without_attr("global_symbol"), f"{name}_{suffix}"), [xc, *args],
+        relax.TensorType(out_shape, out_dtype)))
 
 
 def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
-    bb, name = lw.bb, node.name
+    name = node.name
     q = module.weight.numpy()
     wvar = _weight(lw, name, q.reshape(q.shape[0], -1), module.wq.bits)
     pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
              (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
-    pack, conv, scratch = kernels.dwconv2d_kernel(shape, lw.isa)
-    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
-                                [x], relax.TensorType((scratch,), shape.in_dtype)))
     lw.kernels[name] = f"dwconv2d {kernels.dw_isa(lw.isa).lanes} lanes"
-    return bb.emit(relax.call_tir(bb.add_func(conv.without_attr("global_symbol"), f"{name}_dw"),
-                                  [xc, wvar, *pvars], relax.TensorType(
-                                      (1, shape.out_channels, *shape.out_hw), shape.out_dtype)))
+    return _call_kernel(lw, name, "dw", kernels.dwconv2d_kernel(shape, lw.isa), shape.in_dtype,
+                        x, [wvar, *pvars], (1, shape.out_channels, *shape.out_hw),
+                        shape.out_dtype)
 
 
 def _kernel_linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
