@@ -275,14 +275,9 @@ def _kernel_max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr | No
                               str(x.ty.dtype), 0, 0)
     if not kernels.supported(shape) or tuple(lw.shape(node))[2:] != shape.out_hw:
         return None
-    bb, name = lw.bb, node.name
-    pack, kernel, scratch = kernels.maxpool2d_kernel(shape, lw.isa)
-    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
-                                [x], relax.TensorType((scratch,), shape.in_dtype)))
-    lw.kernels[name] = "maxpool2d"
-    return bb.emit(relax.call_tir(bb.add_func(kernel.without_attr("global_symbol"),
-                                              f"{name}_pool"), [xc], relax.TensorType(
-                                                  (1, c, *shape.out_hw), shape.in_dtype)))
+    lw.kernels[node.name] = "maxpool2d"
+    return _call_kernel(lw, node.name, "pool", kernels.maxpool2d_kernel(shape, lw.isa),
+                        shape.in_dtype, x, [], (1, c, *shape.out_hw), shape.in_dtype)
 
 
 def clip(lw: Lowering, node, module: QClip, x) -> relax.Expr:
