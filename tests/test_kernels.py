@@ -96,7 +96,7 @@ class Case:
             self.expected = _requant(acc, b, m, s, lo, hi, out_dt, 1)
             if kind == "dw":
                 self.pack, self.kernel, scratch = K.dwconv2d_kernel(shape, isa)
-                self.params = [w.reshape(o, -1), b, m, s]
+                self.params = [K.pack_dw_weight(w, shape, isa), b, m, s]
                 isa = K.dw_isa(isa)
             else:
                 isa = K.choose_tile(shape, isa) if p.get("tile") is None else \
@@ -146,7 +146,11 @@ CONV = [  # (c, h, o, k, stride, pad, in, out, tile)
     (10, 7, 9, 1, 1, 0, "uint8", "int8", None),
 ]
 DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
-      (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8")]
+      (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8"),
+      # rows of 16 pixels or more: the row schedules (VNNI taps where the input is uint8)
+      (4, 20, 3, 1, 1, "uint8", "uint8"), (5, 33, 3, 2, 1, "uint8", "int8"),
+      (3, 17, 5, 1, 2, "uint8", "uint8"), (3, 33, 5, 2, 2, "uint8", "uint8"),
+      (4, 16, 3, 1, 1, "int8", "uint8")]
 POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),
         (9, 5, 3, 1, 1, "uint8")]
 LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),
@@ -180,6 +184,15 @@ def test_kernels_on_host(isa):
     vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
     outs = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
     _check(cases, [o.numpy() for o in outs])
+
+
+def test_dw_cases_cover_every_schedule():
+    def schedules(isa):
+        return {K.dw_schedule(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, b, 0, 0), isa)
+                for c, h, k, st, p, a, b in DW}
+    assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
+    assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
+    assert "rows" in schedules(K.Isa("sdot", 4, 4, 4))
 
 
 def test_host_isa_matches_cpu_features():

@@ -316,7 +316,8 @@ def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: 
                CH: int = 16):
     """Copy one input row's columns ``jlo..jhi`` (every ``s``-th source byte, ``D`` channels
     ``chan`` apart interleaved into words) to ``Xc[dst + j * D ...]``, adding ``off`` (as a
-    byte xor): ``CH`` columns a step with vector loads and one shuffle, the rest one by one."""
+    byte xor): ``CH`` columns a step with vector loads and one shuffle; a remainder is one more
+    vector ending at ``jhi`` (rows of fewer than ``CH`` columns go one by one)."""
     from tvm.script import tirx as T
 
     src_lanes = f"{in_dt}x{CH * s}"
@@ -331,36 +332,48 @@ def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: 
 
     if D == 1:
         @T.macro
-        def row(Xc, Xf, dst, src, jlo, jhi):
-            for jc in range((jhi - jlo) // CH):
-                if src + (jlo + jc * CH + CH) * s <= size:
-                    Xc[T.ramp(dst + jlo + jc * CH, 1, CH)] = fix(T.Shuffle(
-                        [Xf.vload([src + (jlo + jc * CH) * s], src_lanes)], idx))
-                else:
-                    for j in range(CH):
-                        Xc[dst + jlo + jc * CH + j] = T.Cast(pdt, T.Cast(
-                            "int32", Xf[src + (jlo + jc * CH + j) * s]) + off)
-            for j in range(jlo + (jhi - jlo) // CH * CH, jhi):
-                Xc[dst + j] = T.Cast(pdt, T.Cast("int32", Xf[src + j * s]) + off)
+        def vec(Xc, Xf, dst, src, j0):  # columns j0 .. j0 + CH
+            if src + (j0 + CH) * s <= size:
+                Xc[T.ramp(dst + j0, 1, CH)] = fix(T.Shuffle(
+                    [Xf.vload([src + j0 * s], src_lanes)], idx))
+            else:
+                for j in range(CH):
+                    Xc[dst + j0 + j] = T.Cast(pdt, T.Cast("int32", Xf[src + (j0 + j) * s]) + off)
+
+        @T.macro
+        def one(Xc, Xf, dst, src, j):
+            Xc[dst + j] = T.Cast(pdt, T.Cast("int32", Xf[src + j * s]) + off)
     else:
         @T.macro
-        def row(Xc, Xf, dst, src, jlo, jhi):
-            for jc in range((jhi - jlo) // CH):
-                if src + 3 * chan + (jlo + jc * CH + CH) * s <= size:
-                    Xc[T.ramp(dst + (jlo + jc * CH) * 4, 1, CH * 4)] = fix(T.Shuffle(
-                        [Xf.vload([src + (jlo + jc * CH) * s], src_lanes),
-                         Xf.vload([src + chan + (jlo + jc * CH) * s], src_lanes),
-                         Xf.vload([src + 2 * chan + (jlo + jc * CH) * s], src_lanes),
-                         Xf.vload([src + 3 * chan + (jlo + jc * CH) * s], src_lanes)], idx))
-                else:
-                    for j in range(CH):
-                        for t in T.unroll(4):
-                            Xc[dst + (jlo + jc * CH + j) * 4 + t] = T.Cast(pdt, T.Cast(
-                                "int32", Xf[src + t * chan + (jlo + jc * CH + j) * s]) + off)
-            for j in range(jlo + (jhi - jlo) // CH * CH, jhi):
-                for t in T.unroll(4):
-                    Xc[dst + j * 4 + t] = T.Cast(pdt, T.Cast(
-                        "int32", Xf[src + t * chan + j * s]) + off)
+        def vec(Xc, Xf, dst, src, j0):
+            if src + 3 * chan + (j0 + CH) * s <= size:
+                Xc[T.ramp(dst + j0 * 4, 1, CH * 4)] = fix(T.Shuffle(
+                    [Xf.vload([src + j0 * s], src_lanes),
+                     Xf.vload([src + chan + j0 * s], src_lanes),
+                     Xf.vload([src + 2 * chan + j0 * s], src_lanes),
+                     Xf.vload([src + 3 * chan + j0 * s], src_lanes)], idx))
+            else:
+                for j in range(CH):
+                    for t in T.unroll(4):
+                        Xc[dst + (j0 + j) * 4 + t] = T.Cast(pdt, T.Cast(
+                            "int32", Xf[src + t * chan + (j0 + j) * s]) + off)
+
+        @T.macro
+        def one(Xc, Xf, dst, src, j):
+            for t in T.unroll(4):
+                Xc[dst + j * 4 + t] = T.Cast(pdt, T.Cast("int32", Xf[src + t * chan + j * s])
+                                             + off)
+
+    @T.macro
+    def row(Xc, Xf, dst, src, jlo, jhi):
+        for jc in range((jhi - jlo) // CH):
+            vec(Xc, Xf, dst, src, jlo + jc * CH)
+        if (jhi - jlo) % CH != 0:
+            if jhi - jlo >= CH:  # the last columns: one more vector, overlapping the one before
+                vec(Xc, Xf, dst, src, jhi - CH)
+            else:
+                for j in range(jlo, jhi):
+                    one(Xc, Xf, dst, src, j)
     return row
 
 
@@ -418,9 +431,15 @@ from .kernels_linear import (  # noqa: E402
     linear_tile,
     pack_linear_weight,
 )
-from .kernels_planar import dw_isa, dwconv2d_kernel, maxpool2d_kernel  # noqa: E402
+from .kernels_planar import (  # noqa: E402
+    dw_isa,
+    dw_schedule,
+    dwconv2d_kernel,
+    maxpool2d_kernel,
+    pack_dw_weight,
+)
 
 __all__ = ["KERNEL_ATTR", "ConvShape", "Isa", "LinearShape", "channel_params", "choose_tile",
-           "conv2d_kernel", "dw_isa", "dwconv2d_kernel", "grid_vectors", "isa_for",
+           "conv2d_kernel", "dw_isa", "dw_schedule", "dwconv2d_kernel", "grid_vectors", "isa_for",
            "linear_kernel", "linear_params", "linear_tile", "maxpool2d_kernel",
-           "pack_linear_weight", "pack_weight", "supported"]
+           "pack_dw_weight", "pack_linear_weight", "pack_weight", "supported"]

@@ -157,10 +157,11 @@ def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str,
 def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
     name = node.name
     q = module.weight.numpy()
-    wvar = _weight(lw, name, q.reshape(q.shape[0], -1), module.wq.bits)
+    wvar = _weight(lw, name, kernels.pack_dw_weight(q, shape, lw.isa), module.wq.bits)
     pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
              (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
-    lw.kernels[name] = f"dwconv2d {kernels.dw_isa(lw.isa).lanes} lanes"
+    lw.kernels[name] = (f"dwconv2d {kernels.dw_schedule(shape, lw.isa)} "
+                        f"{kernels.dw_isa(lw.isa).lanes} lanes")
     return _call_kernel(lw, name, "dw", kernels.dwconv2d_kernel(shape, lw.isa), shape.in_dtype,
                         x, [wvar, *pvars], (1, shape.out_channels, *shape.out_hw),
                         shape.out_dtype)
