@@ -150,7 +150,11 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       # rows of 16 pixels or more: the row schedules (VNNI taps where the input is uint8)
       (4, 20, 3, 1, 1, "uint8", "uint8"), (5, 33, 3, 2, 1, "uint8", "int8"),
       (3, 17, 5, 1, 2, "uint8", "uint8"), (3, 33, 5, 2, 2, "uint8", "uint8"),
-      (4, 16, 3, 1, 1, "int8", "uint8")]
+      (4, 16, 3, 1, 1, "int8", "uint8"),
+      # narrow rows: several rows per vector (fewer where the plane has fewer)
+      (4, 13, 3, 2, 1, "uint8", "int8"), (3, 3, 7, 2, 3, "uint8", "uint8"),
+      # rows of 256 pixels: a row's tile would be 1 KiB, so the grid
+      (2, 255, 3, 1, 1, "uint8", "uint8")]
 POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),
         (9, 5, 3, 1, 1, "uint8")]
 LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),

@@ -31,11 +31,24 @@ def dw_isa(isa: Isa) -> Isa:
     return Isa("generic", isa.lanes, 1, max(1, min(8, 1020 // (isa.lanes * 4))))
 
 
+def _dw_rows_layout(shape: ConvShape, L: int) -> tuple[int, int, int]:
+    """``(R, V, N)`` of the row schedules: ``R`` output rows per vector (0 where a row is at
+    least ``L`` pixels: a tile is then one row of ``V`` vectors; else as many whole rows as
+    fit in ``L`` lanes, and a tile is the channel's plane in ``V`` vectors), ``N`` the bytes
+    one vector's taps span (a power of two, at least ``4 L``)."""
+    oh, ow = shape.out_hw
+    s, kw = shape.stride, shape.kernel[1]
+    r = 0 if ow >= L else min(L // ow, oh)
+    v = -(-ow // L) if r == 0 else -(-oh // r)
+    span = (max(r, 1) - 1) * s * (shape.width + 2 * shape.padding[1]) + (min(ow, L) - 1) * s + kw
+    return r, v, max(4 * L, 1 << (span - 1).bit_length())
+
+
 def dw_schedule(shape: ConvShape, isa: Isa) -> str:
     """``"rows-vnni"``, ``"rows"`` or ``"grid"`` for a depthwise conv (see the module doc)."""
     L = dw_isa(isa).lanes
-    ow = shape.out_hw[1]
-    if ow < L or -(-ow // L) * L * 4 >= 1024:  # narrow rows; or a row's tile 1 KiB or more
+    r, v, n = _dw_rows_layout(shape, L)
+    if v * L * 4 >= 1024 or n > 128:  # a tile of 1 KiB or more; taps beyond two vectors
         return "grid"
     if isa.name == "vnni" and shape.in_dtype == "uint8" and shape.kernel[1] <= 8:
         return "rows-vnni"
@@ -64,7 +77,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     schedule = dw_schedule(shape, isa)
     isa = dw_isa(isa)
     if schedule != "grid":  # packed as for stride 1: padded planes, no stride phases
-        pack, _, scratch = conv2d_kernel(dataclasses.replace(shape, stride=1), isa)
+        pack, _, scratch = conv2d_kernel(dataclasses.replace(shape, stride=1), isa,
+                                         slack=_dw_rows_layout(shape, isa.lanes)[2])
         return pack, _dw_rows(shape, isa, scratch, schedule == "rows-vnni"), scratch
     pack, _, scratch = conv2d_kernel(shape, isa)
     C, H, W = shape.channels, shape.height, shape.width
@@ -116,8 +130,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
 
 def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
     """The ``rows`` / ``rows-vnni`` depthwise kernel (see the module doc) on the padded planar
-    scratch ``[C][H + 2 PH][W + 2 PW]`` (no stride phases: a stride-2 tap's 16 pixels are
-    every other byte of one load, picked by the shuffle)."""
+    scratch ``[C][H + 2 PH][W + 2 PW]`` (no stride phases: a stride-2 tap's pixels are every
+    other byte of one load, picked by the shuffle)."""
     from tvm.script import tirx as T
 
     C, H, W = shape.channels, shape.height, shape.width
@@ -129,23 +143,34 @@ def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
     L = isa.lanes
     Wp = W + 2 * PW
     plane = (H + 2 * PH) * Wp
-    VPR = -(-OW // L)  # vectors per output row, the last one ending at the row's end
+    R, V, N = _dw_rows_layout(shape, L)
+    NT = OH if R == 0 else 1  # tiles per channel
+    U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
     _store = _requant_macro(out_dt, lo, hi)
-    # The bytes a kernel row's taps read for L pixels: one load of N bytes (two of N/2, as a
-    # shuffle may not have more lanes than its inputs), the shuffle picks pixel i's tap kw at
-    # i * s + kw: for rows-vnni 4 taps per pixel (a missing tap repeats tap 0, its weight 0),
-    # else one tap per shuffle (stride 2 only; stride 1 loads the tap's pixels directly).
-    N = max(4 * L if vnni else 2 * L, 1 << ((L - 1) * s + KW - 1).bit_length())
-    taps = [[min(kw, KW - 1) if kw < KW else 4 * g for kw in range(4 * g, 4 * g + 4)]
-            for g in range(G)]
-    last = (C - 1) * plane + ((OH - 1) * s + KH - 1) * Wp + (OW - L) * s + N
+    # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
+    # rows; tap kw reads it at off[i] * s + kw past the vector's first input byte: one load
+    # of N bytes (two of N/2: a shuffle may not have more lanes than its inputs), a shuffle
+    # picks the bytes: for rows-vnni 4 taps per pixel (a missing tap repeats tap 0, its
+    # weight 0), else one tap per shuffle (contiguous loads instead where R = 0 and the
+    # stride is 1). Junk lanes (i >= U) read lane 0's bytes and are not stored.
+    off = [i if R == 0 else (i // OW) * Wp + i % OW if i < U else 0 for i in range(L)]
+    taps = [[kw if kw < KW else 4 * g for kw in range(4 * g, 4 * g + 4)] for g in range(G)]
+    last = (C - 1) * plane + ((OH - 1) * s + KH - 1) * Wp + (OW - min(OW, L)) * s + N
     assert last <= scratch, (shape, last, scratch)  # the pack's slack covers the loads
 
     def picked(Xc, base, pattern):
         return T.Shuffle([Xc.vload([base], f"{in_dt}x{N // 2}"),
                           Xc.vload([base + N // 2], f"{in_dt}x{N // 2}")], pattern)
+
+    def first(t, v):  # the vector's first input byte, less the channel's plane
+        if R == 0:
+            return (t % OH * s) * Wp + T.min(v * L, OW - L) * s
+        return T.min(v * R, OH - R) * s * Wp
+
+    def out(t, v):  # the vector's first output pixel in the channel's plane
+        return t % OH * OW + T.min(v * L, OW - L) if R == 0 else T.min(v * R, OH - R) * OW
 
     @T.macro
     def _vdot(acc, a, data, Wd, c, w):  # acc[a:a+16] += 16 pixels' 4 bytes . Wd[c, w:w+4]
@@ -162,42 +187,40 @@ def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "dwconv2d"})
         with T.sblock("root"):
             Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
-            for c_oh in T.parallel(C * OH):
-                acc = T.alloc_buffer((VPR * L,), "int32", scope="global")
-                for v in T.unroll(VPR):
+            for t in T.parallel(C * NT):
+                acc = T.alloc_buffer((V * L,), "int32", scope="global")
+                for v in T.unroll(V):
                     acc[T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
                 for kh in T.unroll(KH):
-                    for v in T.unroll(VPR):
+                    for v in T.unroll(V):
                         if vnni:
                             _vdot(acc, v * L, picked(
-                                Xc, c_oh // OH * plane + (c_oh % OH * s + kh) * Wp
-                                + T.min(v * L, OW - L) * s,
-                                [i * s + taps[0][t] for i in range(L) for t in range(4)]),
-                                Wd, c_oh // OH, kh * G * 4)
+                                Xc, t // NT * plane + kh * Wp + first(t, v),
+                                [off[i] * s + taps[0][j] for i in range(L) for j in range(4)]),
+                                Wd, t // NT, kh * G * 4)
                             if G > 1:
                                 _vdot(acc, v * L, picked(
-                                    Xc, c_oh // OH * plane + (c_oh % OH * s + kh) * Wp
-                                    + T.min(v * L, OW - L) * s,
-                                    [i * s + taps[G - 1][t] for i in range(L) for t in range(4)]),
-                                    Wd, c_oh // OH, (kh * G + G - 1) * 4)
-                        elif s == 1:
+                                    Xc, t // NT * plane + kh * Wp + first(t, v),
+                                    [off[i] * s + taps[G - 1][j] for i in range(L)
+                                     for j in range(4)]),
+                                    Wd, t // NT, (kh * G + G - 1) * 4)
+                        elif s == 1 and R == 0:
                             for kw in T.unroll(KW):
                                 for lane in T.vectorized(L):
                                     acc[v * L + lane] = acc[v * L + lane] + T.Cast("int32", Xc[
-                                        c_oh // OH * plane + (c_oh % OH + kh) * Wp + kw
-                                        + T.min(v * L, OW - L) + lane]) \
-                                        * T.Cast("int32", Wd[c_oh // OH, kh * KW + kw])
+                                        t // NT * plane + kh * Wp + kw + first(t, v) + lane]) \
+                                        * T.Cast("int32", Wd[t // NT, kh * KW + kw])
                         else:
                             for kw in range(KW):  # unrolled by LLVM; the shuffle needs kw known
                                 acc[T.ramp(v * L, 1, L)] = acc.vload([v * L], f"int32x{L}") \
                                     + T.Cast(f"int32x{L}", picked(
-                                        Xc, c_oh // OH * plane + (c_oh % OH * s + kh) * Wp + kw
-                                        + T.min(v * L, OW - L) * s, [i * s for i in range(L)])) \
-                                    * T.broadcast(T.Cast("int32", Wd[c_oh // OH, kh * KW + kw]), L)
-                for v in T.unroll(VPR):
-                    for lane in T.vectorized(L):
-                        _store(Yf, c_oh * OW + T.min(v * L, OW - L) + lane, acc, v * L + lane,
-                               c_oh // OH, B, M, S)
+                                        Xc, t // NT * plane + kh * Wp + kw + first(t, v),
+                                        [off[i] * s for i in range(L)])) \
+                                    * T.broadcast(T.Cast("int32", Wd[t // NT, kh * KW + kw]), L)
+                for v in T.unroll(V):
+                    for lane in T.vectorized(U):
+                        _store(Yf, t // NT * OH * OW + out(t, v) + lane, acc, v * L + lane,
+                               t // NT, B, M, S)
 
     return kernel
 
