@@ -108,8 +108,9 @@ class Case:
         self.scratch = ((scratch,), isa.packed_dtype or in_dt)
 
     def emit(self, bb, x, params):
-        xc = bb.emit(relax.call_tir(bb.add_func(self.pack.without_attr("global_symbol"),
-                                                "pack"), [x], relax.TensorType(*self.scratch)))
+        xc = x if self.pack is None else bb.emit(relax.call_tir(
+            bb.add_func(self.pack.without_attr("global_symbol"), "pack"), [x],
+            relax.TensorType(*self.scratch)))
         return bb.emit(relax.call_tir(bb.add_func(self.kernel.without_attr("global_symbol"),
                                                   "kernel"), [xc, *params],
                                       relax.TensorType(self.out_shape, self.out_dtype)))
@@ -153,6 +154,8 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (4, 16, 3, 1, 1, "int8", "uint8"),
       # narrow rows: several rows per vector (fewer where the plane has fewer)
       (4, 13, 3, 2, 1, "uint8", "int8"), (3, 3, 7, 2, 3, "uint8", "uint8"),
+      # 100-pixel rows: tiles of 7 (stride 1) and 4 (stride 2) rows, the last one overlapping
+      (2, 99, 3, 1, 1, "uint8", "uint8"), (2, 99, 3, 2, 1, "uint8", "int8"),
       # rows of 256 pixels: a row's tile would be 1 KiB, so the grid
       (2, 255, 3, 1, 1, "uint8", "uint8")]
 POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),

@@ -167,10 +167,9 @@ def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
             fix(shift, 1).astype(np.int32))
 
 
-def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None, slack: int = 0):
+def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     """``(pack, kernel, scratch)``: ``pack(X) -> Xc`` and ``kernel(Xc, Wp, B, M, S, Y)`` for one
-    conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input);
-    ``slack``: bytes more the scratch keeps past its last plane (filled with the pad)."""
+    conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input)."""
     from tvm.script import tirx as T
 
     C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
@@ -192,7 +191,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None, slack: int
     plane = Hq * Wq                         # grid positions per (phase, channel block)
     phases = s * s
     # Junk lanes of the last tile read past the last plane: slack so they stay in bounds.
-    scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L + slack
+    scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
     pad_value = off if pad is None else pad  # a zero input, offset

@@ -1,28 +1,29 @@
 """Planar integer kernels: depthwise conv and max pool (one channel per tile, no dot product
-across channels), on the padded planar scratch of :func:`pqcompile.lower.kernels.conv2d_kernel`'s
-pack with the generic (depth 1) layout.
+across channels). The max pool and the depthwise ``grid`` schedule read the padded planar
+scratch of :func:`pqcompile.lower.kernels.conv2d_kernel`'s pack with the generic (depth 1)
+layout; the depthwise row schedules need no pack.
 
 The depthwise conv has three schedules (:func:`dw_schedule`):
 
 - ``rows``: a tile is one output row of one channel, in vectors of ``L`` pixels (the last one
-  overlapping the one before where ``L`` does not divide the width), stored straight into
+  overlapping the one before where ``L`` does not divide the width), or where rows are
+  narrower than a vector the channel's whole plane, several rows per vector. It copies the
+  input rows it reads into a zero-padded row buffer on the stack, and stores straight into
   NCHW; each tap is a vector widening multiply-add with the tap's weight broadcast.
 - ``rows-vnni`` (AVX-512 VNNI, uint8 input): the same tiles, but the taps of a kernel row go
   4 at a time into one ``vpdpbusd``: one byte shuffle lays out, for each of 16 pixels, the 4
-  input bytes its 4 taps read (at stride 2, every other byte) next to the 4 tap weights.
-  Both read padded planes without stride phases (``vpermb`` picks the bytes).
-- ``grid`` (rows narrower than a vector): a tile is ``NR`` vectors of the channel's output
-  grid (output rows x padded input columns, a few junk columns per row), copied out to NCHW
-  at the end.
+  input bytes its 4 taps read (at stride 2, every other byte: no stride phases) next to the
+  4 tap weights.
+- ``grid`` (where the row schedules' stack buffers would reach 1 KiB): a tile is ``NR``
+  vectors of the channel's output grid (output rows x padded input columns, a few junk
+  columns per row), copied out to NCHW at the end.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from .kernels import KERNEL_ATTR, ConvShape, Isa, _requant_macro, conv2d_kernel
+from .kernels import KERNEL_ATTR, ConvShape, Isa, _requant_macro, _row_macro, conv2d_kernel
 
 
 def dw_isa(isa: Isa) -> Isa:
@@ -31,24 +32,33 @@ def dw_isa(isa: Isa) -> Isa:
     return Isa("generic", isa.lanes, 1, max(1, min(8, 1020 // (isa.lanes * 4))))
 
 
-def _dw_rows_layout(shape: ConvShape, L: int) -> tuple[int, int, int]:
-    """``(R, V, N)`` of the row schedules: ``R`` output rows per vector (0 where a row is at
-    least ``L`` pixels: a tile is then one row of ``V`` vectors; else as many whole rows as
-    fit in ``L`` lanes, and a tile is the channel's plane in ``V`` vectors), ``N`` the bytes
-    one vector's taps span (a power of two, at least ``4 L``)."""
+def _dw_rows_layout(shape: ConvShape, L: int) -> tuple[int, int, int, int, int]:
+    """``(R, V, N, RT, RB)`` of the row schedules: ``R`` output rows per vector (0 where a row
+    is at least ``L`` pixels: a tile is then ``RT`` rows of ``V`` vectors each, as many rows
+    as keep its input rows under 1 KiB; else as many whole rows as fit in ``L`` lanes, and a
+    tile is the channel's plane in ``V`` vectors), ``N`` the bytes one vector's taps span (a
+    power of two, at least ``4 L``), ``RB`` the bytes of the tile's padded input rows plus
+    ``N``."""
     oh, ow = shape.out_hw
-    s, kw = shape.stride, shape.kernel[1]
+    s, (kh, kw) = shape.stride, shape.kernel
+    wp = shape.width + 2 * shape.padding[1]
     r = 0 if ow >= L else min(L // ow, oh)
     v = -(-ow // L) if r == 0 else -(-oh // r)
-    span = (max(r, 1) - 1) * s * (shape.width + 2 * shape.padding[1]) + (min(ow, L) - 1) * s + kw
-    return r, v, max(4 * L, 1 << (span - 1).bit_length())
+    span = (max(r, 1) - 1) * s * wp + (min(ow, L) - 1) * s + kw
+    n = max(4 * L, 1 << (span - 1).bit_length())
+    if r:
+        return r, v, n, oh, (shape.height + 2 * shape.padding[0]) * wp + n
+    rt = max(1, min(oh, ((1023 - n) // wp - kh) // s + 1))
+    return r, v, n, rt, ((rt - 1) * s + kh) * wp + n
 
 
 def dw_schedule(shape: ConvShape, isa: Isa) -> str:
     """``"rows-vnni"``, ``"rows"`` or ``"grid"`` for a depthwise conv (see the module doc)."""
     L = dw_isa(isa).lanes
-    r, v, n = _dw_rows_layout(shape, L)
-    if v * L * 4 >= 1024 or n > 128:  # a tile of 1 KiB or more; taps beyond two vectors
+    r, v, n, _, rb = _dw_rows_layout(shape, L)
+    # accumulators or input rows of 1 KiB or more (TVM would put them on the heap); taps
+    # spanning more than two vectors
+    if v * L * 4 >= 1024 or rb >= 1024 or n > 128:
         return "grid"
     if isa.name == "vnni" and shape.in_dtype == "uint8" and shape.kernel[1] <= 8:
         return "rows-vnni"
@@ -76,10 +86,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
 
     schedule = dw_schedule(shape, isa)
     isa = dw_isa(isa)
-    if schedule != "grid":  # packed as for stride 1: padded planes, no stride phases
-        pack, _, scratch = conv2d_kernel(dataclasses.replace(shape, stride=1), isa,
-                                         slack=_dw_rows_layout(shape, isa.lanes)[2])
-        return pack, _dw_rows(shape, isa, scratch, schedule == "rows-vnni"), scratch
+    if schedule != "grid":  # no pack: each tile copies the input rows it reads
+        return None, _dw_rows(shape, isa, schedule == "rows-vnni"), 0
     pack, _, scratch = conv2d_kernel(shape, isa)
     C, H, W = shape.channels, shape.height, shape.width
     KH, KW = shape.kernel
@@ -128,10 +136,11 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     return pack, kernel, scratch
 
 
-def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
-    """The ``rows`` / ``rows-vnni`` depthwise kernel (see the module doc) on the padded planar
-    scratch ``[C][H + 2 PH][W + 2 PW]`` (no stride phases: a stride-2 tap's pixels are every
-    other byte of one load, picked by the shuffle)."""
+def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
+    """The ``rows`` / ``rows-vnni`` depthwise kernel (see the module doc): ``kernel(X, Wd, B,
+    M, S, Y)`` on the NCHW input. Each tile first copies the input rows it reads into a
+    padded row buffer on the stack (``[rows][W + 2 PW]``, zero pads; no stride phases: a
+    stride-2 tap's pixels are every other byte of one load, picked by the shuffle)."""
     from tvm.script import tirx as T
 
     C, H, W = shape.channels, shape.height, shape.width
@@ -142,13 +151,15 @@ def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
     in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
     L = isa.lanes
     Wp = W + 2 * PW
-    plane = (H + 2 * PH) * Wp
-    R, V, N = _dw_rows_layout(shape, L)
-    NT = OH if R == 0 else 1  # tiles per channel
+    R, V, N, RT, RB = _dw_rows_layout(shape, L)
+    NT = -(-OH // RT) if R == 0 else 1  # tiles per channel (the last one may overlap)
+    RIN = (RT - 1) * s + KH if R == 0 else H + 2 * PH  # input rows a tile copies
     U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
     _store = _requant_macro(out_dt, lo, hi)
+    _row = _row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
+                      16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
     # rows; tap kw reads it at off[i] * s + kw past the vector's first input byte: one load
     # of N bytes (two of N/2: a shuffle may not have more lanes than its inputs), a shuffle
@@ -157,20 +168,23 @@ def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
     # stride is 1). Junk lanes (i >= U) read lane 0's bytes and are not stored.
     off = [i if R == 0 else (i // OW) * Wp + i % OW if i < U else 0 for i in range(L)]
     taps = [[kw if kw < KW else 4 * g for kw in range(4 * g, 4 * g + 4)] for g in range(G)]
-    last = (C - 1) * plane + ((OH - 1) * s + KH - 1) * Wp + (OW - min(OW, L)) * s + N
-    assert last <= scratch, (shape, last, scratch)  # the pack's slack covers the loads
 
-    def picked(Xc, base, pattern):
-        return T.Shuffle([Xc.vload([base], f"{in_dt}x{N // 2}"),
-                          Xc.vload([base + N // 2], f"{in_dt}x{N // 2}")], pattern)
+    def picked(Xb, base, pattern):
+        return T.Shuffle([Xb.vload([base], f"{in_dt}x{N // 2}"),
+                          Xb.vload([base + N // 2], f"{in_dt}x{N // 2}")], pattern)
 
-    def first(t, v):  # the vector's first input byte, less the channel's plane
+    def row0(t):  # the tile's first output row
+        return T.min(t % NT * RT, OH - RT)
+
+    def first(o, v, kh):  # output row o's vector v's first input byte in the row buffer
         if R == 0:
-            return (t % OH * s) * Wp + T.min(v * L, OW - L) * s
-        return T.min(v * R, OH - R) * s * Wp
+            return (o * s + kh) * Wp + T.min(v * L, OW - L) * s
+        return (T.min(v * R, OH - R) * s + kh) * Wp
 
-    def out(t, v):  # the vector's first output pixel in the channel's plane
-        return t % OH * OW + T.min(v * L, OW - L) if R == 0 else T.min(v * R, OH - R) * OW
+    def out(t, o, v):  # the vector's first output pixel in the channel's plane
+        if R == 0:
+            return (row0(t) + o) * OW + T.min(v * L, OW - L)
+        return T.min(v * R, OH - R) * OW
 
     @T.macro
     def _vdot(acc, a, data, Wd, c, w):  # acc[a:a+16] += 16 pixels' 4 bytes . Wd[c, w:w+4]
@@ -180,47 +194,65 @@ def _dw_rows(shape: ConvShape, isa: Isa, scratch: int, vnni: bool):
             T.reinterpret(T.broadcast(T.reinterpret(Wd.vload([c, w], "int8x4"), dtype="int32"),
                                       16), dtype="int8x64"), dtype="int32x16")
 
+    @T.macro
+    def _fill(Xb, Xf, r, ih, c):  # row buffer row r <- input row ih of channel c (or pad)
+        if 0 <= ih and ih < H:
+            for j in range(PW):
+                Xb[r * Wp + j] = T.Cast(in_dt, 0)
+                Xb[r * Wp + PW + W + j] = T.Cast(in_dt, 0)
+            _row(Xb, Xf, r * Wp + PW, (c * H + ih) * W, 0, W)
+        else:
+            for j in range(Wp):
+                Xb[r * Wp + j] = T.Cast(in_dt, 0)
+
     @T.prim_func(s_tir=True)
-    def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, WK), "int8"),
+    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wd: T.Buffer((C, WK), "int8"),
                B: T.Buffer((C,), "int32"), M: T.Buffer((C,), "int32"),
                S: T.Buffer((C,), "int32"), Y: T.Buffer((1, C, OH, OW), out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "dwconv2d"})
         with T.sblock("root"):
+            Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
             Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
             for t in T.parallel(C * NT):
+                # under 1 KiB each, so stack arrays (dw_schedule checks)
                 acc = T.alloc_buffer((V * L,), "int32", scope="global")
-                for v in T.unroll(V):
-                    acc[T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
-                for kh in T.unroll(KH):
+                Xb = T.alloc_buffer((RB,), in_dt, scope="global")
+                for r in range(RIN):
+                    _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
+                for o in range(RT if R == 0 else 1):
                     for v in T.unroll(V):
-                        if vnni:
-                            _vdot(acc, v * L, picked(
-                                Xc, t // NT * plane + kh * Wp + first(t, v),
-                                [off[i] * s + taps[0][j] for i in range(L) for j in range(4)]),
-                                Wd, t // NT, kh * G * 4)
-                            if G > 1:
+                        acc[T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
+                    for kh in T.unroll(KH):
+                        for v in T.unroll(V):
+                            if vnni:
                                 _vdot(acc, v * L, picked(
-                                    Xc, t // NT * plane + kh * Wp + first(t, v),
-                                    [off[i] * s + taps[G - 1][j] for i in range(L)
-                                     for j in range(4)]),
-                                    Wd, t // NT, (kh * G + G - 1) * 4)
-                        elif s == 1 and R == 0:
-                            for kw in T.unroll(KW):
-                                for lane in T.vectorized(L):
-                                    acc[v * L + lane] = acc[v * L + lane] + T.Cast("int32", Xc[
-                                        t // NT * plane + kh * Wp + kw + first(t, v) + lane]) \
-                                        * T.Cast("int32", Wd[t // NT, kh * KW + kw])
-                        else:
-                            for kw in range(KW):  # unrolled by LLVM; the shuffle needs kw known
-                                acc[T.ramp(v * L, 1, L)] = acc.vload([v * L], f"int32x{L}") \
-                                    + T.Cast(f"int32x{L}", picked(
-                                        Xc, t // NT * plane + kh * Wp + kw + first(t, v),
-                                        [off[i] * s for i in range(L)])) \
-                                    * T.broadcast(T.Cast("int32", Wd[t // NT, kh * KW + kw]), L)
-                for v in T.unroll(V):
-                    for lane in T.vectorized(U):
-                        _store(Yf, t // NT * OH * OW + out(t, v) + lane, acc, v * L + lane,
-                               t // NT, B, M, S)
+                                    Xb, first(o, v, kh),
+                                    [off[i] * s + taps[0][j] for i in range(L) for j in range(4)]),
+                                    Wd, t // NT, kh * G * 4)
+                                if G > 1:
+                                    _vdot(acc, v * L, picked(
+                                        Xb, first(o, v, kh),
+                                        [off[i] * s + taps[G - 1][j] for i in range(L)
+                                         for j in range(4)]),
+                                        Wd, t // NT, (kh * G + G - 1) * 4)
+                            elif s == 1 and R == 0:
+                                for kw in T.unroll(KW):
+                                    for lane in T.vectorized(L):
+                                        acc[v * L + lane] = acc[v * L + lane] + T.Cast(
+                                            "int32", Xb[first(o, v, kh) + kw + lane]) \
+                                            * T.Cast("int32", Wd[t // NT, kh * KW + kw])
+                            else:
+                                for kw in range(KW):  # LLVM unrolls it (kw a known offset)
+                                    acc[T.ramp(v * L, 1, L)] = acc.vload([v * L], f"int32x{L}") \
+                                        + T.Cast(f"int32x{L}", picked(
+                                            Xb, first(o, v, kh) + kw,
+                                            [off[i] * s for i in range(L)])) \
+                                        * T.broadcast(T.Cast("int32", Wd[t // NT, kh * KW + kw]),
+                                                      L)
+                    for v in T.unroll(V):
+                        for lane in T.vectorized(U):
+                            _store(Yf, t // NT * OH * OW + out(t, o, v) + lane, acc, v * L + lane,
+                                   t // NT, B, M, S)
 
     return kernel
 

@@ -143,12 +143,14 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
 
 def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str, x,
                  args: list, out_shape, out_dtype: str) -> relax.Expr:
-    """Emit a kernel's two calls: its pack of ``x`` into the scratch, then the kernel on the
-    scratch and ``args``; ``made`` is the kernel builder's ``(pack, kernel, scratch)``."""
+    """Emit a kernel's calls: its pack of ``x`` into the scratch, then the kernel on the
+    scratch and ``args``; ``made`` is the kernel builder's ``(pack, kernel, scratch)`` (a
+    kernel without a pack, ``pack`` None, takes ``x`` itself)."""
     bb = lw.bb
     pack, kernel, scratch = made
-    xc = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
-                                [x], relax.TensorType((scratch,), scratch_dtype)))
+    xc = x if pack is None else bb.emit(relax.call_tir(
+        bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"), [x],
+        relax.TensorType((scratch,), scratch_dtype)))
     return bb.emit(relax.call_tir(
         bb.add_func(kernel.without_attr("global_symbol"), f"{name}_{suffix}"), [xc, *args],
         relax.TensorType(out_shape, out_dtype)))
