@@ -202,7 +202,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
-    _store = _requant_macro(out_dt, lo, hi)
+    _kload, _kstore = _channel_macros(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
@@ -267,9 +267,10 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
             for ob_qb in T.parallel(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                for r in T.unroll(MR):
+                for r in T.unroll(MR):  # the accumulators start at the bias
                     for v in T.unroll(NR):
-                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(T.int32(0), L)
+                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(
+                            B[ob_qb // QB * MR + r], L)
                 for cb in range(CB):
                     for kh in range(KH):
                         for kw in range(KW):
@@ -280,29 +281,29 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                          (((kh % s) * s + kw % s) * CB + cb) * plane
                                          + (kh // s) * Wq + kw // s
                                          + ((ob_qb % QB) * NR + v) * L)
+                kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
+                for r in T.unroll(MR):
+                    _kload(kc, 3 * r, ob_qb // QB * MR + r, M, S)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         if direct:  # the grid is the output: store into it (no copy)
                             if ob_qb // QB * MR + r < OC:
                                 if ((ob_qb % QB) * NR + v) * L + L <= NQ:
                                     for lane in T.vectorized(L):
-                                        _store(Yf, (ob_qb // QB * MR + r) * NQ
-                                               + ((ob_qb % QB) * NR + v) * L + lane,
-                                               acc, (r * NR + v) * L + lane,
-                                               ob_qb // QB * MR + r, B, M, S)
+                                        _kstore(Yf, (ob_qb // QB * MR + r) * NQ
+                                                + ((ob_qb % QB) * NR + v) * L + lane,
+                                                acc, (r * NR + v) * L + lane, kc, 3 * r)
                                 else:
                                     for lane in range(L):
                                         if ((ob_qb % QB) * NR + v) * L + lane < NQ:
-                                            _store(Yf, (ob_qb // QB * MR + r) * NQ
-                                                   + ((ob_qb % QB) * NR + v) * L + lane,
-                                                   acc, (r * NR + v) * L + lane,
-                                                   ob_qb // QB * MR + r, B, M, S)
+                                            _kstore(Yf, (ob_qb // QB * MR + r) * NQ
+                                                    + ((ob_qb % QB) * NR + v) * L + lane,
+                                                    acc, (r * NR + v) * L + lane, kc, 3 * r)
                         else:
                             for lane in T.vectorized(L):
-                                _store(Yg, (ob_qb // QB * MR + r) * grid
-                                       + ((ob_qb % QB) * NR + v) * L + lane,
-                                       acc, (r * NR + v) * L + lane, ob_qb // QB * MR + r,
-                                       B, M, S)
+                                _kstore(Yg, (ob_qb // QB * MR + r) * grid
+                                        + ((ob_qb % QB) * NR + v) * L + lane,
+                                        acc, (r * NR + v) * L + lane, kc, 3 * r)
             if not direct:  # 3. grid rows -> NCHW
                 for o_oh in T.parallel(OC * OH):
                     for ow in T.vectorized(OW):
@@ -390,6 +391,30 @@ def _requant_macro(out_dt: str, lo: int, hi: int):
              + (T.int64(1) << T.Cast("int64", S[ch] - 1))) >> T.Cast("int64", S[ch]),
             T.int64(hi)), T.int64(lo)))
     return store
+
+
+def _channel_macros(out_dt: str, lo: int, hi: int):
+    """``(load, store)``: the requantization of :func:`_requant_macro` for accumulators that
+    start at the bias (the same int32 sum), with a channel's constants read once per tile:
+    ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
+    ``K[j:j+3]`` (a small stack array, so registers), ``store(dst, i, acc, a, K, j)``
+    requantizes with them. (Read per vector, as LLVM must where the stores may alias them,
+    and added to the accumulators at the end, which LLVM widens to two 64-bit adds, they
+    cost a third of the epilogue.)"""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def load(K, j, ch, M, S):
+        K[j] = T.Cast("int64", M[ch])
+        K[j + 1] = T.int64(1) << T.Cast("int64", S[ch] - 1)
+        K[j + 2] = T.Cast("int64", S[ch])
+
+    @T.macro
+    def store(dst, i, acc, a, K, j):
+        dst[i] = T.Cast(out_dt, T.max(T.min(
+            (T.Cast("int64", acc[a]) * K[j] + K[j + 1]) >> K[j + 2],
+            T.int64(hi)), T.int64(lo)))
+    return load, store
 
 
 def _dot_macro(isa: Isa):

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import KERNEL_ATTR, ConvShape, Isa, _requant_macro, _row_macro, conv2d_kernel
+from .kernels import (
+    KERNEL_ATTR,
+    ConvShape,
+    Isa,
+    _channel_macros,
+    _requant_macro,
+    _row_macro,
+    conv2d_kernel,
+)
 
 
 def dw_isa(isa: Isa) -> Isa:
@@ -157,7 +165,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
     U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
-    _store = _requant_macro(out_dt, lo, hi)
+    _kload, _kstore = _channel_macros(out_dt, lo, hi)
     _row = _row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
                       16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
@@ -217,11 +225,13 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
                 # under 1 KiB each, so stack arrays (dw_schedule checks)
                 acc = T.alloc_buffer((V * L,), "int32", scope="global")
                 Xb = T.alloc_buffer((RB,), in_dt, scope="global")
+                kc = T.alloc_buffer((3,), "int64", scope="global")
+                _kload(kc, 0, t // NT, M, S)
                 for r in range(RIN):
                     _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
                 for o in range(RT if R == 0 else 1):
-                    for v in T.unroll(V):
-                        acc[T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
+                    for v in T.unroll(V):  # the accumulators start at the bias
+                        acc[T.ramp(v * L, 1, L)] = T.broadcast(B[t // NT], L)
                     for kh in T.unroll(KH):
                         for v in T.unroll(V):
                             if vnni:
@@ -251,8 +261,8 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
                                                       L)
                     for v in T.unroll(V):
                         for lane in T.vectorized(U):
-                            _store(Yf, t // NT * OH * OW + out(t, o, v) + lane, acc, v * L + lane,
-                                   t // NT, B, M, S)
+                            _kstore(Yf, t // NT * OH * OW + out(t, o, v) + lane, acc,
+                                    v * L + lane, kc, 0)
 
     return kernel
 
