@@ -22,9 +22,10 @@ The inner step is one dot-product instruction per (output channel, pixel vector)
 - ``generic`` (any CPU): 4 widening multiply-adds per step, vectorized by LLVM.
 
 The weights are pre-packed once at lowering time (:func:`pack_weight`) as
-``[O/MR][C/4 * KH * KW][MR][4]``. The depthwise conv and max pool
-(:mod:`~pqcompile.lower.kernels_planar`) and the linear kernel
-(:mod:`~pqcompile.lower.kernels_linear`) share the pack, the tiles and the epilogue.
+``[O/MR][C/4 * KH * KW][MR][4]``. The accumulators start at the bias, and each tile reads
+its channels' requantization constants once (:func:`_channel_macros`). The depthwise conv and
+max pool (:mod:`~pqcompile.lower.kernels_planar`) and the linear kernel
+(:mod:`~pqcompile.lower.kernels_linear`) share the row copies, the tiles and the epilogue.
 """
 
 from __future__ import annotations
