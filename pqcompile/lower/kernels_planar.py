@@ -88,8 +88,10 @@ def pack_dw_weight(q: np.ndarray, shape: ConvShape, isa: Isa) -> np.ndarray:
 
 def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     """Depthwise conv (groups = channels = out channels): ``(pack, kernel, scratch)`` like
-    :func:`conv2d_kernel`; the kernel is ``(Xc, Wd, B, M, S, Y)`` with ``Wd`` from
-    :func:`pack_dw_weight`, scheduled as :func:`dw_schedule` says (see the module doc)."""
+    :func:`conv2d_kernel`, scheduled as :func:`dw_schedule` says (see the module doc); the
+    kernel is ``(Xc, Wd, B, M, S, Y)`` with ``Wd`` from :func:`pack_dw_weight`. The row
+    schedules have no pack (``pack`` None, ``scratch`` 0): their kernel takes the NCHW input
+    ``X`` in place of ``Xc``."""
     from tvm.script import tirx as T
 
     schedule = dw_schedule(shape, isa)
