@@ -11,6 +11,8 @@ every op is integer; within one LSB where float ops (sigmoid, SiLU, hardswish ga
 between, since a float64 result may round the other way at a quantization step.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -32,14 +34,17 @@ from pqcompile.presets import compute_layers
 from pqcompile.quant import build_reference, integer_outputs
 from pqcompile.quant.plan import activation_sources
 
+# CI runs 300 cases of the long run (each run draws new ones); PQCOMPILE_FUZZ_CASES=1000 for more
+LONG_CASES = int(os.environ.get("PQCOMPILE_FUZZ_CASES", "300"))
 STATS = {"cases": 0, "float_ops": 0, "pruned": 0, "kernels": 0, "worst": 0}
 
 
 def compile_case(data):
     spec, head = data.draw(nets(), label="model")
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    # batch 1 lowers conv/linear to the host's hand-scheduled kernels, batch 2 to TVM's ops
-    kernels = data.draw(st.booleans(), label="hand-scheduled kernels")
+    # batch 1 lowers conv/linear to the host's hand-scheduled kernels, batch 2 to TVM's ops:
+    # half the cases each, by the seed's parity (hypothesis's booleans are not a fair coin)
+    kernels = seed % 2 == 0
     batch = 1 if kernels else 2
     model = build(spec, head, seed).float()
     gen = torch.Generator().manual_seed(seed)
@@ -89,18 +94,19 @@ def test_random_graphs_compile_with_parity(data):
 
 
 @pytest.mark.slow
-@settings(max_examples=1000, **COMMON)
+@settings(max_examples=LONG_CASES, **COMMON)
 @given(st.data())
-def test_random_graphs_compile_with_parity_1000(data):
+def test_random_graphs_compile_with_parity_long(data):
     compile_case(data)
 
 
 @pytest.mark.slow
 def test_the_long_run_covered_what_it_claims():
-    """Runs after the 1,000-case test in the same session: it really ran them all."""
-    if STATS["cases"] < 1000:
-        pytest.skip("the 1,000-case run did not run in this session (selected alone)")
+    """Runs after the long run in the same session: it really ran them all, and they covered
+    float ops, pruning and the hand-scheduled kernels."""
+    if STATS["cases"] < LONG_CASES:
+        pytest.skip("the long run did not run in this session (selected alone)")
     print(f"\n{STATS}")
-    # hypothesis's booleans are not a fair coin: 262 and over 300 of ~1,025 cases went through
-    # the kernels in two runs
-    assert STATS["float_ops"] >= 100 and STATS["pruned"] >= 300 and STATS["kernels"] >= 200
+    n = STATS["cases"]
+    assert STATS["float_ops"] >= 0.1 * n and STATS["pruned"] >= 0.3 * n \
+        and STATS["kernels"] >= 0.4 * n, STATS

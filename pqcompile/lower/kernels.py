@@ -380,29 +380,30 @@ def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: 
 
 
 def _requant_macro(out_dt: str, lo: int, hi: int):
-    """``dst[i] = clamp((int64(acc[a] + B[ch]) * M[ch] + 2^(S[ch]-1)) >> S[ch], lo, hi)``: the
-    requantization of :func:`pqcompile.lower.ops.requant` (written without let-bindings, which
-    TVM 0.27's vectorizer evaluates once for all lanes)."""
+    """``store(dst, i, acc, a, m, r, sh)``: ``dst[i] = clamp((int64(acc[a]) * m + r) >> sh,
+    lo, hi)`` with the int64 multiplier ``m``, rounding term ``r = 2^(sh-1)`` and shift
+    ``sh``: the requantization of :func:`pqcompile.lower.ops.requant` for accumulators that
+    start at the bias (the same int32 sum). Every kernel's epilogue. (Written without
+    let-bindings, which TVM 0.27's vectorizer evaluates once for all lanes.)"""
     from tvm.script import tirx as T
 
     @T.macro
-    def store(dst, i, acc, a, ch, B, M, S):
-        dst[i] = T.Cast(out_dt, T.max(T.min(
-            (T.Cast("int64", acc[a] + B[ch]) * T.Cast("int64", M[ch])
-             + (T.int64(1) << T.Cast("int64", S[ch] - 1))) >> T.Cast("int64", S[ch]),
-            T.int64(hi)), T.int64(lo)))
+    def store(dst, i, acc, a, m, r, sh):
+        dst[i] = T.Cast(out_dt, T.max(T.min((T.Cast("int64", acc[a]) * m + r) >> sh,
+                                            T.int64(hi)), T.int64(lo)))
     return store
 
 
 def _channel_macros(out_dt: str, lo: int, hi: int):
-    """``(load, store)``: the requantization of :func:`_requant_macro` for accumulators that
-    start at the bias (the same int32 sum), with a channel's constants read once per tile:
-    ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
+    """``(load, store)``: :func:`_requant_macro` with a channel's constants read once per
+    tile: ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
     ``K[j:j+3]`` (a small stack array, so registers), ``store(dst, i, acc, a, K, j)``
     requantizes with them. (Read per vector, as LLVM must where the stores may alias them,
     and added to the accumulators at the end, which LLVM widens to two 64-bit adds, they
     cost a third of the epilogue.)"""
     from tvm.script import tirx as T
+
+    _requant = _requant_macro(out_dt, lo, hi)
 
     @T.macro
     def load(K, j, ch, M, S):
@@ -412,34 +413,55 @@ def _channel_macros(out_dt: str, lo: int, hi: int):
 
     @T.macro
     def store(dst, i, acc, a, K, j):
-        dst[i] = T.Cast(out_dt, T.max(T.min(
-            (T.Cast("int64", acc[a]) * K[j] + K[j + 1]) >> K[j + 2],
-            T.int64(hi)), T.int64(lo)))
+        _requant(dst, i, acc, a, K[j], K[j + 1], K[j + 2])
     return load, store
 
 
+def _splat(word, n: int, dtype: str):
+    """``n`` copies of a 4-byte ``word`` (an ``int8x4`` / ``uint8x4`` load) as one vector of
+    ``dtype`` (``n * 4`` bytes): the broadcast operand of a 4-byte dot product."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.broadcast(T.reinterpret(word, dtype="int32"), n), dtype=dtype)
+
+
+def _dot4_macro(name: str):
+    """``dot4(acc, a, u, w)``: ``acc[a:a+L]`` (int32 lanes) += the dot product of each lane's
+    4 bytes of ``u`` and of ``w``: ``vpdpbusd`` (``u`` uint8x64, ``w`` int8x64) or ``sdot``
+    (both int8x16). Every kernel's dot-product instruction."""
+    from tvm.script import tirx as T
+
+    if name == "vnni":
+        @T.macro
+        def dot4(acc, a, u, w):
+            acc[T.ramp(a, 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                acc.vload([a], "int32x16"), u, w, dtype="int32x16")
+    elif name == "sdot":
+        @T.macro
+        def dot4(acc, a, u, w):
+            acc[T.ramp(a, 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                acc.vload([a], "int32x4"), u, w, dtype="int32x4")
+    else:
+        raise ValueError(f"{name!r} has no 4-byte dot-product instruction")
+    return dot4
+
+
 def _dot_macro(isa: Isa):
+    """``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved
+    input words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
     from tvm.script import tirx as T
 
     L = isa.lanes
-    if isa.name == "vnni":
+    if isa.name in ("vnni", "sdot"):
+        _dot4 = _dot4_macro(isa.name)
+        u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
+
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
-            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                acc.vload([a], "int32x16"), Xc.vload([x * 4], "uint8x64"),
-                T.reinterpret(T.broadcast(T.reinterpret(Wp.vload([ob, ks, r, 0], "int8x4"),
-                                                        dtype="int32"), 16), dtype="int8x64"),
-                dtype="int32x16")
-    elif isa.name == "sdot":
-        @T.macro
-        def dot(acc, Xc, Wp, ob, ks, r, a, x):
-            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                acc.vload([a], "int32x4"), Xc.vload([x * 4], "int8x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(Wp.vload([ob, ks, r, 0], "int8x4"),
-                                                        dtype="int32"), 4), dtype="int8x16"),
-                dtype="int32x4")
+            _dot4(acc, a, Xc.vload([x * 4], u_dt),
+                  _splat(Wp.vload([ob, ks, r, 0], "int8x4"), L, w_dt))
     else:
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import KERNEL_ATTR, Isa, _requant_macro
+from .kernels import KERNEL_ATTR, Isa, _dot4_macro, _requant_macro, _splat
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,11 @@ def linear_kernel(shape: LinearShape, isa: Isa):
             Yg = T.alloc_buffer((MB * MR * Ng,), out_dt)
             for mb_nb in T.parallel(MB * NB):
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                for r in T.unroll(MR):
+                for r in T.unroll(MR):  # the accumulators start at the bias
                     for v in T.unroll(NR):
-                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(T.int32(0), L)
+                        for lane in T.vectorized(L):
+                            acc[(r * NR + v) * L + lane] = B[
+                                T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1)]
                 for kb in range(KB):
                     for r in T.unroll(MR):
                         for v in T.unroll(NR):
@@ -111,7 +113,12 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                         for lane in T.vectorized(L):
                             _store(Yg, (mb_nb // NB * MR + r) * Ng + ((mb_nb % NB) * NR + v) * L
                                    + lane, acc, (r * NR + v) * L + lane,
-                                   T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1), B, M, S)
+                                   T.Cast("int64", M[T.min(((mb_nb % NB) * NR + v) * L + lane,
+                                                            Np - 1)]),
+                                   T.int64(1) << T.Cast("int64", S[T.min(
+                                       ((mb_nb % NB) * NR + v) * L + lane, Np - 1)] - 1),
+                                   T.Cast("int64", S[T.min(((mb_nb % NB) * NR + v) * L + lane,
+                                                           Np - 1)]))
             for m in range(Mr):
                 for n in range(N):
                     Y[m, n] = Yg[m * Ng + n]
@@ -124,24 +131,14 @@ def _linear_dot_macro(isa: Isa):
     from tvm.script import tirx as T
 
     L = isa.lanes
-    if isa.name == "vnni":  # vpdpbusd: first operand unsigned (the inputs), second signed
+    if isa.name in ("vnni", "sdot"):  # vpdpbusd: the inputs unsigned, the weights signed
+        _dot4 = _dot4_macro(isa.name)
+        x_dt, w_dt = ("uint8", "int8x64") if isa.name == "vnni" else ("int8", "int8x16")
+
         @T.macro
         def dot(acc, a, Wv, nv, kb, Xp, x):
-            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                acc.vload([a], "int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(Xp.vload([x], "uint8x4"),
-                                                        dtype="int32"), 16), dtype="uint8x64"),
-                Wv.vload([nv, kb, 0, 0], "int8x64"), dtype="int32x16")
-    elif isa.name == "sdot":
-        @T.macro
-        def dot(acc, a, Wv, nv, kb, Xp, x):
-            acc[T.ramp(a, 1, L)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                acc.vload([a], "int32x4"), Wv.vload([nv, kb, 0, 0], "int8x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(Xp.vload([x], "int8x4"),
-                                                        dtype="int32"), 4), dtype="int8x16"),
-                dtype="int32x4")
+            _dot4(acc, a, _splat(Xp.vload([x], f"{x_dt}x4"), L, f"{x_dt}x{4 * L}"),
+                  Wv.vload([nv, kb, 0, 0], w_dt))
     else:
         @T.macro
         def dot(acc, a, Wv, nv, kb, Xp, x):

@@ -28,8 +28,9 @@ from .kernels import (
     ConvShape,
     Isa,
     _channel_macros,
-    _requant_macro,
+    _dot4_macro,
     _row_macro,
+    _splat,
     conv2d_kernel,
 )
 
@@ -113,7 +114,7 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     QB = -(-NV // NR)
     plane = Hq * Wq
     grid = QB * NR * L
-    _store = _requant_macro(out_dt, lo, hi)
+    _kload, _kstore = _channel_macros(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, KH * KW), "int8"),
@@ -124,8 +125,10 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
             Yg = T.alloc_buffer((C * grid,), out_dt)
             for c_qb in T.parallel(C * QB):
                 acc = T.alloc_buffer((NR * L,), "int32", scope="global")
-                for v in T.unroll(NR):
-                    acc[T.ramp(v * L, 1, L)] = T.broadcast(T.int32(0), L)
+                kc = T.alloc_buffer((3,), "int64", scope="global")
+                _kload(kc, 0, c_qb // QB, M, S)
+                for v in T.unroll(NR):  # the accumulators start at the bias
+                    acc[T.ramp(v * L, 1, L)] = T.broadcast(B[c_qb // QB], L)
                 for kh in T.unroll(KH):
                     for kw in T.unroll(KW):
                         for v in T.unroll(NR):
@@ -137,8 +140,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
                                     * T.Cast("int32", Wd[c_qb // QB, kh * KW + kw])
                 for v in T.unroll(NR):
                     for lane in T.vectorized(L):
-                        _store(Yg, c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane, acc,
-                               v * L + lane, c_qb // QB, B, M, S)
+                        _kstore(Yg, c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane,
+                                acc, v * L + lane, kc, 0)
             for c_oh in T.parallel(C * OH):
                 for ow in T.vectorized(OW):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
@@ -196,13 +199,10 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
             return (row0(t) + o) * OW + T.min(v * L, OW - L)
         return T.min(v * R, OH - R) * OW
 
-    @T.macro
-    def _vdot(acc, a, data, Wd, c, w):  # acc[a:a+16] += 16 pixels' 4 bytes . Wd[c, w:w+4]
-        acc[T.ramp(a, 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            acc.vload([a], "int32x16"), data,
-            T.reinterpret(T.broadcast(T.reinterpret(Wd.vload([c, w], "int8x4"), dtype="int32"),
-                                      16), dtype="int8x64"), dtype="int32x16")
+    _dot4 = _dot4_macro("vnni")
+
+    def word(Wd, c, w):  # the 4 tap weights Wd[c, w:w+4], one per byte of every lane
+        return _splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
 
     @T.macro
     def _fill(Xb, Xf, r, ih, c):  # row buffer row r <- input row ih of channel c (or pad)
@@ -237,16 +237,16 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
                     for kh in T.unroll(KH):
                         for v in T.unroll(V):
                             if vnni:
-                                _vdot(acc, v * L, picked(
+                                _dot4(acc, v * L, picked(
                                     Xb, first(o, v, kh),
                                     [off[i] * s + taps[0][j] for i in range(L) for j in range(4)]),
-                                    Wd, t // NT, kh * G * 4)
+                                    word(Wd, t // NT, kh * G * 4))
                                 if G > 1:
-                                    _vdot(acc, v * L, picked(
+                                    _dot4(acc, v * L, picked(
                                         Xb, first(o, v, kh),
                                         [off[i] * s + taps[G - 1][j] for i in range(L)
                                          for j in range(4)]),
-                                        Wd, t // NT, (kh * G + G - 1) * 4)
+                                        word(Wd, t // NT, (kh * G + G - 1) * 4))
                             elif s == 1 and R == 0:
                                 for kw in T.unroll(KW):
                                     for lane in T.vectorized(L):
