@@ -23,9 +23,11 @@ The inner step is one dot-product instruction per (output channel, pixel vector)
 
 The weights are pre-packed once at lowering time (:func:`pack_weight`) as
 ``[O/MR][C/4 * KH * KW][MR][4]``. The accumulators start at the bias, and each tile reads
-its channels' requantization constants once (:func:`_channel_macros`). The depthwise conv and
-max pool (:mod:`~pqcompile.lower.kernels_planar`) and the linear kernel
-(:mod:`~pqcompile.lower.kernels_linear`) share the row copies, the tiles and the epilogue.
+its channels' requantization constants once
+(:func:`~pqcompile.lower.tir_macros.channel_macros`). The depthwise conv and max pool
+(:mod:`~pqcompile.lower.kernels_planar`) and the linear kernel
+(:mod:`~pqcompile.lower.kernels_linear`) share the row copies, the tiles and the epilogue
+(:mod:`~pqcompile.lower.tir_macros`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .tir_macros import channel_macros, dot4_macro, row_macro, splat
 
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
@@ -200,10 +204,10 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     direct = Wq == OW  # 1x1 convs: no junk columns
     flat = s == 1 and PH == 0 and PW == 0
     cols = H * W if flat else W // s  # columns a row copy moves
-    _row = _row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
+    _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
-    _kload, _kstore = _channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
@@ -314,140 +318,6 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     return pack, kernel, scratch * D
 
 
-def _row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: int,
-               CH: int = 16):
-    """Copy one input row's columns ``jlo..jhi`` (every ``s``-th source byte, ``D`` channels
-    ``chan`` apart interleaved into words) to ``Xc[dst + j * D ...]``, adding ``off`` (as a
-    byte xor): ``CH`` columns a step with vector loads and one shuffle; a remainder is one more
-    vector ending at ``jhi`` (rows of fewer than ``CH`` columns go one by one)."""
-    from tvm.script import tirx as T
-
-    src_lanes = f"{in_dt}x{CH * s}"
-    idx = [t * CH * s + j * s for j in range(CH) for t in range(D)]
-    flip = T.broadcast(T.uint8(128), CH * D) if off else None
-
-    def fix(v):  # in_dt bytes -> pdt bytes with the offset: a xor of the sign bit
-        if not off:
-            return v
-        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CH * D}"), flip),
-                             dtype=f"{pdt}x{CH * D}")
-
-    if D == 1:
-        @T.macro
-        def vec(Xc, Xf, dst, src, j0):  # columns j0 .. j0 + CH
-            if src + (j0 + CH) * s <= size:
-                Xc[T.ramp(dst + j0, 1, CH)] = fix(T.Shuffle(
-                    [Xf.vload([src + j0 * s], src_lanes)], idx))
-            else:
-                for j in range(CH):
-                    Xc[dst + j0 + j] = T.Cast(pdt, T.Cast("int32", Xf[src + (j0 + j) * s]) + off)
-
-        @T.macro
-        def one(Xc, Xf, dst, src, j):
-            Xc[dst + j] = T.Cast(pdt, T.Cast("int32", Xf[src + j * s]) + off)
-    else:
-        @T.macro
-        def vec(Xc, Xf, dst, src, j0):
-            if src + 3 * chan + (j0 + CH) * s <= size:
-                Xc[T.ramp(dst + j0 * 4, 1, CH * 4)] = fix(T.Shuffle(
-                    [Xf.vload([src + j0 * s], src_lanes),
-                     Xf.vload([src + chan + j0 * s], src_lanes),
-                     Xf.vload([src + 2 * chan + j0 * s], src_lanes),
-                     Xf.vload([src + 3 * chan + j0 * s], src_lanes)], idx))
-            else:
-                for j in range(CH):
-                    for t in T.unroll(4):
-                        Xc[dst + (j0 + j) * 4 + t] = T.Cast(pdt, T.Cast(
-                            "int32", Xf[src + t * chan + (j0 + j) * s]) + off)
-
-        @T.macro
-        def one(Xc, Xf, dst, src, j):
-            for t in T.unroll(4):
-                Xc[dst + j * 4 + t] = T.Cast(pdt, T.Cast("int32", Xf[src + t * chan + j * s])
-                                             + off)
-
-    @T.macro
-    def row(Xc, Xf, dst, src, jlo, jhi):
-        for jc in range((jhi - jlo) // CH):
-            vec(Xc, Xf, dst, src, jlo + jc * CH)
-        if (jhi - jlo) % CH != 0:
-            if jhi - jlo >= CH:  # the last columns: one more vector, overlapping the one before
-                vec(Xc, Xf, dst, src, jhi - CH)
-            else:
-                for j in range(jlo, jhi):
-                    one(Xc, Xf, dst, src, j)
-    return row
-
-
-def _requant_macro(out_dt: str, lo: int, hi: int):
-    """``store(dst, i, acc, a, m, r, sh)``: ``dst[i] = clamp((int64(acc[a]) * m + r) >> sh,
-    lo, hi)`` with the int64 multiplier ``m``, rounding term ``r = 2^(sh-1)`` and shift
-    ``sh``: the requantization of :func:`pqcompile.lower.ops.requant` for accumulators that
-    start at the bias (the same int32 sum). Every kernel's epilogue. (Written without
-    let-bindings, which TVM 0.27's vectorizer evaluates once for all lanes.)"""
-    from tvm.script import tirx as T
-
-    @T.macro
-    def store(dst, i, acc, a, m, r, sh):
-        dst[i] = T.Cast(out_dt, T.max(T.min((T.Cast("int64", acc[a]) * m + r) >> sh,
-                                            T.int64(hi)), T.int64(lo)))
-    return store
-
-
-def _channel_macros(out_dt: str, lo: int, hi: int):
-    """``(load, store)``: :func:`_requant_macro` with a channel's constants read once per
-    tile: ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
-    ``K[j:j+3]`` (a small stack array, so registers), ``store(dst, i, acc, a, K, j)``
-    requantizes with them. (Read per vector, as LLVM must where the stores may alias them,
-    and added to the accumulators at the end, which LLVM widens to two 64-bit adds, they
-    cost a third of the epilogue.)"""
-    from tvm.script import tirx as T
-
-    _requant = _requant_macro(out_dt, lo, hi)
-
-    @T.macro
-    def load(K, j, ch, M, S):
-        K[j] = T.Cast("int64", M[ch])
-        K[j + 1] = T.int64(1) << T.Cast("int64", S[ch] - 1)
-        K[j + 2] = T.Cast("int64", S[ch])
-
-    @T.macro
-    def store(dst, i, acc, a, K, j):
-        _requant(dst, i, acc, a, K[j], K[j + 1], K[j + 2])
-    return load, store
-
-
-def _splat(word, n: int, dtype: str):
-    """``n`` copies of a 4-byte ``word`` (an ``int8x4`` / ``uint8x4`` load) as one vector of
-    ``dtype`` (``n * 4`` bytes): the broadcast operand of a 4-byte dot product."""
-    from tvm.script import tirx as T
-
-    return T.reinterpret(T.broadcast(T.reinterpret(word, dtype="int32"), n), dtype=dtype)
-
-
-def _dot4_macro(name: str):
-    """``dot4(acc, a, u, w)``: ``acc[a:a+L]`` (int32 lanes) += the dot product of each lane's
-    4 bytes of ``u`` and of ``w``: ``vpdpbusd`` (``u`` uint8x64, ``w`` int8x64) or ``sdot``
-    (both int8x16). Every kernel's dot-product instruction."""
-    from tvm.script import tirx as T
-
-    if name == "vnni":
-        @T.macro
-        def dot4(acc, a, u, w):
-            acc[T.ramp(a, 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                acc.vload([a], "int32x16"), u, w, dtype="int32x16")
-    elif name == "sdot":
-        @T.macro
-        def dot4(acc, a, u, w):
-            acc[T.ramp(a, 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                acc.vload([a], "int32x4"), u, w, dtype="int32x4")
-    else:
-        raise ValueError(f"{name!r} has no 4-byte dot-product instruction")
-    return dot4
-
-
 def _dot_macro(isa: Isa):
     """``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved
     input words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
@@ -455,13 +325,13 @@ def _dot_macro(isa: Isa):
 
     L = isa.lanes
     if isa.name in ("vnni", "sdot"):
-        _dot4 = _dot4_macro(isa.name)
+        _dot4 = dot4_macro(isa.name)
         u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
 
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
             _dot4(acc, a, Xc.vload([x * 4], u_dt),
-                  _splat(Wp.vload([ob, ks, r, 0], "int8x4"), L, w_dt))
+                  splat(Wp.vload([ob, ks, r, 0], "int8x4"), L, w_dt))
     else:
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):

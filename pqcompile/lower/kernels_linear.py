@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import KERNEL_ATTR, Isa, _dot4_macro, _requant_macro, _splat
+from .kernels import KERNEL_ATTR, Isa
+from .tir_macros import dot4_macro, requant_macro, splat
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     scratch = MB * MR * KB * D
     _dot = _linear_dot_macro(isa)
-    _store = _requant_macro(out_dt, lo, hi)
+    _store = requant_macro(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((Mr, K), in_dt), Xp: T.Buffer((scratch,), pdt)):
@@ -132,12 +133,12 @@ def _linear_dot_macro(isa: Isa):
 
     L = isa.lanes
     if isa.name in ("vnni", "sdot"):  # vpdpbusd: the inputs unsigned, the weights signed
-        _dot4 = _dot4_macro(isa.name)
+        _dot4 = dot4_macro(isa.name)
         x_dt, w_dt = ("uint8", "int8x64") if isa.name == "vnni" else ("int8", "int8x16")
 
         @T.macro
         def dot(acc, a, Wv, nv, kb, Xp, x):
-            _dot4(acc, a, _splat(Xp.vload([x], f"{x_dt}x4"), L, f"{x_dt}x{4 * L}"),
+            _dot4(acc, a, splat(Xp.vload([x], f"{x_dt}x4"), L, f"{x_dt}x{4 * L}"),
                   Wv.vload([nv, kb, 0, 0], w_dt))
     else:
         @T.macro

@@ -27,12 +27,9 @@ from .kernels import (
     KERNEL_ATTR,
     ConvShape,
     Isa,
-    _channel_macros,
-    _dot4_macro,
-    _row_macro,
-    _splat,
     conv2d_kernel,
 )
+from .tir_macros import channel_macros, dot4_macro, row_macro, splat
 
 
 def dw_isa(isa: Isa) -> Isa:
@@ -114,7 +111,7 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     QB = -(-NV // NR)
     plane = Hq * Wq
     grid = QB * NR * L
-    _kload, _kstore = _channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, KH * KW), "int8"),
@@ -170,8 +167,8 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
     U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
-    _kload, _kstore = _channel_macros(out_dt, lo, hi)
-    _row = _row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
+    _kload, _kstore = channel_macros(out_dt, lo, hi)
+    _row = row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
                       16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
     # rows; tap kw reads it at off[i] * s + kw past the vector's first input byte: one load
@@ -199,10 +196,10 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
             return (row0(t) + o) * OW + T.min(v * L, OW - L)
         return T.min(v * R, OH - R) * OW
 
-    _dot4 = _dot4_macro("vnni")
+    _dot4 = dot4_macro("vnni")
 
     def word(Wd, c, w):  # the 4 tap weights Wd[c, w:w+4], one per byte of every lane
-        return _splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
+        return splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
 
     @T.macro
     def _fill(Xb, Xf, r, ih, c):  # row buffer row r <- input row ih of channel c (or pad)
