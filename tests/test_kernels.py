@@ -145,6 +145,13 @@ CONV = [  # (c, h, o, k, stride, pad, in, out, tile)
     (4, 2, 3, 3, 2, 1, "int8", "int8", None),
     (7, 5, 6, 1, 1, 0, "int8", "uint8", None),   # 1x1: the plane copied as one row
     (10, 7, 9, 1, 1, 0, "uint8", "int8", None),
+    # 1x1 without a pack: many pixel blocks (and a channel remainder); few pixel blocks, so
+    # the output channels split into chunks
+    (11, 20, 37, 1, 1, 0, "uint8", "uint8", None),
+    (10, 7, 70, 1, 1, 0, "int8", "int8", None),
+    # rows wider than a vector: whole vectors inside a row, and vectors across a row's end
+    (6, 40, 5, 3, 1, 1, "uint8", "uint8", None),
+    (5, 36, 7, 3, 2, 1, "int8", "int8", None),
 ]
 DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (6, 10, 5, 2, 2, "uint8", "int8"), (9, 3, 3, 1, 1, "int8", "uint8"),

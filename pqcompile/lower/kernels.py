@@ -10,7 +10,8 @@ channel-interleaved scratch buffer ``[phase][C/4][rows][cols][4]`` (4 channels o
 so that for any kernel tap the 4-channel words of 16 consecutive output pixels are one
 contiguous 64-byte vector. The output is computed on a ``rows x cols`` grid (a few junk columns
 per row: the pad) in blocks of ``MR`` output channels x ``NR`` vectors of ``L`` pixels held in
-registers, and each grid row is copied out to NCHW at the end.
+registers, and each vector is stored straight into NCHW: one masked store per grid row its
+lanes span, of the lanes that are output columns.
 
 The inner step is one dot-product instruction per (output channel, pixel vector):
 
@@ -174,8 +175,13 @@ def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
 
 def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     """``(pack, kernel, scratch)``: ``pack(X) -> Xc`` and ``kernel(Xc, Wp, B, M, S, Y)`` for one
-    conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input)."""
+    conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input).
+    A 1x1 conv (stride 1, no pad) has no pack (``pack`` None, ``scratch`` 0): its kernel
+    takes the NCHW input ``X`` in place of ``Xc`` (:func:`_conv1x1_kernel`)."""
     from tvm.script import tirx as T
+
+    if shape.kernel == (1, 1) and shape.stride == 1 and shape.padding == (0, 0) and pad is None:
+        return None, _conv1x1_kernel(shape, isa), 0
 
     C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
     KH, KW = shape.kernel
@@ -200,7 +206,6 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
     pad_value = off if pad is None else pad  # a zero input, offset
-    grid = QB * NR * L
     direct = Wq == OW  # 1x1 convs: no junk columns
     flat = s == 1 and PH == 0 and PW == 0
     cols = H * W if flat else W // s  # columns a row copy moves
@@ -208,6 +213,13 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
     _kload, _kstore = channel_macros(out_dt, lo, hi)
+    SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
+
+    def row(ob_qb, v):  # the grid row of a vector's first lane
+        return ((ob_qb % QB) * NR + v) * L // Wq
+
+    def col(ob_qb, v):  # its grid column
+        return ((ob_qb % QB) * NR + v) * L % Wq
 
     @T.prim_func(s_tir=True)
     def pack(X: T.Buffer((1, C, H, W), in_dt), Xc: T.Buffer((scratch * D,), pdt)):
@@ -266,12 +278,12 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, OC, OH, OW), out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
         with T.sblock("root"):
-            Yg = T.alloc_buffer((1 if direct else OB * MR * grid,), out_dt)
-            Yf = T.decl_buffer((OC * NQ,), out_dt, data=Y.data)
+            Yf = T.decl_buffer((OC * OH * OW,), out_dt, data=Y.data)
             # 2. register-tiled direct convolution with the requantizing epilogue
             for ob_qb in T.parallel(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                yv = T.alloc_buffer((L,), out_dt, scope="global")
                 for r in T.unroll(MR):  # the accumulators start at the bias
                     for v in T.unroll(NR):
                         acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(
@@ -291,31 +303,127 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                     _kload(kc, 3 * r, ob_qb // QB * MR + r, M, S)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
-                        if direct:  # the grid is the output: store into it (no copy)
-                            if ob_qb // QB * MR + r < OC:
-                                if ((ob_qb % QB) * NR + v) * L + L <= NQ:
-                                    for lane in T.vectorized(L):
-                                        _kstore(Yf, (ob_qb // QB * MR + r) * NQ
-                                                + ((ob_qb % QB) * NR + v) * L + lane,
-                                                acc, (r * NR + v) * L + lane, kc, 3 * r)
-                                else:
-                                    for lane in range(L):
-                                        if ((ob_qb % QB) * NR + v) * L + lane < NQ:
-                                            _kstore(Yf, (ob_qb // QB * MR + r) * NQ
-                                                    + ((ob_qb % QB) * NR + v) * L + lane,
-                                                    acc, (r * NR + v) * L + lane, kc, 3 * r)
-                        else:
-                            for lane in T.vectorized(L):
-                                _kstore(Yg, (ob_qb // QB * MR + r) * grid
-                                        + ((ob_qb % QB) * NR + v) * L + lane,
-                                        acc, (r * NR + v) * L + lane, kc, 3 * r)
-            if not direct:  # 3. grid rows -> NCHW
-                for o_oh in T.parallel(OC * OH):
-                    for ow in T.vectorized(OW):
-                        Y[0, o_oh // OH, o_oh % OH, ow] = Yg[o_oh // OH * grid + o_oh % OH * Wq
-                                                            + ow]
+                        if ob_qb // QB * MR + r < OC:
+                            if direct and ((ob_qb % QB) * NR + v) * L + L <= NQ:
+                                for lane in T.vectorized(L):  # the grid is the output
+                                    _kstore(Yf, (ob_qb // QB * MR + r) * NQ
+                                            + ((ob_qb % QB) * NR + v) * L + lane,
+                                            acc, (r * NR + v) * L + lane, kc, 3 * r)
+                            elif direct:  # the last vector: its lanes up to the end
+                                for lane in T.vectorized(L):
+                                    _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                T.masked_store(
+                                    Yf, yv.vload([0], f"{out_dt}x{L}"), T.ramp(
+                                        (ob_qb // QB * MR + r) * NQ + ((ob_qb % QB) * NR + v) * L,
+                                        1, L),
+                                    T.ramp(((ob_qb % QB) * NR + v) * L, 1, L)
+                                    < T.broadcast(NQ, L))
+                            elif row(ob_qb, v) < OH and col(ob_qb, v) + L <= OW:
+                                for lane in T.vectorized(L):  # one row's output columns
+                                    _kstore(Yf, ((ob_qb // QB * MR + r) * OH + row(ob_qb, v))
+                                            * OW + col(ob_qb, v) + lane,
+                                            acc, (r * NR + v) * L + lane, kc, 3 * r)
+                            else:
+                                # a vector of grid positions spans up to SEG grid rows: one
+                                # masked store per row, of the lanes that are output columns
+                                for lane in T.vectorized(L):
+                                    _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                for k in T.unroll(SEG):
+                                    if row(ob_qb, v) + k < OH:
+                                        T.masked_store(
+                                            Yf, yv.vload([0], f"{out_dt}x{L}"), T.ramp(
+                                                ((ob_qb // QB * MR + r) * OH + row(ob_qb, v) + k)
+                                                * OW + col(ob_qb, v) - k * Wq, 1, L),
+                                            T.And(T.ramp(col(ob_qb, v) - k * Wq, 1, L)
+                                                  >= T.broadcast(0, L),
+                                                  T.ramp(col(ob_qb, v) - k * Wq, 1, L)
+                                                  < T.broadcast(OW, L)))
 
     return pack, kernel, scratch * D
+
+
+def _conv1x1_kernel(shape: ConvShape, isa: Isa):
+    """A 1x1 conv (stride 1, no pad) as one kernel on the NCHW input: each task packs its
+    block of ``NR * L`` pixels, every input channel, into a channel-interleaved buffer of its
+    own (a separate pack would be one more pass over memory and one more parallel launch),
+    then computes a chunk of the output-channel blocks on it, storing straight into NCHW.
+    Where there are few pixel blocks, the output channels are split into up to ``NOC``
+    chunks (each task packing its pixels again) so that there are tasks for every thread."""
+    from tvm.script import tirx as T
+
+    C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
+    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
+    L, MR, D = isa.lanes, isa.mr, isa.depth
+    CB, OB, NQ = -(-C // D), -(-OC // MR), H * W
+    NV = -(-NQ // L)
+    NR = min(isa.nr, NV)
+    QB = -(-NV // NR)
+    NRL = NR * L  # pixels per task
+    # at least 8 tasks where the output channels allow 32 or more per chunk
+    OBC = -(-OB // max(1, min(-(-8 // QB), OC // 32, OB)))  # output-channel blocks per chunk
+    NOC = -(-OB // OBC)
+    off = isa.offset(in_dt)
+    pdt = isa.packed_dtype or in_dt
+    _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
+    _dot = _dot_macro(isa)
+    _kload, _kstore = channel_macros(out_dt, lo, hi)
+
+    def p0(t):  # the task's first pixel
+        return t // NOC * NRL
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wp: T.Buffer((OB, CB, MR, D), "int8"),
+               B: T.Buffer((OB * MR,), "int32"), M: T.Buffer((OB * MR,), "int32"),
+               S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, OC, H, W), out_dt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
+        with T.sblock("root"):
+            Xf = T.decl_buffer((C * NQ,), in_dt, data=X.data)
+            Yf = T.decl_buffer((OC * NQ,), out_dt, data=Y.data)
+            for t in T.parallel(QB * NOC):
+                # the task's pixels, interleaved [CB][NRL][D] (pixels past the plane are
+                # left as they are: their lanes are never stored)
+                Xl = T.alloc_buffer((CB * NRL * D,), pdt, scope="global")
+                for cb in range(CB):
+                    if cb * D + D <= C:
+                        _row(Xl, Xf, cb * NRL * D, cb * D * NQ + p0(t), 0,
+                             T.min(NRL, NQ - p0(t)))
+                    else:
+                        for j in range(T.min(NRL, NQ - p0(t))):
+                            for e in T.unroll(D):
+                                Xl[(cb * NRL + j) * D + e] = T.if_then_else(
+                                    cb * D + e < C, T.Cast(pdt, T.Cast("int32", Xf[
+                                        T.min(cb * D + e, C - 1) * NQ + p0(t) + j]) + off),
+                                    T.Cast(pdt, off))
+                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                yv = T.alloc_buffer((L,), out_dt, scope="global")
+                kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
+                for ob in range(t % NOC * OBC, T.min(t % NOC * OBC + OBC, OB)):
+                    for r in T.unroll(MR):  # the accumulators start at the bias
+                        for v in T.unroll(NR):
+                            acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(B[ob * MR + r], L)
+                    for cb in range(CB):
+                        for r in T.unroll(MR):
+                            for v in T.unroll(NR):
+                                _dot(acc, Xl, Wp, ob, cb, r, (r * NR + v) * L, cb * NRL + v * L)
+                    for r in T.unroll(MR):
+                        _kload(kc, 3 * r, ob * MR + r, M, S)
+                    for r in T.unroll(MR):
+                        for v in T.unroll(NR):
+                            if ob * MR + r < OC:
+                                if p0(t) + v * L + L <= NQ:
+                                    for lane in T.vectorized(L):
+                                        _kstore(Yf, (ob * MR + r) * NQ + p0(t) + v * L + lane,
+                                                acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                elif p0(t) + v * L < NQ:  # the plane's last vector
+                                    for lane in T.vectorized(L):
+                                        _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc,
+                                                3 * r)
+                                    T.masked_store(
+                                        Yf, yv.vload([0], f"{out_dt}x{L}"),
+                                        T.ramp((ob * MR + r) * NQ + p0(t) + v * L, 1, L),
+                                        T.ramp(p0(t) + v * L, 1, L) < T.broadcast(NQ, L))
+
+    return kernel
 
 
 def _dot_macro(isa: Isa):
