@@ -21,6 +21,7 @@ from tvm import relax
 
 from pqcompile.lower import kernels as K
 from pqcompile.lower.build import resolve_target
+from pqcompile.lower.tir_macros import NARROW_MIN_SHIFT
 from pqcompile.targets import get_target, run_vm
 
 HOST = resolve_target("host")
@@ -41,10 +42,16 @@ def _requant(acc, b, m, s, lo, hi, dtype, axis):
     return np.clip(y, lo, hi).astype(dtype)
 
 
-def _channel_data(rng, o):
+def _channel_data(rng, o, seed):
+    """Bias, multiplier, shift: even seeds' shifts all allow the 32-bit epilogue
+    (``shape.narrow``), odd seeds' mostly do not."""
     return (rng.integers(-2000, 2000, o).astype(np.int32),
-            rng.integers(1 << 28, 1 << 30, o).astype(np.int32),
-            rng.integers(30, 38, o).astype(np.int32))
+            rng.integers(1 << 28, 1 << 31, o).astype(np.int32),
+            rng.integers(*((33, 48) if seed % 2 == 0 else (30, 38)), o).astype(np.int32))
+
+
+def _narrow(s):
+    return bool(s.min() >= NARROW_MIN_SHIFT)
 
 
 def _input(rng, shape, dtype):
@@ -60,12 +67,13 @@ class Case:
         self.kind, self.p = kind, p
         in_dt, out_dt = p["in_dtype"], p["out_dtype"]
         lo, hi = _bounds(out_dt)
+        self.narrow = None
         if kind == "linear":
-            shape = K.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
-            isa = K.linear_tile(shape, isa)
             x = _input(rng, (p["rows"], p["k"]), in_dt)
             wt = rng.integers(-127, 128, (p["k"], p["n"])).astype(np.int8)
-            b, m, s = _channel_data(rng, p["n"])
+            b, m, s = _channel_data(rng, p["n"], seed)
+            shape = K.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
+            isa = K.linear_tile(shape, isa)
             self.pack, self.kernel, scratch = K.linear_kernel(shape, isa)
             self.params = [K.pack_linear_weight(wt, isa),
                            *K.linear_params(wt, b, m, s, shape, isa)]
@@ -86,10 +94,12 @@ class Case:
             c, h, o, k, st, pad = p["c"], p["h"], p["o"], p["k"], p["stride"], p["pad"]
             groups = c if kind == "dw" else 1
             o = c if kind == "dw" else o
-            shape = K.ConvShape(c, h, h + 1, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi)
             x = _input(rng, (1, c, h, h + 1), in_dt)
             w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
-            b, m, s = _channel_data(rng, o)
+            b, m, s = _channel_data(rng, o, seed)
+            self.narrow = _narrow(s)
+            shape = K.ConvShape(c, h, h + 1, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi,
+                                self.narrow)
             acc = torch.nn.functional.conv2d(
                 torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
                 stride=st, padding=pad, groups=groups).numpy().astype(np.int64)
@@ -207,6 +217,13 @@ def test_dw_cases_cover_every_schedule():
     assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
     assert "rows" in schedules(K.Isa("sdot", 4, 4, 4))
+
+
+def test_cases_cover_both_epilogues():
+    """Conv and depthwise kernels are checked with the 32-bit epilogue and with the 64-bit
+    one (the linear kernel has only the 64-bit one)."""
+    kinds = {(c.kind, c.narrow) for c in _cases(K.Isa("generic", 16, 4, 2))}
+    assert {(k, n) for k in ("conv", "dw") for n in (False, True)} <= kinds
 
 
 def test_host_isa_matches_cpu_features():

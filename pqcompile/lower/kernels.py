@@ -61,6 +61,9 @@ class ConvShape:
     out_dtype: str  # "int8" | "uint8"
     lo: int
     hi: int
+    #: every output channel's shift is at least ``tir_macros.NARROW_MIN_SHIFT``: the epilogue
+    #: runs on the product's high 32 bits (:func:`~pqcompile.lower.tir_macros.requant_macro`)
+    narrow: bool = False
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -170,7 +173,7 @@ def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
         q.reshape(o, -1).astype(np.int64).sum(axis=1)
     fix = lambda a, fill: np.concatenate([a.astype(np.int64), np.full(pad, fill)])  # noqa: E731
     return (fix(b, 0).astype(np.int32), fix(mult, 0).astype(np.int32),
-            fix(shift, 1).astype(np.int32))
+            fix(shift, 40).astype(np.int32))  # pads: any valid shift
 
 
 def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
@@ -212,7 +215,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
-    _kload, _kstore = channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
     SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
 
     def row(ob_qb, v):  # the grid row of a vector's first lane
@@ -366,7 +369,7 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
     _dot = _dot_macro(isa)
-    _kload, _kstore = channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
 
     def p0(t):  # the task's first pixel
         return t // NOC * NRL

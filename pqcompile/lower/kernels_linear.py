@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import KERNEL_ATTR, Isa
-from .tir_macros import dot4_macro, requant_macro, splat
+from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def linear_params(wt: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
     b = bias.astype(np.int64) - isa.offset(shape.in_dtype) * wt.astype(np.int64).sum(axis=0)
     fix = lambda a, fill: np.concatenate([a.astype(np.int64), np.full(pad, fill)])  # noqa: E731
     return (fix(b, 0).astype(np.int32), fix(mult, 0).astype(np.int32),
-            fix(shift, 1).astype(np.int32))
+            fix(shift, 40).astype(np.int32))  # pads: any valid shift
 
 
 def linear_kernel(shape: LinearShape, isa: Isa):
@@ -77,6 +77,8 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     scratch = MB * MR * KB * D
     _dot = _linear_dot_macro(isa)
+    # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
+    # lane, and TVM 0.27's bound analysis drops its clamp)
     _store = requant_macro(out_dt, lo, hi)
 
     @T.prim_func(s_tir=True)
@@ -116,10 +118,10 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                                    + lane, acc, (r * NR + v) * L + lane,
                                    T.Cast("int64", M[T.min(((mb_nb % NB) * NR + v) * L + lane,
                                                             Np - 1)]),
-                                   T.int64(1) << T.Cast("int64", S[T.min(
-                                       ((mb_nb % NB) * NR + v) * L + lane, Np - 1)] - 1),
-                                   T.Cast("int64", S[T.min(((mb_nb % NB) * NR + v) * L + lane,
-                                                           Np - 1)]))
+                                   requant_terms(S[T.min(((mb_nb % NB) * NR + v) * L + lane,
+                                                         Np - 1)])[0],
+                                   requant_terms(S[T.min(((mb_nb % NB) * NR + v) * L + lane,
+                                                         Np - 1)])[1])
             for m in range(Mr):
                 for n in range(N):
                     Y[m, n] = Yg[m * Ng + n]

@@ -111,7 +111,7 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     QB = -(-NV // NR)
     plane = Hq * Wq
     grid = QB * NR * L
-    _kload, _kstore = channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, KH * KW), "int8"),
@@ -167,7 +167,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
     U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
-    _kload, _kstore = channel_macros(out_dt, lo, hi)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
     _row = row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
                       16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R

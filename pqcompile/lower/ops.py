@@ -45,6 +45,7 @@ from ..quant.qmodules import (
 )
 from . import kernels
 from .packing import emit_unpack, is_packed, pack
+from .tir_macros import NARROW_MIN_SHIFT
 
 if TYPE_CHECKING:
     from .relax_builder import Lowering
@@ -113,6 +114,11 @@ def conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr:
     return requant(bb, acc, m, sh, module.lo, module.hi, module.out.dtype)
 
 
+def _narrow(module) -> bool:
+    """Every output channel's shift allows the kernels' 32-bit epilogue."""
+    return int(module.shift.min()) >= NARROW_MIN_SHIFT
+
+
 def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
     """The layer as a hand-scheduled kernel (:mod:`pqcompile.lower.kernels`), or ``None``
     where the kernels do not cover it (grouped, dilated, batch > 1, stride > 2)."""
@@ -124,7 +130,7 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
         return None
     shape = kernels.ConvShape(c, h, w, q.shape[0], tuple(q.shape[2:]), int(module.stride[0]),
                               tuple(int(p) for p in module.padding), str(x.ty.dtype),
-                              module.out.dtype, module.lo, module.hi)
+                              module.out.dtype, module.lo, module.hi, _narrow(module))
     if not kernels.supported(shape):
         return None
     if depthwise:

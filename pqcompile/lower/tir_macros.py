@@ -74,22 +74,49 @@ def row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: i
     return row
 
 
-def requant_macro(out_dt: str, lo: int, hi: int):
+#: The smallest shift for which the epilogue may run on the product's high 32 bits.
+NARROW_MIN_SHIFT = 33
+
+
+def requant_macro(out_dt: str, lo: int, hi: int, narrow: bool = False):
     """``store(dst, i, acc, a, m, r, sh)``: ``dst[i] = clamp((int64(acc[a]) * m + r) >> sh,
     lo, hi)`` with the int64 multiplier ``m``, rounding term ``r = 2^(sh-1)`` and shift
-    ``sh``: the requantization of :func:`pqcompile.lower.ops.requant` for accumulators that
-    start at the bias (the same int32 sum). Every kernel's epilogue. (Written without
-    let-bindings, which TVM 0.27's vectorizer evaluates once for all lanes.)"""
+    ``sh`` (:func:`requant_terms`): the requantization of :func:`pqcompile.lower.ops.requant`
+    for accumulators that start at the bias (the same int32 sum). Every kernel's epilogue.
+
+    ``narrow`` (every shift at least :data:`NARROW_MIN_SHIFT`): the same integers from the
+    product's high 32 bits, ``(hi32(acc * m) + 2^(sh-33)) >> (sh-32)`` in int32 (``r`` and
+    ``sh`` then that rounding term and shift). Exact: the rounding term ``2^(sh-1)`` is a
+    multiple of ``2^32``, so the low 32 bits never carry into the result; ``|hi32| < 2^30``,
+    so the int32 sum cannot overflow. It halves the 64-bit lanes of the epilogue.
+    (Written without let-bindings, which TVM 0.27's vectorizer evaluates once for all lanes.)
+    """
     from tvm.script import tirx as T
 
-    @T.macro
-    def store(dst, i, acc, a, m, r, sh):
-        dst[i] = T.Cast(out_dt, T.max(T.min((T.Cast("int64", acc[a]) * m + r) >> sh,
-                                            T.int64(hi)), T.int64(lo)))
+    if narrow:
+        @T.macro
+        def store(dst, i, acc, a, m, r, sh):
+            dst[i] = T.Cast(out_dt, T.max(T.min(
+                (T.Cast("int32", (T.Cast("int64", acc[a]) * m) >> T.int64(32)) + r) >> sh,
+                T.int32(hi)), T.int32(lo)))
+    else:
+        @T.macro
+        def store(dst, i, acc, a, m, r, sh):
+            dst[i] = T.Cast(out_dt, T.max(T.min((T.Cast("int64", acc[a]) * m + r) >> sh,
+                                                T.int64(hi)), T.int64(lo)))
     return store
 
 
-def channel_macros(out_dt: str, lo: int, hi: int):
+def requant_terms(shift, narrow: bool = False):
+    """``(r, sh)`` for :func:`requant_macro` from an int32 shift expression."""
+    from tvm.script import tirx as T
+
+    if narrow:
+        return T.int32(1) << (shift - NARROW_MIN_SHIFT), shift - 32
+    return T.int64(1) << T.Cast("int64", shift - 1), T.Cast("int64", shift)
+
+
+def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False):
     """``(load, store)``: :func:`requant_macro` with a channel's constants read once per
     tile: ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
     ``K[j:j+3]`` (a small stack array, so registers), ``store(dst, i, acc, a, K, j)``
@@ -98,17 +125,18 @@ def channel_macros(out_dt: str, lo: int, hi: int):
     cost a third of the epilogue.)"""
     from tvm.script import tirx as T
 
-    _requant = requant_macro(out_dt, lo, hi)
+    _requant = requant_macro(out_dt, lo, hi, narrow)
+    term_dt = "int32" if narrow else "int64"
 
     @T.macro
     def load(K, j, ch, M, S):
         K[j] = T.Cast("int64", M[ch])
-        K[j + 1] = T.int64(1) << T.Cast("int64", S[ch] - 1)
-        K[j + 2] = T.Cast("int64", S[ch])
+        K[j + 1] = T.Cast("int64", requant_terms(S[ch], narrow)[0])
+        K[j + 2] = T.Cast("int64", requant_terms(S[ch], narrow)[1])
 
     @T.macro
     def store(dst, i, acc, a, K, j):
-        _requant(dst, i, acc, a, K[j], K[j + 1], K[j + 2])
+        _requant(dst, i, acc, a, K[j], T.Cast(term_dt, K[j + 1]), T.Cast(term_dt, K[j + 2]))
     return load, store
 
 
