@@ -215,7 +215,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
     SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
 
     def row(ob_qb, v):  # the grid row of a vector's first lane
@@ -308,13 +308,11 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                     for v in T.unroll(NR):
                         if ob_qb // QB * MR + r < OC:
                             if direct and ((ob_qb % QB) * NR + v) * L + L <= NQ:
-                                for lane in T.vectorized(L):  # the grid is the output
-                                    _kstore(Yf, (ob_qb // QB * MR + r) * NQ
-                                            + ((ob_qb % QB) * NR + v) * L + lane,
-                                            acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                _kstore(Yf, (ob_qb // QB * MR + r) * NQ  # the grid is the output
+                                        + ((ob_qb % QB) * NR + v) * L,
+                                        acc, (r * NR + v) * L, kc, 3 * r, L)
                             elif direct:  # the last vector: its lanes up to the end
-                                for lane in T.vectorized(L):
-                                    _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
                                 T.masked_store(
                                     Yf, yv.vload([0], f"{out_dt}x{L}"), T.ramp(
                                         (ob_qb // QB * MR + r) * NQ + ((ob_qb % QB) * NR + v) * L,
@@ -322,15 +320,13 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                     T.ramp(((ob_qb % QB) * NR + v) * L, 1, L)
                                     < T.broadcast(NQ, L))
                             elif row(ob_qb, v) < OH and col(ob_qb, v) + L <= OW:
-                                for lane in T.vectorized(L):  # one row's output columns
-                                    _kstore(Yf, ((ob_qb // QB * MR + r) * OH + row(ob_qb, v))
-                                            * OW + col(ob_qb, v) + lane,
-                                            acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                _kstore(Yf, ((ob_qb // QB * MR + r) * OH  # one row's columns
+                                             + row(ob_qb, v)) * OW + col(ob_qb, v),
+                                        acc, (r * NR + v) * L, kc, 3 * r, L)
                             else:
                                 # a vector of grid positions spans up to SEG grid rows: one
                                 # masked store per row, of the lanes that are output columns
-                                for lane in T.vectorized(L):
-                                    _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
                                 for k in T.unroll(SEG):
                                     if row(ob_qb, v) + k < OH:
                                         T.masked_store(
@@ -369,7 +365,7 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
     _dot = _dot_macro(isa)
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
 
     def p0(t):  # the task's first pixel
         return t // NOC * NRL
@@ -414,13 +410,10 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
                         for v in T.unroll(NR):
                             if ob * MR + r < OC:
                                 if p0(t) + v * L + L <= NQ:
-                                    for lane in T.vectorized(L):
-                                        _kstore(Yf, (ob * MR + r) * NQ + p0(t) + v * L + lane,
-                                                acc, (r * NR + v) * L + lane, kc, 3 * r)
+                                    _kstore(Yf, (ob * MR + r) * NQ + p0(t) + v * L,
+                                            acc, (r * NR + v) * L, kc, 3 * r, L)
                                 elif p0(t) + v * L < NQ:  # the plane's last vector
-                                    for lane in T.vectorized(L):
-                                        _kstore(yv, lane, acc, (r * NR + v) * L + lane, kc,
-                                                3 * r)
+                                    _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
                                     T.masked_store(
                                         Yf, yv.vload([0], f"{out_dt}x{L}"),
                                         T.ramp((ob * MR + r) * NQ + p0(t) + v * L, 1, L),

@@ -111,7 +111,7 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     QB = -(-NV // NR)
     plane = Hq * Wq
     grid = QB * NR * L
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch,), in_dt), Wd: T.Buffer((C, KH * KW), "int8"),
@@ -136,9 +136,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
                                     + ((c_qb % QB) * NR + v) * L + lane]) \
                                     * T.Cast("int32", Wd[c_qb // QB, kh * KW + kw])
                 for v in T.unroll(NR):
-                    for lane in T.vectorized(L):
-                        _kstore(Yg, c_qb // QB * grid + ((c_qb % QB) * NR + v) * L + lane,
-                                acc, v * L + lane, kc, 0)
+                    _kstore(Yg, c_qb // QB * grid + ((c_qb % QB) * NR + v) * L, acc, v * L, kc,
+                            0, L)
             for c_oh in T.parallel(C * OH):
                 for ow in T.vectorized(OW):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
@@ -167,7 +166,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
     U = L if R == 0 else R * OW  # the lanes a vector stores
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow)
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
     _row = row_macro(1, 1, 0, C * H * W, in_dt, in_dt, 0,
                       16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
@@ -259,9 +258,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
                                         * T.broadcast(T.Cast("int32", Wd[t // NT, kh * KW + kw]),
                                                       L)
                     for v in T.unroll(V):
-                        for lane in T.vectorized(U):
-                            _kstore(Yf, t // NT * OH * OW + out(t, o, v) + lane, acc,
-                                    v * L + lane, kc, 0)
+                        _kstore(Yf, t // NT * OH * OW + out(t, o, v), acc, v * L, kc, 0, U)
 
     return kernel
 
