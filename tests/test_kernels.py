@@ -92,13 +92,14 @@ class Case:
             isa = K.Isa("generic", 1, 1, 1)  # the scratch is the input's dtype
         else:
             c, h, o, k, st, pad = p["c"], p["h"], p["o"], p["k"], p["stride"], p["pad"]
+            w_ = p.get("w", h + 1)  # planes h x (h + 1) unless given
             groups = c if kind == "dw" else 1
             o = c if kind == "dw" else o
-            x = _input(rng, (1, c, h, h + 1), in_dt)
+            x = _input(rng, (1, c, h, w_), in_dt)
             w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
             b, m, s = _channel_data(rng, o, seed)
             self.narrow = _narrow(s)
-            shape = K.ConvShape(c, h, h + 1, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi,
+            shape = K.ConvShape(c, h, w_, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi,
                                 self.narrow)
             acc = torch.nn.functional.conv2d(
                 torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
@@ -217,6 +218,38 @@ def test_dw_cases_cover_every_schedule():
     assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
     assert "rows" in schedules(K.Isa("sdot", 4, 4, 4))
+
+
+@pytest.mark.parametrize("isa", HOST_ISAS, ids=lambda i: i.name)
+def test_conv_kernels_write_only_their_output(isa):
+    """Convs whose planes end part-way through a vector, run on an output followed by canary
+    bytes: the partial vectors' stores must leave them (a store of a narrowed lane as a whole
+    int32 once wrote three bytes past a plane's last pixel, into the next channel's plane,
+    which only showed as a race between threads)."""
+    # (c, h, w, o, k, stride, pad): a 7x7 plane ends one lane into a vector (49 = 3 x 16 + 1)
+    shapes = [(960, 7, 7, 160, 1, 1, 0), (10, 7, 7, 70, 1, 1, 0), (9, 5, 6, 9, 5, 1, 2),
+              (64, 7, 7, 40, 3, 1, 1), (6, 40, 41, 5, 3, 1, 1), (5, 36, 37, 7, 3, 2, 1)]
+    for i, (c, h, w, o, k, st, pad) in enumerate(shapes):
+        for seed in (2 * i, 2 * i + 1):  # both epilogues
+            case = Case("conv", isa, seed, c=c, h=h, w=w, o=o, k=k, stride=st, pad=pad,
+                        in_dtype="uint8", out_dtype="int8")
+            funcs = {"kernel": case.kernel.with_attr("global_symbol", "kernel")}
+            if case.pack is not None:
+                funcs["pack"] = case.pack.with_attr("global_symbol", "pack")
+            lib = tvm.compile(tvm.IRModule(funcs), HOST)
+            lib = getattr(lib, "mod", lib)
+            x = tvm.runtime.tensor(case.x)
+            if case.pack is not None:
+                xc = tvm.runtime.tensor(np.zeros(*case.scratch))
+                lib["pack"](x, xc)
+                x = xc
+            n = case.expected.size
+            base = tvm.runtime.tensor(np.full(n + 64, 0x5A, np.int8))
+            lib["kernel"](x, *[tvm.runtime.tensor(np.ascontiguousarray(a))
+                               for a in case.params], base._create_view(case.out_shape))
+            got = base.numpy()
+            np.testing.assert_array_equal(got[:n], case.expected.ravel(), err_msg=str(case.p))
+            assert (got[n:] == 0x5A).all(), (case.p, case.narrow, got[n:n + 8])
 
 
 def test_cases_cover_both_epilogues():

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .tir_macros import channel_macros, dot4_macro, row_macro, splat
+from .tir_macros import channel_macros, dot4_macro, row_macro, splat, tail_store_macro
 
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
@@ -216,6 +216,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = _dot_macro(isa)
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
+    _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
+    _tail = tail_store_macro(out_dt, L)
     SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
 
     def row(ob_qb, v):  # the grid row of a vector's first lane
@@ -286,7 +288,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
             for ob_qb in T.parallel(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                yv = T.alloc_buffer((L,), out_dt, scope="global")
+                yv = T.alloc_buffer((L,), "int32", scope="global")
                 for r in T.unroll(MR):  # the accumulators start at the bias
                     for v in T.unroll(NR):
                         acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(
@@ -312,13 +314,12 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                         + ((ob_qb % QB) * NR + v) * L,
                                         acc, (r * NR + v) * L, kc, 3 * r, L)
                             elif direct:  # the last vector: its lanes up to the end
-                                _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
-                                T.masked_store(
-                                    Yf, yv.vload([0], f"{out_dt}x{L}"), T.ramp(
-                                        (ob_qb // QB * MR + r) * NQ + ((ob_qb % QB) * NR + v) * L,
-                                        1, L),
-                                    T.ramp(((ob_qb % QB) * NR + v) * L, 1, L)
-                                    < T.broadcast(NQ, L))
+                                if ((ob_qb % QB) * NR + v) * L < NQ:
+                                    _kstore32(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
+                                    _tail(Yf, (ob_qb // QB * MR + r) * NQ
+                                          + ((ob_qb % QB) * NR + v) * L,
+                                          yv.vload([0], f"int32x{L}"), 0,
+                                          NQ - ((ob_qb % QB) * NR + v) * L)
                             elif row(ob_qb, v) < OH and col(ob_qb, v) + L <= OW:
                                 _kstore(Yf, ((ob_qb // QB * MR + r) * OH  # one row's columns
                                              + row(ob_qb, v)) * OW + col(ob_qb, v),
@@ -326,17 +327,16 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                             else:
                                 # a vector of grid positions spans up to SEG grid rows: one
                                 # masked store per row, of the lanes that are output columns
-                                _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
+                                _kstore32(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
                                 for k in T.unroll(SEG):
-                                    if row(ob_qb, v) + k < OH:
-                                        T.masked_store(
-                                            Yf, yv.vload([0], f"{out_dt}x{L}"), T.ramp(
-                                                ((ob_qb // QB * MR + r) * OH + row(ob_qb, v) + k)
-                                                * OW + col(ob_qb, v) - k * Wq, 1, L),
-                                            T.And(T.ramp(col(ob_qb, v) - k * Wq, 1, L)
-                                                  >= T.broadcast(0, L),
-                                                  T.ramp(col(ob_qb, v) - k * Wq, 1, L)
-                                                  < T.broadcast(OW, L)))
+                                    if row(ob_qb, v) + k < OH \
+                                            and col(ob_qb, v) - k * Wq < OW \
+                                            and col(ob_qb, v) - k * Wq + L > 0:
+                                        _tail(Yf, ((ob_qb // QB * MR + r) * OH + row(ob_qb, v)
+                                                   + k) * OW + col(ob_qb, v) - k * Wq,
+                                              yv.vload([0], f"int32x{L}"),
+                                              T.max(k * Wq - col(ob_qb, v), 0),
+                                              T.min(OW + k * Wq - col(ob_qb, v), L))
 
     return pack, kernel, scratch * D
 
@@ -366,6 +366,8 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
     _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
     _dot = _dot_macro(isa)
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
+    _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
+    _tail = tail_store_macro(out_dt, L)
 
     def p0(t):  # the task's first pixel
         return t // NOC * NRL
@@ -394,7 +396,7 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
                                         T.min(cb * D + e, C - 1) * NQ + p0(t) + j]) + off),
                                     T.Cast(pdt, off))
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                yv = T.alloc_buffer((L,), out_dt, scope="global")
+                yv = T.alloc_buffer((L,), "int32", scope="global")
                 kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
                 for ob in range(t % NOC * OBC, T.min(t % NOC * OBC + OBC, OB)):
                     for r in T.unroll(MR):  # the accumulators start at the bias
@@ -413,11 +415,9 @@ def _conv1x1_kernel(shape: ConvShape, isa: Isa):
                                     _kstore(Yf, (ob * MR + r) * NQ + p0(t) + v * L,
                                             acc, (r * NR + v) * L, kc, 3 * r, L)
                                 elif p0(t) + v * L < NQ:  # the plane's last vector
-                                    _kstore(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
-                                    T.masked_store(
-                                        Yf, yv.vload([0], f"{out_dt}x{L}"),
-                                        T.ramp((ob * MR + r) * NQ + p0(t) + v * L, 1, L),
-                                        T.ramp(p0(t) + v * L, 1, L) < T.broadcast(NQ, L))
+                                    _kstore32(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
+                                    _tail(Yf, (ob * MR + r) * NQ + p0(t) + v * L,
+                                          yv.vload([0], f"int32x{L}"), 0, NQ - p0(t) - v * L)
 
     return kernel
 

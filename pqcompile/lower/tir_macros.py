@@ -166,6 +166,30 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
     return load, store
 
 
+def tail_store_macro(out_dt: str, lanes: int):
+    """``store(Y, i, y, lo, hi)``: ``Y[i + l] = y[l]`` for ``lo <= l < hi``, ``y`` an int32
+    vector of ``lanes`` already clamped to ``out_dt``'s range: the lanes of a vector that
+    are outputs. With 16 lanes (AVX-512) one ``vpmovdb`` with a lane mask
+    (``llvm.x86.avx512.mask.pmov.db.mem.512``): LLVM 22's masked store of a narrowed vector
+    turns a constant one-lane mask into a 4-byte store (three bytes past the lane). Elsewhere
+    LLVM's masked store (per-lane stores where the target has none)."""
+    from tvm.script import tirx as T
+
+    if lanes == 16:
+        @T.macro
+        def store(Y, i, y, lo, hi):
+            T.evaluate(T.call_llvm_intrin(
+                "void", "llvm.x86.avx512.mask.pmov.db.mem.512", T.address_of(Y[i]), y,
+                T.Cast("uint16", ((1 << hi) - 1) - ((1 << lo) - 1))))
+    else:
+        @T.macro
+        def store(Y, i, y, lo, hi):
+            T.masked_store(Y, T.Cast(f"{out_dt}x{lanes}", y), T.ramp(i, 1, lanes),
+                           T.And(T.ramp(0, 1, lanes) >= T.broadcast(lo, lanes),
+                                 T.ramp(0, 1, lanes) < T.broadcast(hi, lanes)))
+    return store
+
+
 def splat(word, n: int, dtype: str):
     """``n`` copies of a 4-byte ``word`` (an ``int8x4`` / ``uint8x4`` load) as one vector of
     ``dtype`` (``n * 4`` bytes): the broadcast operand of a 4-byte dot product."""
