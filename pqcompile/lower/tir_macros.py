@@ -204,18 +204,15 @@ def dot4_macro(name: str):
     (both int8x16). Every kernel's dot-product instruction."""
     from tvm.script import tirx as T
 
-    if name == "vnni":
-        @T.macro
-        def dot4(acc, a, u, w):
-            acc[T.ramp(a, 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                acc.vload([a], "int32x16"), u, w, dtype="int32x16")
-    elif name == "sdot":
-        @T.macro
-        def dot4(acc, a, u, w):
-            acc[T.ramp(a, 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                acc.vload([a], "int32x4"), u, w, dtype="int32x4")
-    else:
+    intrinsics = {"vnni": ("llvm.x86.avx512.vpdpbusd.512", 16),
+                  "sdot": ("llvm.aarch64.neon.sdot.v4i32.v16i8", 4)}
+    if name not in intrinsics:
         raise ValueError(f"{name!r} has no 4-byte dot-product instruction")
+    intrinsic, lanes = intrinsics[name]
+
+    @T.macro
+    def dot4(acc, a, u, w):
+        acc[T.ramp(a, 1, lanes)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(intrinsic), acc.vload([a], f"int32x{lanes}"), u, w,
+            dtype=f"int32x{lanes}")
     return dot4
