@@ -25,7 +25,8 @@ The inner step is one dot-product instruction per (output channel, pixel vector)
 The weights are pre-packed once at lowering time (:func:`pack_weight`) as
 ``[O/MR][C/4 * KH * KW][MR][4]``. The accumulators start at the bias, and each tile reads
 its channels' requantization constants once
-(:func:`~pqcompile.lower.tir_macros.channel_macros`). The depthwise conv and max pool
+(:func:`~pqcompile.lower.tir_macros.channel_macros`). The 1x1 conv
+(:mod:`~pqcompile.lower.kernels_conv1x1`), the depthwise conv and max pool
 (:mod:`~pqcompile.lower.kernels_planar`) and the linear kernel
 (:mod:`~pqcompile.lower.kernels_linear`) share the row copies, the tiles and the epilogue
 (:mod:`~pqcompile.lower.tir_macros`).
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .tir_macros import channel_macros, dot4_macro, row_macro, splat, tail_store_macro
+from .tir_macros import channel_macros, dot_macro, row_macro, tail_store_macro
 
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
@@ -180,11 +181,12 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     """``(pack, kernel, scratch)``: ``pack(X) -> Xc`` and ``kernel(Xc, Wp, B, M, S, Y)`` for one
     conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input).
     A 1x1 conv (stride 1, no pad) has no pack (``pack`` None, ``scratch`` 0): its kernel
-    takes the NCHW input ``X`` in place of ``Xc`` (:func:`_conv1x1_kernel`)."""
+    takes the NCHW input ``X`` in place of ``Xc``
+    (:func:`~pqcompile.lower.kernels_conv1x1.conv1x1_kernel`)."""
     from tvm.script import tirx as T
 
     if shape.kernel == (1, 1) and shape.stride == 1 and shape.padding == (0, 0) and pad is None:
-        return None, _conv1x1_kernel(shape, isa), 0
+        return None, conv1x1_kernel(shape, isa), 0
 
     C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
     KH, KW = shape.kernel
@@ -214,7 +216,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     cols = H * W if flat else W // s  # columns a row copy moves
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
-    _dot = _dot_macro(isa)
+    _dot = dot_macro(isa)
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
     _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
     _tail = tail_store_macro(out_dt, L)
@@ -341,111 +343,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     return pack, kernel, scratch * D
 
 
-def _conv1x1_kernel(shape: ConvShape, isa: Isa):
-    """A 1x1 conv (stride 1, no pad) as one kernel on the NCHW input: each task packs its
-    block of ``NR * L`` pixels, every input channel, into a channel-interleaved buffer of its
-    own (a separate pack would be one more pass over memory and one more parallel launch),
-    then computes a chunk of the output-channel blocks on it, storing straight into NCHW.
-    Where there are few pixel blocks, the output channels are split into up to ``NOC``
-    chunks (each task packing its pixels again) so that there are tasks for every thread."""
-    from tvm.script import tirx as T
-
-    C, H, W, OC = shape.channels, shape.height, shape.width, shape.out_channels
-    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
-    L, MR, D = isa.lanes, isa.mr, isa.depth
-    CB, OB, NQ = -(-C // D), -(-OC // MR), H * W
-    NV = -(-NQ // L)
-    NR = min(isa.nr, NV)
-    QB = -(-NV // NR)
-    NRL = NR * L  # pixels per task
-    # at least 8 tasks where the output channels allow 32 or more per chunk
-    OBC = -(-OB // max(1, min(-(-8 // QB), OC // 32, OB)))  # output-channel blocks per chunk
-    NOC = -(-OB // OBC)
-    off = isa.offset(in_dt)
-    pdt = isa.packed_dtype or in_dt
-    _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
-    _dot = _dot_macro(isa)
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
-    _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
-    _tail = tail_store_macro(out_dt, L)
-
-    def p0(t):  # the task's first pixel
-        return t // NOC * NRL
-
-    @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wp: T.Buffer((OB, CB, MR, D), "int8"),
-               B: T.Buffer((OB * MR,), "int32"), M: T.Buffer((OB * MR,), "int32"),
-               S: T.Buffer((OB * MR,), "int32"), Y: T.Buffer((1, OC, H, W), out_dt)):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "conv2d"})
-        with T.sblock("root"):
-            Xf = T.decl_buffer((C * NQ,), in_dt, data=X.data)
-            Yf = T.decl_buffer((OC * NQ,), out_dt, data=Y.data)
-            for t in T.parallel(QB * NOC):
-                # the task's pixels, interleaved [CB][NRL][D] (pixels past the plane are
-                # left as they are: their lanes are never stored)
-                Xl = T.alloc_buffer((CB * NRL * D,), pdt, scope="global")
-                for cb in range(CB):
-                    if cb * D + D <= C:
-                        _row(Xl, Xf, cb * NRL * D, cb * D * NQ + p0(t), 0,
-                             T.min(NRL, NQ - p0(t)))
-                    else:
-                        for j in range(T.min(NRL, NQ - p0(t))):
-                            for e in T.unroll(D):
-                                Xl[(cb * NRL + j) * D + e] = T.if_then_else(
-                                    cb * D + e < C, T.Cast(pdt, T.Cast("int32", Xf[
-                                        T.min(cb * D + e, C - 1) * NQ + p0(t) + j]) + off),
-                                    T.Cast(pdt, off))
-                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                yv = T.alloc_buffer((L,), "int32", scope="global")
-                kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
-                for ob in range(t % NOC * OBC, T.min(t % NOC * OBC + OBC, OB)):
-                    for r in T.unroll(MR):  # the accumulators start at the bias
-                        for v in T.unroll(NR):
-                            acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(B[ob * MR + r], L)
-                    for cb in range(CB):
-                        for r in T.unroll(MR):
-                            for v in T.unroll(NR):
-                                _dot(acc, Xl, Wp, ob, cb, r, (r * NR + v) * L, cb * NRL + v * L)
-                    for r in T.unroll(MR):
-                        _kload(kc, 3 * r, ob * MR + r, M, S)
-                    for r in T.unroll(MR):
-                        for v in T.unroll(NR):
-                            if ob * MR + r < OC:
-                                if p0(t) + v * L + L <= NQ:
-                                    _kstore(Yf, (ob * MR + r) * NQ + p0(t) + v * L,
-                                            acc, (r * NR + v) * L, kc, 3 * r, L)
-                                elif p0(t) + v * L < NQ:  # the plane's last vector
-                                    _kstore32(yv, 0, acc, (r * NR + v) * L, kc, 3 * r, L)
-                                    _tail(Yf, (ob * MR + r) * NQ + p0(t) + v * L,
-                                          yv.vload([0], f"int32x{L}"), 0, NQ - p0(t) - v * L)
-
-    return kernel
-
-
-def _dot_macro(isa: Isa):
-    """``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved
-    input words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
-    from tvm.script import tirx as T
-
-    L = isa.lanes
-    if isa.name in ("vnni", "sdot"):
-        _dot4 = dot4_macro(isa.name)
-        u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
-
-        @T.macro
-        def dot(acc, Xc, Wp, ob, ks, r, a, x):
-            _dot4(acc, a, Xc.vload([x * 4], u_dt),
-                  splat(Wp.vload([ob, ks, r, 0], "int8x4"), L, w_dt))
-    else:
-        @T.macro
-        def dot(acc, Xc, Wp, ob, ks, r, a, x):
-            for lane in T.vectorized(L):
-                acc[a + lane] = acc[a + lane] + T.Cast("int32", Xc[x + lane]) \
-                    * T.Cast("int32", Wp[ob, ks, r, 0])
-    return dot
-
-
-# The depthwise, pool and linear kernels live in their own modules; importable from here too.
+# The 1x1, depthwise, pool and linear kernels live in their own modules; importable from here
+# too.
+from .kernels_conv1x1 import conv1x1_kernel  # noqa: E402
 from .kernels_linear import (  # noqa: E402
     LinearShape,
     linear_kernel,
@@ -462,6 +362,7 @@ from .kernels_planar import (  # noqa: E402
 )
 
 __all__ = ["KERNEL_ATTR", "ConvShape", "Isa", "LinearShape", "channel_params", "choose_tile",
-           "conv2d_kernel", "dw_isa", "dw_schedule", "dwconv2d_kernel", "grid_vectors", "isa_for",
+           "conv1x1_kernel", "conv2d_kernel", "dw_isa", "dw_schedule", "dwconv2d_kernel",
+           "grid_vectors", "isa_for",
            "linear_kernel", "linear_params", "linear_tile", "maxpool2d_kernel",
            "pack_dw_weight", "pack_linear_weight", "pack_weight", "supported"]

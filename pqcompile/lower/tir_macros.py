@@ -1,6 +1,6 @@
 """TIR macros shared by the hand-scheduled kernels (:mod:`~pqcompile.lower.kernels`,
 :mod:`~pqcompile.lower.kernels_planar`, :mod:`~pqcompile.lower.kernels_linear`): the row
-copy of the packs, the requantizing epilogue, and the 4-byte dot-product instruction.
+copy of the packs, the requantizing epilogue, and the dot-product step.
 
 Each builder returns TVMScript macros (inlined where a kernel calls them), specialized at
 build time on the dtypes and sizes it is given.
@@ -216,3 +216,27 @@ def dot4_macro(name: str):
             T.llvm_lookup_intrinsic_id(intrinsic), acc.vload([a], f"int32x{lanes}"), u, w,
             dtype=f"int32x{lanes}")
     return dot4
+
+
+def dot_macro(isa):
+    """The conv kernels' step for an :class:`~pqcompile.lower.kernels.Isa`:
+    ``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved input
+    words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
+    from tvm.script import tirx as T
+
+    L = isa.lanes
+    if isa.name in ("vnni", "sdot"):
+        _dot4 = dot4_macro(isa.name)
+        u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
+
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            _dot4(acc, a, Xc.vload([x * 4], u_dt),
+                  splat(Wp.vload([ob, ks, r, 0], "int8x4"), L, w_dt))
+    else:
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            for lane in T.vectorized(L):
+                acc[a + lane] = acc[a + lane] + T.Cast("int32", Xc[x + lane]) \
+                    * T.Cast("int32", Wp[ob, ks, r, 0])
+    return dot
