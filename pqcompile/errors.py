@@ -51,3 +51,8 @@ class DataError(PQCompileError, ValueError):
 class OptionError(PQCompileError, ValueError):
     """An option has an unknown name or a value outside what it accepts (solver, fine-tuning
     options, bit options, keep levels); the message lists what is accepted."""
+
+
+class LatencyError(PQCompileError, RuntimeError):
+    """Measuring a latency table failed, or a table does not fit the problem it is attached
+    to; the message names the layer and what to do."""

@@ -67,36 +67,29 @@ True
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import OptionError, PQCompileError
-from .targets import TargetSpec, get_target, host_arch
+from .errors import LatencyError, OptionError
+from .latency_programs import _geometry, _library, _lowered, _runner, check_where
+from .targets import TargetSpec, get_target
 
 __all__ = ["CACHE_FILE", "LatencyError", "LatencyTable", "LayerTable", "attach_latency",
            "cache_path", "check_where", "layer_points", "measure_latency"]
 
 FORMAT_VERSION = 1
 CACHE_FILE = "latency.json"
-EMULATOR = "emulator"
 _ROOT = Path(__file__).resolve().parent
-
-
-class LatencyError(PQCompileError, RuntimeError):
-    """Measuring a latency table failed, or a table does not fit the problem it is attached
-    to; the message names the layer and what to do."""
 
 
 @dataclass(frozen=True)
@@ -211,249 +204,6 @@ def layer_points(problem: Any, index: int) -> list[tuple[int, int]]:
     for kept in _side_states(problem, layer.in_channels):
         points.append((o_full, layer.in_channels.value(full | kept)))
     return list(dict.fromkeys(points))
-
-
-# --- one-layer programs ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """What a layer's one-layer program needs besides its channel counts."""
-
-    kind: str  # "conv2d" | "linear"
-    input_shape: tuple[int, ...]
-    channel_dim: int
-    bias: bool
-    # kernel, stride, padding, dilation, groups, padding_mode, depthwise, depth multiplier
-    conv: tuple = ()
-
-    def program(self, out: int, inp: int) -> tuple[str, Any, tuple[int, ...]]:
-        """``(key, module, input shape)`` of the program with ``out`` output channels and
-        ``inp`` input channels per conv group."""
-        from torch import nn
-
-        shape = list(self.input_shape)
-        if self.kind == "linear":
-            shape[-1] = inp
-            module: Any = nn.Linear(inp, out, bias=self.bias)
-            key = f"linear x={'x'.join(map(str, shape))} o={out} b={int(self.bias)}"
-            return key, module, tuple(shape)
-        kernel, stride, padding, dilation, groups, mode, depthwise, multiplier = self.conv
-        if depthwise:  # in == groups: pruning removes whole conv groups (in and out together)
-            groups = cin = max(1, out // multiplier)
-            out = groups * multiplier
-        else:
-            out = -(-out // groups) * groups  # a grouped conv's outputs split over its groups
-            cin = inp * groups
-        shape[self.channel_dim] = cin
-        module = nn.Conv2d(cin, out, kernel, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, bias=self.bias, padding_mode=mode)
-        key = (f"conv2d x={'x'.join(map(str, shape))} o={out} k={_fmt(kernel)} "
-               f"s={_fmt(stride)} p={_fmt(padding)} d={_fmt(dilation)} g={groups} "
-               f"b={int(self.bias)} m={mode}")
-        return key, module, tuple(shape)
-
-
-def _fmt(value: Any) -> str:
-    return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def _geometry(gm: Any, name: str) -> _Geometry:
-    from torch import nn
-
-    from .meta import SHAPE
-
-    node = next((n for n in gm.graph.nodes if n.name == name), None)
-    if node is None or node.op != "call_module":
-        raise LatencyError(f"layer {name!r} of the problem is not a module call in the graph: "
-                           "pass the analyzed graph the problem was built from")
-    m = gm.get_submodule(node.target)
-    src = node.args[0]
-    found = SHAPE.find(src) if hasattr(src, "op") else None
-    if found is None:
-        raise LatencyError(f"layer {name!r}: its input has no shape annotation; pass the "
-                           "analyzed graph (pqcompile.build.analysis) the problem was built from")
-    shape = tuple(int(d) for d in found.shape)
-    bias = getattr(m, "bias", None) is not None
-    if isinstance(m, nn.Linear):
-        return _Geometry("linear", shape, len(shape) - 1, bias)
-    if isinstance(m, nn.Conv2d):
-        depthwise = m.groups > 1 and m.in_channels == m.groups
-        return _Geometry("conv2d", shape, 1, bias,
-                         (tuple(m.kernel_size), tuple(m.stride),
-                          m.padding if isinstance(m.padding, str) else tuple(m.padding),
-                          tuple(m.dilation), m.groups, m.padding_mode, depthwise,
-                          m.out_channels // m.in_channels if depthwise else 1))
-    raise LatencyError(f"layer {name!r} is a {type(m).__name__}; latency tables cover "
-                       "Conv2d and Linear layers")
-
-
-def _lowered(module: Any, shape: tuple[int, ...], spec: TargetSpec
-             ) -> tuple[Any, dict, np.ndarray]:
-    """The one-layer program as ``compile`` lowers a model: traced, quantized at 8/8 bits
-    (calibrated on its own input), lowered to integer Relax with the target's kernels."""
-    import torch
-
-    from .assignment import Assignment
-    from .frontend import trace
-    from .lower import lower
-    from .presets import compute_layers
-    from .quant import build_reference
-
-    torch.manual_seed(0)
-    x = torch.randn(*shape)
-    gm = trace(module.eval(), (x,))
-    reference = build_reference(gm, Assignment.uniform(compute_layers(gm), 8, 8), [x])
-    mod, params, _ = lower(reference, target=spec)
-    return mod, params, x.numpy()
-
-
-def _library(mod: Any, params: Mapping[str, np.ndarray], spec: TargetSpec) -> bytes:
-    """The program's shared library for ``spec``, built by :meth:`Artifact.build
-    <pqcompile.artifact.Artifact.build>` as ``compile`` builds a model (the target's tuning
-    records applied, its build pipeline, linked by its toolchain)."""
-    from .artifact import LIBRARY, Artifact
-
-    return Artifact.build(mod, params, spec)._files[LIBRARY]
-
-
-# --- where the programs run -----------------------------------------------------------------
-
-
-class _Local:
-    """Runs programs in this process on this machine's CPU."""
-
-    def __init__(self) -> None:
-        self.device = "local"
-
-    def time(self, library: bytes, spec: TargetSpec, args: list[np.ndarray],
-             timing: dict[str, Any]) -> list[float]:
-        import tvm
-        from tvm import relax
-
-        from .artifact import use_all_cores
-
-        use_all_cores()  # the thread count the artifacts run with
-        with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
-            path = Path(tmp, "lib.so")
-            path.write_bytes(library)
-            lib = tvm.runtime.load_module(str(path))  # mapped: the file may go
-        dev = tvm.cpu()
-        vm = relax.VirtualMachine(lib, dev)
-        return _time_vm(vm, dev, [tvm.runtime.tensor(a, device=dev) for a in args], timing)
-
-    def close(self) -> None:
-        pass
-
-
-class _Remote:
-    """Runs programs on a TVM RPC server (a board, or a qemu-user server here); every remote
-    object is dropped on :meth:`close`, so the server is free for the next session."""
-
-    def __init__(self, address: Any, spec: TargetSpec, key: str, session_timeout: float,
-                 connect_timeout: float, device: str | None) -> None:
-        from .deploy import _check_arch, _connect, _remote_info
-
-        self.address = address
-        self.remote = _connect(address, key, session_timeout, connect_timeout)
-        info = _remote_info(self.remote)
-        if info is not None:
-            _check_arch(info, spec.arch, spec.name, address)
-        board = f"{info.get('node')} {info.get('machine')}" if info else str(address)
-        self.device = device or f"rpc {board}"
-        self.count = 0
-
-    def time(self, library: bytes, spec: TargetSpec, args: list[np.ndarray],
-             timing: dict[str, Any]) -> list[float]:
-        from tvm import relax
-        from tvm.runtime import tensor
-
-        from .deploy import _first_line
-
-        self.count += 1
-        name = f"pqcompile_latency_{os.getpid()}_{self.count}.so"  # a fresh dlopen each time
-        try:
-            self.remote.upload(bytearray(library), name)
-            lib = self.remote.load_module(name)
-        except Exception as err:  # noqa: BLE001 (TVM raises many types; re-raised)
-            raise LatencyError(f"the RPC server at {self.address} cannot load a program "
-                               f"built for {spec.name!r}: {_first_line(err)}") from None
-        dev = self.remote.cpu()
-        vm = relax.VirtualMachine(lib, dev)
-        return _time_vm(vm, dev, [tensor(a, device=dev) for a in args], timing)
-
-    def close(self) -> None:
-        self.remote = None
-        gc.collect()
-
-
-def _time_vm(vm: Any, dev: Any, args: list, timing: Mapping[str, Any]) -> list[float]:
-    """Milliseconds per repeat of ``main`` after one warm-up run."""
-    vm.set_input("main", *args)
-    vm.invoke_stateful("main")
-    timer = vm.time_evaluator("invoke_stateful", dev, number=timing["number"],
-                              repeat=timing["repeat"], min_repeat_ms=timing["min_repeat_ms"])
-    return [float(t) * 1e3 for t in timer("main").results]
-
-
-def _parse_rpc(rpc: Any) -> Any:
-    from .deploy import ServerAddress, parse_address
-
-    if isinstance(rpc, ServerAddress):
-        return rpc
-    if isinstance(rpc, tuple) and len(rpc) == 2:
-        return ServerAddress(str(rpc[0]), int(rpc[1]))
-    if isinstance(rpc, str):
-        return parse_address(rpc)
-    raise OptionError(f"rpc must be 'HOST:PORT' (a TVM RPC server on the board), "
-                      f"'{EMULATOR}' or None, got {rpc!r}")
-
-
-def check_where(target: Any, rpc: Any, what: str = "rpc") -> None:
-    """Fail early, naming ``what``, when a table for ``target`` cannot be measured with
-    ``rpc`` (a non-native target needs a server; a malformed address)."""
-    spec = get_target(target)
-    flag = " (--latency-rpc on the command line)" if what == "latency_rpc" else ""
-    if rpc is None:
-        if spec.arch != host_arch():
-            raise OptionError(
-                f"target {spec.name!r} runs on {spec.arch} and this machine is {host_arch()}: "
-                f"its latency table is measured there. Give {what}='HOST:PORT'{flag} of a TVM "
-                f"RPC server on the board (`python -m pqcompile.rpc_server --port 9090` there), "
-                f"or {what}='{EMULATOR}' to time it under {spec.emulator or 'qemu-user'} here "
-                f"(emulated times: a stand-in, not the board's speed)")
-        return
-    if rpc == EMULATOR:
-        if spec.arch == host_arch():
-            raise OptionError(f"{what}='{EMULATOR}' runs another architecture under qemu-user; "
-                              f"target {spec.name!r} is this machine's ({spec.arch}): give "
-                              f"{what}=None to time it here")
-        return
-    _parse_rpc(rpc)
-
-
-@contextmanager
-def _runner(spec: TargetSpec, rpc: Any, key: str, session_timeout: float,
-            connect_timeout: float) -> Iterator[Any]:
-    if rpc is None:
-        yield _Local()
-        return
-    if rpc == EMULATOR:
-        from .rpc_local import local_server
-
-        with local_server(spec.arch) as address:
-            runner = _Remote(address, spec, key, session_timeout, connect_timeout,
-                             f"emulator {spec.emulator or 'qemu-' + spec.arch}")
-            try:
-                yield runner
-            finally:
-                runner.close()
-        return
-    runner = _Remote(_parse_rpc(rpc), spec, key, session_timeout, connect_timeout, None)
-    try:
-        yield runner
-    finally:
-        runner.close()
 
 
 # --- the cache ------------------------------------------------------------------------------
