@@ -60,6 +60,7 @@ compares whole models bit for bit).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,13 +225,6 @@ def _extent(sch: s_tir.Schedule, loop: Any) -> int:
     return int(extent.value)
 
 
-def _product(values: Iterable[int]) -> int:
-    total = 1
-    for v in values:
-        total *= v
-    return total
-
-
 def _trivially_bound(sch: s_tir.Schedule, block: Any, loops: list) -> bool:
     """Whether the block sits alone under ``loops``, its i-th iterator bound to the i-th."""
     realize = sch.get(loops[-1]).body if loops else None
@@ -332,7 +326,7 @@ class _Rules:
         if not loops:
             return
         extents = [_extent(sch, lp) for lp in loops]
-        total = _product(extents)
+        total = math.prod(extents)
         stmt = sch.get(block)
         wide = [i for i, e in enumerate(extents) if e > 1]
         if not wide:
@@ -347,10 +341,10 @@ class _Rules:
         if width >= 2:
             if width < extents[i]:
                 row_outer, row = sch.split(row, factors=[None, width])
-                if _product(extents[:i]) < 2 * self.cores:
+                if math.prod(extents[:i]) < 2 * self.cores:
                     outer = [*outer, row_outer]  # too few rows: their vectors in parallel
             sch.vectorize(row)
-        elif _product(extents[:i]) < 2 * self.cores:
+        elif math.prod(extents[:i]) < 2 * self.cores:
             # too few rows: chunks of the row in parallel, each chunk's loop left to LLVM
             chunk = _largest_divisor(extents[i], max(1, extents[i] // (4 * self.cores)))
             if chunk >= 2:
@@ -379,7 +373,7 @@ class _Rules:
         if kinds != "S" * len(s_loops) + "R" * len(r_loops):
             sch.reorder(*s_loops, *r_loops)
         s_extents = [_extent(sch, lp) for lp in s_loops]
-        work = _product(_extent(sch, lp) for lp in loops)
+        work = math.prod(_extent(sch, lp) for lp in loops)
         vec = None
         wide = [i for i, e in enumerate(s_extents) if e > 1]
         if wide and _reads(stmt) == 1:
@@ -393,7 +387,7 @@ class _Rules:
                     vec = s_loops.pop(i)
                 sch.reorder(*s_loops, *r_loops, vec)
         outer = s_loops
-        if vec is None and wide and _product(s_extents[:wide[-1]]) >= 2 * self.cores:
+        if vec is None and wide and math.prod(s_extents[:wide[-1]]) >= 2 * self.cores:
             # rows in parallel; each row's loops (the row loop and the reduction loops inside
             # it) as legalized, for LLVM to vectorize
             i = wide[-1]
