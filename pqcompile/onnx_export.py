@@ -83,23 +83,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.fx.node import map_arg
 
 from .errors import OptionError, UnsupportedOpError
-from .lower.ops import item_box, view_op
 from .meta import FLOAT_OPS, FUSED_ACTIVATION, QPARAMS, SHAPE, QParams
-from .onnx_islands import splice_island
+from .onnx_emitters import EMITTERS, movement
 from .quant.plan import is_split
-from .quant.qmodules import (
-    Dequantize,
-    FloatOp,
-    QAdd,
-    QCat,
-    QClip,
-    QConv2d,
-    QEmbedding,
-    QLinear,
-    QMaxPool,
-    QSumPool,
-    Quantize,
-)
+from .quant.qmodules import QConv2d, QLinear
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx"]
 
@@ -267,143 +254,6 @@ class _Export:
         if src in self.qp:
             self.qp[out] = self.qp[src]
         return out
-
-
-# --- one emitter per module of the reference (as pqcompile.lower.ops) ------------------------
-
-
-def quantize_input(ex: _Export, node, module: Quantize, x: str) -> str:
-    x64 = ex.node("Cast", [x], f"{node.name}_float64", f"{node.name}/Cast", to=TensorProto.DOUBLE)
-    return ex.quantize_exact(x64, module.out, module.lo, module.hi, node.name)
-
-
-def dequantize_output(ex: _Export, node, module: Dequantize, q: str) -> str:
-    return ex.dequantize(q)
-
-
-def conv2d(ex: _Export, node, module: QConv2d, x: str) -> str:
-    xf = ex.dequantize(x)
-    w, b = ex.weight(node.name, module)
-    ph, pw = module.padding
-    y = ex.node("Conv", [xf, w, b], f"{node.name}_conv", f"{node.name}/Conv",
-                kernel_shape=list(module.weight.shape[2:]), strides=list(module.stride),
-                pads=[ph, pw, ph, pw], dilations=list(module.dilation), group=module.groups)
-    return ex.requantize(y, node, module)
-
-
-def linear(ex: _Export, node, module: QLinear, x: str) -> str:
-    """``Gemm`` with the (out, in) weight (``transB``); other ranks flattened to 2-D around it,
-    on the integers."""
-    in_shape, out_shape = ex.shape(node.args[0]), ex.shape(node)
-    if len(in_shape) != 2:
-        x = ex.reshape(x, (-1, in_shape[-1]), f"{node.name}_input_2d")
-    xf = ex.dequantize(x)
-    w, b = ex.weight(node.name, module)
-    y = ex.node("Gemm", [xf, w, b], f"{node.name}_gemm", f"{node.name}/Gemm",
-                transB=1)
-    name = node.name if len(out_shape) == 2 else f"{node.name}_2d"
-    q = ex.quantize(ex.activation(y, node, module), module.out, module.lo, module.hi, name)
-    return q if len(out_shape) == 2 else ex.reshape(q, out_shape, node.name)
-
-
-def add(ex: _Export, node, module: QAdd, a: str, b: str) -> str:
-    y = ex.node("Add", [ex.dequantize(a), ex.dequantize(b)], f"{node.name}_add",
-                f"{node.name}/Add")
-    return ex.requantize(y, node, module)
-
-
-def cat(ex: _Export, node, module: QCat, *xs: str) -> str:
-    if all(fp is None for fp in module.fps):  # every input already at the output's scale
-        out = ex.node("Concat", list(xs), node.name, f"{node.name}/Concat", axis=module.dim)
-        return ex.passthrough(out, xs[0])
-    y = ex.node("Concat", [ex.dequantize(x) for x in xs], f"{node.name}_concat",
-                f"{node.name}/Concat", axis=module.dim)
-    return ex.requantize(y, node, module)
-
-
-def sum_pool(ex: _Export, node, module: QSumPool, x: str) -> str:
-    xf = ex.dequantize(x)
-    rank = len(ex.shape(node.args[0]))
-    if module.window is not None:
-        (kh, kw), stride, (ph, pw) = module.window
-        y = ex.node("AveragePool", [xf], f"{node.name}_pool", f"{node.name}/AveragePool",
-                    kernel_shape=[kh, kw], strides=list(stride), pads=[ph, pw, ph, pw],
-                    count_include_pad=1)
-    elif tuple(module.dims) == (2, 3) and module.keepdim and rank == 4:
-        y = ex.node("GlobalAveragePool", [xf], f"{node.name}_pool",
-                    f"{node.name}/GlobalAveragePool")
-    else:
-        y = ex.reduce_mean(xf, module.dims, module.keepdim, f"{node.name}_mean")
-    return ex.requantize(y, node, module)
-
-
-def embedding(ex: _Export, node, module: QEmbedding, ids: str) -> str:
-    table = ex.const(f"{node.name}.weight", module.table.numpy())
-    out = ex.node("Gather", [table, ids], node.name, f"{node.name}/Gather", axis=0)
-    ex.qp[out] = module.out
-    return out
-
-
-def max_pool(ex: _Export, node, module: QMaxPool, x: str) -> str:
-    (ph, pw) = module.padding
-    out = ex.node("MaxPool", [x], node.name, f"{node.name}/MaxPool",
-                  kernel_shape=list(module.kernel), strides=list(module.stride),
-                  pads=[ph, pw, ph, pw], dilations=list(module.dilation),
-                  ceil_mode=int(module.ceil_mode))
-    return ex.passthrough(out, x)
-
-
-def clip(ex: _Export, node, module: QClip, x: str) -> str:
-    out = ex.clip_int(x, module.lo, module.hi, module.out.dtype, node.name)
-    return ex.passthrough(out, x)
-
-
-def float_op(ex: _Export, node, module: FloatOp, *qs: str) -> str:
-    shapes = [ex.shape(a) for a in node.args]
-    xs = [ex.dequantize_exact(q, p.scale) for q, p in zip(qs, module.ins)]
-    y = splice_island(ex, node, module, xs, shapes)
-    return ex.quantize_exact(y, module.out, module.lo, module.hi, node.name)
-
-
-EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
-            QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op, QEmbedding: embedding}
-
-
-def getitem(ex: _Export, node, x: str) -> str:
-    """One item of a split, or basic indexing: a ``Slice``, then a ``Reshape`` to the recorded
-    shape (ints drop axes, ``None`` adds them)."""
-    in_shape, box = item_box(node, ex.shape)
-    axes = [i for i, (b, s) in enumerate(zip(box, in_shape)) if b != (0, s, 1)]
-    if axes:
-        base = f"{node.name}_slice"
-        x = ex.passthrough(ex.node("Slice", [
-            x, ex.int64s(f"{base}_starts", [box[i][0] for i in axes]),
-            ex.int64s(f"{base}_ends", [box[i][1] for i in axes]),
-            ex.int64s(f"{base}_axes", axes),
-            ex.int64s(f"{base}_steps", [box[i][2] for i in axes])], base, f"{base}/Slice"), x)
-    return ex.reshape(x, ex.shape(node), node.name)
-
-
-def movement(ex: _Export, node, x: str) -> str:
-    """Flatten/reshape/view/squeeze/unsqueeze (to the recorded shape), permute, transpose,
-    channel shuffle, indexing: on the integers (:func:`pqcompile.lower.ops.view_op`)."""
-    kind, arg = view_op(ex.ref, node, len(ex.shape(node)))
-    if kind == "index":
-        return getitem(ex, node, x)
-    if kind == "identity":
-        return x
-    if kind == "permute":
-        return ex.passthrough(ex.node("Transpose", [x], node.name, f"{node.name}/Transpose",
-                                      perm=arg), x)
-    if kind == "shuffle":
-        n, c, *rest = ex.shape(node)
-        y = ex.reshape(x, (n, arg, c // arg, *rest), f"{node.name}_groups")
-        y = ex.passthrough(ex.node("Transpose", [y], f"{node.name}_shuffled",
-                                   f"{node.name}/Transpose",
-                                   perm=[0, 2, 1, *range(3, 3 + len(rest))]), y)
-        return ex.reshape(y, (n, c, *rest), node.name)
-    return ex.reshape(x, ex.shape(node), node.name)
 
 
 # --- the export -----------------------------------------------------------------------------
