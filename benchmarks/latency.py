@@ -25,13 +25,17 @@ mixed build that is the only bar: its float agreement is recorded). A variant th
 reported, not timed, and the run exits 1.
 
 Each figure is the median of ``--repeat`` calls after ``--warmup`` calls, timed once every variant
-of a model is built and checked, in 5 interleaved rounds (so noise on a shared machine falls on
-every variant alike, not on whichever ran during it); ratios are against
+of a model is built and checked, in ``--rounds`` interleaved rounds (so noise on a shared
+machine falls on every variant alike, not on whichever ran during it). Each round of a variant
+starts after a 0.1 s pause (the previous backend's spinning threads go to sleep) with
+``--round-warmup`` untimed calls: after the pause the first few calls of every backend are up
+to 2x slower (its threads wake, the core clocks up), and with a few timed calls a round they
+would set the median. Ratios are against
 the fastest whole-model peer (torch and ONNX Runtime, fp32 or int8) and, for the pruned
 architecture, the fastest peer on it. JSON (machine, versions, settings, every figure and
 check) goes to ``--out`` (benchmarks/results/latency.json).
 
-    python benchmarks/latency.py [--models resnet18 mobilenet_v2] [--size 224] [--repeat 30]
+    python benchmarks/latency.py [--models resnet18 mobilenet_v2] [--size 224] [--repeat 50]
     python benchmarks/latency.py --quick   # smoke test: 64x64, 3 runs, latency_quick.json
 """
 
@@ -158,7 +162,7 @@ class Bench:
         print(f" checked (built in {row['build_s']:.1f} s)", flush=True)
         return fn
 
-    def time_all(self, rounds: int = 5) -> None:
+    def time_all(self, rounds: int) -> None:
         """Time every checked variant in ``rounds`` interleaved rounds (each variant's calls
         spread over the whole run, so a burst of noise on a shared machine hits them alike);
         each row gets the median, min and max of its ``repeat`` calls."""
@@ -167,6 +171,8 @@ class Bench:
         for _ in range(rounds):
             for row, call in self.timed:
                 time.sleep(0.1)  # let the previous backend's spinning worker threads sleep
+                for _ in range(self.args.round_warmup):  # then wake its own (and the core)
+                    call()
                 for _ in range(per):
                     t = time.perf_counter()
                     call()
@@ -234,7 +240,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     b.add("pqcompile mixed+pruned", "pqcompile", "exact", pq("mixed", mixed), pruned_reference,
           exact=integer_reference("mixed"), architecture="pruned")
     if "mixed" not in builds:
-        b.time_all()
+        b.time_all(args.rounds)
         return summarize(name, b.rows, builds)
     pruned = builds["mixed"].graph
     gc.collect()
@@ -256,7 +262,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     b.add("pqcompile int8 (pruned)", "pqcompile", "int", pq("int8_pruned", int8_pruned), pref,
           exact=integer_reference("int8_pruned"), architecture="pruned")
     print(f"{name}: timing {len(b.timed)} variants, interleaved", flush=True)
-    b.time_all()
+    b.time_all(args.rounds)
     result = summarize(name, b.rows, builds)
     if "int8_pruned" in builds:  # the same architecture as the mixed+pruned build?
         shapes = [tuple(p.shape) for p in builds["int8_pruned"].graph.parameters()]
@@ -296,7 +302,7 @@ def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | No
 
 def print_table(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\n{name} ({args.size}x{args.size}, batch 1, {args.threads} threads, median of "
-          f"{args.repeat} after {args.warmup} warm-up)")
+          f"{args.repeat} after {args.warmup} warm-up, {args.round_warmup} more each round)")
     print(f"  {'':36s} {'ms':>9s}  {'x fastest peer':>14s}  {'x fastest pruned peer':>21s}")
     rows = result["variants"]
     for arch, title in (("full", "whole model"), ("pruned", "pruned architecture")):
@@ -360,8 +366,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--size", type=int, default=None, help="input height and width (224)")
-    ap.add_argument("--repeat", type=int, default=None, help="timed calls per variant (30)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed calls per variant (50)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (5)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved timing rounds, the calls split among them (10)")
+    ap.add_argument("--round-warmup", type=int, default=None,
+                    help="untimed calls at the start of each timing round (2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-inputs", type=int, default=8,
                     help="random inputs the agreement checks use")
@@ -371,8 +381,8 @@ def main(argv=None) -> int:
                     help="JSON results (benchmarks/results/latency.json, latency_quick.json "
                          "with --quick)")
     args = ap.parse_args(argv)
-    quick = {"size": 64, "repeat": 3, "warmup": 1}
-    full = {"size": 224, "repeat": 30, "warmup": 5}
+    quick = {"size": 64, "repeat": 3, "warmup": 1, "rounds": 1, "round_warmup": 1}
+    full = {"size": 224, "repeat": 50, "warmup": 5, "rounds": 10, "round_warmup": 2}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -383,6 +393,7 @@ def main(argv=None) -> int:
     info = {"machine": machine(args.threads), "versions": versions(),
             "settings": {"models": args.models, "size": args.size, "batch": 1,
                          "repeat": args.repeat, "warmup": args.warmup,
+                         "rounds": args.rounds, "round_warmup": args.round_warmup,
                          "threads": args.threads, "quick": args.quick,
                          "calibration": "2 random batches of 4",
                          "check_inputs": args.check_inputs,

@@ -132,6 +132,24 @@ def test_host_build_computes_the_reference(host_art):
     assert np.abs(acc).max() > 1000  # the data exercise the int32 range, not just zeros
 
 
+def test_each_call_sees_its_own_inputs_also_from_threads(host_art):
+    # the inputs are copied into tensors kept from call to call: a later call must not see an
+    # earlier call's input, a non-contiguous array must be copied as its values, and calls
+    # from several threads must each get their own input's outputs
+    from concurrent.futures import ThreadPoolExecutor
+
+    strided = np.asfortranarray(X2)
+    assert not strided.flags.c_contiguous
+    for x in (X, X2, strided, X):
+        acc, _ = host_art(x)
+        assert np.array_equal(acc, reference(x)[0])
+    inputs = [RNG.integers(-128, 128, (1, 4, 8, 8), dtype=np.int8) for _ in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: host_art(x)[0], inputs))
+    for x, acc in zip(inputs, results):
+        assert np.array_equal(acc, reference(x)[0])
+
+
 def test_round_trip_gives_identical_outputs(host_art, saved):
     loaded = Artifact.load(saved)
     for x in (X, X2):
