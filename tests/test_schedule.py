@@ -128,6 +128,46 @@ def test_float_islands_are_bit_identical_to_the_unscheduled_build():
     assert _worst_lsb(ref, report, ex, params, inputs) <= 1
 
 
+def _blocks(func) -> list[str]:
+    names = []
+    tvm_ffi.structural_walk(func.body, lambda n: names.append(n.name_hint)
+                            if type(n).__name__ == "SBlock" and n.name_hint != "root" else None)
+    return names
+
+
+def test_float_chains_without_products_are_one_loop_and_exact():
+    """The input quantization (float64 cast, divide, add 0.5, floor, clamp, cast) is merged
+    into one loop nest, not six passes over five float64 buffers, and computes numpy's
+    integers (ties at .5 and values past the clamp included); a float product feeding an add
+    stays a block of its own (merged, LLVM could contract the two into one FMA)."""
+    from pqcompile.lower.ops import quantize
+    from pqcompile.meta import QParams
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 224, 224), "float32"))
+    y = relax.Var("y", relax.TensorType((1, 3, 224, 224), "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            q = bb.emit_output(quantize(bb, x, QParams(0.05, 8, True), -128, 127))
+            fma = bb.emit_output(relax.op.add(relax.op.multiply(x, y), y))
+        bb.emit_func_output(relax.Tuple([q, fma]))
+    mod = bb.get()
+    scheduled, _ = _scheduled_module(mod)
+    funcs = {gv.name_hint: f for gv, f in scheduled.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc)}
+    quant = next(f for name, f in funcs.items() if "divide" in name)
+    product = next(f for name, f in funcs.items() if "multiply" in name)
+    assert len(_blocks(quant)) == 1 and loop_kinds(quant) == ["parallel", "vectorized"]
+    assert len(_blocks(product)) == 2
+    rng = np.random.default_rng(0)
+    xs = (rng.integers(-3000, 3000, (1, 3, 224, 224)) * 0.025).astype(np.float32)  # ties, clamp
+    ys = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    got_q, got_fma = run(build(mod), {}, [xs, ys])
+    want = np.clip(np.floor(xs.astype(np.float64) / 0.05 + 0.5), -128, 127).astype(np.int8)
+    assert np.abs(want.astype(int)).max() == 128 and np.array_equal(got_q, want)
+    np.testing.assert_array_equal(got_fma, xs * ys + ys)  # rounded twice, as numpy does
+
+
 # --- kernels scheduled elsewhere --------------------------------------------------------------
 
 
