@@ -177,7 +177,9 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       # rows of 256 pixels: a row's tile would be 1 KiB, so the grid
       (2, 255, 3, 1, 1, "uint8", "uint8")]
 POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),
-        (9, 5, 3, 1, 1, "uint8")]
+        (9, 5, 3, 1, 1, "uint8"), (4, 56, 3, 2, 1, "uint8"),
+        # a 1 x 2 image: each output column is at both edges (taps left and right of it)
+        (3, 1, 3, 1, 1, "int8")]
 LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),
           (7, 64, 17, "uint8", "int8"), (1, 70, 300, "int8", "uint8")]
 
