@@ -70,6 +70,8 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from . import block_analysis as ba
+
 __all__ = ["SCHEDULED", "ScheduleCPU", "ScheduleReport", "is_scheduled", "loop_kinds",
            "num_cores", "schedule_cpu", "vector_bytes"]
 
@@ -127,156 +129,6 @@ def loop_kinds(func: tirx.PrimFunc) -> list[str]:
     return kinds
 
 
-# --- block analysis --------------------------------------------------------------------------
-
-
-@dataclass
-class _Body:
-    has_let: bool = False
-    has_if_then_else: bool = False
-    value_bits: int = 8  # the widest value type the block loads, stores or casts to
-    accesses: list = field(default_factory=list)  # (buffer, indices) of every load and store
-    #: its float value may hold a product: inlined into a consumer that adds, LLVM could
-    #: contract the two into one FMA (rounding once); see :func:`_fma_safe`
-    may_multiply: bool = False
-
-
-_LETS = ("Let", "LetStmt", "Bind")
-_LOADS = ("BufferLoad", "TensorLoad")
-# What a float value may be made of and still be inlined (none can become a product: LLVM
-# turns a division into a multiplication only by an exact reciprocal, a power of two, whose
-# product rounds nothing); anything else computed in floats (a product, a call such as exp
-# or tanh, which lower to polynomials) keeps the block apart.
-_NO_PRODUCT = {"Add", "Sub", "Div", "Min", "Max", "Cast", "Select", "FloatImm", "IntImm",
-               "Var", "BufferLoad", "TensorLoad", "EQ", "NE", "LT", "LE", "GT", "GE", "And",
-               "Or", "Not", "Broadcast", "Ramp"}
-_NO_PRODUCT_CALLS = {"tirx.floor", "tirx.ceil", "tirx.trunc", "tirx.round", "tirx.nearbyint",
-                     "tirx.fabs", "tirx.if_then_else"}
-
-
-def _float_expr(node: Any) -> bool:
-    ty = getattr(node, "ty", None)
-    dtype = getattr(node, "dtype", None) or getattr(ty, "dtype", None)
-    return dtype is not None and tvm.DataType(str(dtype)).type_code in (
-        tvm.DataTypeCode.FLOAT, tvm.DataTypeCode.BFLOAT)
-
-
-def _bits(expr: Any) -> int:
-    dtype = getattr(expr, "dtype", None)
-    if dtype is None:
-        ty = expr.ty
-        dtype = getattr(ty, "dtype", None) or str(ty)
-    return tvm.DataType(str(dtype)).bits
-
-
-def _body(block: Any) -> _Body:
-    info = _Body()
-    bits: list[int] = []
-
-    def visit(node: Any) -> None:
-        kind = type(node).__name__  # class names moved between TVM releases (LetStmt/Bind)
-        if kind in _LETS:
-            info.has_let = True
-        elif kind == "Call":
-            if getattr(node.op, "name", "").endswith("if_then_else"):
-                info.has_if_then_else = True
-        elif kind in _LOADS:
-            bits.append(_bits(node))
-            buffer = node.buffer if hasattr(node, "buffer") else node.source
-            info.accesses.append((buffer, list(node.indices)))
-        elif kind == "Cast":
-            bits.append(_bits(node))
-        elif kind == "BufferStore":
-            bits.append(_bits(node.value))
-            info.accesses.append((node.buffer, list(node.indices)))
-        if not info.may_multiply and isinstance(node, tvm.ir.Expr) and _float_expr(node) \
-                and (kind not in _NO_PRODUCT if kind != "Call"
-                     else getattr(node.op, "name", "") not in _NO_PRODUCT_CALLS):
-            info.may_multiply = True
-
-    tvm_ffi.structural_walk(block.body, visit)
-    if block.init is not None:
-        tvm_ffi.structural_walk(block.init, visit)
-    info.value_bits = max([b for b in bits if b > 1] or [8])
-    return info
-
-
-def _fma_safe(block: Any) -> bool:
-    """Whether the block may be merged with its neighbours into one expression: it computes
-    no floats, or its float value holds no product (see ``_NO_PRODUCT``)."""
-    return not any(_is_float(w.source) for w in block.writes) or not _body(block).may_multiply
-
-
-def _contiguous(block: Any, info: _Body, var: Any) -> bool:
-    """Whether every load and store of the block reads consecutive elements as ``var`` steps
-    by one (or the same element): vectorized over ``var``, no access becomes a gather."""
-    from tvm.sym import Analyzer
-    from tvm.sym.pattern import detect_linear_equation
-
-    analyzer = Analyzer()
-    for iv in block.iter_vars:  # e.g. v % 512 is v where v < 512
-        analyzer.bind(iv.var, iv.dom)
-    for buffer, indices in info.accesses:
-        shape = list(buffer.shape)
-        if not all(isinstance(d, tirx.IntImm) for d in shape) or len(shape) != len(indices):
-            return False
-        step, stride = 0, 1  # the flat index's step: sum of coefficient x row-major stride
-        for index, dim in zip(reversed(indices), reversed(shape)):
-            coeff = detect_linear_equation(analyzer.simplify(index), [var])
-            if not coeff or not isinstance(coeff[0], tirx.IntImm):
-                return False
-            step += int(coeff[0].value) * stride
-            stride *= int(dim.value)
-        if step not in (0, 1):
-            return False
-    return True
-
-
-def _reads(block: Any) -> int:
-    """How many buffers the block reads besides the ones it writes."""
-    written = {w.source.same_as for w in block.writes}
-    return sum(1 for r in block.reads if not any(f(r.source) for f in written))
-
-
-def _iter_kinds(block: Any) -> str:
-    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
-    return "".join(kinds.get(int(iv.iter_type), "O") for iv in block.iter_vars)
-
-
-def _is_float(buffer: Any) -> bool:
-    return tvm.DataType(buffer.dtype).type_code in (tvm.DataTypeCode.FLOAT,
-                                                   tvm.DataTypeCode.BFLOAT)
-
-
-def _extent(sch: s_tir.Schedule, loop: Any) -> int:
-    extent = sch.get(loop).extent
-    if not isinstance(extent, tirx.IntImm):
-        raise _Unsupported("a loop with a symbolic extent")
-    return int(extent.value)
-
-
-def _trivially_bound(sch: s_tir.Schedule, block: Any, loops: list) -> bool:
-    """Whether the block sits alone under ``loops``, its i-th iterator bound to the i-th."""
-    realize = sch.get(loops[-1]).body if loops else None
-    if realize is None or type(realize).__name__ != "SBlockRealize" \
-            or not realize.block.same_as(sch.get(block)):
-        return False
-    values = list(realize.iter_values)
-    return len(values) == len(loops) and all(
-        v.same_as(sch.get(lp).loop_var) for v, lp in zip(values, loops))
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    for d in range(min(n, limit), 1, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-class _Unsupported(Exception):
-    """The rules do not handle this function."""
-
-
 # --- the rules -------------------------------------------------------------------------------
 
 
@@ -287,15 +139,15 @@ class _Rules:
         self.parallel = num_cores(target) is None or self.cores > 1
         self.min_parallel = min_parallel
 
-    def lanes(self, info: _Body) -> int:
+    def lanes(self, info: ba.Body) -> int:
         return max(2, self.vector_bytes * 8 // info.value_bits)
 
     def vector_width(self, block: Any, var: Any, extent: int) -> int:
         """How many lanes to vectorize ``var`` (of ``extent``) by: 1 when it must not be."""
-        info = _body(block)
-        if info.has_let or info.has_if_then_else or not _contiguous(block, info, var):
+        info = ba.body(block)
+        if info.has_let or info.has_if_then_else or not ba.contiguous(block, info, var):
             return 1
-        return _largest_divisor(extent, self.lanes(info))
+        return ba.largest_divisor(extent, self.lanes(info))
 
     # A function: inline, then schedule every block left at the root.
     def apply(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -304,18 +156,18 @@ class _Rules:
         self.inline(sch, root)
         blocks = sch.get_child_blocks(root)
         if not blocks:
-            raise _Unsupported("no blocks")
+            raise ba.Unsupported("no blocks")
         names = [sch.get(b).name_hint for b in blocks]
         done: set[str] = set()
         for name in names:  # reductions first: their consumers move under their loops
             block = sch.get_sblock(name)
-            kinds = _iter_kinds(sch.get(block))
+            kinds = ba.iter_kinds(sch.get(block))
             if "O" in kinds:
-                raise _Unsupported(f"block {name} has an opaque iterator")
+                raise ba.Unsupported(f"block {name} has an opaque iterator")
             if "R" in kinds:
                 done |= self.reduction(sch, block)
         for name in names:
-            if name not in done and "R" not in _iter_kinds(sch.get(sch.get_sblock(name))):
+            if name not in done and "R" not in ba.iter_kinds(sch.get(sch.get_sblock(name))):
                 self.injective(sch, sch.get_sblock(name))
         return sch.mod["main"]
 
@@ -327,11 +179,11 @@ class _Rules:
             progress = False
             for block in sch.get_child_blocks(root):
                 stmt = sch.get(block)
-                if _iter_kinds(stmt) != "S" * len(stmt.iter_vars) or len(stmt.writes) != 1:
+                if ba.iter_kinds(stmt) != "S" * len(stmt.iter_vars) or len(stmt.writes) != 1:
                     continue
                 consumers = sch.get_consumers(block)
-                if _fma_safe(stmt) and consumers and all(
-                        "R" not in _iter_kinds(sch.get(c)) for c in consumers):
+                if ba.fma_safe(stmt) and consumers and all(
+                        "R" not in ba.iter_kinds(sch.get(c)) for c in consumers):
                     try:
                         sch.compute_inline(block)
                         progress = True
@@ -339,8 +191,8 @@ class _Rules:
                     except RuntimeError:  # a refused primitive (ScheduleError) or a TVM check
                         pass
                 producers = sch.get_producers(block)
-                if len(producers) == 1 and "R" not in _iter_kinds(sch.get(producers[0])) \
-                        and _fma_safe(sch.get(producers[0])):
+                if len(producers) == 1 and "R" not in ba.iter_kinds(sch.get(producers[0])) \
+                        and ba.fma_safe(sch.get(producers[0])):
                     try:
                         sch.reverse_compute_inline(block)
                         progress = True
@@ -355,7 +207,7 @@ class _Rules:
         loops = sch.get_loops(block)
         if not loops:
             return
-        extents = [_extent(sch, lp) for lp in loops]
+        extents = [ba.extent(sch, lp) for lp in loops]
         total = math.prod(extents)
         stmt = sch.get(block)
         wide = [i for i, e in enumerate(extents) if e > 1]
@@ -364,7 +216,7 @@ class _Rules:
         i = wide[-1]
         row, outer = loops[i], [*loops[:i], *loops[i + 1:]]  # unit loops after the row move out
         width = 1
-        if _trivially_bound(sch, block, loops):
+        if ba.trivially_bound(sch, block, loops):
             width = self.vector_width(stmt, stmt.iter_vars[i].var, extents[i])
         if outer:
             sch.reorder(*outer, row)
@@ -376,7 +228,7 @@ class _Rules:
             sch.vectorize(row)
         elif math.prod(extents[:i]) < 2 * self.cores:
             # too few rows: chunks of the row in parallel, each chunk's loop left to LLVM
-            chunk = _largest_divisor(extents[i], max(1, extents[i] // (4 * self.cores)))
+            chunk = ba.largest_divisor(extents[i], max(1, extents[i] // (4 * self.cores)))
             if chunk >= 2:
                 row_outer, _ = sch.split(row, factors=[None, chunk])
                 outer = [*outer, row_outer]
@@ -391,10 +243,10 @@ class _Rules:
         consumers are computed at the parallel loop. Returns the blocks it scheduled."""
         stmt = sch.get(block)
         name = stmt.name_hint
-        kinds = _iter_kinds(stmt)
+        kinds = ba.iter_kinds(stmt)
         loops = sch.get_loops(block)
-        if len(loops) != len(kinds) or not _trivially_bound(sch, block, loops):
-            raise _Unsupported(f"reduction {name} is not a plain loop nest")
+        if len(loops) != len(kinds) or not ba.trivially_bound(sch, block, loops):
+            raise ba.Unsupported(f"reduction {name} is not a plain loop nest")
         if "S" not in kinds:
             return {name}  # a reduction to one value: left serial
         s_idx = [i for i, k in enumerate(kinds) if k == "S"]
@@ -402,11 +254,11 @@ class _Rules:
         r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
         if kinds != "S" * len(s_loops) + "R" * len(r_loops):
             sch.reorder(*s_loops, *r_loops)
-        s_extents = [_extent(sch, lp) for lp in s_loops]
-        work = math.prod(_extent(sch, lp) for lp in loops)
+        s_extents = [ba.extent(sch, lp) for lp in s_loops]
+        work = math.prod(ba.extent(sch, lp) for lp in loops)
         vec = None
         wide = [i for i, e in enumerate(s_extents) if e > 1]
-        if wide and _reads(stmt) == 1:
+        if wide and ba.reads(stmt) == 1:
             i = wide[-1]
             width = self.vector_width(stmt, stmt.iter_vars[s_idx[i]].var, s_extents[i])
             if width >= 2:
@@ -428,7 +280,7 @@ class _Rules:
         epilogues = []
         for consumer in sch.get_consumers(block):
             c_stmt = sch.get(consumer)
-            if "R" in _iter_kinds(c_stmt):
+            if "R" in ba.iter_kinds(c_stmt):
                 continue
             try:
                 sch.reverse_compute_at(consumer, outer[-1], preserve_unit_loops=True)
@@ -459,7 +311,7 @@ class _Rules:
         if not inner:
             return
         stmt = sch.get(block)
-        extents = [_extent(sch, lp) for lp in inner]
+        extents = [ba.extent(sch, lp) for lp in inner]
         wide = [i for i, e in enumerate(extents) if e > 1]
         if not wide or any(e > 1 for e in extents[wide[-1] + 1:]):
             return
@@ -526,7 +378,7 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target | None = None, *,
             continue
         try:
             new = rules.apply(func)
-        except _Unsupported as err:
+        except ba.Unsupported as err:
             report.skipped[gv.name_hint] = str(err)
             continue
         except Exception as err:  # a schedule primitive refused: keep the original
