@@ -30,9 +30,11 @@ machine falls on every variant alike, not on whichever ran during it). Each roun
 starts after a 0.1 s pause (the previous backend's spinning threads go to sleep) with
 ``--round-warmup`` untimed calls: after the pause the first few calls of every backend are up
 to 2x slower (its threads wake, the core clocks up), and with a few timed calls a round they
-would set the median. Ratios are against
-the fastest whole-model peer (torch and ONNX Runtime, fp32 or int8) and, for the pruned
-architecture, the fastest peer on it. JSON (machine, versions, settings, every figure and
+would set the median. Ratios are against the fastest whole-model peer (torch and ONNX
+Runtime, fp32 or int8) and, for the pruned architecture, the fastest peer on it: the ratio of
+the medians, and ``paired``, the median over rounds of each round's ratio (the pruned
+architecture's rows against its peer, the others against the whole model's), which load
+that comes and goes between rounds affects less. JSON (machine, versions, settings, every figure and
 check) goes to ``--out`` (benchmarks/results/latency.json).
 
     python benchmarks/latency.py [--models resnet18 mobilenet_v2] [--size 224] [--repeat 50]
@@ -180,7 +182,7 @@ class Bench:
         for row, _ in self.timed:
             ts = times[id(row)]
             row.update({"ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
-                        "times_ms": [round(t, 4) for t in ts]})
+                        "times_ms": [round(t, 4) for t in ts], "calls_per_round": per})
             print(f"  {row['label']:34s} {row['ms']:9.2f} ms", flush=True)
         self.timed.clear()
 
@@ -273,6 +275,17 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def paired_ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
+    """The median over timing rounds of the row's round median over ``base``'s in the same
+    round: the two ran seconds apart, so load that comes and goes between rounds (this
+    host's medians move by 10-30% from round to round) falls on both."""
+    def rounds(r: dict[str, Any]) -> list[float]:
+        per, ts = r["calls_per_round"], r["times_ms"]
+        return [statistics.median(ts[i:i + per]) for i in range(0, len(ts), per)]
+
+    return statistics.median(a / b for a, b in zip(rounds(row), rounds(base)))
+
+
 def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | None
               ) -> dict[str, Any]:
     def fastest(group: str) -> dict[str, Any] | None:
@@ -284,8 +297,10 @@ def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | No
         r.setdefault("architecture", "full")
         if "ms" in r and best:
             r["x_fastest_peer"] = r["ms"] / best["ms"]
+            r["paired_x_fastest_peer"] = paired_ratio(r, best)
         if "ms" in r and best_pruned and r["architecture"] == "pruned":
             r["x_fastest_pruned_peer"] = r["ms"] / best_pruned["ms"]
+            r["paired_x_fastest_pruned_peer"] = paired_ratio(r, best_pruned)
     out: dict[str, Any] = {"fastest_peer": best and best["label"],
                            "fastest_pruned_peer": best_pruned and best_pruned["label"],
                            "variants": rows}
@@ -303,7 +318,8 @@ def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | No
 def print_table(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\n{name} ({args.size}x{args.size}, batch 1, {args.threads} threads, median of "
           f"{args.repeat} after {args.warmup} warm-up, {args.round_warmup} more each round)")
-    print(f"  {'':36s} {'ms':>9s}  {'x fastest peer':>14s}  {'x fastest pruned peer':>21s}")
+    print(f"  {'':36s} {'ms':>9s}  {'x fastest peer':>14s}  {'x fastest pruned peer':>21s}"
+          f"  {'paired':>7s}")
     rows = result["variants"]
     for arch, title in (("full", "whole model"), ("pruned", "pruned architecture")):
         extra = ""
@@ -318,7 +334,9 @@ def print_table(name: str, result: dict[str, Any], args: argparse.Namespace) -> 
                 print(f"  {r['label']:36s} {'--':>9s}  not timed: {r.get('error')}")
                 continue
             pr = f"{r['x_fastest_pruned_peer']:21.2f}" if "x_fastest_pruned_peer" in r else ""
-            print(f"  {r['label']:36s} {r['ms']:9.2f}  {r['x_fastest_peer']:14.2f}  {pr}")
+            paired = r.get("paired_x_fastest_pruned_peer", r["paired_x_fastest_peer"])
+            print(f"  {r['label']:36s} {r['ms']:9.2f}  {r['x_fastest_peer']:14.2f}  "
+                  f"{pr or ' ' * 21}  {paired:7.2f}")
     print(f"  fastest peer: {result['fastest_peer']}; on the pruned architecture: "
           f"{result['fastest_pruned_peer']}")
     for label, t in result.get("pqcompile", {}).items():
