@@ -139,9 +139,9 @@ class _Local:
         import tvm
         from tvm import relax
 
-        from .artifact import use_all_cores
+        from .artifact import thread_pool_defaults
 
-        use_all_cores()  # the thread count the artifacts run with
+        thread_pool_defaults()  # the thread pool the artifacts run with
         with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
             path = Path(tmp, "lib.so")
             path.write_bytes(library)

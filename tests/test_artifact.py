@@ -18,7 +18,7 @@ import pytest
 import tvm
 from tvm.script import relax as R
 
-from pqcompile.artifact import FORMAT_VERSION, Artifact, ArtifactError
+from pqcompile.artifact import FORMAT_VERSION, Artifact, ArtifactError, thread_pool_defaults
 from pqcompile.targets import elf_arch, host_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,20 @@ def test_each_call_sees_its_own_inputs_also_from_threads(host_art):
         results = list(pool.map(lambda x: host_art(x)[0], inputs))
     for x, acc in zip(inputs, results):
         assert np.array_equal(acc, reference(x)[0])
+
+
+def test_thread_pool_defaults_fill_in_only_what_the_environment_leaves_out(monkeypatch):
+    # every CPU this process may use, workers not pinned (a pinned worker waits for its core
+    # when another process is using it); what the user sets is kept
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    thread_pool_defaults()
+    assert os.environ["TVM_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert os.environ["TVM_BIND_THREADS"] == "0"
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    monkeypatch.setenv("TVM_BIND_THREADS", "1")
+    thread_pool_defaults()
+    assert os.environ["TVM_NUM_THREADS"] == "1" and os.environ["TVM_BIND_THREADS"] == "1"
 
 
 def test_round_trip_gives_identical_outputs(host_art, saved):

@@ -34,8 +34,8 @@ from pqcompile.presets import compute_layers
 from pqcompile.quant import build_reference, integer_outputs
 from pqcompile.quant.plan import activation_sources
 
-# CI runs 200 cases of the long run (each run draws new ones); PQCOMPILE_FUZZ_CASES=1000 for more
-LONG_CASES = int(os.environ.get("PQCOMPILE_FUZZ_CASES", "200"))
+# CI runs 100 cases of the long run (each run draws new ones); PQCOMPILE_FUZZ_CASES=1000 for more
+LONG_CASES = int(os.environ.get("PQCOMPILE_FUZZ_CASES", "100"))
 STATS = {"cases": 0, "float_ops": 0, "pruned": 0, "kernels": 0, "worst": 0}
 
 

@@ -13,6 +13,7 @@ stored reference sample. Exit status: 0 success, 1 a failed check, 2 bad usage. 
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -178,6 +179,9 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 1
 
+    # TVM's workers unpinned unless the environment says otherwise: pinned, a worker whose
+    # core another process is using waits for that core at every parallel region
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     library = tvm.runtime.load_module(str(Path(args.artifact) / manifest["library"]))
     vm = tvm.relax.VirtualMachine(library, tvm.cpu())
     params, entry = prepare(vm, manifest, to_tensors(params_np)), manifest["entry"]
