@@ -360,6 +360,7 @@ def machine(threads: int) -> dict[str, Any]:
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
             "threads": threads, "torch_threads": torch.get_num_threads(),
             "ort_intra_op_threads": threads, "tvm_threads": peers.tvm_threads(),
+            "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS", "1 (TVM's default)"),
             "torch_quantized_engine": "x86", "platform": platform.platform()}
 
 

@@ -3,11 +3,11 @@
 Every point gets the same fine-tune budget (QAT, ``--finetune-batches`` steps of 128 images,
 distillation from the FP32 model) and is measured on the compiled host program:
 uniform 8-bit, uniform 4-bit (first and last layer 8-bit), structural pruning only (the ILP
-over the groups' keep levels, every layer 8-bit), and the
-ILP's joint bits + pruning at several BOP budgets (weights 2/4/8 bits, activations 4/5/6/8:
-activations are stored in 8-bit bytes whatever their bits, so finer activation options cost
-nothing in storage and give the solver finer BOP trade-offs). Prints a table and writes a PNG plot when
-matplotlib is installed.
+over the groups' keep levels, every layer 8-bit), and the ILP's joint bits + pruning at
+several BOP budgets (weights 2/4/8 bits, activations 4/5/6/8: activations are stored in 8-bit
+bytes whatever their bits, so finer activation options cost nothing in storage and give the
+solver finer BOP trade-offs). Prints a table and writes a PNG plot when matplotlib is
+installed.
 
 Every point's training data order comes from its seed alone (``--seeds``: one row per seed,
 and per method the mean and the range over seeds, plotted as error bars).

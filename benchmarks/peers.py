@@ -32,9 +32,14 @@ import torch
 
 
 def set_threads(threads: int) -> None:
-    """torch's intra-op threads and TVM's pool size (ONNX Runtime's go in each session)."""
+    """torch's intra-op threads and TVM's pool size (ONNX Runtime's go in each session); the
+    rest of TVM's pool as artifacts set it up (workers unpinned, unless ``TVM_BIND_THREADS``
+    is set: :func:`pqcompile.artifact.thread_pool_defaults`), for every TVM variant alike."""
+    from pqcompile.artifact import thread_pool_defaults
+
     torch.set_num_threads(threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)
+    thread_pool_defaults()
 
 
 def tvm_threads() -> int:

@@ -2,8 +2,9 @@
 
 At each BOP budget (default 30x and 60x fewer BOPs than FP32) every solver picks bits per layer
 and kept channels per group over the same problem (FIT sensitivities, weights 2/4/8 bits x
-activations 4/5/6/8 as in ``pqcompile demo``, keep levels 100/75/50/25 %); every result then gets the same QAT fine-tune and is measured as
-the compiled host integer program on the real 10k test set. The searching solvers (SBS, AJPQ,
+activations 4/5/6/8 as in ``pqcompile demo``, keep levels 100/75/50/25 %); every result then
+gets the same QAT fine-tune and is measured as the compiled host integer program on the real
+10k test set. The searching solvers (SBS, AJPQ,
 FITCompress, PIC-PQ) score candidates on a held-out validation split of the training set.
 Columns: BOP reduction, accuracy, weight bytes, search wall time (the solve stage only).
 Accuracy is the integer-exact reference's on all 10k images; the compiled program is run on
