@@ -39,19 +39,20 @@ _NO_PRODUCT_CALLS = {"tirx.floor", "tirx.ceil", "tirx.trunc", "tirx.round", "tir
                      "tirx.fabs", "tirx.if_then_else"}
 
 
-def _float_expr(node: Any) -> bool:
-    ty = getattr(node, "ty", None)
-    dtype = getattr(node, "dtype", None) or getattr(ty, "dtype", None)
-    return dtype is not None and tvm.DataType(str(dtype)).type_code in (
-        tvm.DataTypeCode.FLOAT, tvm.DataTypeCode.BFLOAT)
+def _dtype(expr: Any) -> str | None:
+    """An expression's value type (``dtype``, or its type's), ``None`` for non-values."""
+    dtype = getattr(expr, "dtype", None)
+    if dtype is None:
+        dtype = getattr(getattr(expr, "ty", None), "dtype", None)
+    return None if dtype is None else str(dtype)
+
+
+def _is_float_type(dtype: str) -> bool:
+    return tvm.DataType(dtype).type_code in (tvm.DataTypeCode.FLOAT, tvm.DataTypeCode.BFLOAT)
 
 
 def _bits(expr: Any) -> int:
-    dtype = getattr(expr, "dtype", None)
-    if dtype is None:
-        ty = expr.ty
-        dtype = getattr(ty, "dtype", None) or str(ty)
-    return tvm.DataType(str(dtype)).bits
+    return tvm.DataType(_dtype(expr) or str(expr.ty)).bits
 
 
 def body(block: Any) -> Body:
@@ -75,10 +76,11 @@ def body(block: Any) -> Body:
         elif kind == "BufferStore":
             bits.append(_bits(node.value))
             info.accesses.append((node.buffer, list(node.indices)))
-        if not info.may_multiply and isinstance(node, tvm.ir.Expr) and _float_expr(node) \
-                and (kind not in _NO_PRODUCT if kind != "Call"
-                     else getattr(node.op, "name", "") not in _NO_PRODUCT_CALLS):
-            info.may_multiply = True
+        if not info.may_multiply and isinstance(node, tvm.ir.Expr):
+            dtype = _dtype(node)
+            info.may_multiply = dtype is not None and _is_float_type(dtype) and (
+                kind not in _NO_PRODUCT if kind != "Call"
+                else getattr(node.op, "name", "") not in _NO_PRODUCT_CALLS)
 
     tvm_ffi.structural_walk(block.body, visit)
     if block.init is not None:
@@ -130,8 +132,7 @@ def iter_kinds(block: Any) -> str:
 
 
 def is_float(buffer: Any) -> bool:
-    return tvm.DataType(buffer.dtype).type_code in (tvm.DataTypeCode.FLOAT,
-                                                   tvm.DataTypeCode.BFLOAT)
+    return _is_float_type(str(buffer.dtype))
 
 
 def extent(sch: s_tir.Schedule, loop: Any) -> int:

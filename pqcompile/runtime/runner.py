@@ -180,7 +180,9 @@ def main(argv=None):
         return 1
 
     # TVM's workers unpinned unless the environment says otherwise: pinned, a worker whose
-    # core another process is using waits for that core at every parallel region
+    # core another process is using waits for that core at every parallel region (the
+    # default of pqcompile.artifact.thread_pool_defaults, repeated: this file runs without
+    # pqcompile)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     library = tvm.runtime.load_module(str(Path(args.artifact) / manifest["library"]))
     vm = tvm.relax.VirtualMachine(library, tvm.cpu())
