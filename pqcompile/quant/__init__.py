@@ -4,7 +4,9 @@ The scheme (the contract between :func:`build_reference` and :func:`pqcompile.lo
 
 * **Weights**: per output channel, symmetric, ``b`` in 2..8 bits, narrow range
   ``q in [-(2^(b-1) - 1), 2^(b-1) - 1]``, ``scale[c] = max |w[c]| / qmax``, ``q = floor(w / s +
-  0.5)``; an all-zero channel borrows the smallest other channel scale.
+  0.5)``; an all-zero channel borrows the smallest other channel scale. Steps never fall
+  below 2^-16 of the layer's largest (nor 2^-40), and a channel whose bias would not fit
+  int32 gets a larger step (dead channels of real checkpoints; :mod:`.qparams`).
 * **Activations**: per tensor, zero point 0. Unsigned ``[0, 2^b - 1]`` where the tensor is known
   non-negative (the output of a folded ReLU/ReLU6; an add, concat or average pool of unsigned
   tensors; a sigmoid, hard-sigmoid, softmax or exp run in float), else symmetric narrow signed
@@ -45,6 +47,7 @@ The scheme (the contract between :func:`build_reference` and :func:`pqcompile.lo
 from .fixedpoint import quantize_multiplier, requantize
 from .observers import (
     OBSERVERS,
+    AutoObserver,
     MinMaxObserver,
     MseObserver,
     Observer,
@@ -55,7 +58,7 @@ from .qparams import quantize_weight
 from .reference import build_reference, fake_quant_view, integer_outputs
 
 __all__ = [
-    "OBSERVERS", "MinMaxObserver", "MseObserver", "Observer", "PercentileObserver",
+    "OBSERVERS", "AutoObserver", "MinMaxObserver", "MseObserver", "Observer", "PercentileObserver",
     "build_reference", "fake_quant_view", "integer_outputs", "make_observer",
     "quantize_multiplier", "quantize_weight", "requantize",
 ]

@@ -1,45 +1,93 @@
 """Weight and bias quantization (see :mod:`pqcompile.quant` for the scheme).
 
+Real checkpoints hold *dead* channels: BatchNorm statistics of 0 or weights of ~1e-9 that the
+BN fold turns into a channel whose output is (almost) its bias alone. Scaled by its own
+``max |w[c]|``, such a channel's step collapses (1e-11 and below) and its bias, stored at scale
+``s_in * s_w[c]``, cannot fit int32. Three rules keep every layer representable:
+
+* **relative floor**: no channel step is below ``REL_SCALE_FLOOR`` (2^-16) times the layer's
+  largest channel step. A channel 65536 times smaller than the largest one is dead at 8 bits
+  or fewer; its weights are rounded on the floor's grid, an error of at most half that step,
+  2^-17 of the largest channel's step (they quantize to exact zeros when all of them are below
+  half the step, as a channel of ~1e-9 weights does);
+* **absolute floor**: no step is below ``ABS_SCALE_FLOOR`` (2^-40), for layers whose every
+  channel is ~0;
+* **bias floor**: a channel's step is raised until its bias fits what int32 leaves beside the
+  worst-case sum of products, ``|b[c]| / (s_in * s_w[c]) <= 2^31 - 1 - terms * |x|max *
+  |w|max``: no bias is clamped and the accumulator cannot overflow. It binds only where the
+  bias dwarfs the weights (a dead channel); its weights then round on the raised step, whose
+  effect on the output is at most ``terms * |x|max * |b[c]| / (2 * headroom)``, under 1e-4 of
+  the bias for layers of up to ~10^4 products per output.
+
+An all-zero channel takes the smallest (floored) step of the others, so its bias keeps their
+precision. :func:`quantize_layer` applies the three rules; :func:`quantize_weight` the first
+two (and any given per-channel minimum).
+
 >>> import torch
 >>> q, wq = quantize_weight(torch.tensor([[1.0, -0.5], [0.0, 0.0]]), bits=4)
 >>> q.tolist(), wq.scales
 ([[7, -3], [0, 0]], (0.14285714285714285, 0.14285714285714285))
+>>> q, wq = quantize_weight(torch.tensor([[1.0, -0.5], [1e-9, 0.0]]), bits=4)
+>>> q.tolist(), wq.scales[1] == wq.scales[0] * 2.0 ** -16  # a dead channel: exact zeros
+([[7, -3], [0, 0]], True)
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from ..meta import WeightQuant
+from ..meta import QParams, WeightQuant
 
 INT32_MAX = 2 ** 31 - 1
+REL_SCALE_FLOOR = 2.0 ** -16  # of the layer's largest channel step
+ABS_SCALE_FLOOR = 2.0 ** -40
 
 
 def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_weight(w: torch.Tensor, bits: int, *, where: str = "weight"
-                    ) -> tuple[torch.Tensor, WeightQuant]:
-    """Per-output-channel (dim 0) symmetric narrow-range quantization.
-
-    ``scale[c] = max |w[c]| / (2^(b-1) - 1)``; an all-zero channel takes the smallest scale of
-    the other channels (1.0 if every channel is zero) so its bias keeps their precision.
-    Returns the int8 tensor of ``q`` and the :class:`~pqcompile.meta.WeightQuant` record.
-    """
+def _check_bits(bits: int, where: str) -> None:
     if not 2 <= bits <= 8:
         raise ValueError(f"{where}: weight bits must be in 2..8 for the integer lowering, got "
                          f"{bits}; leave the layer out of the assignment to keep it in float")
+
+
+def weight_steps(w: torch.Tensor, bits: int,
+                 min_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-channel steps (float64) of ``w`` at ``bits`` after the floors (module
+    docstring): ``max(max |w[c]| / qmax, REL_SCALE_FLOOR * largest, ABS_SCALE_FLOOR,
+    min_scales[c])``, all-zero channels at the smallest step of the others (1.0 if none)."""
+    w64 = w.detach().to(torch.float64)
+    raw = w64.reshape(w64.shape[0], -1).abs().amax(dim=1) / weight_qmax(bits)
+    top = float(raw.max()) if raw.numel() else 0.0
+    floor = max(top * REL_SCALE_FLOOR, ABS_SCALE_FLOOR)
+    nonzero = raw > 0
+    fill = max(float(raw[nonzero].min()), floor) if bool(nonzero.any()) else 1.0
+    steps = torch.where(nonzero, raw.clamp(min=floor), torch.full_like(raw, fill))
+    if min_scales is not None:
+        steps = torch.maximum(steps, min_scales.to(torch.float64))
+    return steps
+
+
+def quantize_weight(w: torch.Tensor, bits: int, *, where: str = "weight",
+                    min_scales: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, WeightQuant]:
+    """Per-output-channel (dim 0) symmetric narrow-range quantization.
+
+    ``scale[c] = max |w[c]| / (2^(b-1) - 1)`` raised to the floors of the module docstring
+    (and to ``min_scales[c]``, float64, when given). Returns the int8 tensor of ``q`` and the
+    :class:`~pqcompile.meta.WeightQuant` record.
+    """
+    _check_bits(bits, where)
     w64 = w.detach().to(torch.float64)
     if not torch.isfinite(w64).all():
         raise ValueError(f"{where}: weight has inf or nan values")
     qmax = weight_qmax(bits)
-    amax = w64.reshape(w64.shape[0], -1).abs().amax(dim=1)
-    scales = amax / qmax
-    nonzero = scales > 0
-    fill = float(scales[nonzero].min()) if bool(nonzero.any()) else 1.0
-    scales = torch.where(nonzero, scales, torch.full_like(scales, fill))
+    scales = weight_steps(w64, bits, min_scales)
     view = (-1,) + (1,) * (w64.dim() - 1)
     q = torch.clamp(torch.floor(w64 / scales.view(view) + 0.5), -qmax, qmax).to(torch.int8)
     return q, WeightQuant(bits, tuple(float(s) for s in scales))
@@ -47,17 +95,56 @@ def quantize_weight(w: torch.Tensor, bits: int, *, where: str = "weight"
 
 def quantize_bias(b: torch.Tensor | None, in_scale: float, w_scales: tuple[float, ...], *,
                   where: str = "bias") -> torch.Tensor:
-    """int32-valued bias with scale ``in_scale * w_scales[c]`` (int64 tensor), zeros if None."""
+    """int32-valued bias with scale ``in_scale * w_scales[c]`` (int64 tensor), zeros if None.
+
+    Raises when a bias does not fit int32 at the scales given; :func:`quantize_layer` chooses
+    weight scales for which it always does.
+    """
     n = len(w_scales)
     if b is None:
         return torch.zeros(n, dtype=torch.int64)
     s = in_scale * torch.tensor(w_scales, dtype=torch.float64)
     q = torch.floor(b.detach().to(torch.float64) / s + 0.5)
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError(f"{where}: bias has inf or nan values")
     if bool((q.abs() > INT32_MAX).any()):
         c = int(q.abs().argmax())
-        raise ValueError(f"{where}: bias of channel {c} ({float(b[c]):.4g}) does not fit int32 "
-                         f"at scale {float(s[c]):.3g}; its input scale is too small: recalibrate")
+        raise ValueError(
+            f"{where}: bias of channel {c} ({float(b[c]):.4g}) does not fit int32 at scale "
+            f"{float(s[c]):.3g} (input scale {in_scale:.3g} times weight scale "
+            f"{w_scales[c]:.3g}): that channel's weight scale is too small for its bias; "
+            "quantize the layer with quantize_layer, which raises it")
     return q.to(torch.int64)
+
+
+def quantize_layer(w: torch.Tensor, b: torch.Tensor | None, bits: int, inp: QParams, *,
+                   where: str = "layer") -> tuple[torch.Tensor, WeightQuant, torch.Tensor]:
+    """Weights, weight scales and int32 bias of one conv/linear layer reading ``inp``.
+
+    The weight steps take the three floors of the module docstring, so the bias always fits
+    int32 beside the worst-case sum of products; the one error left is an accumulator that
+    the products alone could overflow (too many terms at these bits).
+    """
+    _check_bits(bits, where)
+    terms = int(np.prod(w.shape[1:]))
+    x_absmax, w_absmax = max(-inp.qmin, inp.qmax), weight_qmax(bits)
+    headroom = INT32_MAX - terms * x_absmax * w_absmax - 1
+    if headroom <= 0:
+        raise ValueError(f"{where}: the int32 accumulator could overflow ({terms} products of "
+                         f"|x| <= {x_absmax} and |w| <= {w_absmax}, before any bias); lower "
+                         "the activation or weight bits")
+    min_scales = None
+    if b is not None:
+        b64 = b.detach().to(torch.float64)
+        if not bool(torch.isfinite(b64).all()):
+            raise ValueError(f"{where}: bias has inf or nan values")
+        min_scales = b64.abs() / (inp.scale * headroom)
+        # one ulp of slack so that the rounded bias stays within the headroom
+        min_scales = torch.nextafter(min_scales, torch.full_like(min_scales, math.inf))
+    wint, wq = quantize_weight(w, bits, where=where, min_scales=min_scales)
+    bias = quantize_bias(b, inp.scale, wq.scales, where=where)
+    check_accumulator(where, terms, x_absmax, w_absmax, bias)
+    return wint, wq, bias
 
 
 def check_accumulator(where: str, terms: int, x_absmax: int, w_absmax: int,

@@ -53,6 +53,7 @@ from ..passes.base import TRACE_PROVIDES, mark_provided, provided_keys
 from .calibrate import capture, check_batches, observe
 from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
 from .islands import Slot, make_island
+from .movement import pad_code
 from .observers import Observer, grid, make_observer
 from .plan import Plan, make_plan
 from .qmodules import (
@@ -62,13 +63,15 @@ from .qmodules import (
     QClip,
     QConv2d,
     QEmbedding,
+    QGather,
     QLinear,
     QMaxPool,
+    QPad,
     QSumPool,
     Quantize,
 )
 from .qmodules import FloatOp as FloatOpModule
-from .qparams import check_accumulator, quantize_bias, quantize_weight, weight_qmax
+from .qparams import quantize_layer
 
 
 def _relu6_hi(qp: QParams) -> int:
@@ -139,10 +142,7 @@ class _Builder:
         inp, out = self.qparams(src.name), self.qp[n.name]
         bw = self.assignment.bits[n.name]
         where = f"layer {n.name!r}"
-        wint, wq = quantize_weight(m.weight, bw.weight, where=where)
-        bias = quantize_bias(m.bias, inp.scale, wq.scales, where=where)
-        terms = int(np.prod(m.weight.shape[1:]))
-        check_accumulator(where, terms, max(-inp.qmin, inp.qmax), weight_qmax(bw.weight), bias)
+        wint, wq, bias = quantize_layer(m.weight, m.bias, bw.weight, inp, where=where)
         M = inp.scale * np.asarray(wq.scales) / out.scale
         mult, shift = quantize_multipliers(M, where=where)
         fp = FixedPoint(tuple(int(v) for v in mult), tuple(int(v) for v in shift))
@@ -196,6 +196,17 @@ class _Builder:
     def maxpool(self, n):
         src = self.ins(n)[0]
         return self.emit(n, QMaxPool(**self.plan.args[n.name]), (self.env[src.name],),
+                         meta={QPARAMS: self.qparams(n.name)})
+
+    def pad(self, n):
+        src, qp, args = self.ins(n)[0], self.qparams(n.name), self.plan.args[n.name]
+        code = pad_code(args["value"], qp, f"node {n.name!r} ({self.plan.op[n.name]})")
+        return self.emit(n, QPad(args["pad"], code, qp.scale), (self.env[src.name],),
+                         meta={QPARAMS: qp})
+
+    def gather(self, n):
+        src = self.ins(n)[0]
+        return self.emit(n, QGather(self.plan.args[n.name]["index"]), (self.env[src.name],),
                          meta={QPARAMS: self.qparams(n.name)})
 
     def clip(self, n):
@@ -256,7 +267,8 @@ class _Builder:
         handlers: dict[str, Callable] = {
             "input": self.input, "conv": self.layer, "linear": self.layer, "add": self.add,
             "cat": self.cat, "avgpool": self.avgpool, "maxpool": self.maxpool,
-            "clip": self.clip, "view": self.verbatim, "identity": self.verbatim,
+            "clip": self.clip, "pad": self.pad, "gather": self.gather, "view": self.verbatim,
+            "identity": self.verbatim,
             "split": self.verbatim, "meta": self.verbatim, "float": self.float,
             "index": self.index_input, "embedding": self.embedding}
         for n in self.gm.graph.nodes:
