@@ -38,8 +38,10 @@ from ..quant.qmodules import (
     QClip,
     QConv2d,
     QEmbedding,
+    QGather,
     QLinear,
     QMaxPool,
+    QPad,
     QSumPool,
     Quantize,
 )
@@ -293,6 +295,32 @@ def clip(lw: Lowering, node, module: QClip, x) -> relax.Expr:
     return lw.bb.emit(R.clip(x, module.lo, module.hi))
 
 
+def pad(lw: Lowering, node, module: QPad, x) -> relax.Expr:
+    """A constant pad with the constant's code; negative widths (crops) as a slice after."""
+    shape = lw.shape(node.all_input_nodes[0])
+    widths = [(0, 0)] * len(shape)
+    for i in range(len(module.pad) // 2):
+        widths[len(shape) - 1 - i] = (module.pad[2 * i], module.pad[2 * i + 1])
+    if any(b > 0 or a > 0 for b, a in widths):
+        x = lw.bb.emit(R.nn.pad(x, [max(v, 0) for w in widths for v in w], "constant",
+                                float(module.code)))
+    if any(b < 0 or a < 0 for b, a in widths):
+        padded = [s + max(b, 0) + max(a, 0) for s, (b, a) in zip(shape, widths)]
+        x = lw.bb.emit(R.strided_slice(x, axes=list(range(len(shape))),
+                                       begin=[max(-b, 0) for b, _ in widths],
+                                       end=[s - max(-a, 0) for s, (_, a) in zip(padded, widths)]))
+    return x
+
+
+def gather(lw: Lowering, node, module: QGather, x) -> relax.Expr:
+    """Reflect/replicate/circular pads and nearest resampling: one ``take`` per axis, with
+    the reference's indices (in range by construction)."""
+    for axis, idx in module.indices():
+        x = lw.bb.emit(R.take(x, relax.const(idx.numpy().astype(np.int32), "int32"),
+                              axis=axis, mode="clip"))
+    return x
+
+
 def translate_island(fn: torch.fx.GraphModule, shapes, *, legalize: bool = False
                      ) -> relax.Function:
     """The Relax function of a float island (inputs float64); ``legalize`` also checks that
@@ -322,7 +350,7 @@ def dequantize_output(lw: Lowering, node, module: Dequantize, q) -> relax.Expr:
 
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op, QEmbedding: embedding}
+            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather}
 
 _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
                      torch.nn.Dropout2d, torch.nn.Dropout3d)

@@ -10,7 +10,9 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
   slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split,
   tensor_split, unbind: tuple-valued, read only through ``getitem``), ``identity`` (Identity,
-  Dropout, contiguous) and ``clip`` (a ReLU/ReLU6 that could not be folded);
+  Dropout, contiguous), ``clip`` (a ReLU/ReLU6 that could not be folded), ``pad`` (a constant
+  pad) and ``gather`` (reflect/replicate/circular pads, nearest resampling; see
+  :mod:`pqcompile.quant.movement`);
 * ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
   float whose only user it is);
 * ``const`` (depends on no input; its value is captured) and ``meta`` (non-tensor values such
@@ -44,9 +46,10 @@ from torch import nn
 from ..assignment import Assignment
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE
+from .movement import movement_args
 
 ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float", "embedding")
-PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split")
+PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split", "pad", "gather")
 FUSABLE = ("conv", "linear", "add", "cat", "avgpool")
 
 _ADD = (operator.add, operator.iadd, torch.add)
@@ -116,7 +119,10 @@ def _conv_args(m: nn.Conv2d) -> dict | None:
 
 def _avgpool_args(gm, n) -> dict | None:
     """Window ``(kernel, stride, padding)`` or reduced ``dims`` of an average, else None."""
-    in_shape = _shape(n.args[0])
+    x = n.args[0] if n.args else None
+    if not (isinstance(x, torch.fx.Node) and _is_tensor(x)):
+        return None  # e.g. torch.stack([...]): its first argument is a list, not a tensor
+    in_shape = _shape(x)
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.AvgPool2d):
@@ -285,6 +291,11 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
             n.op == "call_function" and n.target in _VIEW_FN + _SHUFFLE_FN) or (
             n.op == "call_method" and n.target in _VIEW_METHODS):
         return "view"
+    if len(tensor_ins) == 1 and n.args and n.args[0] is tensor_ins[0]:
+        moved = movement_args(gm, n, _shape(tensor_ins[0]))
+        if moved is not None:
+            plan.args[n.name] = moved[1]
+            return moved[0]
     return "float"
 
 

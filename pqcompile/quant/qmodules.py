@@ -241,3 +241,37 @@ class QMaxPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation,
                             self.ceil_mode)
+
+
+class QPad(nn.Module):
+    """A constant pad on the integers: with ``code``, the constant quantized at the tensor's
+    ``scale`` (``scale * code`` in the fake-quant view). ``pad`` is in ``F.pad``'s order."""
+
+    def __init__(self, pad: tuple[int, ...], code: int, scale: float) -> None:
+        super().__init__()
+        self.pad, self.code, self.scale = tuple(pad), int(code), scale
+        self.fake = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = self.code * self.scale if self.fake else float(self.code)
+        return F.pad(x, self.pad, "constant", value)
+
+
+class QGather(nn.Module):
+    """Reflect/replicate/circular pads and nearest resampling: along each listed axis, output
+    position ``i`` reads input position ``index[i]`` (identical in the fake-quant view)."""
+
+    def __init__(self, index: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
+        super().__init__()
+        self.axes = tuple(axis for axis, _ in index)
+        for i, (_, idx) in enumerate(index):
+            self.register_buffer(f"index{i}", torch.tensor(idx, dtype=torch.int64))
+        self.fake = False
+
+    def indices(self) -> list[tuple[int, torch.Tensor]]:
+        return [(axis, getattr(self, f"index{i}")) for i, axis in enumerate(self.axes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for axis, idx in self.indices():
+            x = x.index_select(axis, idx)
+        return x
