@@ -56,3 +56,17 @@ class OptionError(PQCompileError, ValueError):
 class LatencyError(PQCompileError, RuntimeError):
     """Measuring a latency table failed, or a table does not fit the problem it is attached
     to; the message names the layer and what to do."""
+
+
+class CriterionError(PQCompileError, ValueError):
+    """A sensitivity criterion cannot score the model as given (e.g. no gradient reaches a
+    layer); the message names the layer or node and what to do."""
+
+
+class PQCompileWarning(UserWarning):
+    """Base class of the warnings pqcompile issues."""
+
+
+class FidelityWarning(PQCompileWarning):
+    """The compiled model's outputs are far from the float model's on the calibration inputs
+    (low SQNR or top-1 agreement); the message says what to try."""

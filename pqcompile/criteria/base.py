@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..errors import CriterionError
 from ..meta import EXAMPLE_INPUTS, ChannelGroup
 from ..passes.fold_bn import FoldBatchNorm
 from ..presets import compute_layers
@@ -287,7 +288,14 @@ class ActivationRanges:
 
 
 class Capture(torch.fx.Interpreter):
-    """Runs a graph and keeps the output values of the named nodes (autograd intact)."""
+    """Runs a graph and keeps the output values of the named nodes (autograd intact).
+
+    With autograd on, a kept float tensor that does not require grad (a model input, or what
+    is computed from the inputs and buffers alone: a pad, an input normalization ``(x - mean)
+    / std``, a slice of one of several inputs) becomes a leaf that requires grad, and the rest
+    of the graph reads a copy of it: the loss is then differentiable with respect to every
+    kept tensor, wherever the inputs flow, and in-place ops further on stay legal.
+    """
 
     def __init__(self, gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
         super().__init__(gm)
@@ -297,20 +305,69 @@ class Capture(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         value = super().run_node(n)
         if n.name in self.names:
+            if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and torch.is_grad_enabled() and not value.requires_grad:
+                leaf = value.detach().requires_grad_(True)
+                self.values[n.name] = leaf
+                return leaf.clone()
             self.values[n.name] = value
         return value
 
 
 def run_capture(work: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...],
                 names: Iterable[str]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """``(output, {name: value})``; model inputs listed in ``names`` are made to require grad."""
-    names = set(names)
-    placeholders = [n.name for n in work.graph.nodes if n.op == "placeholder"]
-    inputs = tuple(x.detach().requires_grad_(True) if p in names and x.is_floating_point()
-                   else x for p, x in zip(placeholders, inputs))
+    """``(output, {name: value})``; with autograd on, every value kept is differentiable
+    (:class:`Capture`), model inputs included."""
     cap = Capture(work, names)
-    out = cap.run(*inputs)
+    out = cap.run(*(x.detach() for x in inputs))
     return out, cap.values
+
+
+def _reaches_output(work: torch.fx.GraphModule) -> set[str]:
+    """Names of the nodes whose value the graph's output depends on."""
+    out = next(n for n in reversed(work.graph.nodes) if n.op == "output")
+    seen, stack = set(), list(out.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def loss_grads(work: torch.fx.GraphModule, criterion: str, loss: torch.Tensor,
+               tensors: Sequence[torch.Tensor], owners: Sequence[tuple[str, str]],
+               **kwargs: Any) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(loss, tensors, allow_unused=True, **kwargs)`` with errors that
+    name the layer: ``owners[i]`` is ``(node, description)`` of ``tensors[i]`` (the layer whose
+    weight it is, or the node whose value it is). A gradient is ``None`` only for a tensor the
+    output does not depend on (a dead branch: no loss through it); one whose node feeds the
+    output but gets no gradient (a ``.detach()``, ``torch.no_grad`` or an op such as ``argmax``
+    on the way) raises, since scoring it 0 would let a solver prune a layer that matters.
+    """
+    advice = ("remove the detach/no_grad/non-differentiable op from the forward (or make that "
+              "part a leaf module outside the scored layers), or use a data-free criterion such "
+              "as criterion='weight_error'")
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise CriterionError(f"criterion {criterion!r}: the loss does not depend differentiably "
+                             f"on any layer (the model's output is detached or computed "
+                             f"without autograd); {advice}")
+    try:
+        grads = torch.autograd.grad(loss, list(tensors), allow_unused=True, **kwargs)
+    except RuntimeError as exc:
+        names = ", ".join(what for _, what in owners[:4])
+        raise CriterionError(f"criterion {criterion!r}: autograd could not differentiate the "
+                             f"loss with respect to {names}{', ...' if len(owners) > 4 else ''}"
+                             f": {exc}; {advice}") from exc
+    reaching = None
+    for g, (node, what) in zip(grads, owners):
+        if g is None:
+            reaching = _reaches_output(work) if reaching is None else reaching
+            if node in reaching:
+                raise CriterionError(f"criterion {criterion!r}: no gradient reaches the {what} "
+                                     f"although the model's output depends on node {node!r}: "
+                                     f"something between them is not differentiable; {advice}")
+    return grads
 
 
 def split_batch(work: torch.fx.GraphModule, batch: Any, index: int

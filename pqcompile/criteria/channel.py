@@ -52,6 +52,7 @@ from .base import (
     batch_size,
     default_loss,
     iterate,
+    loss_grads,
     run_capture,
 )
 from .magnitude import Magnitude
@@ -104,8 +105,9 @@ class _ActivationScores(Criterion):
             if self.max_batches is not None and b >= self.max_batches:
                 break
             out, values = run_capture(work, inputs, nodes)
-            grads = torch.autograd.grad(self.loss_fn(out, target), [values[n] for n in nodes],
-                                        allow_unused=True)
+            grads = loss_grads(work, self.name, self.loss_fn(out, target),
+                               [values[n] for n in nodes],
+                               [(n, f"output of layer {n!r}") for n in nodes])
             n = batch_size(inputs)
             prods = {name: None if g is None else (values[name].detach() * g * n)
                      for name, g in zip(nodes, grads)}

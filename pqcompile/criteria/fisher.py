@@ -58,6 +58,7 @@ from .base import (
     combine,
     iterate,
     layer_module,
+    loss_grads,
     out_rows,
     readers,
     run_capture,
@@ -98,6 +99,10 @@ class FisherTrace(SecondOrderCriterion):
         shared = readers(work, layers)
         acts = list(shared)
         ranges = ActivationRanges(work, layers, self.observer)
+        owners = [(layer, f"weight of layer {layer!r}") for layer in layers] + \
+            [(layer, f"bias of layer {layer!r}") for layer, m in zip(layers, modules)
+             if m.bias is not None] + \
+            [(a, f"input of layer(s) {shared[a]} (node {a!r})") for a in acts]
         diag = [torch.zeros_like(p, dtype=torch.float64) for p in params + biases]
         traces: list[np.ndarray] = []  # per batch: weight blocks, then activation blocks
         self.converged = False
@@ -106,7 +111,7 @@ class FisherTrace(SecondOrderCriterion):
             ranges.update(values)
             loss = self.loss_fn(out, target)
             tensors = params + biases + [values[a] for a in acts]
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            grads = loss_grads(work, self.name, loss, tensors, owners)
             n = batch_size(inputs)
             sq = [None if g is None else n * g.detach().to(torch.float64) ** 2 for g in grads]
             for d, s in zip(diag, sq):

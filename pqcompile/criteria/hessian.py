@@ -57,6 +57,7 @@ from .base import (
     combine,
     iterate,
     layer_module,
+    loss_grads,
     out_rows,
     readers,
     run_capture,
@@ -114,12 +115,15 @@ class HessianTrace(SecondOrderCriterion):
         gen = torch.Generator().manual_seed(self.seed)
         sums = np.zeros(len(weights) + len(acts))
         total, prev = 0.0, None
+        layers = compute_layers(work)
+        owners = [(layer, f"weight of layer {layer!r}") for layer in layers] + \
+            [(a, f"input node {a!r}") for a in acts]
         for it in range(self.max_iters):
             inputs, target = data[it % len(data)]
             out, values = run_capture(work, inputs, acts)
             loss = self.loss_fn(out, target)
             tensors = list(weights) + [values[a] for a in acts]
-            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+            grads = loss_grads(work, self.name, loss, tensors, owners, create_graph=True)
             vs = [_rademacher(t, gen) for t in tensors]
             est = self._quadratic_forms(tensors, grads, vs)
             n = batch_size(inputs)
