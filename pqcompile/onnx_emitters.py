@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from onnx import TensorProto
 
 from .lower.ops import item_box, view_op
@@ -18,8 +19,10 @@ from .quant.qmodules import (
     QClip,
     QConv2d,
     QEmbedding,
+    QGather,
     QLinear,
     QMaxPool,
+    QPad,
     QSumPool,
     Quantize,
 )
@@ -117,6 +120,29 @@ def clip(ex: _Export, node, module: QClip, x: str) -> str:
     return ex.passthrough(out, x)
 
 
+def pad(ex: _Export, node, module: QPad, x: str) -> str:
+    """A constant ``Pad`` on the integers, with the constant's code (negative widths crop)."""
+    rank = len(ex.shape(node.args[0]))
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(module.pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = module.pad[2 * i], module.pad[2 * i + 1]
+    dtype = ex.qp[x].dtype if x in ex.qp else "int8"
+    out = ex.node("Pad", [x, ex.int64s(f"{node.name}_pads", begins + ends),
+                          ex.const(f"{node.name}_value", np.array(module.code, dtype))],
+                  node.name, f"{node.name}/Pad", mode="constant")
+    return ex.passthrough(out, x)
+
+
+def gather(ex: _Export, node, module: QGather, x: str) -> str:
+    """Reflect/replicate/circular pads and nearest resampling: one ``Gather`` per axis."""
+    for i, (axis, idx) in enumerate(module.indices()):
+        out = ex.node("Gather", [x, ex.int64s(f"{node.name}_index{i}", idx.numpy())],
+                      node.name if i == len(module.axes) - 1 else f"{node.name}_{i}",
+                      f"{node.name}/Gather", axis=axis)
+        x = ex.passthrough(out, x)
+    return x
+
+
 def float_op(ex: _Export, node, module: FloatOp, *qs: str) -> str:
     shapes = [ex.shape(a) for a in node.args]
     xs = [ex.dequantize_exact(q, p.scale) for q, p in zip(qs, module.ins)]
@@ -126,7 +152,7 @@ def float_op(ex: _Export, node, module: FloatOp, *qs: str) -> str:
 
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op, QEmbedding: embedding}
+            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather}
 
 
 def getitem(ex: _Export, node, x: str) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from test_lower import ZOO_BITS, Zoo
+from test_lowering_faithful import PAD_BITS, Pads
 from test_parity import PARITY_BITS, batches, parity_net, randomize_bn
 from torch import nn
 
@@ -176,7 +177,19 @@ def _mobilenet_v3(bits: int = 8):
     return ref, batches(3, (1, 3, 64, 64), seed=5)
 
 
-SMALL = {"zoo": _zoo, "parity_dense": lambda: _parity(False),
+def _pads():
+    """Every pad mode and a nearest upsampling, on the integers (Pad, Gather)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(Pads(), nn.Upsample(scale_factor=1.5, mode="nearest"),
+                          nn.Conv2d(4, 3, 1)).eval()
+    gm = pqcompile.trace(model, (torch.randn(1, 3, 11, 13),))
+    a = Assignment({f"_0_{k}": BitWidths(*v) for k, v in PAD_BITS.items()} |
+                   {"_2": BitWidths(8, 8)})
+    return build_reference(gm, a, batches(3, (2, 3, 11, 13), seed=6)), \
+        batches(3, (1, 3, 11, 13), seed=7)
+
+
+SMALL = {"zoo": _zoo, "pads": _pads, "parity_dense": lambda: _parity(False),
          "parity_pruned": lambda: _parity(True), "views": _views, "tokens": _tokens}
 # hard-swish is written as torch computes it (x * clamp(x + 3, 0, 6) / 6) to repeat the
 # reference's float64 arithmetic; Erf has no float64 kernel in ONNX Runtime: it runs in float32
