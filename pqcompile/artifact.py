@@ -60,6 +60,7 @@ __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
 FORMAT_VERSION = runner.FORMAT
 CALLING_CONVENTION = "inputs_then_params"
 LIBRARY, WEIGHTS, SAMPLE, RUNNER = "lib.so", "weights.bin", "sample.bin", "runner.py"
+FLAT_SUFFIX = "_flat"  # the prepare function taking one argument per weight (see deploy)
 _RUNNER_SOURCE = Path(runner.__file__)
 
 
@@ -160,6 +161,7 @@ class Artifact:
                                     else f) for g, f in mod.functions.items()}, attrs=mod.attrs)
             mod = relax.transform.LiftTransformParams()(mod)
             prepare = f"{entry}_transform_params"
+            mod = _with_flat_prepare(mod, prepare)
         scheduled = 0
         if tuned:
             from .tuning import apply
@@ -186,6 +188,7 @@ class Artifact:
                        "spec": spec.to_dict()},
             "library": LIBRARY, "entry": entry, "calling_convention": CALLING_CONVENTION,
             "prepare": prepare,
+            "prepare_flat": prepare + FLAT_SUFFIX if prepare else None,
             "inputs": inputs, "outputs": outputs,
             "weights_file": WEIGHTS, "byte_order": "little", "params": param_entries,
             "reference_sample": sample_meta,
@@ -343,6 +346,24 @@ class Artifact:
         return (f"Artifact(target={m['target']['name']!r}, arch={self.arch!r}, "
                 f"inputs={[i['name'] for i in m['inputs']]}, params={len(m['params'])}, "
                 f"nbytes={self.nbytes})")
+
+
+def _with_flat_prepare(mod: Any, prepare: str) -> Any:
+    """``mod`` plus ``{prepare}_flat``: ``prepare`` taking the weights as separate arguments.
+
+    ``prepare`` (Relax's lifted transform) takes one tuple of weights, which a local caller
+    passes as a Python list; a TVM RPC client cannot pass a tuple (nor get its items back), so
+    a board is handed the weights one argument each (:mod:`pqcompile.deploy`)."""
+    from tvm import relax
+
+    tuple_type = mod[prepare].params[0].ty
+    weights = [relax.Var(f"w{i}", ty) for i, ty in enumerate(tuple_type.fields)]
+    builder = relax.BlockBuilder(mod)
+    with builder.function(prepare + FLAT_SUFFIX, weights):
+        made = builder.emit(relax.Call(builder.get().get_global_var(prepare),
+                                       [relax.Tuple(weights)]))
+        builder.emit_func_output(made)
+    return builder.get()
 
 
 def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[np.ndarray]:

@@ -214,6 +214,11 @@ def deploy(directory: str | os.PathLike, host: str, port: int, *, repeat: int = 
     if sample is None and check:
         raise DeployError(f"the artifact in {directory} stores no reference sample to check "
                           f"the board's outputs against; pass check=False to only time it")
+    if manifest.get("prepare") and not manifest.get("prepare_flat"):
+        raise DeployError(
+            f"the artifact in {directory} stores its weights packed and its library lacks the "
+            f"prepare function a board is called with over RPC (it was saved by an older "
+            f"pqcompile): compile it again and save it, then deploy")
     meta = manifest["reference_sample"]
     found: dict[str, Any] = {"mismatches": [], "match": None, "max_abs": None, "max_lsb": None}
 
@@ -272,6 +277,7 @@ class _Session:
         self.session_timeout = session_timeout
         self.target, self.entry = manifest["target"]["name"], manifest["entry"]
         self.library_name = manifest["library"]
+        self.prepare = manifest.get("prepare_flat")
         self.what = f"the artifact's library (target {self.target!r}, built for {artifact.arch})"
         self.info: dict[str, Any] | None = None
         self.timings: dict[str, float] = {}
@@ -316,10 +322,11 @@ class _Session:
             self.weights_bytes = int(sum(a.nbytes for a in weights))
             start = clock()
             tensors = [tensor(np.ascontiguousarray(a), device=device) for a in weights]
-            prepare = self.artifact.manifest.get("prepare")
-            if prepare:  # weights stored packed: unpacked once on the board
-                made = vm[prepare](tensors)
-                tensors = [made[i] for i in range(len(made))]
+            if self.prepare:  # weights stored packed: unpacked once on the board, one
+                # argument each (an RPC client can pass no tuple), kept there as the outputs
+                vm.set_input(self.prepare, *tensors)
+                vm.invoke_stateful(self.prepare)
+                tensors = _remote_outputs(vm, self.prepare)
             args = [tensor(np.ascontiguousarray(a), device=device)
                     for a in self.inputs] + tensors  # calling convention: inputs_then_params
             self.timings["weights"] = clock() - start
@@ -395,19 +402,24 @@ def _check_arch(info: dict[str, Any], arch: str, target: str, address: ServerAdd
             f"an {arch} machine")
 
 
-def _outputs(vm: Any, entry: str) -> list[np.ndarray]:
-    """The outputs of the last ``invoke_stateful(entry)`` as numpy arrays, nested tuples
-    flattened depth-first (the manifest's output order)."""
+def _remote_outputs(vm: Any, entry: str) -> list[Any]:
+    """The outputs of the last ``invoke_stateful(entry)`` as tensors where the VM runs, nested
+    tuples flattened depth-first (the manifest's output order)."""
     arity, get = vm["get_output_arity"], vm["get_output"]
     outputs, pending = [], [()]
     while pending:
         index = pending.pop()
         count = arity(entry, *index)
         if count == -1:  # a tensor
-            outputs.append(get(entry, *index).numpy())
+            outputs.append(get(entry, *index))
         else:
             pending.extend((*index, i) for i in reversed(range(count)))
     return outputs
+
+
+def _outputs(vm: Any, entry: str) -> list[np.ndarray]:
+    """:func:`_remote_outputs` copied here as numpy arrays."""
+    return [t.numpy() for t in _remote_outputs(vm, entry)]
 
 
 def _zero_inputs(specs: list[dict[str, Any]]) -> list[np.ndarray]:

@@ -66,6 +66,29 @@ def artifacts(compiled, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mixed_arm(tmp_path_factory):
+    """A mixed 2/4/8-bit aarch64 artifact: its 2- and 4-bit weights are stored packed, so the
+    board first runs the prepare function that unpacks them."""
+    from pqcompile.assignment import Assignment
+    from pqcompile.build import compile_assignment
+    from pqcompile.meta import BitWidths
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    bits = Assignment.uniform(["_0", "_2", "_4", "_8"], 8, 8)
+    bits.bits["_2"], bits.bits["_4"] = BitWidths(4, 8), BitWidths(2, 8)
+    compiled = compile_assignment(model, (torch.randn(1, 3, 8, 8),), bits, target="arm",
+                                  calibration=[torch.randn(4, 3, 8, 8)])
+    assert [row["weight_bits"] for row in compiled.layers] == [8, 4, 2, 8]
+    path = compiled.save(tmp_path_factory.mktemp("mixed") / "arm")
+    assert Artifact.load(path).manifest["prepare"]  # the packed-weights path is exercised
+    return path
+
+
+@pytest.fixture(scope="module")
 def aarch64_server(sysroot):
     with local_server("aarch64") as address:
         yield address
@@ -97,6 +120,18 @@ def test_aarch64_under_qemu_outputs_match_exactly(artifacts, aarch64_server, cap
     assert 0 < latency["min"] <= latency["median"] <= latency["max"] and latency["std"] >= 0
     assert data["upload_bytes"] == (Path(artifacts["arm"]) / "lib.so").stat().st_size
     assert data["upload_s"] > 0 and data["weights_bytes"] > 0
+
+
+def test_mixed_2_4_8_bit_artifact_on_the_aarch64_server(mixed_arm, aarch64_server, capsys):
+    """Packed 2/4-bit weights are unpacked on the board, then the outputs equal the reference
+    sample bit for bit."""
+    code, data, err = _deploy_json(capsys, mixed_arm, aarch64_server)
+    assert code == 0, err
+    assert data["arch"] == "aarch64" and data["remote"]["machine"] == "aarch64"
+    assert data["outputs_match"] is True and data["max_abs_diff"] == 0.0
+    assert data["max_lsb_diff"] == 0 and data["mismatches"] == []
+    packed = Artifact.load(mixed_arm).manifest["params"]
+    assert data["weights_bytes"] == sum(p["nbytes"] for p in packed)  # uploaded packed
 
 
 def test_host_artifact_refused_by_the_aarch64_server(artifacts, aarch64_server, capsys):
