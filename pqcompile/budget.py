@@ -142,7 +142,8 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """The command-line form ``"bops=60x,weight_bytes=200KB,macs=5M"``.
+        """The command-line form ``"bops=60x,weight_bytes=200KB,macs=5M"`` (``;`` separates
+        entries too: ``"bops=8x;macs=2x"``).
 
         Units: ``B, KB, MB, GB, KiB, MiB, GiB`` for bytes; ``K, M, G, T`` for BOPs and MACs;
         ``ms, s`` for latency; a trailing ``x`` makes a reduction ratio.
@@ -150,7 +151,7 @@ class Budget:
         if not isinstance(text, str):
             raise TypeError(f"Budget.parse takes a string, got {type(text).__name__}")
         values: dict[str, str] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or not value.strip():
