@@ -39,7 +39,7 @@ from .build import Compiled, analysis, finish, prepare
 from .candidates import public, solver_candidates
 from .errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
-from .frontend import check_example_inputs, check_model_and_inputs
+from .frontend import check_example_inputs, check_leaf_modules, check_model_and_inputs
 from .latency import LatencyTable, attach_latency, check_where, measure_latency
 from .meta import BITS, EXAMPLE_INPUTS
 from .passes import CostAnalysis
@@ -88,7 +88,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
             calibration_batches: int = 8, sensitivity_batches: int = 16,
             observer: str = "minmax", seed: int = 0, solver_options: Mapping | None = None,
             pareto_points: int = 4, tune: int = 0, latency_table: Any = None,
-            latency_rpc: Any = None, progress: bool = False) -> Compiled:
+            latency_rpc: Any = None, leaf_modules: Iterable[str | type] = (),
+            progress: bool = False) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
@@ -117,9 +118,13 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     ``"HOST:PORT"`` of a TVM RPC server on the board, or ``"emulator"`` (a server under
     qemu-user here: emulated times, a stand-in). ``.latency_table`` holds the table used.
 
+    ``leaf_modules``: module paths (``"blocks.3"``) or classes that tracing keeps as single
+    opaque nodes: what torch.fx cannot trace (the trace error names the submodule). A leaf
+    runs in float and is neither quantized nor pruned; its MACs count at FP32 in the budget.
+
     A wrong argument fails before any pass runs, with an error of :mod:`pqcompile.errors`
     (``ModelError``, ``NonFiniteWeightError``, ``ExampleInputError``, ``DataError``,
-    ``OptionError``), :class:`~pqcompile.budget.BudgetError`,
+    ``OptionError``, also for ``leaf_modules``), :class:`~pqcompile.budget.BudgetError`,
     :class:`~pqcompile.targets.UnknownTargetError` or
     :class:`~pqcompile.targets.ToolchainError`; data batches that do not fit the model fail
     with ``DataError`` as soon as they are read.
@@ -145,6 +150,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     _check_data(data, finetune, chosen)
     bit_options = _check_bit_options(bit_options)
     keep_levels = _check_keep_levels(keep_levels)
+    check_leaf_modules(model, leaf_modules)
     for name, value in (("calibration_batches", calibration_batches),
                         ("sensitivity_batches", sensitivity_batches)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -163,7 +169,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         + ["quantize, lower, build"]
     stage = Stages(names, enabled=progress)
     with stage("analysis"):
-        fp32 = analysis(model, example_inputs)
+        fp32 = analysis(model, example_inputs, leaf_modules=leaf_modules)
     sens_batches = _batches(data, sensitivity_batches, fp32)
     with stage("sensitivity", f"{len(sens_batches)} batches" if sens_batches else "data-free"):
         scored = SensitivityAnalysis(

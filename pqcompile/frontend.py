@@ -8,6 +8,10 @@ submodules as opaque nodes (not pruned, not quantized). Code that only branches 
 *shapes* is traced again with the example inputs' shapes fixed (:mod:`pqcompile.shape_trace`;
 ``gm.meta["pqc.shape_specialized"]`` says so). ``nn.MultiheadAttention`` modules are
 traced as the layers they compute (:mod:`pqcompile.attention`), unless declared leaves.
+Convolutions and linear layers computed from a module's own parameters (``F.conv2d(x,
+self.weight, ...)`` in an overridden ``forward``, ``F.linear``), and ``nn.Conv1d``, become
+``nn.Conv2d``/``nn.Linear`` layers of the traced graph (:mod:`pqcompile.passes.layer_discovery`;
+``gm.meta["pqc.layer_discovery"]`` lists them, and why any other conv-like node runs in float).
 
 >>> import torch
 >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), (torch.randn(1, 3),))
@@ -18,6 +22,7 @@ traced as the layers they compute (:mod:`pqcompile.attention`), unless declared 
 from __future__ import annotations
 
 import copy
+import difflib
 import linecache
 import traceback
 from typing import Any, Iterable, Sequence
@@ -26,9 +31,10 @@ import torch
 import torch.fx
 
 from .attention import decompose_attention
-from .errors import ExampleInputError, ModelError, TraceError
-from .meta import EXAMPLE_INPUTS, SOURCE_MODEL, ExampleInputs
+from .errors import ExampleInputError, ModelError, OptionError, TraceError
+from .meta import EXAMPLE_INPUTS, LAYER_DISCOVERY, SOURCE_MODEL, ExampleInputs
 from .passes.base import TRACE_PROVIDES, mark_provided
+from .passes.layer_discovery import discover_layers
 from .shape_trace import ShapeTracingMixin, drop_default_arguments
 
 _FALLBACKS = (None, "leaf")
@@ -79,6 +85,30 @@ def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tenso
     return tuple(example_inputs)
 
 
+def check_leaf_modules(model: torch.nn.Module, leaf_modules: Any
+                       ) -> tuple[set[str], tuple[type, ...]]:
+    """``leaf_modules`` as (module paths, module classes); an :class:`OptionError` names an
+    item that is neither a path of ``model``'s submodules nor an ``nn.Module`` class."""
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
+        raise OptionError(f"leaf_modules must be a list of module paths or classes, e.g. "
+                          f"[{leaf_modules!r}], got {type(leaf_modules).__name__}")
+    items = list(leaf_modules)
+    bad = [m for m in items if not isinstance(m, str) and not (
+        isinstance(m, type) and issubclass(m, torch.nn.Module))]
+    if bad:
+        raise OptionError(f"leaf_modules items must be module paths such as 'layer1.0' or "
+                          f"nn.Module classes, got {bad!r}")
+    names = dict(model.named_modules())
+    for p in items:
+        if isinstance(p, str) and p not in names:
+            close = difflib.get_close_matches(p, list(names), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise OptionError(f"leaf_modules: model has no submodule {p!r}; {hint}known paths "
+                              f"start with {sorted(names)[1:6]}")
+    return ({m for m in items if isinstance(m, str)},
+            tuple(m for m in items if isinstance(m, type)))
+
+
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch and pqcompile, as 'file:line: code'."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -125,16 +155,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     example_inputs = check_model_and_inputs(model, example_inputs)
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
-    leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
-    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-    bad = [m for m in leaf_modules if not isinstance(m, (str, type))]
-    if bad:
-        raise TypeError(f"leaf_modules items must be module paths or classes, got {bad!r}")
+    leaf_paths, leaf_types = check_leaf_modules(model, leaf_modules)
     names = dict(model.named_modules())
-    for p in leaf_paths:
-        if p not in names:
-            raise ValueError(f"leaf_modules: model has no submodule {p!r}; known paths start "
-                             f"with {sorted(names)[1:6]}")
 
     work = copy.deepcopy(model).eval()
     reference = work
@@ -162,20 +184,22 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                 continue
             module = f"submodule {path!r} ({type(names[path]).__name__})" if path \
                 else f"the top-level {type(model).__name__}.forward"
-            hint = (f"declare it a leaf with trace(..., leaf_modules=[{path!r}]) or pass "
-                    "fallback='leaf' (leaves are kept in float and not pruned)") if path else \
+            hint = (f"declare it a leaf with leaf_modules=[{path!r}] (an argument of "
+                    "pqcompile.compile and trace) or pass trace(..., fallback='leaf') (leaves "
+                    "are kept in float and not pruned)") if path else \
                 ("make the data-dependent part a submodule and declare it a leaf "
                  "(leaf_modules=[...]), or move it out of forward()")
             raise TraceError(
                 f"torch.fx cannot trace {module}: {type(exc).__name__}: {exc}\n"
                 f"  at {where}\n  way out: {hint}") from exc
 
+    discover_layers(gm, example_inputs)
     gm.meta[EXAMPLE_INPUTS.name] = ExampleInputs(tuple(t.detach().clone()
                                                        for t in example_inputs))
     gm.meta[SOURCE_MODEL.name] = type(model).__name__
     gm.meta["pqc.leaf_modules"] = sorted(leaf_paths)
     gm.meta["pqc.shape_specialized"] = specialized
-    mark_provided(gm, TRACE_PROVIDES)
+    mark_provided(gm, (*TRACE_PROVIDES, LAYER_DISCOVERY))
     if check:
         check_example_inputs(gm, reference, example_inputs)
     return gm

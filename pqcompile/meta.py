@@ -164,6 +164,33 @@ COST_TOTALS: MetaKey[CostTotals] = MetaKey(
     "pqc.cost_totals", "CostAnalysis", "graph totals of MACs, BOPs and bytes", "graph")
 
 
+# --- layer discovery ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiscoveredLayer:
+    """A layer made by layer discovery: the ``call_module`` ``node`` of ``module`` (a path in
+    the graph module), from ``source`` (what the traced graph computed there)."""
+
+    node: str
+    module: str
+    source: str
+
+
+@dataclass(frozen=True)
+class LayerDiscovery:
+    """What layer discovery did at trace time: the ``layers`` it made, and ``no_bits``: node
+    name -> why a conv/linear-like node could not become a layer (it runs in float)."""
+
+    layers: tuple[DiscoveredLayer, ...] = ()
+    no_bits: dict[str, str] = field(default_factory=dict)
+
+
+LAYER_DISCOVERY: MetaKey[LayerDiscovery] = MetaKey(
+    "pqc.layer_discovery", "pqcompile.trace (passes.layer_discovery)",
+    "layers found by what nodes compute, and why others run in float", "graph")
+
+
 # --- channel groups ----------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..meta import BITS, COST, COST_TOTALS, SHAPE, BitWidths, CostTotals, NodeCost
 from .base import Pass, PassInfo, PassResult
+from .layer_discovery import OpaqueLeaf
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -115,6 +116,8 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     """MACs of one node from its shapes (0 for nodes that do no multiply-accumulate work)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if isinstance(m, OpaqueLeaf):  # a leaf layer kept whole: its MACs run in float
+            m = m.module
         if isinstance(m, _CONV):
             return conv_macs(_shape(node), m.kernel_size, m.in_channels, m.out_channels,
                              m.groups)

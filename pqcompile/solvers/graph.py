@@ -36,6 +36,7 @@ from torch import nn
 from ..assignment import Assignment
 from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
 from ..passes.cost import is_matmul
+from ..passes.layer_discovery import why_no_bits
 from ..presets import compute_layers, l1_scores
 from ..quant.plan import activation_sources
 from .problem import (
@@ -196,12 +197,15 @@ def build_problem(gm: torch.fx.GraphModule,
             raise ValueError(f"layer {name!r}: the cost model predicts {mscale * pairs} MACs, "
                              f"CostAnalysis counts {layer.fp32_macs}; cannot model this layer")
         layers.append(layer)
-    fixed_macs, float_macs = params.add_rest(gm, set(names), nodes, counter)
+    layer_set = set(names)
+    fixed_macs, float_macs = params.add_rest(gm, layer_set, nodes, counter)
     totals = COST_TOTALS.get(gm)
     reference = {"bops": totals.fp32_bops, "macs": totals.macs,
                  "weight_bytes": totals.fp32_weight_bytes}
+    float_nodes = tuple((n.name, COST.get(n).macs, why_no_bits(gm, n)) for n in gm.graph.nodes
+                        if n.name not in layer_set and COST.get(n).macs)
     return Problem(tuple(layers), groups, params.affine(), fixed_macs, fixed_macs * 32 * 32,
-                   reference, tuple(fractions), multiple, float_macs)
+                   reference, tuple(fractions), multiple, float_macs, float_nodes=float_nodes)
 
 
 class _Counter:

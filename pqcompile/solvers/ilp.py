@@ -321,5 +321,31 @@ def infeasible_error(problem: Problem, limits: dict[str, float],
     hint = ("each limit is reachable alone but not all together; relax one" if alone else
             "relax the budget, or widen the search space (lower bit options, lower keep "
             "levels, fewer pinned layers)")
+    float_part = _float_nodes_message(problem, limits)
+    if float_part and not alone:
+        hint = ("give those nodes bits (each says why it has none), or relax the budget, or "
+                "widen the search space (lower bit options, lower keep levels)")
     return InfeasibleBudgetError("no assignment meets the budget: " + "; ".join(parts)
-                                 + f"; {hint}", lows, limits)
+                                 + float_part + f"; {hint}", lows, limits)
+
+
+def _float_nodes_message(problem: Problem, limits: dict[str, float], shown: int = 3) -> str:
+    """Where a bops or macs limit meets MACs that no bits can reduce: the share of the MACs in
+    nodes outside the layers (they run in float, at 32 x 32 bits), the reduction they alone
+    allow, and the largest of them with the reason each gets no bits."""
+    if not problem.float_nodes or not {"bops", "macs"} & set(limits):
+        return ""
+    total = float(problem.reference.get("macs") or 0)
+    macs = sum(m for _, m, _ in problem.float_nodes)
+    if not total or not macs:
+        return ""
+    largest = sorted(problem.float_nodes, key=lambda t: -t[1])
+    named = "; ".join(f"node {name!r}, {m / total:.0%} of the MACs: {why}"
+                      for name, m, why in largest[:shown])
+    more = f"; and {len(largest) - shown} more" if len(largest) > shown else ""
+    cap = ""
+    if "bops" in limits and problem.reference.get("bops"):
+        cap = (f"; they alone cap the BOP reduction at "
+               f"{problem.reference['bops'] / (macs * 32 * 32):.1f}x")
+    return (f". {macs / total:.0%} of the MACs are in {len(largest)} node(s) that get no bits "
+            f"and count at 32x32 bits{cap}: {named}{more}")

@@ -155,7 +155,9 @@ class Problem:
     kept counts (the attention products of a head group), at FP32 (32 x 32 bits) on top of the
     fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the
     unpruned total of the latency table, when ``latency`` is set); ``latency``: the layers'
-    predicted latency on the target, or ``None`` (set it with :func:`with_latency_model`)."""
+    predicted latency on the target, or ``None`` (set it with :func:`with_latency_model`);
+    ``float_nodes``: ``(node, FP32 MACs, why it gets no bits)`` of the nodes outside the
+    layers that do MACs (they run in float), for the messages of unreachable budgets."""
 
     layers: tuple[Layer, ...]
     groups: tuple[Group, ...]
@@ -167,6 +169,7 @@ class Problem:
     multiple: int = 1
     float_macs: Affine = Affine(0)
     latency: LatencyModel | None = None
+    float_nodes: tuple[tuple[str, int, str], ...] = ()
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
