@@ -148,6 +148,7 @@ def list_targets(*, include_tvm_tags: bool = False) -> list[str]:
 
 def get_target(name: str | TargetSpec) -> TargetSpec:
     """Look up a target by pqcompile name or TVM tag; a ``TargetSpec`` is returned as is.
+    pqcompile's names match in any case, and ``aarch64``/``arm64`` name ``arm``.
 
     Raises :class:`UnknownTargetError` (a ``ValueError``) for an unknown name, listing the
     known ones and how to add one.
@@ -161,6 +162,14 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
     spec = _REGISTRY.get(name) or _TAG_SPECS.get(name)
     if spec is not None:
         return spec
+    alias = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if alias in _REGISTRY:  # "ARM", "aarch64", "arm64", " host"
+        return _REGISTRY[alias]
+    if name.strip().lower() in _GPU_KINDS:
+        raise UnknownTargetError(
+            f"target {name!r}: pqcompile builds integer programs for CPUs only (Arm and x86 "
+            f"kernels); GPU targets are not supported. Use one of {', '.join(sorted(_REGISTRY))} "
+            f"or a TVM CPU tag (pqcompile.targets.list_targets(include_tvm_tags=True))")
     tags = _tvm_tags()
     if name in tags:
         spec = TargetSpec.from_tvm(name, name=name, description=f"TVM tag {name}")
@@ -169,10 +178,17 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
     raise UnknownTargetError(_unknown_message(name, tags))
 
 
+# Other names for built-in targets (matched lower-cased): the architecture names users type.
+_ALIASES = {"aarch64": "arm", "arm64": "arm", "armv8": "arm", "armv8-a": "arm"}
+_GPU_KINDS = ("cuda", "gpu", "nvidia", "rocm", "opencl", "vulkan", "metal", "webgpu")
+
+
 def _unknown_message(name: str, tags: dict[str, Any]) -> str:
     ours = sorted(_REGISTRY)
     cpu_tags = sorted(n for n, t in tags.items() if t.kind.name == "llvm")
-    close = difflib.get_close_matches(name, ours + sorted(tags), n=3, cutoff=0.6)
+    lowered = {n.lower(): n for n in ours + sorted(tags)}
+    close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3,
+                                                            cutoff=0.6)]
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return (
         f"unknown target {name!r}.{hint}\n"
