@@ -245,6 +245,7 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
         reference_sample=(sample_in, [o.detach().numpy() for o in outs]),
         sample_tolerance=(0.0, 0.0),
         prepare_params=any("packed" in v for v in report.weight_storage.values()),
+        output_keys=list(sample_out) if isinstance(sample_out, dict) else None,
         extra={"assignment": assignment.to_json(), "float_ops": float_ops,
                "channel_groups": len(CHANNEL_GROUPS.get(fp32)), **(manifest_extra or {})})
     artifact = Artifact.build(mod, params, target, **build_kwargs)
