@@ -88,7 +88,16 @@ class Artifact:
     See the module docstring for the files and an example.
     """
 
-    def __init__(self, manifest: dict[str, Any], files: Mapping[str, bytes]) -> None:
+    def __init__(self, manifest: dict[str, Any], files: Mapping[str, bytes] | None = None
+                 ) -> None:
+        if isinstance(manifest, (str, os.PathLike)):
+            raise ArtifactError(f"Artifact({str(manifest)!r}): to open a saved artifact use "
+                                f"Artifact.load({str(manifest)!r}); to make one, "
+                                f"pqcompile.compile(...) or Artifact.build(...)")
+        if not isinstance(manifest, Mapping) or not isinstance(files, Mapping):
+            raise ArtifactError("Artifact(manifest, files) is what Artifact.load and "
+                                "Artifact.build return; open a saved artifact with "
+                                "Artifact.load(directory)")
         self._manifest = manifest
         self._files = dict(files)
         self._vm: Any = None
@@ -106,7 +115,8 @@ class Artifact:
               reference_sample: tuple[Sequence[np.ndarray], Any] | None = None,
               sample_tolerance: tuple[float, float] = (1e-5, 1e-6),
               extra: Mapping[str, Any] | None = None, entry: str = "main",
-              tuned: bool = True, prepare_params: bool = False) -> Artifact:
+              tuned: bool = True, prepare_params: bool = False,
+              output_keys: Sequence[str] | None = None) -> Artifact:
         """Compile ``mod`` for ``target`` and package it with its weights.
 
         ``mod["main"]`` takes the inputs, then ``params`` in dict order (the lowering's
@@ -121,7 +131,8 @@ class Artifact:
         ``prepare_params``: what the program computes from the weights alone (unpacking 2/4-bit
         weights) moves to a function run once at load (Relax's ``LiftTransformParams``; the
         manifest's ``prepare`` names it): ``weights.bin`` keeps the packed bytes, each call
-        gets the unpacked weights.
+        gets the unpacked weights. ``output_keys``: the model returned a dict with these keys,
+        one per output; calls then return a dict with the same keys.
         """
         import tvm
         import tvm_ffi
@@ -149,6 +160,11 @@ class Artifact:
         inputs = tensor_specs(input_specs, [(p.name, p.ty) for p in func.params[:n_inputs]],
                               "input")
         outputs = tensor_specs(output_specs, _flat_outputs(func.ret_ty), "output")
+        if output_keys is not None:
+            output_keys = [str(k) for k in output_keys]
+            if len(output_keys) != len(outputs) or len(set(output_keys)) != len(output_keys):
+                raise ValueError(f"output_keys {output_keys} must name each of the "
+                                 f"{len(outputs)} outputs once")
         validate_params(params, func.params[n_inputs:], n_inputs)
 
         tvm_target = spec.tvm_target()
@@ -189,7 +205,7 @@ class Artifact:
             "library": LIBRARY, "entry": entry, "calling_convention": CALLING_CONVENTION,
             "prepare": prepare,
             "prepare_flat": prepare + FLAT_SUFFIX if prepare else None,
-            "inputs": inputs, "outputs": outputs,
+            "inputs": inputs, "outputs": outputs, "output_keys": output_keys,
             "weights_file": WEIGHTS, "byte_order": "little", "params": param_entries,
             "reference_sample": sample_meta,
             "tuning": {"scheduled_kernels": scheduled},
@@ -220,13 +236,25 @@ class Artifact:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the artifact's files into ``directory`` (created if needed); returns its path.
 
-        An existing artifact there is replaced only with ``overwrite=True``. The manifest is
-        written last, so an interrupted save never looks complete.
+        An existing artifact there is replaced only with ``overwrite=True``; so is written
+        into a directory holding other files (the artifact's own names, ``runner.py``
+        included, would replace the user's files). The manifest is written last, so an
+        interrupted save never looks complete.
         """
         path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise ArtifactError(f"cannot save the artifact to {path}: it is a file, and an "
+                                f"artifact is a directory; pass a new or empty directory path")
         if (path / runner.MANIFEST).exists() and not overwrite:
             raise ArtifactError(f"{path} already holds an artifact; pass overwrite=True to "
                                 f"replace it")
+        if path.is_dir() and not overwrite and any(path.iterdir()):
+            clash = sorted(p.name for p in path.iterdir() if p.name in self._files)
+            raise ArtifactError(
+                f"{path} holds files and no artifact"
+                + (f" (saving would replace {', '.join(clash)})" if clash else "")
+                + ": save to a new or empty directory, or pass overwrite=True to write the "
+                  "artifact's files there")
         path.mkdir(parents=True, exist_ok=True)
         (path / runner.MANIFEST).unlink(missing_ok=True)
         if SAMPLE not in self._files:
@@ -253,6 +281,7 @@ class Artifact:
                 f"ARTIFACT_DIR` on the device, or run it here under qemu with "
                 f"artifact.run_emulated(...)")
         arrays = _checked_inputs(self._manifest["inputs"], inputs)
+        _refuse_nan(self._manifest["inputs"], arrays)
         with self._lock:
             vm, params = self._session()
             if not self._inputs:
@@ -261,7 +290,7 @@ class Artifact:
                 for tensor, array in zip(self._inputs, arrays):
                     tensor.copyfrom(np.ascontiguousarray(array))
             outputs = runner.run(vm, self._manifest["entry"], self._inputs + params)
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return self._shaped(outputs)
 
     def run_emulated(self, *inputs: np.ndarray, check_sample: bool = False,
                      timeout: float = 900.0) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -273,6 +302,7 @@ class Artifact:
         Raises ``pqcompile.targets.EmulatorError`` with the runner's message when it fails.
         """
         arrays = _checked_inputs(self._manifest["inputs"], inputs)
+        _refuse_nan(self._manifest["inputs"], arrays)
         with tempfile.TemporaryDirectory(prefix="pqcompile-emulate-") as tmp:
             root = Path(tmp)
             args = [str(self.save(root / "artifact"))]
@@ -286,6 +316,14 @@ class Artifact:
                        timeout=timeout)
             outputs = [np.load(root / f"out{i}.npy", allow_pickle=False)
                        for i in range(len(self._manifest["outputs"]))]
+        return self._shaped(outputs)
+
+    def _shaped(self, outputs: list[np.ndarray]) -> Any:
+        """The outputs as the model returned them: a dict with its keys, one array, or a
+        tuple."""
+        keys = self._manifest.get("output_keys")
+        if keys:
+            return dict(zip(keys, outputs))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _session(self) -> tuple[Any, list[Any]]:
@@ -378,6 +416,17 @@ def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[
                 "the shape to run (shapes, batch size included, are fixed when compiling)")
         raise ArtifactError(f"{err}; {hint}") from None
     return arrays
+
+
+def _refuse_nan(specs: list[dict[str, Any]], arrays: Sequence[np.ndarray]) -> None:
+    """:class:`ArtifactError` naming the first float input holding NaN: quantizing it gives an
+    arbitrary integer (the same as +inf here), so the output would look valid and mean
+    nothing."""
+    bad = runner.nan_input(specs, arrays)
+    if bad is not None:
+        raise ArtifactError(f"input {bad!r} holds NaN, which has no quantized value (the "
+                            f"program would give a finite, meaningless output); replace or "
+                            f"drop the NaN values before calling (e.g. np.nan_to_num)")
 
 
 def _flat_outputs(ty: Any) -> list[tuple[str, Any]]:

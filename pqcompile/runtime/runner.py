@@ -105,6 +105,16 @@ def check_inputs(specs, arrays, what="input"):
                              f"{spec['dtype']}, got shape {tuple(shape)} and dtype {dtype}")
 
 
+def nan_input(specs, arrays):
+    """Name of the first float input holding NaN, or ``None``. A sum is the fast test (NaN
+    propagates; an overflow gives inf, not NaN); only a NaN sum is checked element-wise."""
+    for spec, array in zip(specs, arrays):
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and np.isnan(array.sum()) and np.isnan(array).any():
+            return spec["name"]
+    return None
+
+
 def to_tensors(arrays):
     """numpy arrays as TVM CPU tensors (copies)."""
     return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
@@ -172,6 +182,10 @@ def main(argv=None):
             sample_out = read_arrays(files[sample["file"]], sample["outputs"])
         inputs = [np.load(p, allow_pickle=False) for p in args.input] if args.input else sample_in
         check_inputs(manifest["inputs"], inputs)
+        bad = nan_input(manifest["inputs"], inputs)
+        if bad is not None:
+            raise ValueError(f"input {bad!r} holds NaN, which has no quantized value; replace "
+                             f"or drop the NaN values")
         if args.output and len(args.output) != len(manifest["outputs"]):
             raise ValueError(f"give --output once per model output: the model has "
                              f"{len(manifest['outputs'])}, got {len(args.output)}")
