@@ -70,3 +70,13 @@ class PQCompileWarning(UserWarning):
 class FidelityWarning(PQCompileWarning):
     """The compiled model's outputs are far from the float model's on the calibration inputs
     (low SQNR or top-1 agreement); the message says what to try."""
+
+
+class SolverTimeoutError(PQCompileError, RuntimeError):
+    """A solver ran out of time before finding any assignment that meets the budget; the
+    message says which limit to raise."""
+
+
+class BudgetWarning(PQCompileWarning):
+    """The compressed model misses its budget (over a limit), or lands far below every limit
+    (accuracy given away); the message names the costs and limits."""

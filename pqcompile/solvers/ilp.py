@@ -27,17 +27,19 @@ a limit slip.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from ..budget import COST_KEYS, InfeasibleBudgetError
+from ..errors import SolverTimeoutError
 from .problem import Layer, Problem, Solution, evaluate, resolve_limits
 
 
@@ -241,54 +243,133 @@ def _factorize(layer: Layer, gidx: dict[int, int]):
 class ILPSolver:
     """Exact joint solver: minimum summed sensitivity under every budget limit.
 
-    ``time_limit`` (s) and ``mip_rel_gap`` bound the search; ``seed`` and ``threads=1`` make
-    HiGHS deterministic. ``solve`` raises :class:`~pqcompile.budget.InfeasibleBudgetError`
-    with the smallest reachable value of each limited cost. It bounds ``latency_ms`` on a
-    problem with a latency model (:func:`pqcompile.latency.attach_latency`).
+    ``time_limit`` (s) bounds HiGHS's search and ``mip_rel_gap`` its optimality gap; ``seed``
+    and ``threads=1`` make HiGHS deterministic. The greedy descent
+    (:class:`~pqcompile.solvers.greedy.GreedySolver`) runs first (``incumbent=True``): its
+    assignment normalizes the objective (:func:`normalized_objective`: the gap means the same
+    whatever the sensitivities' magnitude) and is the answer when HiGHS finds nothing as good
+    within the time limit (``info["fallback"]`` says why). ``solve`` raises
+    :class:`~pqcompile.budget.InfeasibleBudgetError` with the smallest reachable value of each
+    limited cost when nothing meets the budget, :class:`~pqcompile.errors.SolverTimeoutError`
+    when HiGHS ran out of time and the descent found nothing either. It bounds ``latency_ms``
+    on a problem with a latency model (:func:`pqcompile.latency.attach_latency`).
     """
 
     name = "ilp"
     bounds_latency = True  # reads the problem's latency model for a latency_ms limit
 
     def __init__(self, *, time_limit: float = 60.0, mip_rel_gap: float = 1e-6, seed: int = 0,
-                 threads: int = 1) -> None:
+                 threads: int = 1, incumbent: bool = True) -> None:
         if not time_limit > 0 or not 0 <= mip_rel_gap < 1:
             raise ValueError(f"time_limit must be > 0 and mip_rel_gap in [0, 1), got "
                              f"{time_limit!r} and {mip_rel_gap!r}")
         self.options = {"time_limit": float(time_limit), "mip_rel_gap": float(mip_rel_gap),
-                        "random_seed": int(seed), "threads": int(threads), "presolve": True}
+                        "random_seed": int(seed), "threads": int(threads), "presolve": True,
+                        "disp": False}
+        self.incumbent = bool(incumbent)
+
+    def with_time_limit(self, seconds: float) -> ILPSolver:
+        """The same solver with HiGHS bounded to ``seconds`` (at most its own limit)."""
+        out = copy.copy(self)
+        out.options = dict(self.options, time_limit=max(min(float(seconds),
+                                                             self.options["time_limit"]), 1e-3))
+        return out
 
     def solve(self, problem: Problem, budget) -> Solution:
         limits = resolve_limits(problem, budget, latency=self.bounds_latency)
         start = time.perf_counter()
+        greedy, greedy_error = self._greedy(problem, limits) if self.incumbent else (None, None)
+        if greedy_error is not None and any(greedy_error.minimum.get(k, 0.0) > v
+                                            for k, v in limits.items()):
+            raise greedy_error  # a limit below its smallest reachable value: nothing to search
         model = _Model(problem)
+        objective, scale = normalized_objective(problem, model, greedy)
         rows = dict(limits)
+        deadline = time.perf_counter() + self.options["time_limit"]  # HiGHS's, over retries
         for _ in range(4):
-            res = model.solve(model.objective, rows, dict(self.options))
+            options = dict(self.options, time_limit=max(deadline - time.perf_counter(), 1e-3))
+            res = model.solve(objective, rows, options)
+            info = {"variables": model.n, "constraints": len(model.eq_rows) + len(rows),
+                    "seconds": time.perf_counter() - start, "status": res.message,
+                    "mip_gap": getattr(res, "mip_gap", None), "objective_scale": scale}
             if res.x is None:
                 if res.status == 2:
                     raise infeasible_error(problem, limits, model)
-                raise RuntimeError(f"the ILP found no assignment in {self.options['time_limit']}"
-                                   f" s ({res.message}); raise time_limit")
+                if greedy is not None:
+                    return _fallback(greedy, info, f"HiGHS found no assignment within "
+                                     f"{self.options['time_limit']:g} s ({res.message})")
+                raise SolverTimeoutError(
+                    f"the ILP found no assignment within {self.options['time_limit']:g} s "
+                    f"({res.message}) and the greedy descent none either"
+                    + (f" ({greedy_error})" if greedy_error else "") + "; raise time_limit "
+                    "(solver_options={'time_limit': ...}) or relax the budget")
             bits, kept = model.decode(res.x)
-            info = {"variables": model.n, "constraints": len(model.eq_rows) + len(rows),
-                    "seconds": time.perf_counter() - start, "status": res.message,
-                    "mip_gap": getattr(res, "mip_gap", None)}
             sol = evaluate(problem, bits, kept, limits, solver=self.name, info=info)
             if sol.feasible:
+                if greedy is not None and greedy.objective < sol.objective:
+                    return _fallback(greedy, info, f"HiGHS stopped ({res.message}) at a worse "
+                                     f"objective {sol.objective:.6g} than the greedy "
+                                     f"descent's {greedy.objective:.6g}")
                 return sol
             for key, limit in limits.items():  # a tolerance let a limit slip: tighten the row
                 if sol.costs[key] > limit:
                     rows[key] -= sol.costs[key] - limit + 1e-6 * limit
+        if greedy is not None:
+            return _fallback(greedy, info, "HiGHS's solutions kept exceeding the budget by "
+                             "rounding")
         raise RuntimeError("the ILP's solutions kept exceeding the budget by rounding; this is a"
                            " bug: report the problem")
+
+    def _greedy(self, problem: Problem, limits: dict[str, float]):
+        """The greedy descent's solution, or the error it raised."""
+        from .greedy import GreedySolver
+        try:
+            return GreedySolver().solve(problem, limits), None
+        except InfeasibleBudgetError as exc:
+            return None, exc
+
+
+def _fallback(greedy: Solution, info: dict, reason: str) -> Solution:
+    """The greedy incumbent, with the ILP's figures and why it was returned."""
+    return replace(greedy, solver="ilp", info={**info, "fallback": "greedy", "reason": reason,
+                                               "greedy": dict(greedy.info)})
+
+
+def normalized_objective(problem: Problem, model: _Model,
+                         incumbent: Solution | None = None) -> tuple[np.ndarray, float]:
+    """The objective HiGHS minimizes, and the scale it was divided by.
+
+    Each layer's and group's sensitivities are shifted by their smallest value (exactly one
+    option and one level is picked, so the optimum does not move) and divided by the shifted
+    objective of ``incumbent`` (else by the largest shifted coefficient): the incumbent scores
+    1 and the optimum lies in [0, 1], so HiGHS's absolute and relative gaps and tolerances
+    mean the same for sensitivities of 1e-8 and of 1e8. Without it, objectives near 1e-7 fall
+    below HiGHS's absolute gap (1e-6) and any feasible point is accepted as optimal.
+    """
+    objective = model.objective.copy()
+    shift = 0.0
+    for li, layer in enumerate(problem.layers):
+        low = min(layer.sensitivity)
+        shift += low
+        for vs in model.option_vars(li):
+            objective[vs] -= low
+    for gi, g in enumerate(problem.groups):
+        low = min(g.sensitivity)
+        shift += low
+        objective[model.y0[gi]:model.y0[gi + 1]] -= low
+    scale = incumbent.objective - shift if incumbent is not None else 0.0
+    if not scale > 0:
+        scale = float(np.abs(objective).max()) if objective.size else 0.0
+    scale = scale if scale > 0 else 1.0
+    return objective / scale, scale
 
 
 def minimum_costs(problem: Problem, keys, model: _Model | None = None) -> dict[str, float]:
     """The smallest value of each cost in ``keys`` reachable in the search space (exact)."""
     model = model or _Model(problem)
     out = {}
-    options = {"time_limit": 60.0, "mip_rel_gap": 0.0, "random_seed": 0, "threads": 1}
+    options = {"time_limit": 60.0, "mip_rel_gap": 0.0, "random_seed": 0, "threads": 1,
+               "disp": False}
     for key in keys:
         scale = float(model.cost[key].max()) or 1.0
         res = model.solve(model.cost[key] / scale, {}, dict(options))

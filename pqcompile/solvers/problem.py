@@ -38,6 +38,7 @@ from itertools import pairwise
 from typing import Any
 
 from ..budget import COST_KEYS, Budget, check_limits, latency_unsupported
+from .verdict import budget_verdict
 
 Option = tuple[int, int]  # (weight bits, activation bits)
 
@@ -336,13 +337,21 @@ def objective(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, i
 def evaluate(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, int],
              limits: Mapping[str, float] | None = None, *, solver: str = "",
              info: Mapping[str, Any] | None = None) -> Solution:
-    """A :class:`Solution` with its objective, costs and whether ``limits`` hold."""
+    """A :class:`Solution` with its objective, costs and whether ``limits`` hold.
+
+    ``feasible`` is False when any cost exceeds its limit; a result far below every limit
+    (:mod:`pqcompile.solvers.verdict`) gets ``info["overshoot"]``: how many times below."""
     kept = {g.id: int(kept.get(g.id, g.size)) for g in problem.groups}
     bits = {layer.name: tuple(int(b) for b in bits[layer.name]) for layer in problem.layers}
     costs = problem_costs(problem, bits=bits, kept=kept)
-    feasible = all(costs[k] <= v for k, v in (limits or {}).items())
-    return Solution(bits, kept, objective(problem, bits, kept), costs, solver, feasible,
-                    dict(info or {}))
+    info = dict(info or {})
+    feasible = True
+    if limits:
+        verdict = budget_verdict(costs, limits)
+        feasible = verdict.status != "over" and all(k in costs for k in limits)
+        if verdict.status == "far below":
+            info["overshoot"] = verdict.slack
+    return Solution(bits, kept, objective(problem, bits, kept), costs, solver, feasible, info)
 
 
 
