@@ -299,6 +299,25 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
     return "float"
 
 
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+def _tuple_valued_error(gm: torch.fx.GraphModule, n: torch.fx.Node) -> UnsupportedOpError:
+    """What to say about a node returning several tensors (other than a split read through
+    indexing): recurrent layers by name, other ops by what to replace them with."""
+    what = f"node {n.name!r} ({op_name(gm, n)}) returns several tensors"
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _RECURRENT):
+        return UnsupportedOpError(
+            f"{what}: recurrent layers (nn.LSTM, nn.GRU, nn.RNN and their cells) have no "
+            f"integer lowering and cannot run in float inside a compiled model; compile the "
+            f"layers before and after it as separate models and run the recurrent layer in "
+            f"torch between them")
+    return UnsupportedOpError(
+        f"{what}; ops returning a tuple have no integer lowering (only split, chunk and unbind, "
+        f"read through indexing, do): replace it with ops returning one tensor (e.g. "
+        f"torch.amax(x, dim) for x.max(dim).values), or run it outside the compiled model")
+
+
 def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
     """Classify every node, fold ReLUs, and give each tensor domain its bits and signedness.
 
@@ -320,9 +339,7 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
             if SHAPE.find(n) is not None and is_split(n) and n.args[0].name in quantized:
                 kind = "split"
             elif SHAPE.find(n) is not None:
-                raise ValueError(f"node {n.name!r} ({op_name(gm, n)}) returns several tensors; "
-                                 "quantizing tuple-valued ops is not supported: make it a "
-                                 "leaf module that returns one tensor")
+                raise _tuple_valued_error(gm, n)
             else:
                 kind = "meta"
         elif n.op == "placeholder":
