@@ -71,6 +71,10 @@ def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tenso
             "an nn.Module whose forward calls it")
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError("model is a TorchScript module; pass the eager nn.Module instead")
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        raise ModelError(f"model is a torch.compile'd module ({type(model).__name__}), which "
+                         f"torch.fx cannot trace; pass the eager module it wraps: "
+                         f"model._orig_mod")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
@@ -82,6 +86,12 @@ def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tenso
             raise ExampleInputError(
                 f"example_inputs[{i}] is {type(t).__name__}, not a torch.Tensor; convert it "
                 "with torch.as_tensor(...) (one tensor per forward() argument)")
+        if t.dim() > 0 and 0 in t.shape:
+            what = "batch size 0" if t.shape[0] == 0 else "a dimension of size 0"
+            raise ExampleInputError(
+                f"example_inputs[{i}] has {what} (shape {tuple(t.shape)}): there is nothing to "
+                f"trace or calibrate on; pass at least one real sample per input, in the shape "
+                f"the compiled program will take (batch size included)")
     return tuple(example_inputs)
 
 
