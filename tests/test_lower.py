@@ -21,12 +21,16 @@ from pqcompile.quant import build_reference, integer_outputs
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([2, 4]), st.integers(0, 37), st.randoms(use_true_random=False))
+@given(st.sampled_from([2, 3, 4, 5, 6, 7]), st.integers(0, 37),
+       st.randoms(use_true_random=False))
 def test_pack_unpack_round_trip(bits, n, rnd):
     lim = 2 ** (bits - 1)
     q = np.array([rnd.randint(-lim, lim - 1) for _ in range(n)], dtype=np.int8)
     p = pack(q, bits)
-    assert p.dtype == np.uint8 and p.size == packed_size(n, bits) == -(-n * bits // 8)
+    # whole groups of lcm(bits, 8) bits: n * bits / 8 bytes up to the last group's padding
+    group_bytes = bits * 8 // np.gcd(bits, 8) // 8
+    assert p.dtype == np.uint8 and p.size == packed_size(n, bits) == \
+        -(-n * bits // (8 * group_bytes)) * group_bytes
     assert np.array_equal(unpack(p, bits, n), q)
 
 
@@ -36,13 +40,17 @@ def test_pack_layout_and_range_check():
     assert pack(np.array([1, -1, 0, -2, 1], np.int8), 2).tolist() == [0b10001101, 0b01]
     with pytest.raises(ValueError, match="4-bit range"):
         pack(np.array([8], np.int8), 4)
+    # 3 bits: one little-endian bit stream, 8 values in 3 bytes
+    assert pack(np.array([1, -1, 0, 3, -4, 2, 0, 1], np.int8), 3).tolist() == \
+        [0b00111001, 0b01000110, 0b00100001]
     with pytest.raises(ValueError, match="store other widths as int8"):
-        pack(np.array([1], np.int8), 3)
+        pack(np.array([1], np.int8), 8)
 
 
 def test_in_graph_unpack_matches_numpy():
     rng = np.random.default_rng(0)
-    cases = {2: (3, 5, 7), 4: (5, 3, 3)}  # odd element counts: padding is dropped
+    # odd element counts: padding is dropped
+    cases = {2: (3, 5, 7), 3: (5, 3, 3), 4: (5, 3, 3), 5: (7, 3), 6: (3, 3, 3), 7: (2, 9)}
     bb = relax.BlockBuilder()
     arrays, params = [], []
     for bits, shape in cases.items():
@@ -65,7 +73,7 @@ def test_param_bytes_follow_weight_bits():
     gm = pqcompile.trace(nn.Conv2d(64, 64, 3, padding=1), (torch.randn(1, 64, 8, 8),))
     batches = [torch.randn(2, 64, 8, 8)]
     sizes, storage = {}, {}
-    for bits in (8, 4, 3, 2):
+    for bits in (8, 6, 5, 4, 3, 2):
         ref = build_reference(gm, Assignment({"_0": BitWidths(bits, 8)}), batches)
         _, params, report = lower(ref)
         sizes[bits] = params["_0.weight"].nbytes
@@ -73,8 +81,9 @@ def test_param_bytes_follow_weight_bits():
         assert report.param_bytes == sum(a.nbytes for a in params.values())
         assert list(params) == list(report.param_names)
     n = 64 * 64 * 9
-    assert sizes == {8: n, 4: n // 2, 3: n, 2: n // 4}
-    assert storage == {8: "int8", 4: "int4 packed 2 per byte", 3: "int3 in int8",
+    assert sizes == {b: n * b // 8 for b in (8, 6, 5, 4, 3, 2)}  # n divides into whole groups
+    assert storage == {8: "int8", 6: "int6 packed 4 per 3 bytes", 5: "int5 packed 8 per 5 bytes",
+                       4: "int4 packed 2 per byte", 3: "int3 packed 8 per 3 bytes",
                        2: "int2 packed 4 per byte"}
 
 

@@ -164,3 +164,53 @@ def test_gather_index_is_torch_nearest_index():
     # bilinear is not a gather
     assert gather_index(lambda c: F.interpolate(c, size=(7,), mode="linear"), (1, 4, 5), 1) \
         is None
+
+
+# --- weights of 3, 5 and 6 bits ---------------------------------------------------------------
+
+
+class FineBits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, stride=2, padding=1)     # 3-bit weights
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)    # 5-bit weights (depthwise)
+        self.c3 = nn.Conv2d(24, 20, 1)                          # 6-bit weights
+        self.fc = nn.Linear(20, 7)                              # 5-bit weights
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))
+        y = F.relu(self.c3(F.relu(self.dw(y))))
+        return self.fc(y.mean((2, 3)))
+
+
+FINE_BITS = {"c1": (8, 8), "c2": (3, 8), "dw": (5, 8), "c3": (6, 8), "fc": (5, 8)}
+
+
+def test_3_5_6_bit_weights_compile_packed_and_equal_the_reference():
+    from pqcompile.build import compile_assignment
+
+    torch.manual_seed(0)
+    model, shape = FineBits().eval(), (1, 3, 12, 12)
+    a = Assignment({k: BitWidths(*v) for k, v in FINE_BITS.items()})
+    c = compile_assignment(model, (torch.randn(*shape),), a, target="host",
+                           calibration=[torch.randn(4, *shape[1:]) for _ in range(2)])
+    assert c.float_ops == []
+    assert c.lowering.weight_storage["c2"] == "int3 packed 8 per 3 bytes"
+    assert c.lowering.weight_storage["c3"] == "int6 packed 4 per 3 bytes"
+    assert c.lowering.weight_storage["dw"] == c.lowering.weight_storage["fc"] == \
+        "int5 packed 8 per 5 bytes"
+    assert set(c.lowering.kernels) >= {"c2", "dw", "c3", "fc"}  # the hand-scheduled kernels
+    for seed in range(3):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
+    # the cost model counts bits / 8 bytes a weight (and 4 a bias), as the portable program
+    # stores them: whole packing groups, so at most one group's padding (< 5 bytes) more
+    _, params, report = lower(c.reference)
+    for row in c.layers:
+        m = model.get_submodule(row["name"])
+        stored = report.weight_bytes[row["name"]]
+        assert stored == params[f"{row['name']}.weight"].nbytes
+        assert 0 <= stored - m.weight.numel() * row["weight_bits"] / 8 < 5
+        assert row["weight_bytes"] == m.weight.numel() * row["weight_bits"] / 8 + \
+            4 * m.bias.numel()

@@ -46,7 +46,7 @@ from ..quant.qmodules import (
     Quantize,
 )
 from . import kernels
-from .packing import emit_unpack, is_packed, pack
+from .packing import emit_unpack, group, is_packed, pack
 from .tir_macros import NARROW_MIN_SHIFT
 
 if TYPE_CHECKING:
@@ -92,10 +92,12 @@ def _per_channel(lw: Lowering, name: str, module, view) -> tuple[relax.Expr, rel
 
 
 def _weight(lw: Lowering, name: str, q: np.ndarray, bits: int) -> relax.Expr:
-    """The int8 weight, from a packed uint8 parameter for 2/4 bits."""
+    """The int8 weight, from a packed uint8 parameter for 2 to 7 bits (:mod:`.packing`)."""
     if is_packed(bits):
         var = lw.param(f"{name}.weight", pack(q, bits))
-        lw.storage[name] = f"int{bits} packed {8 // bits} per byte"
+        per, nbytes = group(bits)
+        lw.storage[name] = f"int{bits} packed {per} per " + \
+            ("byte" if nbytes == 1 else f"{nbytes} bytes")
         return emit_unpack(lw.bb, var, bits, q.shape)
     lw.storage[name] = f"int{bits} in int8" if bits < 8 else "int8"
     return lw.param(f"{name}.weight", q.astype(np.int8))
@@ -424,7 +426,7 @@ def view_op(ref: torch.fx.GraphModule, node, ndim: int) -> tuple[str, Any]:
     name = getattr(target, "__name__", target)
     if name in ("contiguous", "clone"):
         return "identity", None
-    if name in ("permute", "transpose"):
+    if name in ("permute", "transpose", "swapaxes", "swapdims"):
         rest = [a for a in node.args[1:]] or list(node.kwargs.values())
         if name == "permute":
             axes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) \

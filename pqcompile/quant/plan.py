@@ -56,8 +56,9 @@ _ADD = (operator.add, operator.iadd, torch.add)
 _CAT = (torch.cat, torch.concat)
 _RELU_FN = (F.relu, torch.relu)
 _VIEW_FN = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-            torch.transpose)
-_VIEW_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose")
+            torch.transpose, torch.swapaxes, torch.swapdims)
+_VIEW_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze", "permute", "transpose",
+                 "swapaxes", "swapdims")
 _SHUFFLE_FN = (F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
 _SPLIT_FN = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
