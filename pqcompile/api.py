@@ -78,7 +78,32 @@ def _inputs(batch: Any) -> torch.Tensor:
                     f"{type(batch).__name__}")
 
 
-def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
+def _example_from_data(data: Iterable[Any] | None) -> tuple[tuple[torch.Tensor], str]:
+    """The first sample of ``data``'s first batch as the example input (batch size 1, the shape
+    the compiled program takes), and the sentence the report gives about it."""
+    if data is None:
+        raise ExampleInputError("example_inputs is required without data: pass a tuple of "
+                                "tensors, one per forward() argument (the shape, batch size "
+                                "included, is the compiled program's), or data=... whose "
+                                "first batch gives it")
+    if iter(data) is data:
+        raise DataError("data is a read-once iterator, and without example_inputs its first "
+                        "batch would be used up: pass a list of batches or a DataLoader")
+    batch = next(iter(data), None)
+    if batch is None:
+        raise DataError("data is empty: pass a DataLoader (or iterable) of (inputs, target) "
+                        "batches, or example_inputs")
+    first = _inputs(batch)
+    if first.dim() == 0 or first.shape[0] == 0:
+        raise DataError(f"data's first batch holds inputs of shape {tuple(first.shape)}, with "
+                        f"no sample to take the example input from; pass example_inputs")
+    example = first[:1].detach().clone()
+    return (example,), (f"example input: the first sample of data's first batch, shape "
+                        f"{tuple(example.shape)}")
+
+
+def compile(model: torch.nn.Module,
+            example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
             target: Any = "arm", budget: Budget | str | None = None,
             data: Iterable[Any] | None = None, solver: Any = "ilp",
             validation: Sequence[Any] | None = None,
@@ -91,6 +116,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
             latency_rpc: Any = None, leaf_modules: Iterable[str | type] = (),
             progress: bool = False) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
+
+    ``example_inputs``: one tensor per ``forward()`` argument, in the shape the compiled
+    program takes; without it, the first sample of ``data``'s first batch (batch size 1; the
+    report says so).
 
     ``budget``: a :class:`Budget` or its text form (``"bops=60x,weight_bytes=200KB"``).
     ``solver``: a registered name (``pqcompile.solvers.list_solvers()``) or a solver object.
@@ -131,6 +160,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     """
     # Every argument is checked before the first pass runs, so none fails after minutes of
     # search; data batches are checked against the traced model as they are read.
+    example_note = ""
+    if example_inputs is None:  # compile(model, target=..., budget=..., data=loader)
+        example_inputs, example_note = _example_from_data(data)
     example_inputs = check_model_and_inputs(model, example_inputs)
     _check_finite(model)
     if budget is None:
@@ -229,6 +261,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
     calibrated_on = (f"{len(calibration)} batches of data" if calib_batches
                      else "the example inputs (no data given)")
+    if example_note:
+        calibrated_on += f"; {example_note}"
     manifest_extra = {"candidates": public(candidates), "solver": solution.solver or str(solver),
                       "budget": str(budget), "calibration": calibrated_on}
     if problem.latency is not None:
