@@ -146,9 +146,31 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
     if calibration:
         notes.append(f"calibrated on {calibration}")
     if float_ops:
-        notes.append("run in float (no integer lowering): "
-                     + ", ".join(f"{n} ({op})" for n, op in float_ops))
+        notes.append(float_ops_note(float_ops))
     return "\n".join(lines + notes)
+
+
+def float_ops_note(float_ops: Sequence[Sequence[str]], width: int = 100) -> str:
+    """The nodes that run in float, grouped by op (most nodes first, up to 6 names each) and
+    wrapped to ``width`` columns: one line per op, readable with hundreds of nodes.
+
+    >>> print(float_ops_note([("add_1", "add"), ("gelu", "gelu"), ("add_2", "add")]))
+    run in float (no integer lowering), 3 nodes:
+      add x2: add_1, add_2
+      gelu x1: gelu
+    """
+    import textwrap
+
+    by_op: dict[str, list[str]] = {}
+    for node, op in float_ops:
+        by_op.setdefault(str(op), []).append(str(node))
+    lines = [f"run in float (no integer lowering), {len(float_ops)} nodes:"]
+    for op, nodes in sorted(by_op.items(), key=lambda item: (-len(item[1]), item[0])):
+        names = ", ".join(nodes[:6]) + (f", ... ({len(nodes) - 6} more)" if len(nodes) > 6
+                                        else "")
+        lines += textwrap.wrap(f"{op} x{len(nodes)}: {names}", width, initial_indent="  ",
+                               subsequent_indent="    ", break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def _y_key(candidates: Sequence[Mapping[str, Any]]) -> str:
