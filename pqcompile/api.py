@@ -48,6 +48,7 @@ from .progress import Stages, Tracked
 from .solvers import build_problem, get_solver, list_solvers, resolve_limits, to_assignment
 from .solvers.problem import DEFAULT_BIT_OPTIONS, DEFAULT_KEEP_FRACTIONS
 from .solvers.search import SearchContext, needs_context
+from .solvers.verdict import solution_notes, warn_budget
 from .targets import get_target
 
 _FINETUNE_KEYS = {"epochs", "lr", "distill", "temperature", "max_batches", "optimizer",
@@ -180,7 +181,7 @@ def compile(model: torch.nn.Module,
     latency_table = _check_latency(budget, chosen, solver, spec, latency_table, latency_rpc)
     _check_finetune(finetune)
     _check_data(data, finetune, chosen)
-    bit_options = _check_bit_options(bit_options)
+    bit_options = _check_bit_options(bit_options, getattr(chosen, "default_bit_options", None))
     keep_levels = _check_keep_levels(keep_levels)
     check_leaf_modules(model, leaf_modules)
     for name, value in (("calibration_batches", calibration_batches),
@@ -239,6 +240,7 @@ def compile(model: torch.nn.Module,
         limits = resolve_limits(problem, budget, latency=budget.latency_ms is not None)
         candidates = solver_candidates(problem, chosen, limits, solution, context,
                                        measure=pareto_points, progress=progress)
+        notes = solution_notes(solution) + candidates.notes
     sensitivity = {lay.name: lay.option_sensitivity(solution.bits[lay.name])
                    for lay in problem.layers}
 
@@ -264,7 +266,7 @@ def compile(model: torch.nn.Module,
     if example_note:
         calibrated_on += f"; {example_note}"
     manifest_extra = {"candidates": public(candidates), "solver": solution.solver or str(solver),
-                      "budget": str(budget), "calibration": calibrated_on}
+                      "budget": str(budget), "calibration": calibrated_on, "notes": notes}
     if problem.latency is not None:
         manifest_extra["latency"] = {"predicted_ms": solution.costs["latency_ms"],
                                      "unpruned_ms": problem.reference["latency_ms"],
@@ -274,6 +276,7 @@ def compile(model: torch.nn.Module,
         compiled = finish(fp32, prepared, assignment, target=target, calibration=calibration,
                           observer=observer, sensitivity=sensitivity,
                           manifest_extra=manifest_extra, tune=tune, **extra)
+    warn_budget(compiled.totals, solution, limits)
     compiled.solution = solution
     compiled.candidates = candidates
     compiled.timings = dict(stage.seconds)  # wall seconds per stage
@@ -394,9 +397,11 @@ def _check_data(data: Any, finetune: Mapping | None, solver: Any) -> None:
                         "calibration, fine-tuning): pass a list of batches or a DataLoader")
 
 
-def _check_bit_options(bit_options: Any) -> tuple[tuple[int, int], ...]:
+def _check_bit_options(bit_options: Any, default: Any = None) -> tuple[tuple[int, int], ...]:
+    """The pairs given, checked; ``None``: the solver's own default (PIC-PQ's takes every
+    weight width of its per-stage rule), else :data:`DEFAULT_BIT_OPTIONS`."""
     if bit_options is None:
-        return DEFAULT_BIT_OPTIONS
+        return DEFAULT_BIT_OPTIONS if default is None else _check_bit_options(default)
     if isinstance(bit_options, (str, bytes)) or not isinstance(bit_options, Iterable):
         raise OptionError(f"bit_options must be a list of (weight bits, activation bits) "
                           f"pairs such as [(8, 8), (4, 8)], got {bit_options!r}")

@@ -214,3 +214,16 @@ def test_3_5_6_bit_weights_compile_packed_and_equal_the_reference():
         assert 0 <= stored - m.weight.numel() * row["weight_bits"] / 8 < 5
         assert row["weight_bytes"] == m.weight.numel() * row["weight_bits"] / 8 + \
             4 * m.bias.numel()
+
+
+def test_picpq_searches_the_finer_weight_widths_by_default():
+    from pqcompile.api import _check_bit_options
+    from pqcompile.solvers import get_solver
+    from pqcompile.solvers.picpq_space import snap_down
+
+    options = _check_bit_options(None, get_solver("picpq").default_bit_options)
+    weights = sorted({w for w, _ in options})
+    assert {(3, 8), (5, 8), (6, 8), (8, 8)} <= set(options) and weights == list(range(2, 9))
+    # PIC-PQ's stage maxima 8, 6, 4 and the penalty rule's Bmax - 1 keep their widths
+    assert [snap_down(b, weights) for b in (8, 7, 6, 5, 4, 3)] == [8, 7, 6, 5, 4, 3]
+    assert _check_bit_options(None) == _check_bit_options(None, None)  # others: unchanged

@@ -134,6 +134,9 @@ class PICPQSolver:
 
     name = "picpq"
     needs_context = True
+    # compile()'s bit options when none are given: every weight width the lowering stores, so
+    # the stage maxima (8, 6, 4) and the penalty rule's Bmax - 1 (7, 5, 3) are not snapped away
+    default_bit_options = tuple(itertools.product((2, 3, 4, 5, 6, 7, 8), (4, 8)))
 
     def __init__(self, *, seed: int = 0, population: int = 16, tournament: int = 4,
                  cycles: int = 40, mutate_fraction: float = 0.1, scale_sigma: float = 1.0,
