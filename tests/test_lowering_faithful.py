@@ -227,3 +227,12 @@ def test_picpq_searches_the_finer_weight_widths_by_default():
     # PIC-PQ's stage maxima 8, 6, 4 and the penalty rule's Bmax - 1 keep their widths
     assert [snap_down(b, weights) for b in (8, 7, 6, 5, 4, 3)] == [8, 7, 6, 5, 4, 3]
     assert _check_bit_options(None) == _check_bit_options(None, None)  # others: unchanged
+
+
+def test_stochastic_depth_outside_training_is_the_identity():
+    from torchvision.ops import StochasticDepth
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), StochasticDepth(0.2, "row"), nn.Conv2d(4, 2, 1))
+    _, ref, params, report, ex = _compiled(model, (1, 3, 8, 8), {"0": (8, 8), "2": (8, 8)})
+    assert report.float_ops == ()
+    _assert_program_equals_reference(ref, params, report, ex, (1, 3, 8, 8))

@@ -424,7 +424,7 @@ def view_op(ref: torch.fx.GraphModule, node, ndim: int) -> tuple[str, Any]:
             return "identity", None
         target = type(module).__name__.lower()
     name = getattr(target, "__name__", target)
-    if name in ("contiguous", "clone"):
+    if name in ("contiguous", "clone", "stochastic_depth"):  # the latter only outside training
         return "identity", None
     if name in ("permute", "transpose", "swapaxes", "swapdims"):
         rest = [a for a in node.args[1:]] or list(node.kwargs.values())

@@ -230,6 +230,13 @@ def _relu_kind(gm, n) -> str | None:
     return "relu" if n.op == "call_method" and n.target in ("relu", "relu_") else None
 
 
+def _inert_drop(n: torch.fx.Node) -> bool:
+    """torchvision's ``stochastic_depth`` outside training (or with ``p == 0``): the identity."""
+    return n.op == "call_function" and getattr(n.target, "__name__", "") == "stochastic_depth" \
+        and getattr(n.target, "__module__", "").startswith("torchvision") and \
+        (_arg(n, 3, "training", True) is False or _arg(n, 1, "p", 1.0) == 0)
+
+
 def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) -> str:
     index = [a for a in n.all_input_nodes if plan.kind.get(a.name) == "index"]
     if index:
@@ -286,7 +293,7 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
         plan.args[n.name] = pool
         return "maxpool"
     if isinstance(mod, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) or (
-            n.op == "call_method" and n.target in ("contiguous", "clone")):
+            n.op == "call_method" and n.target in ("contiguous", "clone")) or _inert_drop(n):
         return "identity"
     if isinstance(mod, (nn.Flatten, nn.ChannelShuffle)) or (
             n.op == "call_function" and n.target in _VIEW_FN + _SHUFFLE_FN) or (
