@@ -5,18 +5,43 @@
 >>> gm = pqcompile.Pipeline([pqcompile.passes.ShapeAnalysis()])(gm).graph_module
 """
 
-from . import meta, passes, targets
-from .errors import (DataError, ExampleInputError, MissingAnnotationError, ModelError,
-                     NonFiniteWeightError, OptionError, PipelineError, PQCompileError,
-                     TraceError, UnsupportedOpError)
-from .api import compile
-from .budget import Budget, BudgetError, InfeasibleBudgetError
-from .frontend import trace
-from .passes import Pass, PassContext, PassInfo, PassResult, Pipeline, graph_pass
-from .targets import ToolchainError, UnknownTargetError, get_target, list_targets, register_target
-from .coverage import check_model
-from .artifact import Artifact
-from .onnx_export import export_onnx
+from importlib import import_module
+from typing import Any
+
+# Imported on first use (PEP 562), so that `pqcompile --help` and the command line's argument
+# errors do not pay for importing torch and TVM: exported name -> the module defining it.
+_EXPORTS = {
+    **dict.fromkeys(["DataError", "ExampleInputError", "MissingAnnotationError", "ModelError",
+                     "NonFiniteWeightError", "OptionError", "PipelineError", "PQCompileError",
+                     "TraceError", "UnsupportedOpError"], ".errors"),
+    "compile": ".api",
+    **dict.fromkeys(["Budget", "BudgetError", "InfeasibleBudgetError"], ".budget"),
+    "trace": ".frontend",
+    **dict.fromkeys(["Pass", "PassContext", "PassInfo", "PassResult", "Pipeline",
+                     "graph_pass"], ".passes"),
+    **dict.fromkeys(["ToolchainError", "UnknownTargetError", "get_target", "list_targets",
+                     "register_target"], ".targets"),
+    "check_model": ".coverage",
+    "Artifact": ".artifact",
+    "export_onnx": ".onnx_export",
+}
+_SUBMODULES = ("meta", "passes", "targets")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = import_module(f".{name}", __name__)
+    elif name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+    else:
+        raise AttributeError(f"module 'pqcompile' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,12 @@
   candidates' accuracy-vs-BOPs Pareto front, per-layer bits and kept channels);
 * ``pqcompile demo``: the Fashion-MNIST ResNet-20 end to end;
 * ``pqcompile deploy DIR --rpc HOST:PORT``: run an artifact on a board over TVM RPC, check its
-  outputs against the reference sample and time it (exit 1 when the outputs differ).
+  outputs against the reference sample and time it (exit 1 when the outputs differ);
+* ``pqcompile board [--emulate aarch64] --port N``: a TVM RPC server to deploy to: this
+  machine's, or an emulated aarch64 board (qemu-user with the sysroot's Python and TVM).
+
+torch and TVM are imported by the subcommands, not here: ``--help`` and argument errors answer
+at once.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from .errors import PQCompileError
+
+LISTENING = "listening on"  # as pqcompile.rpc_server prints it (not imported: it is a script)
 
 
 def load_factory(spec: str, option: str = "--model") -> Callable[[], Any]:
@@ -56,12 +61,53 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, shown whatever --quiet says."""
+    print(f"pqcompile: warning: {message}", file=sys.stderr)
+
+
+def load_model(spec: str) -> Any:
+    """The model ``--model`` names, with a warning where its weights are random."""
+    model = load_factory(spec, "--model")()
+    if spec.split(":", 1)[0].split(".")[0] == "torchvision":
+        warn(f"--model {spec} builds the architecture with random weights (torchvision "
+             f"loads pretrained ones only when asked, and nothing is downloaded here): "
+             f"accuracy and calibration figures mean nothing for a real model; give a factory "
+             f"of your own that loads your trained weights")
+    return model
+
+
+def example_input(args: argparse.Namespace, need: bool = True) -> Any:
+    """The example input: ``--input FILE.npy``, else a random normal tensor of
+    ``--input-shape`` (seeded by ``--seed``; only its shape matters for analysis, and compile
+    says loudly when it is calibrated on), else ``None`` when ``need`` is false."""
+    import numpy as np
+    import torch
+
+    if args.input:
+        try:
+            array = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--input {args.input!r}: cannot read a .npy array ({exc}); save "
+                             f"one with numpy.save(path, array)") from None
+        if args.input_shape and tuple(array.shape) != parse_shape(args.input_shape):
+            raise ValueError(f"--input {args.input!r} has shape {tuple(array.shape)} and "
+                             f"--input-shape says {args.input_shape}; give one of the two")
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if not args.input_shape:
+        if need:
+            raise ValueError("give --input FILE.npy (a real input, saved with numpy.save) or "
+                             "--input-shape, e.g. 1,3,224,224")
+        return None
+    torch.manual_seed(args.seed)
+    return torch.randn(parse_shape(args.input_shape))
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from .report import analysis_table, analyze
 
-    model = load_factory(args.model)()
-    torch.manual_seed(args.seed)
-    example = torch.randn(parse_shape(args.input_shape))
+    model = load_model(args.model)
+    example = example_input(args)
     gm = analyze(model, (example,))
     if args.json:
         print(json.dumps(analysis_table(gm, as_dict=True), indent=1))
@@ -73,21 +119,27 @@ def _analyze(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from .api import compile as pq_compile
 
-    model = load_factory(args.model, "--model")().eval()
-    torch.manual_seed(args.seed)
-    example = torch.randn(parse_shape(args.input_shape))
+    model = load_model(args.model).eval()
+    example = example_input(args, need=not args.data)
     data = None
     if args.data:
         data = load_factory(args.data, "--data")()
     elif args.finetune_steps:
         raise ValueError("--finetune-steps needs --data (a factory of (inputs, target) batches)")
-    elif not args.quiet:
-        print("no --data: data-free sensitivities, calibration on the example input only "
-              "(a random tensor of --input-shape); give --data pkg.module:factory returning "
-              "(inputs, target) batches for calibrated accuracy", file=sys.stderr)
+    elif args.input:
+        if not args.quiet:
+            print(f"no --data: data-free sensitivities, activations calibrated on --input "
+                  f"{args.input} only; give --data pkg.module:factory returning (inputs, "
+                  f"target) batches for calibrated accuracy", file=sys.stderr)
+    else:
+        warn(f"no --data and no --input: activations are calibrated on a RANDOM normal tensor "
+             f"of shape {tuple(example.shape)} (seed {args.seed}), so their ranges are those of "
+             f"noise, not of your data, and the artifact's accuracy is unknown; pass --input "
+             f"x.npy (a real input saved with numpy.save) or --data pkg.module:factory "
+             f"returning (inputs, target) batches")
     finetune = ({"epochs": 1, "max_batches": args.finetune_steps, "lr": args.lr}
                 if args.finetune_steps else None)
-    compiled = pq_compile(model, (example,), target=args.target, budget=args.budget,
+    compiled = pq_compile(model, None if example is None else (example,), target=args.target, budget=args.budget,
                           solver=args.solver, seed=args.seed, data=data, finetune=finetune,
                           pareto_points=args.pareto_points, tune=args.tune,
                           latency_rpc=args.latency_rpc, progress=not args.quiet)
@@ -151,24 +203,58 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board(args: argparse.Namespace) -> int:
+    """Serve TVM RPC sessions until interrupted: this machine's server, or an emulated
+    board."""
+    if not args.emulate:
+        from . import rpc_server
+
+        print(f"this machine as a board; deploy with `pqcompile deploy DIR --rpc "
+              f"HOST:PORT` (the port is on the next line); Ctrl-C stops it", flush=True)
+        return rpc_server.main(["--host", args.host, "--port", str(args.port)])
+    import time
+
+    from .rpc_local import local_server
+
+    with local_server(args.emulate, args.port, host=args.host) as address:
+        print(f"emulated {args.emulate} board (qemu-user, the sysroot's Python and TVM) "
+              f"{LISTENING} {address}; deploy with `pqcompile deploy DIR --rpc {address}`; "
+              f"latencies are emulation times, not a board's; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pqcompile", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="trace a model and print its costs and channel groups")
     p.add_argument("--model", required=True, help="package.module:factory returning nn.Module")
-    p.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (a random "
+                   "tensor: costs depend on the shape only)")
+    p.add_argument("--input", metavar="FILE.npy", help="the example input as a .npy array "
+                   "(instead of --input-shape)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_analyze)
     c = sub.add_parser("compile", help="compress to a budget and build an artifact")
     c.add_argument("--model", required=True, help="package.module:factory returning nn.Module")
-    c.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,224,224")
+    c.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224: the "
+                   "compiled program's input shape, batch size included; without --data or "
+                   "--input its random values are calibrated on (a warning says so)")
+    c.add_argument("--input", metavar="FILE.npy", help="a real example input saved with "
+                   "numpy.save: its shape is the program's, and without --data the "
+                   "activations are calibrated on it")
     c.add_argument("--target", default="arm", help="host, arm, arm-dotprod or a TVM tag")
     c.add_argument("--budget", required=True, help="e.g. bops=60x or bops=60x,weight_bytes=1MB")
     c.add_argument("--solver", default="ilp", help="ilp, greedy, uniform4, uniform8, prune8, "
                    "or a searching solver (sbs, ajpq, fitcompress, picpq; these need --data)")
     c.add_argument("--data", help="package.module:factory returning (inputs, target) batches "
-                   "(sensitivity, calibration, fine-tuning)")
+                   "(sensitivity, calibration, fine-tuning); without --input/--input-shape the "
+                   "example input is the first sample of its first batch")
     c.add_argument("--finetune-steps", type=int, default=0, help="QAT steps on --data")
     c.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     c.add_argument("--pareto-points", type=int, default=4, help="candidates of the predicted "
@@ -183,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "QDQ graph")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr, no table")
     c.add_argument("--out", required=True, help="artifact directory")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace what --out holds (an "
+                   "artifact, or other files of the same names)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the solvers, fine-tuning and "
+                   "the random example input (default 0)")
+    c.add_argument("--json", action="store_true", help="one JSON object on stdout (totals, "
+                   "layers, candidates, timings) instead of the table")
     c.set_defaults(func=_compile)
     d = sub.add_parser("demo", help="Fashion-MNIST ResNet-20: compress, build, measure")
     d.add_argument("--out", default="pqcompile-demo")
@@ -209,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")
     r.add_argument("--quiet", action="store_true", help="print nothing unless outputs differ")
     r.set_defaults(func=_deploy)
+    b = sub.add_parser("board", help="a TVM RPC server to deploy to: this machine, or an "
+                       "emulated aarch64 board")
+    b.add_argument("--emulate", metavar="ARCH", choices=["aarch64"], help="run the server "
+                   "for ARCH under qemu-user with the sysroot's Python and TVM (aarch64), a "
+                   "stand-in for a board")
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1; 0.0.0.0: every interface, which lets anyone who reaches the "
+                   "port run code here)")
+    b.add_argument("--port", type=int, default=9090, help="port (default 9090; 0: any free "
+                   "one, printed)")
+    b.set_defaults(func=_board)
     return parser
 
 

@@ -49,7 +49,9 @@ __all__ = ["AddressError", "DeployError", "DeployResult", "LatencyStats", "Outpu
 
 BOARD_SERVER_HINT = ("start one on the board with `python -m tvm.exec.rpc_server --host 0.0.0.0 "
                      "--port {port}` (or copy pqcompile/rpc_server.py there and run `python "
-                     "rpc_server.py --port {port}`)")
+                     "rpc_server.py --port {port}`); without a board, `pqcompile board "
+                     "--emulate aarch64 --port {port}` runs an emulated aarch64 one here "
+                     "(qemu-user)")
 
 
 class DeployError(PQCompileError, RuntimeError):
