@@ -286,8 +286,9 @@ class _State:
 
     def _place(self, weight_target: str, b_node, module: nn.Module, op: str) -> str:
         """A path for the new module, after its parameters' owner: the owner itself when it
-        is a container fx made that holds nothing else, else a child of it named after
-        ``op``."""
+        is a container fx made that holds nothing else, else a child of it named after the
+        weight and ``op`` (``stem.conv2d`` for ``stem.weight``, ``proj_linear`` for a root
+        parameter ``proj``)."""
         owner = weight_target.rpartition(".")[0]
         attrs = {weight_target} | ({b_node.target} if b_node is not None else set())
         self.consumed |= attrs
@@ -299,7 +300,9 @@ class _State:
                 {f"{owner}.{k}" for k, _ in container.named_parameters()} <= attrs:
             self._set_module(owner, module)
             return owner
-        base = f"{owner}.{op}" if owner else op
+        attr = weight_target.rpartition(".")[2]
+        name = op if attr == "weight" else f"{attr}_{op}"
+        base = f"{owner}.{name}" if owner else name
         path, i = base, 1
         while _exists(self.gm, path):
             path, i = f"{base}_{i}", i + 1
@@ -307,9 +310,10 @@ class _State:
         return path
 
     def finish(self) -> None:
-        """Drop the ``get_attr`` nodes and parameter attributes nothing reads any more."""
+        """Drop the squeezes, ``get_attr`` nodes and parameter attributes nothing reads any
+        more."""
         for n in list(self.graph.nodes):
-            if n.op == "get_attr" and not n.users:
+            if (n.op == "get_attr" or n in self.squeezes) and not n.users:
                 self.graph.erase_node(n)
         read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
         for target in self.consumed - read:
