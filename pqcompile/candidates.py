@@ -27,17 +27,22 @@ the searching solvers do (fake-quant model, held-out batches).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .budget import InfeasibleBudgetError
+from .errors import SolverTimeoutError
 from .progress import Progress
 
-__all__ = ["SWEEP_FACTORS", "budget_sweep", "candidate", "measure_front", "pareto_front",
-           "solver_candidates"]
+__all__ = ["SWEEP_FACTORS", "SWEEP_SECONDS", "Candidates", "budget_sweep", "candidate",
+           "measure_front", "pareto_front", "solver_candidates"]
 
 # Limits of the sweep relative to the user's: tighter and looser, one candidate each.
 SWEEP_FACTORS = (0.5, 0.65, 0.8, 1.0, 1.25, 1.6, 2.0, 3.0)
+# Seconds for the whole sweep: an ILP on a large graph (densenet201: ~200 layers, ~190k
+# binaries) takes tens of seconds a budget; what does not fit is skipped and noted.
+SWEEP_SECONDS = 60.0
 
 
 def candidate(problem: Any, bits: Mapping[str, Any], kept: Mapping[int, int], *,
@@ -62,21 +67,61 @@ def _record(problem: Any, solution: Any, source: str, accuracy: float | None,
             "source": source, "_solution": solution}
 
 
+class Candidates(list):
+    """A list of candidate records with ``notes``: what the sweep left out and why (the report
+    prints them)."""
+
+    def __init__(self, items: Iterable[dict[str, Any]] = (), notes: Iterable[str] = ()) -> None:
+        super().__init__(items)
+        self.notes = list(notes)
+
+
 def budget_sweep(problem: Any, solver: Any, limits: Mapping[str, float],
-                 factors: Sequence[float] = SWEEP_FACTORS) -> list[dict[str, Any]]:
+                 factors: Sequence[float] = SWEEP_FACTORS, *, solution: Any = None,
+                 seconds: float | None = SWEEP_SECONDS) -> Candidates:
     """``solver`` on ``problem`` at each limit scaled by ``factors`` (unreachable ones left
-    out): the front a solver that decides from the problem alone would trace."""
-    out, seen = [], set()
-    for f in factors:
-        scaled = {k: v * f for k, v in limits.items()}
+    out): the front a solver that decides from the problem alone would trace, by factor.
+
+    ``solution``: ``solver``'s answer at the limits themselves, reused for factor 1.
+    ``seconds``: the time for the whole sweep (``None``: unbounded). Factors are solved
+    nearest to 1 first, a solver with ``with_time_limit`` (the ILP) bounded to what is left;
+    the factors left when time runs out are skipped and named in ``.notes``."""
+    start = time.perf_counter()
+    order = sorted(range(len(factors)), key=lambda i: abs(math.log(factors[i])))
+    found: dict[int, Any] = {}
+    skipped, failed = [], []
+    for i in order:
+        f = factors[i]
+        if f == 1.0 and solution is not None:
+            found[i] = solution
+            continue
+        left = None if seconds is None else seconds - (time.perf_counter() - start)
+        if left is not None and left <= 0:
+            skipped.append(f)
+            continue
+        bounded = solver.with_time_limit(left) if left is not None \
+            and hasattr(solver, "with_time_limit") else solver
         try:
-            s = solver.solve(problem, scaled)
+            found[i] = bounded.solve(problem, {k: v * f for k, v in limits.items()})
         except InfeasibleBudgetError:
             continue
+        except SolverTimeoutError:
+            failed.append(f)
+    out, seen = Candidates(), set()
+    for i in sorted(found):
+        s = found[i]
         key = (tuple(sorted(s.bits.items())), tuple(sorted(s.kept.items())))
         if key not in seen:
             seen.add(key)
             out.append(_record(problem, s, "sweep", None, None))
+    name = getattr(solver, "name", type(solver).__name__)
+    for what, fs in (("skipped: the sweep's time budget of "
+                      f"{seconds if seconds is not None else 0:g} s ran out", skipped),
+                     ("no assignment found in time", failed)):
+        if fs:
+            out.notes.append(f"pareto front: {name} at {len(factors) - len(fs)} of "
+                             f"{len(factors)} budgets; {', '.join(f'x{f:g}' for f in fs)} "
+                             f"{what}")
     return out
 
 
@@ -111,19 +156,22 @@ def measure_front(candidates: list[dict[str, Any]], context: Any, limit: int,
 
 
 def solver_candidates(problem: Any, solver: Any, limits: Mapping[str, float], solution: Any,
-                      context: Any = None, *, measure: int = 0, progress: bool = False
-                      ) -> list[dict[str, Any]]:
+                      context: Any = None, *, measure: int = 0, progress: bool = False,
+                      seconds: float | None = SWEEP_SECONDS) -> Candidates:
     """What ``solver`` saw on its way to ``solution``, plus the chosen one (``source``
     ``"chosen"``): the candidates it recorded on ``context``, else (a solver deciding from the
     problem alone, or a search that measures no discrete candidates) the sweep of budgets
     around ``limits`` by that solver (by the ILP for a searching one). With a ``context``, the
-    chosen one and up to ``measure`` candidates of the predicted front get measured accuracy."""
+    chosen one and up to ``measure`` candidates of the predicted front get measured accuracy.
+    ``seconds`` bounds the sweep (:func:`budget_sweep`; ``.notes`` says what it skipped)."""
     from .solvers import ILPSolver
     from .solvers.search import needs_context
 
-    seen = list(context.candidates) if context is not None else []
+    seen = Candidates(context.candidates if context is not None else ())
     if not seen:
-        seen = budget_sweep(problem, ILPSolver() if needs_context(solver) else solver, limits)
+        searching = needs_context(solver)
+        seen = budget_sweep(problem, ILPSolver() if searching else solver, limits,
+                            solution=None if searching else solution, seconds=seconds)
     if context is not None and measure:
         measure_front(seen, context, measure, progress)
     chosen = _record(problem, solution, "chosen", None, None)
@@ -132,7 +180,7 @@ def solver_candidates(problem: Any, solver: Any, limits: Mapping[str, float], so
             chosen["accuracy"], chosen["loss"] = c["accuracy"], c["loss"]
     if context is not None and chosen["accuracy"] is None:
         measure_front([chosen], context, 1)
-    return seen + [chosen]
+    return Candidates(seen + [chosen], seen.notes)
 
 
 def _same(a: Any, b: Any) -> bool:

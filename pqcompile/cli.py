@@ -6,7 +6,9 @@
 * ``pqcompile compile --model ... --input-shape ... --target arm --budget bops=60x --out DIR
   [--data pkg.module:factory --finetune-steps N]``: compress and build an artifact, with the
   stages and fine-tuning progress on stderr (``--quiet`` silences them), ``--plots DIR``
-  for the report's plots, ``--onnx PATH`` for an ONNX QDQ export;
+  for the report's plots, ``--onnx PATH`` for an ONNX QDQ export; the artifact is written
+  either way, and the exit status is 3 when the built model is over its budget (a baseline
+  solver such as ``uniform4`` does not search for it);
 * ``pqcompile report DIR [--plots OUT]``: a saved artifact's per-layer table (bits, kept
   channels, MACs, BOPs, bytes, sensitivity) with totals and ratios, and its PNG plots (the
   candidates' accuracy-vs-BOPs Pareto front, per-layer bits and kept channels);
@@ -32,6 +34,8 @@ from typing import Any
 from .errors import PQCompileError
 
 LISTENING = "listening on"  # as pqcompile.rpc_server prints it (not imported: it is a script)
+
+EXIT_OVER_BUDGET = 3  # compile: the artifact was written but misses its budget (2: an error)
 
 
 def load_factory(spec: str, option: str = "--model") -> Callable[[], Any]:
@@ -118,6 +122,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from .api import compile as pq_compile
+    from .solvers.verdict import totals_verdict
 
     model = load_model(args.model).eval()
     example = example_input(args, need=not args.data)
@@ -164,6 +169,11 @@ def _compile(args: argparse.Namespace) -> int:
         if compiled.tuning is not None:
             print(compiled.tuning)
         print(f"artifact written to {path}")
+    verdict = totals_verdict(compiled.budget, compiled.totals, compiled.solution)
+    if verdict.status == "over":
+        print(f"pqcompile compile: the artifact in {path} is {verdict.describe()} (solver "
+              f"{args.solver!r}); exit status {EXIT_OVER_BUDGET}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
     return 0
 
 
@@ -240,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_analyze)
-    c = sub.add_parser("compile", help="compress to a budget and build an artifact")
+    c = sub.add_parser("compile", help="compress to a budget and build an artifact",
+                       epilog=f"exit status: 0 built within the budget, 2 an error (nothing "
+                       f"built), {EXIT_OVER_BUDGET} built (artifact written) but over the budget")
     c.add_argument("--model", required=True, help="package.module:factory returning nn.Module")
     c.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224: the "
                    "compiled program's input shape, batch size included; without --data or "
