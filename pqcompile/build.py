@@ -97,6 +97,7 @@ class Compiled:
 
         extra = self.artifact.manifest["extra"]
         text = compression_table(self.layers, self.totals, float_ops=self.float_ops,
+                                 solve_notes=extra.get("notes", ()),
                                  calibration=self.calibration, solver=extra.get("solver"),
                                  budget=extra.get("budget"))
         if plots is not None:

@@ -29,6 +29,7 @@ import torch
 from .build import analysis as analyze
 from .meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE
 from .passes import describe_groups
+from .solvers.verdict import budget_line
 
 __all__ = ["analysis_table", "analyze", "artifact_report", "compression_table", "layer_rows",
            "layers_figure", "pareto_figure", "write_plots"]
@@ -103,6 +104,7 @@ def _ratio(before: float | None, after: float | None) -> str:
 
 def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, Any], *,
                       float_ops: Sequence[Sequence[str]] = (), calibration: str = "",
+                      solve_notes: Sequence[str] = (),
                       solver: str | None = None, budget: str | None = None) -> str:
     """The per-layer table of a compressed model (see the module docstring).
 
@@ -142,7 +144,8 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
         f"({_ratio(t.get('fp32_weight_bytes'), t['weight_bytes'])} smaller)")
     notes = []
     if solver or budget:
-        notes.append(f"solver {solver or '?'} under budget {budget or '?'}")
+        notes.append(budget_line(solver, budget, totals))
+    notes.extend(solve_notes)  # how the solver got there, what the Pareto sweep skipped
     if calibration:
         notes.append(f"calibrated on {calibration}")
     if float_ops:
@@ -306,6 +309,7 @@ def artifact_report(directory: str | Path, plots: str | Path | None = None,
                 "plots": [str(p) for p in written]}
     text = compression_table(layers, totals, float_ops=extra.get("float_ops", ()),
                              calibration=extra.get("calibration", ""),
+                             solve_notes=extra.get("notes", ()),
                              solver=extra.get("solver"), budget=extra.get("budget"))
     if written:
         text += "\nplots: " + ", ".join(str(p) for p in written)
