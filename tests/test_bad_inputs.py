@@ -235,8 +235,8 @@ def test_example_input_wrong_dtype():
 @pytest.mark.parametrize("inputs, match", [
     ((X.numpy(),), r"example_inputs\[0\] is ndarray, not a torch.Tensor; convert it with "
                    r"torch.as_tensor"),
-    (None, r"example_inputs must be a non-empty tuple of tensors, one per forward\(\) argument, "
-           r"got NoneType"),
+    (None, r"example_inputs is required without data: pass a tuple of tensors, one per "
+           r"forward\(\) argument .*or data=\.\.\. whose first batch gives it"),
     ((), r"example_inputs must be a non-empty tuple of tensors"),
 ], ids=["numpy-array", "none", "empty"])
 def test_example_input_not_a_tensor(inputs, match):
@@ -272,10 +272,27 @@ def test_unsupported_op():
                   r"replace it", model=WithOp(_erfinv))
 
 
-@pytest.mark.xfail(strict=True, reason="pqcompile/quant/plan.py raises a plain ValueError for "
-                   "a tuple-valued op (node 'sort'), not UnsupportedOpError")
 def test_unsupported_tuple_valued_op():
-    compile_fails(UnsupportedOpError, r"node 'sort'", model=WithOp(_sort))
+    compile_fails(UnsupportedOpError, r"node 'sort' \(.*\) returns several tensors; ops returning "
+                  r"a tuple have no integer lowering .*replace it with ops returning one tensor",
+                  model=WithOp(_sort))
+
+
+class WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+def test_recurrent_layer_says_what_is_unsupported():
+    """nn.LSTM is a leaf already: the message names recurrent layers, not "make it a leaf"."""
+    err = compile_fails(UnsupportedOpError, r"node 'lstm' \(LSTM\) returns several tensors: "
+                        r"recurrent layers \(nn\.LSTM, nn\.GRU, nn\.RNN and their cells\) have "
+                        r"no integer lowering", model=WithLSTM(), inputs=(torch.randn(1, 5, 8),))
+    assert "leaf" not in str(err)
 
 
 @pytest.mark.xfail(strict=True, reason="a complex-valued op (torch.fft.fft) escapes the "
@@ -555,3 +572,146 @@ def test_out_of_range_token_ids_are_refused_by_the_program():
         with pytest.raises(AssertionError, match=r"node 'emb' \(embedding\): ids must be in "
                                                  r"\[0, 10\)"):
             c(bad.numpy())
+
+
+# --- paths a new user takes (the README's flow, probes of the public calls) ---------------------
+
+def test_torch_compiled_model_names_orig_mod():
+    model = torch.compile(tiny())
+    err = compile_fails(ModelError, r"model is a torch\.compile'd module \(OptimizedModule\), "
+                        r"which torch\.fx cannot trace; pass the eager module it wraps: "
+                        r"model\._orig_mod", model=model)
+    assert isinstance(err, TypeError)
+
+
+def test_batch_size_zero():
+    compile_fails(ExampleInputError, r"example_inputs\[0\] has batch size 0 \(shape \(0, 3, 8, "
+                  r"8\)\): there is nothing to trace or calibrate on", inputs=(X[:0],))
+
+
+@pytest.mark.parametrize("name, match", [
+    ("cuda", r"target 'cuda': pqcompile builds integer programs for CPUs only .*GPU targets are "
+             r"not supported\. Use one of arm, arm-dotprod, host"),
+    ("Hots", r"unknown target 'Hots'\. Did you mean 'host'\?"),
+], ids=["gpu", "close-match-any-case"])
+def test_unknown_target_names(name, match):
+    compile_fails(UnknownTargetError, match, target=name)
+
+
+@pytest.mark.parametrize("name", ["ARM", "aarch64", "arm64", "Host"])
+def test_target_aliases(name):
+    from pqcompile.targets import get_target
+
+    assert get_target(name).name == name.lower().replace("aarch64", "arm").replace("arm64",
+                                                                                   "arm")
+
+
+def test_budget_semicolon_separates_entries():
+    assert Budget.parse("bops=8x;macs=2x") == Budget(bops="8x", macs="2x")
+    assert Budget.parse("bops=8x; weight_bytes=1MB,macs=2x") == Budget(
+        bops="8x", weight_bytes=1_000_000, macs="2x")
+
+
+def test_example_inputs_from_the_data(tmp_path):
+    """compile(model, target=..., budget=..., data=loader): the example input is the first
+    sample of the first batch, and the report says so; model and data unchanged."""
+    model, data = tiny(), loader()
+    with unchanged(model=model, data=data):
+        c = pqcompile.compile(model, target="host", budget=BUDGET, data=data)
+    first = data.dataset.tensors[0][:1]
+    (sample_in,), _ = c.artifact.reference_sample
+    np.testing.assert_array_equal(sample_in, first.numpy())
+    assert "example input: the first sample of data's first batch, shape (1, 3, 8, 8)" in \
+        c.report()
+    np.testing.assert_array_equal(c(first.numpy()), c.reference(first).numpy())
+
+
+def test_read_once_data_without_example_inputs():
+    data = iter(list(loader()))
+    with pytest.raises(DataError, match=r"data is a read-once iterator, and without "
+                                        r"example_inputs its first batch would be used up"):
+        pqcompile.compile(tiny(), target="host", budget=BUDGET, data=data)
+    assert len(list(data)) == 2  # nothing was consumed
+
+
+def test_artifact_constructor_given_a_directory(saved):
+    with unchanged(artifact=saved):
+        with pytest.raises(ArtifactError, match=r"Artifact\('.*'\): to open a saved artifact "
+                                                r"use Artifact\.load\('.*'\)"):
+            Artifact(str(saved))
+        with pytest.raises(ArtifactError, match=r"use Artifact\.load"):
+            Artifact(saved)
+
+
+def test_save_to_a_file_path(compiled, tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"the user's file")
+    with unchanged(files=tmp_path):
+        with pytest.raises(ArtifactError, match=r"cannot save the artifact to .*model\.bin: it is "
+                                                r"a file, and an artifact is a directory"):
+            compiled.save(target)
+
+
+def test_save_into_a_folder_of_other_files(compiled, tmp_path):
+    """The user's own runner.py is never overwritten unless asked."""
+    (tmp_path / "runner.py").write_text("print('the user's script')\n")
+    (tmp_path / "notes.txt").write_text("keep\n")
+    with unchanged(files=tmp_path):
+        with pytest.raises(ArtifactError, match=r"holds files and no artifact \(saving would "
+                                                r"replace runner\.py\): save to a new or empty "
+                                                r"directory, or pass overwrite=True"):
+            compiled.save(tmp_path)
+    compiled.save(tmp_path, overwrite=True)  # asked: written, the other file kept
+    assert Artifact.load(tmp_path).manifest == compiled.artifact.manifest
+    assert (tmp_path / "notes.txt").read_text() == "keep\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert compiled.save(empty) == empty  # an empty directory is fine
+
+
+def test_nan_input_at_run_time(runnable):
+    bad = X.numpy().copy()
+    bad[0, 1, 2, 3] = np.nan
+    with unchanged(inputs=(bad,)):
+        with pytest.raises(ArtifactError, match=r"input 'input_1' holds NaN, which has no "
+                                                r"quantized value .*replace or drop the NaN"):
+            runnable(bad)
+    inf = X.numpy().copy()
+    inf[0, 1, 2, 3] = np.inf  # inf saturates, as in the reference: still accepted
+    runnable(inf)
+
+
+def test_nan_input_in_the_device_runner(saved, tmp_path):
+    import subprocess
+    import sys
+
+    bad = X.numpy().copy()
+    bad[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", bad)
+    proc = subprocess.run([sys.executable, str(saved / "runner.py"), str(saved), "--input",
+                           str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: input 'input_1' holds NaN, which has no quantized value" in proc.stderr
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        return {"logits": self.fc(features), "features": features}
+
+
+def test_dict_outputs_keep_their_keys(tmp_path):
+    torch.manual_seed(0)
+    model = DictOut().eval()
+    with unchanged(model=model, inputs=(X,)):
+        c = pqcompile.compile(model, (X,), target="host", budget="bops=4x")
+    reference = c.reference(X)
+    for runnable in (c, Artifact.load(c.save(tmp_path / "a"))):
+        out = runnable(X.numpy())
+        assert isinstance(out, dict) and list(out) == ["logits", "features"]
+        for key in out:
+            np.testing.assert_array_equal(out[key], reference[key].numpy())
