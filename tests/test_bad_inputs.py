@@ -258,10 +258,10 @@ def test_dynamic_control_flow_on_tensor_values():
     assert "way out: declare it a leaf" in message and "leaf_modules=['gate']" in message
 
 
-@pytest.mark.xfail(strict=True, reason="the TraceError's way out (trace(..., leaf_modules=...) "
-                   "or fallback='leaf') is not an argument of compile(), and a leaf with "
-                   "data-dependent control flow then fails in the lowering anyway; compile() "
-                   "should advise rewriting the branch with tensor ops (torch.where)")
+@pytest.mark.xfail(strict=True, reason="the TraceError's way out is a leaf (compile(..., "
+                   "leaf_modules=...)), but a leaf with data-dependent control flow then fails "
+                   "in the lowering (it cannot run in float either); compile() should advise "
+                   "rewriting the branch with tensor ops (torch.where)")
 def test_dynamic_control_flow_advice_works_from_compile():
     compile_fails(TraceError, r"torch\.where", model=WithGate())
 

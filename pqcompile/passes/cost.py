@@ -27,7 +27,7 @@ from torch import nn
 
 from ..meta import BITS, COST, COST_TOTALS, SHAPE, BitWidths, CostTotals, NodeCost
 from .base import Pass, PassInfo, PassResult
-from .layer_discovery import OpaqueLeaf
+from .layer_modules import OpaqueLeaf
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

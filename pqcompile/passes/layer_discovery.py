@@ -22,9 +22,10 @@ no integer kernel of its own. :func:`discover_layers` rewrites, in a traced grap
   runs in float, as a leaf should).
 
 What cannot become a layer (a weight computed in ``forward``, a weight that other nodes also
-read, ``nn.ConvTranspose2d``, 3-d convs, ...) stays as traced and runs in float; the reason is
-recorded (``meta.LAYER_DISCOVERY``) and :func:`why_no_bits` states it where that matters, e.g. in the
-solver's error for a budget these float MACs make unreachable.
+read, ``nn.ConvTranspose2d``, 3-d convs, ...) stays as traced and runs in float; the reason
+is recorded (``meta.LAYER_DISCOVERY``) and :func:`why_no_bits` states it where that matters,
+e.g. in the solver's error for a budget these float MACs make unreachable. The modules it
+makes are built in :mod:`pqcompile.passes.layer_modules`.
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..meta import LAYER_DISCOVERY, DiscoveredLayer, LayerDiscovery
+from .layer_modules import OpaqueLeaf, batchnorm2d_like, computes_as_base, conv2d_like
 from .opinfo import classify
 
 _CONV_FN = {torch.conv1d: 1, torch.conv2d: 2}  # functional conv -> spatial dims
@@ -60,33 +62,6 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
 _LINEAR_ARGS = ("input", "weight", "bias")
 _NO_LOWERING = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
-
-
-class OpaqueLeaf(nn.Module):
-    """A leaf module kept whole: runs ``module`` as it is, in float.
-
-    Wraps a leaf that *is an* ``nn.Conv2d``/``nn.Linear`` by type but computes something else
-    (its class overrides ``forward``), so that no pass treats it as the plain layer.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
-def computes_as_base(m: nn.Module) -> bool:
-    """Whether a conv/linear module computes what its ``torch.nn`` base class computes (its
-    class does not override ``forward`` or the conv's ``_conv_forward``)."""
-    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d,
-                 nn.ConvTranspose2d, nn.ConvTranspose3d):
-        if isinstance(m, base):
-            cls = type(m)
-            return cls.forward is base.forward and \
-                getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
-    return True
 
 
 def discover_layers(gm: torch.fx.GraphModule,
@@ -146,7 +121,7 @@ class _State:
         if why is not None:
             self.reasons[n.name] = f"Conv1d {why} runs in float"
             return
-        conv = _conv2d_like(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, 1)
+        conv = conv2d_like(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, 1)
         self._set_module(n.target, conv)
         x = n.args[0] if n.args else n.kwargs["input"]
         n.args, n.kwargs = (self._unsqueeze(x, n),), {}
@@ -183,7 +158,7 @@ class _State:
         path = self.made.get(key)
         if path is None:
             if nd:
-                module = _conv2d_like(weight, bias, args["stride"], args["padding"],
+                module = conv2d_like(weight, bias, args["stride"], args["padding"],
                                       args["dilation"], args["groups"], nd)
             else:
                 module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
@@ -237,7 +212,7 @@ class _State:
                         f"{others[0].name!r}")
         if nd:
             try:
-                _conv2d_like(weight, None, args["stride"], args["padding"], args["dilation"],
+                conv2d_like(weight, None, args["stride"], args["padding"], args["dilation"],
                              args["groups"], nd)
             except (TypeError, ValueError, RuntimeError) as exc:
                 return f"with arguments nn.Conv2d does not take ({exc})"
@@ -276,7 +251,7 @@ class _State:
             calls = sum(1 for v in self.graph.nodes if v.op == "call_module"
                         and v.target == u.target)
             if type(m) is nn.BatchNorm1d and calls == 1 and len(u.args) == 1 and not u.kwargs:
-                self._set_module(u.target, _batchnorm2d_like(m))
+                self._set_module(u.target, batchnorm2d_like(m))
                 return True
         return classify(self.gm, u).kind == "unary"
 
@@ -360,38 +335,6 @@ def _has_node(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return any(_has_node(v) for v in value)
     return False
-
-
-def _tuple(v: Any, nd: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-
-
-def _conv2d_like(weight: nn.Parameter, bias: nn.Parameter | None, stride, padding, dilation,
-                 groups: int, nd: int) -> nn.Conv2d:
-    """An ``nn.Conv2d`` computing the ``nd``-d conv (``nd == 1``: on a unit height dim),
-    holding ``weight`` and ``bias`` (a 1-d conv's weight gets a unit height dim: a view)."""
-    if nd == 1:
-        stride, dilation = (1, *_tuple(stride, 1)), (1, *_tuple(dilation, 1))
-        padding = padding if isinstance(padding, str) else (0, *_tuple(padding, 1))
-        weight = nn.Parameter(weight.detach().unsqueeze(2), requires_grad=weight.requires_grad)
-    out_c, in_per_group, *kernel = weight.shape
-    conv = nn.Conv2d(in_per_group * groups, out_c, tuple(kernel), stride=stride,
-                     padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
-                     device="meta")
-    conv.weight = weight
-    conv.bias = bias
-    return conv
-
-
-def _batchnorm2d_like(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
-    """A ``BatchNorm2d`` holding ``bn``'s parameters and statistics."""
-    out = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                         bn.track_running_stats, device="meta")
-    for name, p in bn.named_parameters(recurse=False):
-        setattr(out, name, p)
-    for name, b in bn.named_buffers(recurse=False):
-        setattr(out, name, b)
-    return out.train(bn.training)
 
 
 def _input_ranks(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]
