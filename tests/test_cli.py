@@ -1,10 +1,12 @@
 """The command line: analyze a model, machine-readable output, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from pqcompile.cli import main
@@ -86,3 +88,31 @@ def test_compile_with_data_finetunes_and_reports_progress(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "--data 'solver_models:nothing': solver_models has no callable 'nothing'" \
         in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_tvm():
+    code = ("import sys\nfrom pqcompile.cli import main\n"
+            "for argv in (['--help'], ['compile', '--help'], ['compile', '--model', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'tvm', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    for option in ("--seed", "--overwrite", "--json", "--input FILE.npy"):
+        assert re.search(re.escape(option) + r"\s+\S", proc.stdout), option  # each has help
+    assert "board" in proc.stdout
+
+
+def test_random_calibration_and_random_weights_warn(tmp_path, capsys):
+    assert main(["analyze", "--model", "torchvision.models:squeezenet1_0",
+                 "--input-shape", "1,3,32,32", "--json"]) == 0
+    assert "builds the architecture with random weights" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    assert main(["compile", "--model", "solver_models:DigitsCNN", "--input", str(tmp_path / "y"),
+                 "--budget", "bops=30x", "--out", str(tmp_path / "a")]) == 2
+    assert "--input" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["compile", "--model", "solver_models:DigitsCNN", "--input-shape", "1,1,8,8",
+                 "--budget", "bops=5000x", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: no --data and no --input: activations are calibrated on a RANDOM normal " \
+           "tensor of shape (1, 1, 8, 8) (seed 0)" in err

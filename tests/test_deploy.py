@@ -90,8 +90,30 @@ def mixed_arm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def aarch64_server(sysroot):
-    with local_server("aarch64") as address:
-        yield address
+    """The emulated board as a user starts it: ``pqcompile board --emulate aarch64 --port 0``
+    (pqcompile.rpc_local.local_server under the command line); stopped with Ctrl-C."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp, "out")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pqcompile.cli", "board", "--emulate",
+                                     "aarch64", "--port", "0"], stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not (found := re.search(r"emulated aarch64 board .* listening on "
+                                          r"127\.0\.0\.1:(\d+); deploy with `pqcompile deploy DIR "
+                                          r"--rpc 127\.0\.0\.1:\1`", log.read_text())):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            yield parse_address(f"127.0.0.1:{found.group(1)}")
+        finally:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the server is stopped with it
+            try:
+                assert proc.wait(timeout=30) == 0, log.read_text()
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +204,7 @@ def test_nothing_listening(artifacts, capsys):
     err = capsys.readouterr().err
     assert f"no RPC server answers at 127.0.0.1:{port}" in err
     assert f"python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}" in err
+    assert f"`pqcompile board --emulate aarch64 --port {port}` runs an emulated aarch64" in err
     with pytest.raises(RemoteUnreachableError):
         deploy(artifacts["arm"], "127.0.0.1", port)
 
