@@ -6,8 +6,9 @@ layer gets one binary per (bit option, levels of the groups of a monomial), so e
 linear function of binaries and exact. Their marginals are tied to one-hot level binaries
 ``y[g, j]`` per group, and a layer's several factors (a concat input) agree on its bit option.
 Layers reading one tensor get equal activation bits; calls of one module equal weight bits.
-The objective is the summed sensitivity (bit options + keep levels); every budget limit is one
-row. A latency model (:class:`~pqcompile.solvers.problem.LatencyModel`) is a sum of tables over
+The objective is the summed sensitivity (bit options + keep levels), shifted and scaled by the
+greedy descent's (:mod:`pqcompile.solvers.objective_scale`), whose assignment is also the
+answer when HiGHS finds nothing as good in its time limit; every budget limit is one row. A latency model (:class:`~pqcompile.solvers.problem.LatencyModel`) is a sum of tables over
 the levels of at most two groups of a layer, each within one of the layer's factors (a layer's
 latency depends on its kept output and input channels, as its MACs do): each table value goes
 on the factor's binaries of that level combination, so the latency row is exact too.
@@ -40,6 +41,7 @@ from scipy.sparse import coo_matrix
 
 from ..budget import COST_KEYS, InfeasibleBudgetError
 from ..errors import SolverTimeoutError
+from .objective_scale import normalized_objective
 from .problem import Layer, Problem, Solution, evaluate, resolve_limits
 
 
@@ -333,35 +335,6 @@ def _fallback(greedy: Solution, info: dict, reason: str) -> Solution:
     """The greedy incumbent, with the ILP's figures and why it was returned."""
     return replace(greedy, solver="ilp", info={**info, "fallback": "greedy", "reason": reason,
                                                "greedy": dict(greedy.info)})
-
-
-def normalized_objective(problem: Problem, model: _Model,
-                         incumbent: Solution | None = None) -> tuple[np.ndarray, float]:
-    """The objective HiGHS minimizes, and the scale it was divided by.
-
-    Each layer's and group's sensitivities are shifted by their smallest value (exactly one
-    option and one level is picked, so the optimum does not move) and divided by the shifted
-    objective of ``incumbent`` (else by the largest shifted coefficient): the incumbent scores
-    1 and the optimum lies in [0, 1], so HiGHS's absolute and relative gaps and tolerances
-    mean the same for sensitivities of 1e-8 and of 1e8. Without it, objectives near 1e-7 fall
-    below HiGHS's absolute gap (1e-6) and any feasible point is accepted as optimal.
-    """
-    objective = model.objective.copy()
-    shift = 0.0
-    for li, layer in enumerate(problem.layers):
-        low = min(layer.sensitivity)
-        shift += low
-        for vs in model.option_vars(li):
-            objective[vs] -= low
-    for gi, g in enumerate(problem.groups):
-        low = min(g.sensitivity)
-        shift += low
-        objective[model.y0[gi]:model.y0[gi + 1]] -= low
-    scale = incumbent.objective - shift if incumbent is not None else 0.0
-    if not scale > 0:
-        scale = float(np.abs(objective).max()) if objective.size else 0.0
-    scale = scale if scale > 0 else 1.0
-    return objective / scale, scale
 
 
 def minimum_costs(problem: Problem, keys, model: _Model | None = None) -> dict[str, float]:
