@@ -52,7 +52,9 @@ from .passes import (
     Pipeline,
     ShapeAnalysis,
 )
+from .fidelity import measure, to_json, warn_if_poor
 from .quant import build_reference
+from .quant.calibrate import check_batches
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Compiled:
     tuning: Any = None  # pqcompile.tuning.TuningReport when compile(tune=...) tuned
     candidates: list[dict[str, Any]] = field(default_factory=list)  # what the solver saw
     latency_table: Any = None  # pqcompile.latency.LatencyTable behind a latency budget
+    fidelity: dict[str, Any] | None = None  # pqcompile.fidelity.measure on the calibration
 
     def report(self, plots: str | Path | None = None) -> str:
         """The per-layer table (op, output shape, kept/total channels, w/a bits, MACs, BOPs,
@@ -99,7 +102,7 @@ class Compiled:
         text = compression_table(self.layers, self.totals, float_ops=self.float_ops,
                                  solve_notes=extra.get("notes", ()),
                                  calibration=self.calibration, solver=extra.get("solver"),
-                                 budget=extra.get("budget"))
+                                 budget=extra.get("budget"), fidelity=self.fidelity)
         if plots is not None:
             text += "\nplots: " + ", ".join(str(p) for p in self.plots(plots))
         return text
@@ -212,6 +215,9 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     ``tune``: MetaSchedule trials for the program's kernels the target's tuning database lacks
     (:func:`pqcompile.tuning.tune`; the build applies the database either way);
     ``reference_kwargs`` go to :func:`pqcompile.quant.build_reference`.
+    The reference is measured against ``fp32`` on the calibration inputs
+    (:mod:`pqcompile.fidelity`: ``Compiled.fidelity``, the manifest, the report), with a
+    :class:`~pqcompile.errors.FidelityWarning` when it is poor.
     """
     if calibration is None:
         raise ValueError("calibration batches are required: pass an iterable of input tensors "
@@ -219,7 +225,10 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     example_inputs = EXAMPLE_INPUTS.get(fp32).args
     fp32_totals: CostTotals = COST_TOTALS.get(fp32)
     totals = COST_TOTALS.get(gm)
-    reference = build_reference(gm, assignment, calibration, observer, **reference_kwargs)
+    batches = check_batches(gm, calibration)
+    reference = build_reference(gm, assignment, batches, observer, **reference_kwargs)
+    fidelity = measure(fp32, reference, batches)  # one forward of each: cheap, every build
+    warn_if_poor(fidelity, str((manifest_extra or {}).get("calibration", "")), stacklevel=3)
     mod, params, report = lower(reference, target=target)
     tuning = None
     if tune:
@@ -248,7 +257,8 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
         prepare_params=any("packed" in v for v in report.weight_storage.values()),
         output_keys=list(sample_out) if isinstance(sample_out, dict) else None,
         extra={"assignment": assignment.to_json(), "float_ops": float_ops,
-               "channel_groups": len(CHANNEL_GROUPS.get(fp32)), **(manifest_extra or {})})
+               "channel_groups": len(CHANNEL_GROUPS.get(fp32)), "fidelity": to_json(fidelity),
+               **(manifest_extra or {})})
     artifact = Artifact.build(mod, params, target, **build_kwargs)
     return Compiled(gm, reference, artifact, report, assignment, layers, summary, float_ops,
-                    mod, params, build_kwargs, tuning=tuning)
+                    mod, params, build_kwargs, tuning=tuning, fidelity=fidelity)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .build import analysis as analyze
+from .fidelity import describe as describe_fidelity
 from .meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE
 from .passes import describe_groups
 from .solvers.verdict import budget_line
@@ -105,8 +106,10 @@ def _ratio(before: float | None, after: float | None) -> str:
 def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, Any], *,
                       float_ops: Sequence[Sequence[str]] = (), calibration: str = "",
                       solve_notes: Sequence[str] = (),
-                      solver: str | None = None, budget: str | None = None) -> str:
-    """The per-layer table of a compressed model (see the module docstring).
+                      solver: str | None = None, budget: str | None = None,
+                      fidelity: Mapping[str, Any] | None = None) -> str:
+    """The per-layer table of a compressed model (see the module docstring); ``fidelity``:
+    :mod:`pqcompile.fidelity`'s figure, one line.
 
     >>> rows = [{"name": "conv", "op": "Conv2d", "shape": [1, 8, 4, 4], "kept_channels": 8,
     ...          "total_channels": 16, "weight_bits": 4, "activation_bits": 8, "macs": 1152,
@@ -148,6 +151,8 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
     notes.extend(solve_notes)  # how the solver got there, what the Pareto sweep skipped
     if calibration:
         notes.append(f"calibrated on {calibration}")
+    if fidelity:
+        notes.append(describe_fidelity(fidelity))
     if float_ops:
         notes.append(float_ops_note(float_ops))
     return "\n".join(lines + notes)
@@ -306,11 +311,13 @@ def artifact_report(directory: str | Path, plots: str | Path | None = None,
         return {"target": manifest["target"]["name"], "layers": layers, "totals": totals,
                 "candidates": extra.get("candidates", []), "solver": extra.get("solver"),
                 "budget": extra.get("budget"), "float_ops": extra.get("float_ops", []),
+                "fidelity": extra.get("fidelity"),
                 "plots": [str(p) for p in written]}
     text = compression_table(layers, totals, float_ops=extra.get("float_ops", ()),
                              calibration=extra.get("calibration", ""),
                              solve_notes=extra.get("notes", ()),
-                             solver=extra.get("solver"), budget=extra.get("budget"))
+                             solver=extra.get("solver"), budget=extra.get("budget"),
+                             fidelity=extra.get("fidelity"))
     if written:
         text += "\nplots: " + ", ".join(str(p) for p in written)
     return f"artifact {directory} ({manifest['target']['name']})\n{text}"

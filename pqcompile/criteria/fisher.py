@@ -119,7 +119,7 @@ class FisherTrace(SecondOrderCriterion):
                     d += s
             blocks = sq[:len(params)] + sq[len(params) + len(biases):]
             traces.append(np.array([0.0 if s is None else float(s.sum()) for s in blocks]))
-            if len(traces) >= self.min_batches and self._settled(np.stack(traces)):
+            if len(traces) >= max(self.min_batches, 2) and self._settled(np.stack(traces)):
                 self.converged = True
                 break
             if len(traces) >= self.max_batches:

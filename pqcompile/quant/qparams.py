@@ -1,34 +1,35 @@
 """Weight and bias quantization (see :mod:`pqcompile.quant` for the scheme).
 
 Real checkpoints hold *dead* channels: BatchNorm statistics of 0 or weights of ~1e-9 that the
-BN fold turns into a channel whose output is (almost) its bias alone. Scaled by its own
-``max |w[c]|``, such a channel's step collapses (1e-11 and below) and its bias, stored at scale
-``s_in * s_w[c]``, cannot fit int32. Three rules keep every layer representable:
+BN fold (times ``gamma / sqrt(eps)``) turns into a channel whose output is (almost) its bias
+alone. Scaled by its own ``max |w[c]|``, such a channel's step collapses (1e-11 and below) and
+its bias, stored at scale ``s_in * s_w[c]``, cannot fit int32. The rules that keep every layer
+representable:
 
-* **relative floor**: no channel step is below ``REL_SCALE_FLOOR`` (2^-16) times the layer's
-  largest channel step. A channel 65536 times smaller than the largest one is dead at 8 bits
-  or fewer; its weights are rounded on the floor's grid, an error of at most half that step,
-  2^-17 of the largest channel's step (they quantize to exact zeros when all of them are below
-  half the step, as a channel of ~1e-9 weights does);
-* **absolute floor**: no step is below ``ABS_SCALE_FLOOR`` (2^-40), for layers whose every
-  channel is ~0;
+* **dead channels are exact zeros**: a channel whose ``max |w[c]|`` is below
+  ``REL_SCALE_FLOOR`` (2^-16) times the layer's largest is quantized to zeros (as an all-zero
+  channel is) and takes the smallest step of the live channels, so no step falls below 2^-16
+  of the largest. Its products are at most 2^-16 of the largest channel's on the same input
+  tensor, below what an 8-bit output resolves; a live channel of a real network (depthwise
+  layers included) is rarely even 2^-10 of the largest;
+* **absolute floor**: no step is below ``ABS_SCALE_FLOOR`` (2^-40);
 * **bias floor**: a channel's step is raised until its bias fits what int32 leaves beside the
-  worst-case sum of products, ``|b[c]| / (s_in * s_w[c]) <= 2^31 - 1 - terms * |x|max *
+  worst-case sum of products, ``|b[c]| / (s_in * s_w[c]) <= 2^31 - 2 - terms * |x|max *
   |w|max``: no bias is clamped and the accumulator cannot overflow. It binds only where the
-  bias dwarfs the weights (a dead channel); its weights then round on the raised step, whose
-  effect on the output is at most ``terms * |x|max * |b[c]| / (2 * headroom)``, under 1e-4 of
-  the bias for layers of up to ~10^4 products per output.
+  bias dwarfs the weights (a dead channel, whose weights are zeros anyway); a live channel's
+  weights then round on the raised step, an effect on the output of at most
+  ``terms * |x|max * |b[c]| / (2 * headroom)``, under 1e-4 of the bias for layers of up to
+  ~10^4 products per output.
 
-An all-zero channel takes the smallest (floored) step of the others, so its bias keeps their
-precision. :func:`quantize_layer` applies the three rules; :func:`quantize_weight` the first
-two (and any given per-channel minimum).
+:func:`quantize_layer` applies all three; :func:`quantize_weight` the first two (and any
+given per-channel minimum step).
 
 >>> import torch
 >>> q, wq = quantize_weight(torch.tensor([[1.0, -0.5], [0.0, 0.0]]), bits=4)
 >>> q.tolist(), wq.scales
 ([[7, -3], [0, 0]], (0.14285714285714285, 0.14285714285714285))
 >>> q, wq = quantize_weight(torch.tensor([[1.0, -0.5], [1e-9, 0.0]]), bits=4)
->>> q.tolist(), wq.scales[1] == wq.scales[0] * 2.0 ** -16  # a dead channel: exact zeros
+>>> q.tolist(), wq.scales[1] == wq.scales[0]  # a dead channel: exact zeros
 ([[7, -3], [0, 0]], True)
 """
 
@@ -56,21 +57,21 @@ def _check_bits(bits: int, where: str) -> None:
                          f"{bits}; leave the layer out of the assignment to keep it in float")
 
 
-def weight_steps(w: torch.Tensor, bits: int,
-                 min_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """The per-channel steps (float64) of ``w`` at ``bits`` after the floors (module
-    docstring): ``max(max |w[c]| / qmax, REL_SCALE_FLOOR * largest, ABS_SCALE_FLOOR,
-    min_scales[c])``, all-zero channels at the smallest step of the others (1.0 if none)."""
+def weight_steps(w: torch.Tensor, bits: int, min_scales: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(steps, dead)``: the per-channel steps (float64) of ``w`` at ``bits`` and which
+    channels are dead (module docstring). A live channel's step is ``max |w[c]| / qmax``, a dead
+    one's the smallest live step (1.0 if none), each at least ``ABS_SCALE_FLOOR`` and
+    ``min_scales[c]``."""
     w64 = w.detach().to(torch.float64)
     raw = w64.reshape(w64.shape[0], -1).abs().amax(dim=1) / weight_qmax(bits)
     top = float(raw.max()) if raw.numel() else 0.0
-    floor = max(top * REL_SCALE_FLOOR, ABS_SCALE_FLOOR)
-    nonzero = raw > 0
-    fill = max(float(raw[nonzero].min()), floor) if bool(nonzero.any()) else 1.0
-    steps = torch.where(nonzero, raw.clamp(min=floor), torch.full_like(raw, fill))
+    dead = (raw < top * REL_SCALE_FLOOR) | (raw == 0)
+    fill = float(raw[~dead].min()) if bool((~dead).any()) else 1.0
+    steps = torch.where(dead, torch.full_like(raw, fill), raw).clamp(min=ABS_SCALE_FLOOR)
     if min_scales is not None:
         steps = torch.maximum(steps, min_scales.to(torch.float64))
-    return steps
+    return steps, dead
 
 
 def quantize_weight(w: torch.Tensor, bits: int, *, where: str = "weight",
@@ -78,18 +79,19 @@ def quantize_weight(w: torch.Tensor, bits: int, *, where: str = "weight",
                     ) -> tuple[torch.Tensor, WeightQuant]:
     """Per-output-channel (dim 0) symmetric narrow-range quantization.
 
-    ``scale[c] = max |w[c]| / (2^(b-1) - 1)`` raised to the floors of the module docstring
-    (and to ``min_scales[c]``, float64, when given). Returns the int8 tensor of ``q`` and the
-    :class:`~pqcompile.meta.WeightQuant` record.
+    ``scale[c] = max |w[c]| / (2^(b-1) - 1)``, dead channels zeros at the smallest live step,
+    floors and ``min_scales[c]`` (float64, when given) as the module docstring says. Returns
+    the int8 tensor of ``q`` and the :class:`~pqcompile.meta.WeightQuant` record.
     """
     _check_bits(bits, where)
     w64 = w.detach().to(torch.float64)
     if not torch.isfinite(w64).all():
         raise ValueError(f"{where}: weight has inf or nan values")
     qmax = weight_qmax(bits)
-    scales = weight_steps(w64, bits, min_scales)
+    scales, dead = weight_steps(w64, bits, min_scales)
     view = (-1,) + (1,) * (w64.dim() - 1)
-    q = torch.clamp(torch.floor(w64 / scales.view(view) + 0.5), -qmax, qmax).to(torch.int8)
+    q = torch.clamp(torch.floor(w64 / scales.view(view) + 0.5), -qmax, qmax)
+    q = torch.where(dead.view(view), torch.zeros_like(q), q).to(torch.int8)
     return q, WeightQuant(bits, tuple(float(s) for s in scales))
 
 
@@ -121,7 +123,7 @@ def quantize_layer(w: torch.Tensor, b: torch.Tensor | None, bits: int, inp: QPar
                    where: str = "layer") -> tuple[torch.Tensor, WeightQuant, torch.Tensor]:
     """Weights, weight scales and int32 bias of one conv/linear layer reading ``inp``.
 
-    The weight steps take the three floors of the module docstring, so the bias always fits
+    The weight steps follow the three rules of the module docstring, so the bias always fits
     int32 beside the worst-case sum of products; the one error left is an accumulator that
     the products alone could overflow (too many terms at these bits).
     """
