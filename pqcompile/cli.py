@@ -222,10 +222,18 @@ def _board(args: argparse.Namespace) -> int:
         print(f"this machine as a board; deploy with `pqcompile deploy DIR --rpc "
               f"HOST:PORT` (the port is on the next line); Ctrl-C stops it", flush=True)
         return rpc_server.main(["--host", args.host, "--port", str(args.port)])
+    import signal
     import time
 
     from .rpc_local import local_server
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain kill both stop the emulated server with this process (SIGINT is
+    # ignored in a process started in the background by a non-interactive shell)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     with local_server(args.emulate, args.port, host=args.host) as address:
         print(f"emulated {args.emulate} board (qemu-user, the sysroot's Python and TVM) "
               f"{LISTENING} {address}; deploy with `pqcompile deploy DIR --rpc {address}`; "

@@ -91,7 +91,7 @@ def mixed_arm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aarch64_server(sysroot):
     """The emulated board as a user starts it: ``pqcompile board --emulate aarch64 --port 0``
-    (pqcompile.rpc_local.local_server under the command line); stopped with Ctrl-C."""
+    (pqcompile.rpc_local.local_server under the command line); stopped as by Ctrl-C."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp, "out")
         with open(log, "wb") as out:
@@ -107,7 +107,7 @@ def aarch64_server(sysroot):
                 time.sleep(0.2)
             yield parse_address(f"127.0.0.1:{found.group(1)}")
         finally:
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C does: the server is stopped with it
+            proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the server is stopped with it
             try:
                 assert proc.wait(timeout=30) == 0, log.read_text()
             finally:

@@ -93,7 +93,7 @@ def test_readme_commands_in_order(tmp_path, sysroot):
             outputs[argv[1]] = proc
     finally:
         if board is not None:
-            board.send_signal(signal.SIGINT)
+            board.send_signal(signal.SIGTERM)
             try:
                 board.wait(timeout=30)
             finally:
