@@ -33,6 +33,7 @@ import torch.fx
 
 from .artifact import Artifact
 from .assignment import Assignment
+from .fidelity import measure, to_json, warn_if_poor
 from .finetune import compressed_graph
 from .frontend import trace
 from .lower import LoweringReport, lower
@@ -52,7 +53,6 @@ from .passes import (
     Pipeline,
     ShapeAnalysis,
 )
-from .fidelity import measure, to_json, warn_if_poor
 from .quant import build_reference
 from .quant.calibrate import check_batches
 
@@ -228,7 +228,7 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     batches = check_batches(gm, calibration)
     reference = build_reference(gm, assignment, batches, observer, **reference_kwargs)
     fidelity = measure(fp32, reference, batches)  # one forward of each: cheap, every build
-    warn_if_poor(fidelity, str((manifest_extra or {}).get("calibration", "")), stacklevel=3)
+    warn_if_poor(fidelity, str((manifest_extra or {}).get("calibration", "")))
     mod, params, report = lower(reference, target=target)
     tuning = None
     if tune:

@@ -42,6 +42,7 @@ wrong inputs) falls below them.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -154,11 +155,19 @@ def describe(fidelity: Mapping[str, Any] | None) -> str:
             + ", ".join(parts) + flag)
 
 
-def warn_if_poor(fidelity: Mapping[str, Any], calibration: str = "",
-                 stacklevel: int = 3) -> bool:
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside pqcompile: the user's call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(
+            "pqcompile"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_poor(fidelity: Mapping[str, Any], calibration: str = "") -> bool:
     """Issue a :class:`~pqcompile.errors.FidelityWarning` with advice when the figure is below
-    a threshold; returns whether it warned. ``calibration`` says what the ranges were
-    calibrated on (the advice then says whether data was given)."""
+    a threshold (pointing at the user's call); returns whether it warned. ``calibration`` says
+    what the ranges were calibrated on (the advice then says whether data was given)."""
     below = poor(fidelity)
     if not below:
         return False
@@ -171,5 +180,5 @@ def warn_if_poor(fidelity: Mapping[str, Any], calibration: str = "",
     warnings.warn(
         f"the compiled model is far from the FP32 model on its {fidelity.get('inputs', '?')} "
         f"calibration inputs: {' and '.join(below)}. Try: " + "; ".join(advice) + ".",
-        FidelityWarning, stacklevel=stacklevel)
+        FidelityWarning, stacklevel=_caller_level())
     return True

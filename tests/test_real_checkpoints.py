@@ -3,30 +3,28 @@ normalizations before the first layer, heavy-tailed activations; and the fidelit
 build measures against the float model (on a CNN trained on sklearn's digits, real data)."""
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from solver_models import digits
 from torch import nn
+from training import train_steps
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import pqcompile  # noqa: E402
-from pqcompile.assignment import Assignment  # noqa: E402
-from pqcompile.budget import Budget  # noqa: E402
-from pqcompile.build import analysis, compile_assignment  # noqa: E402
-from pqcompile.criteria import FisherTrace  # noqa: E402
-from pqcompile.errors import CriterionError, FidelityWarning  # noqa: E402
-from pqcompile.fidelity import AGREEMENT_WARN, SQNR_WARN_DB, describe, measure  # noqa: E402
-from pqcompile.meta import QPARAMS, WEIGHT_QUANT  # noqa: E402
-from pqcompile.passes.sensitivity import SensitivityAnalysis, layer_sensitivities  # noqa: E402
-from pqcompile.quant import AutoObserver, build_reference  # noqa: E402
-from pqcompile.quant.observers import MinMaxObserver, quantization_mse  # noqa: E402
-from pqcompile.quant.qparams import (  # noqa: E402
+import pqcompile
+from pqcompile.assignment import Assignment
+from pqcompile.budget import Budget
+from pqcompile.build import analysis, compile_assignment
+from pqcompile.criteria import FisherTrace
+from pqcompile.errors import CriterionError, FidelityWarning
+from pqcompile.fidelity import AGREEMENT_WARN, SQNR_WARN_DB, describe, measure
+from pqcompile.meta import QPARAMS, WEIGHT_QUANT
+from pqcompile.passes.sensitivity import SensitivityAnalysis, layer_sensitivities
+from pqcompile.quant import AutoObserver, build_reference
+from pqcompile.quant.observers import quantization_mse
+from pqcompile.quant.qparams import (
     INT32_MAX,
     REL_SCALE_FLOOR,
     QParams,
@@ -34,9 +32,7 @@ from pqcompile.quant.qparams import (  # noqa: E402
     quantize_layer,
     quantize_weight,
 )
-from pqcompile.report import artifact_report  # noqa: E402
-from solver_models import digits  # noqa: E402
-from training import train_steps  # noqa: E402
+from pqcompile.report import artifact_report
 
 DEAD = (1, 6)  # the channels killed in each conv of the checkpoint
 

@@ -129,10 +129,10 @@ class FisherTrace(SecondOrderCriterion):
                              "target) batches")
         count = len(traces)
         mean = np.stack(traces).mean(axis=0)
-        self.fisher = {l: d / count for l, d in zip(layers, diag[:len(params)])}
+        self.fisher = {layer: d / count for layer, d in zip(layers, diag[:len(params)])}
         bias_f = iter(diag[len(params):])
-        self.bias_fisher = {l: next(bias_f) / count if m.bias is not None else None
-                            for l, m in zip(layers, modules)}
+        self.bias_fisher = {layer: next(bias_f) / count if m.bias is not None else None
+                            for layer, m in zip(layers, modules)}
         self._set_traces(layers, mean[:len(layers)], shared, mean[len(layers):])
         self.batches, self._ranges = count, ranges
 
