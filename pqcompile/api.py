@@ -260,7 +260,9 @@ def compile(model: torch.nn.Module,
     else:
         prepared = prepare(fp32, assignment)
     calib_batches = _batches(data, calibration_batches, fp32)
-    calibration = [_inputs(b) for b in calib_batches] if calib_batches else [example_inputs[0]]
+    n_inputs = len(example_inputs)  # a batch's first n items are the inputs (checked on read)
+    calibration = [_inputs(b) if n_inputs == 1 else tuple(b[:n_inputs]) for b in calib_batches] \
+        if calib_batches else [tuple(example_inputs)]
     calibrated_on = (f"{len(calibration)} batches of data" if calib_batches
                      else "the example inputs (no data given)")
     if example_note:

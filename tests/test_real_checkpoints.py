@@ -312,6 +312,29 @@ def test_fisher_sensitivity_with_data_and_two_inputs():
             assert options[(2, 2)] > options[(4, 4)] > options[(8, 8)] > 0, layer
 
 
+def test_a_model_with_two_inputs_compiles_with_and_without_data():
+    """Calibration (and Fisher with data) see both inputs: the data-free build calibrates on
+    both example inputs, the data build on each batch's first two items."""
+
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, z):
+            return self.b(torch.relu(self.a(x)) + z)
+
+    torch.manual_seed(0)
+    model = Joined().eval()
+    example = (torch.randn(4, 4), torch.randn(4, 8))
+    data = [(torch.randn(4, 4), torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(4)]
+    for kwargs, inputs in (({}, 4), ({"data": data, "criterion": "fisher"}, 16)):
+        c = pqcompile.compile(model, example, target="host", budget="bops=16x", **kwargs)
+        assert c.fidelity["inputs"] == inputs and c.fidelity["sqnr_db"] > 30
+        x, z = data[0][0], data[0][1]
+        assert np.array_equal(c(x.numpy(), z.numpy()), c.reference(x, z).numpy())
+
+
 def test_a_layer_no_gradient_reaches_is_named():
     class Detached(nn.Module):
         def __init__(self):
