@@ -114,6 +114,10 @@ class DescentState:
             self.option.append(max(fit))
         self.users = {g.id: [i for i, layer in enumerate(problem.layers) if g.id in layer.groups]
                       for g in problem.groups}
+        # Per kept channel of a group: FP32 parameters and float MACs outside the layers (a
+        # move changes one group, so its effect on them is one product, not a sum over all).
+        self.per32 = _per_group(problem.params32)
+        self.per_fm = _per_group(problem.float_macs)
         self._recost()
 
     def reset(self, bits, kept) -> None:
@@ -138,6 +142,15 @@ class DescentState:
         latency model)."""
         ms = layer_latency(self.p, i, kept) if self.p.latency is not None else 0.0
         return (*layer_costs(self.p.layers[i], option, kept), ms)
+
+    def _bits_cost(self, i: int, option: Option) -> tuple[float, ...]:
+        """``_cost`` of layer ``i`` at new bits and the current kept counts (from its cached
+        MACs: bits change neither them nor the latency)."""
+        layer, old = self.p.layers[i], self.layer_cost[i]
+        macs = old[1]
+        pairs = macs // layer.macs_scale if layer.macs_scale else 0
+        return (macs * option[0] * option[1], macs, layer.weight_scale * pairs * option[0],
+                old[3])
 
     def _recost(self) -> None:
         p = self.p
@@ -186,20 +199,21 @@ class DescentState:
         return ("bits", tuple(change))
 
     def _effect(self, move):
-        """New per-layer costs, the new kept map and the sensitivity change of ``move``."""
+        """New per-layer costs, the new kept map, the sensitivity change of ``move`` and the
+        group it prunes (``None`` for a bits move)."""
         kind, what = move
         if kind == "bits":
-            new = {i: self._cost(i, o, self.kept) for i, o in what}
+            new = {i: self._bits_cost(i, o) for i, o in what}
             d_sens = sum(self.p.layers[i].option_sensitivity(o)
                          - self.p.layers[i].option_sensitivity(self.option[i]) for i, o in what)
-            return new, self.kept, d_sens
+            return new, self.kept, d_sens, None
         g, j = what, self.level[what.id]
         kept = dict(self.kept)
         kept[g.id] = g.levels[j + 1]
         new = {i: self._cost(i, self.option[i], kept) for i in self.users[g.id]}
-        return new, kept, g.sensitivity[j + 1] - g.sensitivity[j]
+        return new, kept, g.sensitivity[j + 1] - g.sensitivity[j], g.id
 
-    def _totals(self, new, kept) -> dict[str, float]:
+    def _totals(self, new, kept, group: int | None) -> dict[str, float]:
         out = dict(self.totals)
         for i, c in new.items():
             old = self.layer_cost[i]
@@ -208,24 +222,24 @@ class DescentState:
             out["weight_bytes"] += (c[2] - old[2]) / 8
             if "latency_ms" in out:
                 out["latency_ms"] += c[3] - old[3]
-        if kept is not self.kept:
-            out["weight_bytes"] += 4 * (self.p.params32.value(kept)
-                                        - self.p.params32.value(self.kept))
-            fm = self.p.float_macs.value(kept) - self.p.float_macs.value(self.kept)
+        if group is not None:  # a prune move: only this group's kept count changed
+            step = kept[group] - self.kept[group]
+            out["weight_bytes"] += 4 * self.per32.get(group, 0) * step
+            fm = self.per_fm.get(group, 0) * step
             out["bops"] += 1024 * fm
             out["macs"] += fm
         return out
 
     def delta(self, move, limits) -> tuple[float, float]:
-        new, kept, d_sens = self._effect(move)
-        after = self._totals(new, kept)
+        new, kept, d_sens, group = self._effect(move)
+        after = self._totals(new, kept, group)
         saved = sum((self.totals[k] - after[k]) / v for k, v in limits.items()
                     if self.totals[k] > v)
         return d_sens, saved
 
     def apply(self, move) -> None:
-        new, kept, _ = self._effect(move)
-        self.totals = self._totals(new, kept)
+        new, kept, _, group = self._effect(move)
+        self.totals = self._totals(new, kept, group)
         for i, c in new.items():
             self.layer_cost[i] = c
         kind, what = move
@@ -235,6 +249,14 @@ class DescentState:
         else:
             self.level[what.id] += 1
             self.kept = kept
+
+
+def _per_group(form) -> dict[int, int]:
+    """An :class:`~pqcompile.solvers.problem.Affine`'s coefficient per group."""
+    out: dict[int, int] = {}
+    for g, per in form.terms:
+        out[g] = out.get(g, 0) + per
+    return out
 
 
 def _all_sets(problem: Problem, key) -> list[tuple[int, ...]]:
