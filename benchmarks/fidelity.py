@@ -1,0 +1,245 @@
+"""Fidelity on real pretrained models: compressed and compiled programs against their FP32 model.
+
+For every model, mode and BOPs budget, ``pqcompile.compile`` (ILP, target ``host``) builds the
+model, the built program runs on held-out real inputs, and the row records
+
+* ``agreement``: the share of held-out inputs on which the program's top-1 equals FP32's;
+* ``task``: top-1 accuracy against true labels where the inputs have them (the 20 labelled
+  ImageNet photos; the real Fashion-MNIST test images), beside FP32's;
+* ``worst_lsb``: the largest difference, in output steps, between the program's outputs and
+  the integer reference's (``compiled.reference``) on the same inputs (0 = bit-exact).
+
+Modes: ``data-free`` (no ``data``: data-free criteria, activations calibrated on the example
+batch) and ``data`` (FIT sensitivities, calibration and QAT distilled from the FP32 model on
+the tuning data). Models:
+
+* ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 on real photos
+  (:mod:`real_models`): held out, the 20 labelled ImageNet photos and 13 interior photos;
+  tuning data, random resized crops of 34 other photos labelled by the FP32 model;
+* ``resnet20_fashion``: the ResNet-20 trained here on the real Fashion-MNIST training set
+  (``pqcompile.zoo``), measured on the first ``--fashion-images`` real test images.
+
+    python benchmarks/fidelity.py [--models mobilenet_v2 resnet20_fashion] [--budgets 16 32 48]
+        [--modes data-free data] [--steps 300] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import real_models  # noqa: E402
+
+from pqcompile.api import compile  # noqa: E402
+from pqcompile.quant.qmodules import Dequantize  # noqa: E402
+
+
+@dataclass
+class Case:
+    """A real model with its held-out inputs and how to tune it.
+
+    ``held_out``: ``N x ...`` inputs; ``labels``: their true labels (-1 where none);
+    ``example``: the example batch (its batch size is the program's, and data-free compiles
+    calibrate on it); ``data``: builds the tuning loader for a number of QAT steps;
+    ``finetune``: the QAT options besides ``max_batches``."""
+
+    name: str
+    model: torch.nn.Module
+    held_out: torch.Tensor
+    labels: np.ndarray
+    example: torch.Tensor
+    data: Callable[[int], Any]
+    finetune: dict[str, Any] = field(default_factory=dict)
+    compile_options: dict[str, Any] = field(default_factory=dict)
+
+
+def mobilenet_v2_case(*, batch: int = 8, crop_batch: int = 16, seed: int = 0) -> Case:
+    """ImageNet MobileNetV2 on the real photos of :func:`real_models.photo_split`."""
+    model = real_models.mobilenet_v2_imagenet()
+    split = real_models.photo_split()
+    held = real_models.load_photos(split.held_out, five_crop=True)
+    labels = np.repeat([-1 if p.label is None else p.label for p in split.held_out], 5)
+    example = real_models.load_photos(split.tuning[:batch])
+
+    def data(steps: int):
+        # Enough crops for sensitivity (16 batches), calibration (8) and every QAT step.
+        return real_models.CropLoader(split.tuning, model, batches=max(steps, 16),
+                                      batch_size=crop_batch, seed=seed)
+
+    return Case("mobilenet_v2", model, held, labels, example, data,
+                finetune={"epochs": 1, "lr": 1e-3, "distill": True, "distill_weight": 1.0,
+                          "optimizer": "sgd"})
+
+
+def resnet20_fashion_case(*, images: int = 2000, batch: int = 100, seed: int = 0) -> Case:
+    """The Fashion-MNIST ResNet-20 on the first ``images`` real test images."""
+    from pqcompile.data import fashion_mnist_loaders
+    from pqcompile.zoo import pretrained_resnet20_fashion
+
+    model = pretrained_resnet20_fashion()
+    test = fashion_mnist_loaders(batch, eval_batch_size=batch).test
+    xs, ys = [], []
+    for x, y in test:
+        xs.append(x)
+        ys.append(y)
+        if sum(len(t) for t in ys) >= images:
+            break
+    example = next(iter(fashion_mnist_loaders(batch, seed=seed).train))[0]
+
+    def data(steps: int):
+        return fashion_mnist_loaders(128, augment=True, seed=seed).train
+
+    return Case("resnet20_fashion", model, torch.cat(xs)[:images],
+                torch.cat(ys)[:images].numpy(), example, data,
+                finetune={"epochs": 1, "lr": 0.01, "distill": True})
+
+
+CASES = {"mobilenet_v2": mobilenet_v2_case, "resnet20_fashion": resnet20_fashion_case}
+
+
+def batched(x: torch.Tensor, size: int):
+    """``x`` in batches of exactly ``size`` (the last one padded with copies of the first
+    rows) and the number of real rows in each."""
+    for i in range(0, len(x), size):
+        part = x[i:i + size]
+        n = len(part)
+        if n < size:
+            part = torch.cat([part, x[:size - n]])
+        yield part, n
+
+
+def run_program(compiled, x: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of the built program and of the integer reference on ``x``."""
+    prog, ref = [], []
+    for part, n in batched(x, size):
+        prog.append(np.asarray(compiled(part.numpy()))[:n])
+        with torch.no_grad():
+            ref.append(compiled.reference(part).numpy()[:n])
+    return np.concatenate(prog), np.concatenate(ref)
+
+
+def output_step(reference) -> float:
+    """The output's dequantization step (one LSB) of an integer reference."""
+    steps = [float(m.out.scale) for m in reference.modules() if isinstance(m, Dequantize)]
+    return steps[-1]
+
+
+def fp32_logits(model: torch.nn.Module, x: torch.Tensor, size: int = 32) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + size]) for i in range(0, len(x), size)]).numpy()
+
+
+def measure(case: Case, fp32_top1: np.ndarray, mode: str, budget: float, steps: int,
+            options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row: compile ``case.model`` at ``budget``x fewer BOPs in ``mode`` and measure."""
+    kwargs: dict[str, Any] = {**case.compile_options, **(options or {})}
+    if mode == "data":
+        kwargs["data"] = case.data(steps)
+        if steps:
+            kwargs["finetune"] = {**case.finetune, "max_batches": steps}
+    t = time.perf_counter()
+    c = compile(case.model, (case.example,), target="host", budget=f"bops={budget:g}x",
+                pareto_points=0, progress=True, **kwargs)
+    seconds = time.perf_counter() - t
+    prog, ref = run_program(c, case.held_out, len(case.example))
+    lsb = float(np.abs(prog - ref).max() / output_step(c.reference))
+    top1 = prog.argmax(1)
+    labelled = case.labels >= 0
+    bits = {k: list(v) for k, v in c.solution.bits.items()}
+    return {"model": case.name, "mode": mode, "budget": budget,
+            "finetune_steps": steps if mode == "data" else 0,
+            "options": {k: v for k, v in (options or {}).items()},
+            "bop_reduction": c.totals["bop_reduction"],
+            "agreement": float((top1 == fp32_top1).mean()),
+            "reference_agreement": float((ref.argmax(1) == fp32_top1).mean()),
+            "held_out": int(len(top1)),
+            "task": float((top1[labelled] == case.labels[labelled]).mean()),
+            "labelled": int(labelled.sum()),
+            "worst_lsb": lsb, "compile_seconds": seconds,
+            "timings": {k: round(v, 1) for k, v in c.timings.items()},
+            "bits_histogram": _histogram(bits),
+            "kept_channels": [sum(int(r["kept_channels"]) for r in c.layers),
+                              sum(int(r["total_channels"]) for r in c.layers)],
+            "calibration": c.calibration}
+
+
+def _histogram(bits: dict[str, list[int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for w, a in bits.values():
+        key = f"{w}/{a}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(f"{row['model']:17s} {row['mode']:9s} {row['budget']:4g}x "
+          f"(got {row['bop_reduction']:5.1f}x) steps {row['finetune_steps']:4d}  "
+          f"agree {row['agreement']:7.2%} (ref {row['reference_agreement']:7.2%}) "
+          f"task {row['task']:7.2%}  worst {row['worst_lsb']:.0f} LSB  "
+          f"{row['compile_seconds']:.0f} s  bits {row['bits_histogram']}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--budgets", type=float, nargs="+", default=[16, 32, 48])
+    ap.add_argument("--modes", nargs="+", default=["data-free", "data"],
+                    choices=["data-free", "data"])
+    ap.add_argument("--steps", type=int, default=300, help="QAT steps with data")
+    ap.add_argument("--observer", default=None, help="compile's activation observer")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in the output file and add these")
+    args = ap.parse_args(argv)
+    options = {"observer": args.observer} if args.observer else {}
+    out = Path(args.out) / "fidelity.json"
+    rows: list[dict[str, Any]] = []
+    fp32: dict[str, Any] = {}
+    if args.append and out.is_file():
+        old = json.loads(out.read_text())
+        rows, fp32 = old["rows"], old["fp32"]
+    for name in args.models:
+        case = CASES[name]()
+        logits = fp32_logits(case.model, case.held_out)
+        top1 = logits.argmax(1)
+        labelled = case.labels >= 0
+        fp32[name] = {"task": float((top1[labelled] == case.labels[labelled]).mean()),
+                      "held_out": int(len(top1)), "labelled": int(labelled.sum())}
+        print(f"{name}: FP32 task top-1 {fp32[name]['task']:.2%} on {labelled.sum()} labelled "
+              f"of {len(top1)} held-out inputs", flush=True)
+        for mode in args.modes:
+            for budget in args.budgets:
+                rows.append(measure(case, top1, mode, budget, args.steps, options))
+                print_row(rows[-1])
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
+    print_table(rows, fp32)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], fp32: dict[str, Any]) -> None:
+    """The README's markdown table of ``rows``."""
+    print("\n| model | mode | BOPs | QAT steps | agreement with FP32 | task top-1 (FP32) "
+          "| program vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['mode']} | {r['bop_reduction']:.1f}x | "
+              f"{r['finetune_steps']} | {r['agreement']:.1%} of {r['held_out']} | "
+              f"{r['task']:.1%} ({fp32[r['model']]['task']:.1%}) | "
+              f"{r['worst_lsb']:.0f} LSB |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
