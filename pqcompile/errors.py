@@ -63,6 +63,10 @@ class CriterionError(PQCompileError, ValueError):
     layer); the message names the layer or node and what to do."""
 
 
+class DegenerateSensitivityError(CriterionError):
+    """A sensitivity table that cannot rank anything: all zero, non-finite or constant."""
+
+
 class PQCompileWarning(UserWarning):
     """Base class of the warnings pqcompile issues."""
 

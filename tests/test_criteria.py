@@ -92,7 +92,7 @@ def test_hutchinson_matches_exact_trace_on_mlp():
     data = [(torch.randn(32, 5, generator=g), torch.randint(0, 4, (32,), generator=g))
             for _ in range(4)]
     gm = analysis(model, (data[0][0][:1],))
-    crit = HessianTrace(tol=0.0, min_iters=1, max_iters=2000, seed=0)
+    crit = HessianTrace(loss_fn=F.cross_entropy, tol=0.0, min_iters=1, max_iters=2000, seed=0)
     crit.calibrate(gm, data)
     hidden = dict(model.named_children())
 
@@ -152,7 +152,7 @@ def test_fisher_matches_the_exact_per_sample_formula():
     exact_act = float(np.mean([float((g[1] ** 2).sum()) for g in grads]))
 
     # Batches of one: N * grad^2 is the empirical Fisher itself.
-    ones = FisherTrace(tol=0.0, min_batches=24, max_batches=24)
+    ones = FisherTrace(loss_fn=F.cross_entropy, tol=0.0, min_batches=24, max_batches=24)
     ones.calibrate(gm, [(x[i:i + 1], y[i:i + 1]) for i in range(24)])
     assert ones.batches == 24 and not ones.converged
     for layer, exact in zip(("_0", "_2"), exact_w):
@@ -161,7 +161,7 @@ def test_fisher_matches_the_exact_per_sample_formula():
 
     # Batches of eight: mean_b 8 * grad_b^2 for parameters; for the activation the per-sample
     # trace is exact at any batch size (samples do not interact).
-    eights = FisherTrace(tol=0.0, min_batches=3, max_batches=3)
+    eights = FisherTrace(loss_fn=F.cross_entropy, tol=0.0, min_batches=3, max_batches=3)
     batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
     eights.calibrate(gm, batches)
     by_hand = torch.zeros(8, 5, dtype=torch.float64)
@@ -306,7 +306,9 @@ def test_low_scored_channels_hurt_less_than_high_scored_ones(fashion_cnn):
 
     with torch.no_grad():
         base = float(F.cross_entropy(model(x), y))
-    for crit in (L1(), Magnitude(), Taylor(), ChannelFisher(), FisherTrace(min_batches=8)):
+    ce = F.cross_entropy
+    for crit in (L1(), Magnitude(), Taylor(loss_fn=ce), ChannelFisher(loss_fn=ce),
+                 FisherTrace(loss_fn=ce, min_batches=8)):
         crit.calibrate(gm, train)
         for g in groups:
             s = crit.channel_scores(gm, g)
@@ -333,7 +335,8 @@ def test_second_order_estimates_are_in_loss_units(fashion_cnn):
             return float(F.cross_entropy(m(x), y))
 
     base = loss(work)
-    hessian, fisher = HessianTrace(max_iters=20), FisherTrace(min_batches=8)
+    hessian = HessianTrace(loss_fn=F.cross_entropy, max_iters=20)
+    fisher = FisherTrace(loss_fn=F.cross_entropy, min_batches=8)
     hessian.calibrate(gm, train)
     fisher.calibrate(gm, train)
     measured, predicted = [], {"hessian": [], "fisher": []}
@@ -355,7 +358,7 @@ def test_second_order_estimates_are_in_loss_units(fashion_cnn):
         print(f"\n{name}: weight-quantization loss increase, Spearman {rho:.2f} over "
               f"{len(values)} (layer, bits); predicted / measured total {ratio:.2f}")
         assert rho > 0.5 and 0.1 < ratio < 10
-    scorer = ChannelFisher()
+    scorer = ChannelFisher(loss_fn=F.cross_entropy)
     scorer.calibrate(gm, train)
     for g in (g for g in CHANNEL_GROUPS.get(gm) if g.prunable):
         actual = []

@@ -12,9 +12,13 @@ works on a BN-folded, eval-mode copy of the graph (:func:`prepare`), because the
 are what :func:`pqcompile.quant.build_reference` quantizes; the caller's graph is never changed.
 
 Data: a batch is ``(inputs, target)`` with ``inputs`` a tensor (or a tuple of tensors for a
-model with several inputs), or bare inputs; then the target is the float model's own argmax
-("self-labelled"). ``loss_fn(output, target)`` must return the batch *mean* (default: cross
-entropy); the data-driven criteria rely on it to turn batch gradients into per-sample ones.
+model with several inputs), or bare inputs. The data-driven criteria measure the model by an
+:class:`~pqcompile.objective.Objective` (``objective=``; default: distillation to the float
+model's own outputs, any output structure, no labels needed; the Fisher-type criteria use its
+Gauss-Newton probe, since a distillation loss has a zero gradient at the float model). The
+legacy ``loss_fn(output, target)`` (e.g. ``F.cross_entropy`` on labels; unlabelled batches take
+the float model's argmax) selects a label objective instead. Losses are batch *means*: the
+criteria rely on it to turn batch gradients into per-sample ones.
 
 >>> import torch
 >>> from pqcompile import trace
@@ -40,6 +44,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import CriterionError
 from ..meta import EXAMPLE_INPUTS, ChannelGroup
+from ..objective import Objective
 from ..passes.fold_bn import FoldBatchNorm
 from ..presets import compute_layers
 from ..quant.observers import Observer, grid, make_observer
@@ -90,10 +95,10 @@ class SecondOrderCriterion(Criterion):
     units = "estimated increase of the mean loss (second order)"
 
     def __init__(self, *, loss_fn: LossFn | None, tol: float,
-                 observer: str | Callable[[], Observer]) -> None:
+                 observer: str | Callable[[], Observer], objective: Any = None) -> None:
         if not tol >= 0:
             raise ValueError(f"tol must be >= 0, got {tol}")
-        self.loss_fn = loss_fn or default_loss
+        self.objective = make_objective(loss_fn, objective)
         self.tol, self.observer = tol, observer
         self._cache = PreparedCache()
         self.weight_trace: dict[str, float] = {}
@@ -396,18 +401,17 @@ def split_batch(work: torch.fx.GraphModule, batch: Any, index: int
 
 
 def iterate(work: torch.fx.GraphModule, batches: Iterable[Any] | None, name: str
-            ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Labelled batches; unlabelled ones take the float model's argmax as target."""
+            ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any, Any]]:
+    """``(inputs, target or None, the float model's output)`` of every batch."""
     if batches is None or isinstance(batches, torch.Tensor):
         raise TypeError(f"criterion {name!r} needs data: pass an iterable of (inputs, target) "
                         "batches (a DataLoader, or a list of tuples), not "
                         f"{type(batches).__name__}")
     for i, batch in enumerate(batches):
         inputs, target = split_batch(work, batch, i)
-        if target is None:
-            with torch.no_grad():
-                target = work(*inputs).argmax(dim=-1)
-        yield inputs, target
+        with torch.no_grad():
+            teacher = work(*inputs)
+        yield inputs, target, teacher
 
 
 def batch_size(inputs: tuple[torch.Tensor, ...]) -> int:
@@ -415,7 +419,18 @@ def batch_size(inputs: tuple[torch.Tensor, ...]) -> int:
 
 
 def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy on labels: what ``loss_fn=F.cross_entropy`` selects."""
     return F.cross_entropy(output, target)
+
+
+def make_objective(loss_fn: LossFn | None, objective: Any) -> Objective:
+    """The criterion's objective: ``loss_fn`` (a label loss) or ``objective`` (default:
+    distillation), not both."""
+    if loss_fn is not None and objective is not None:
+        raise ValueError("give loss_fn (a label loss) or objective, not both")
+    if loss_fn is not None:
+        return Objective.from_label_loss(loss_fn)
+    return Objective.resolve(objective)
 
 
 def readers(work: torch.fx.GraphModule, layers: Sequence[str]) -> dict[str, list[str]]:

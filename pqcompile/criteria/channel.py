@@ -50,9 +50,9 @@ from .base import (
     LossFn,
     PreparedCache,
     batch_size,
-    default_loss,
     iterate,
     loss_grads,
+    make_objective,
     run_capture,
 )
 from .magnitude import Magnitude
@@ -73,10 +73,12 @@ class _ActivationScores(Criterion):
     needs_data = True
     scores_layers = False
 
-    def __init__(self, *, loss_fn: LossFn | None = None, max_batches: int | None = None) -> None:
+    def __init__(self, *, loss_fn: LossFn | None = None, max_batches: int | None = None,
+                 objective: Any = None, seed: int = 0) -> None:
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        self.loss_fn = loss_fn or default_loss
+        self.objective = make_objective(loss_fn, objective)
+        self.seed = seed
         self.max_batches = max_batches
         self._cache = PreparedCache()
         self._abs: dict[int, np.ndarray] = {}
@@ -101,11 +103,12 @@ class _ActivationScores(Criterion):
         abs_sum = {gid: np.zeros(groups[gid].size) for gid in members}
         sq_sum = {gid: np.zeros(groups[gid].size) for gid in members}
         count = 0
-        for b, (inputs, target) in enumerate(iterate(work, batches, self.name)):
+        gen = torch.Generator().manual_seed(self.seed)
+        for b, (inputs, target, teacher) in enumerate(iterate(work, batches, self.name)):
             if self.max_batches is not None and b >= self.max_batches:
                 break
             out, values = run_capture(work, inputs, nodes)
-            grads = loss_grads(work, self.name, self.loss_fn(out, target),
+            grads = loss_grads(work, self.name, self.objective.probe(out, teacher, target, gen),
                                [values[n] for n in nodes],
                                [(n, f"output of layer {n!r}") for n in nodes])
             n = batch_size(inputs)

@@ -79,8 +79,10 @@ class FisherTrace(SecondOrderCriterion):
 
     def __init__(self, *, loss_fn: LossFn | None = None, tol: float = 1e-3,
                  min_batches: int = 10, max_batches: int = 100,
-                 observer: str | Callable[[], Observer] = "minmax") -> None:
-        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer)
+                 observer: str | Callable[[], Observer] = "minmax", objective: Any = None,
+                 seed: int = 0) -> None:
+        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer, objective=objective)
+        self.seed = seed
         if min_batches < 1 or max_batches < 1:
             raise ValueError(f"min_batches and max_batches must be >= 1, got {min_batches}, "
                              f"{max_batches}")
@@ -106,10 +108,11 @@ class FisherTrace(SecondOrderCriterion):
         diag = [torch.zeros_like(p, dtype=torch.float64) for p in params + biases]
         traces: list[np.ndarray] = []  # per batch: weight blocks, then activation blocks
         self.converged = False
-        for inputs, target in iterate(work, batches, self.name):
+        gen = torch.Generator().manual_seed(self.seed)
+        for inputs, target, teacher in iterate(work, batches, self.name):
             out, values = run_capture(work, inputs, set(acts) | ranges.nodes)
             ranges.update(values)
-            loss = self.loss_fn(out, target)
+            loss = self.objective.probe(out, teacher, target, gen)
             tensors = params + biases + [values[a] for a in acts]
             grads = loss_grads(work, self.name, loss, tensors, owners)
             n = batch_size(inputs)

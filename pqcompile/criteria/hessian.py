@@ -83,8 +83,8 @@ class HessianTrace(SecondOrderCriterion):
     def __init__(self, *, loss_fn: LossFn | None = None, tol: float = 1e-3,
                  min_iters: int = 10, max_iters: int = 100, seed: int = 0,
                  observer: str | Callable[[], Observer] = "minmax",
-                 activations: bool = True) -> None:
-        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer)
+                 activations: bool = True, objective: Any = None) -> None:
+        super().__init__(loss_fn=loss_fn, tol=tol, observer=observer, objective=objective)
         if min_iters < 1 or max_iters < 1:
             raise ValueError(f"min_iters and max_iters must be >= 1, got {min_iters}, "
                              f"{max_iters}")
@@ -102,7 +102,7 @@ class HessianTrace(SecondOrderCriterion):
                              "(inputs, target) batch")
         self._ranges = ActivationRanges(work, layers, self.observer)
         with torch.no_grad():
-            for inputs, _ in data:
+            for inputs, _, _ in data:
                 self._ranges.update(run_capture(work, inputs, self._ranges.nodes)[1])
         weights = [layer_module(work, layer).weight.requires_grad_(True) for layer in layers]
         shared = readers(work, layers) if self.activations else {}
@@ -119,9 +119,9 @@ class HessianTrace(SecondOrderCriterion):
         owners = [(layer, f"weight of layer {layer!r}") for layer in layers] + \
             [(a, f"input node {a!r}") for a in acts]
         for it in range(self.max_iters):
-            inputs, target = data[it % len(data)]
+            inputs, target, teacher = data[it % len(data)]
             out, values = run_capture(work, inputs, acts)
-            loss = self.loss_fn(out, target)
+            loss = self.objective.loss(out, teacher, target)
             tensors = list(weights) + [values[a] for a in acts]
             grads = loss_grads(work, self.name, loss, tensors, owners, create_graph=True)
             vs = [_rademacher(t, gen) for t in tensors]

@@ -9,6 +9,12 @@ Without data the data-free ``weight_error`` criterion is used for both (weight q
 error; a channel's squared norm); with data, ``fisher`` (FIT). Either can be chosen by name or
 object (:mod:`pqcompile.criteria`); when both criteria are data-driven second-order ones
 (``hessian``, ``fisher``, ``channel_fisher``), bits and channels are in the same units.
+``objective``: what the data-driven criteria chosen by name measure the model by
+(:class:`~pqcompile.objective.Objective`; default: distillation to the float outputs).
+
+A degenerate table -- every value zero, a NaN or infinity, or no layer whose value depends on
+its bits -- would let a solver pick any bits at all; it raises
+:class:`~pqcompile.errors.DegenerateSensitivityError` naming the criterion and a way out.
 
 >>> import torch
 >>> from torch import nn
@@ -33,7 +39,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..criteria import Criterion, default_criterion, get_criterion
+from ..criteria import CRITERIA, Criterion, default_criterion, get_criterion
+from ..errors import DegenerateSensitivityError
 from ..meta import (
     CHANNEL_GROUPS,
     CHANNEL_IMPORTANCE,
@@ -65,12 +72,16 @@ class SensitivityAnalysis(Pass):
                  weight_bits: Sequence[int] = DEFAULT_BITS,
                  activation_bits: Sequence[int] | None = None,
                  bit_options: Iterable[tuple[int, int]] | None = None,
-                 layers: Sequence[str] | None = None, channels: bool = True) -> None:
+                 layers: Sequence[str] | None = None, channels: bool = True,
+                 objective: Any = None) -> None:
         if batches is not None and iter(batches) is batches:
             batches = list(batches)
         self.batches = batches
+        self.objective = objective
         crit = default_criterion(batches is not None) if criterion is None \
-            else get_criterion(criterion)
+            else _by_name(criterion, objective)
+        if criterion is None and crit.needs_data and objective is not None:
+            crit = _by_name(crit.name, objective)
         if not crit.scores_layers:
             raise ValueError(f"criterion {crit.name!r} scores channels only; pass it as "
                              "channel_criterion= and choose a layer criterion ('weight_error', "
@@ -78,7 +89,7 @@ class SensitivityAnalysis(Pass):
         chan = None
         if channels:
             chan = crit if channel_criterion is None and crit.scores_channels \
-                else get_criterion(channel_criterion or "magnitude")
+                else _by_name(channel_criterion or "magnitude", objective)
             if not chan.scores_channels:
                 raise ValueError(f"channel_criterion {chan.name!r} does not score channels; "
                                  "use 'magnitude', 'l1', 'taylor', 'channel_fisher' or 'fisher'")
@@ -127,9 +138,51 @@ class SensitivityAnalysis(Pass):
             crit.name, chan.name if chan is not None else None, crit.units,
             chan.units if chan is not None else None, self.bit_options,
             self.batches is not None))
+        check_table(crit, table, scores if chan is crit else {}, self.bit_options)
         ctx.results["sensitivity"] = table
         ctx.results["channel_importance"] = scores
         return PassResult(gm, False)
+
+
+def _by_name(spec: str | Criterion, objective: Any) -> Criterion:
+    """A criterion by name (a data-driven one measuring ``objective``), or ``spec`` itself."""
+    if isinstance(spec, str) and objective is not None and spec in CRITERIA \
+            and getattr(CRITERIA[spec], "needs_data", False):
+        return get_criterion(spec, objective=objective)
+    return get_criterion(spec)
+
+
+def check_table(crit: Criterion, table: dict[str, dict[tuple[int, int], float]],
+                channel_scores: dict[int, np.ndarray], options: Sequence[tuple[int, int]]
+                ) -> None:
+    """Raise :class:`DegenerateSensitivityError` for an all-zero, non-finite or constant
+    table (the module docstring): a solver would pick bits on noise."""
+    values = np.array([v for row in table.values() for v in row.values()], dtype=np.float64)
+    if not values.size:
+        return
+    way_out = ("criterion='weight_error' (data-free) or criterion='hessian' (curvature of the "
+               "objective, which is not zero where its gradient is)")
+    bad = [(layer, o) for layer, row in table.items() for o, v in row.items()
+           if not np.isfinite(v)]
+    if bad:
+        raise DegenerateSensitivityError(
+            f"criterion {crit.name!r} gave non-finite sensitivities ({len(bad)} of "
+            f"{values.size}, e.g. layer {bad[0][0]!r} at bits {bad[0][1]}): the loss or its "
+            f"gradients overflow; check the data and the loss, or use {way_out}")
+    chans = [np.asarray(v, dtype=np.float64) for v in channel_scores.values()]
+    if not np.any(values > 0) and not any(np.any(c > 0) for c in chans):
+        objective = getattr(crit, "objective", None)
+        what = f" of objective {objective.name!r}" if objective is not None else ""
+        raise DegenerateSensitivityError(
+            f"criterion {crit.name!r} scored every layer and channel 0: the gradients{what} "
+            f"are zero on the data (a loss that is minimal at the float model, such as a "
+            f"distillation loss, has no gradient there); use the default objective "
+            f"(loss='distill', whose Fisher uses a Gauss-Newton probe), {way_out}")
+    if len({o[0] for o in options}) > 1 or len({o[1] for o in options}) > 1:
+        if all(len(set(row.values())) == 1 for row in table.values()):
+            raise DegenerateSensitivityError(
+                f"criterion {crit.name!r} gave every layer the same value at all bit options "
+                f"{list(options)}: the bits would be chosen at random; use {way_out}")
 
 
 def layer_sensitivities(gm: torch.fx.GraphModule) -> dict[str, dict[tuple[int, int], float]]:
