@@ -157,7 +157,9 @@ def compile(model: torch.nn.Module,
     ``OptionError``, also for ``leaf_modules``), :class:`~pqcompile.budget.BudgetError`,
     :class:`~pqcompile.targets.UnknownTargetError` or
     :class:`~pqcompile.targets.ToolchainError`; data batches that do not fit the model fail
-    with ``DataError`` as soon as they are read.
+    with ``DataError`` as soon as they are read. A built model over any budget limit, or more
+    than 2x below all of them, gets a :class:`~pqcompile.errors.BudgetWarning` (and the
+    report's header says so: :mod:`pqcompile.solvers.verdict`).
     """
     # Every argument is checked before the first pass runs, so none fails after minutes of
     # search; data batches are checked against the traced model as they are read.
