@@ -42,6 +42,7 @@ from .finetune import qat_finetune
 from .frontend import check_example_inputs, check_leaf_modules, check_model_and_inputs
 from .latency import LatencyTable, attach_latency, check_where, measure_latency
 from .meta import BITS, EXAMPLE_INPUTS
+from .objective import Objective
 from .passes import CostAnalysis
 from .passes.sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
 from .progress import Stages, Tracked
@@ -115,7 +116,7 @@ def compile(model: torch.nn.Module,
             observer: str = "minmax", seed: int = 0, solver_options: Mapping | None = None,
             pareto_points: int = 4, tune: int = 0, latency_table: Any = None,
             latency_rpc: Any = None, leaf_modules: Iterable[str | type] = (),
-            progress: bool = False) -> Compiled:
+            progress: bool = False, loss: Any = None) -> Compiled:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
 
     ``example_inputs``: one tensor per ``forward()`` argument, in the shape the compiled
@@ -147,6 +148,15 @@ def compile(model: torch.nn.Module,
     ``latency_rpc``: where that runs for a target of another architecture than this machine:
     ``"HOST:PORT"`` of a TVM RPC server on the board, or ``"emulator"`` (a server under
     qemu-user here: emulated times, a stand-in). ``.latency_table`` holds the table used.
+
+    ``loss``: what every data-driven stage (criteria, searching solvers, the measured Pareto
+    front, fine-tuning) measures a compressed model by (:mod:`pqcompile.objective`): ``None``
+    or ``"distill"`` (default) distills to the FP32 model's outputs, any structure (tensors,
+    tuples, dicts / ``ModelOutput``; normalized MSE per leaf, KL on softened logits where the
+    batches carry class labels); ``"cross_entropy"`` the labels of a classifier; or a callable
+    ``loss(student_out, teacher_out, target) -> scalar tensor`` (the batch mean; ``target``:
+    what a batch holds after the inputs, ``None`` for bare inputs). With it, fine-tuning trains
+    on that objective (``finetune``'s ``temperature``/``distill_weight`` do not apply).
 
     ``leaf_modules``: module paths (``"blocks.3"``) or classes that tracing keeps as single
     opaque nodes: what torch.fx cannot trace (the trace error names the submodule). A leaf
@@ -182,6 +192,7 @@ def compile(model: torch.nn.Module,
     multiple = _check_multiple(multiple, spec)
     latency_table = _check_latency(budget, chosen, solver, spec, latency_table, latency_rpc)
     _check_finetune(finetune)
+    objective = Objective.resolve(loss)  # OptionError for an unknown name or a non-callable
     _check_data(data, finetune, chosen)
     bit_options = _check_bit_options(bit_options, getattr(chosen, "default_bit_options", None))
     keep_levels = _check_keep_levels(keep_levels)
@@ -210,7 +221,7 @@ def compile(model: torch.nn.Module,
         scored = SensitivityAnalysis(
             criterion, Tracked(sens_batches, "sensitivity", progress) if sens_batches else None,
             channel_criterion=channel_criterion,
-            bit_options=bit_options)(fp32).graph_module
+            bit_options=bit_options, objective=objective)(fp32).graph_module
         importance = channel_importance(scored)
         problem = build_problem(scored, layer_sensitivities(scored), importance,
                                 bit_options=bit_options, keep_levels=keep_levels,
@@ -229,7 +240,7 @@ def compile(model: torch.nn.Module,
         if data is not None:
             context = SearchContext(problem, scored, teacher=teacher, data=data,
                                     held_out=validation, channel_scores=importance, seed=seed,
-                                    progress=progress)
+                                    progress=progress, objective=objective)
         if needs_context(chosen):
             solution = chosen.solve(problem, budget, context=context)
         else:
@@ -253,7 +264,8 @@ def compile(model: torch.nn.Module,
             tuned, amax = qat_finetune(fp32, assignment, data, seed=seed,
                                        distill_from=teacher if opts.pop("distill", True)
                                        else None, progress=progress, observer=observer,
-                                       calibration_batches=calibration_batches, **opts)
+                                       calibration_batches=calibration_batches,
+                                       objective=objective, **opts)
         for node in tuned.graph.nodes:
             if node.name in assignment.bits:
                 BITS.set(node, assignment.bits[node.name])

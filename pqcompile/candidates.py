@@ -115,11 +115,16 @@ def budget_sweep(problem: Any, solver: Any, limits: Mapping[str, float],
             seen.add(key)
             out.append(_record(problem, s, "sweep", None, None))
     name = getattr(solver, "name", type(solver).__name__)
+    fell = [factors[i] for i in sorted(found) if found[i] is not solution
+            and found[i].info.get("fallback")]
+    if fell:  # the ILP out of time: its greedy incumbent stands for it at these budgets
+        out.notes.append(f"pareto front: at {', '.join(f'x{f:g}' for f in fell)} {name} "
+                         "returned its fallback incumbent (out of time)")
     for what, fs in (("skipped: the sweep's time budget of "
                       f"{seconds if seconds is not None else 0:g} s ran out", skipped),
                      ("no assignment found in time", failed)):
         if fs:
-            out.notes.append(f"pareto front: {name} at {len(factors) - len(fs)} of "
+            out.notes.append(f"pareto front: {name} at {len(factors) - len(skipped + failed)} of "
                              f"{len(factors)} budgets; {', '.join(f'x{f:g}' for f in fs)} "
                              f"{what}")
     return out
@@ -140,9 +145,12 @@ def pareto_front(candidates: Iterable[Mapping[str, Any]], key: str) -> list[Mapp
 
 def measure_front(candidates: list[dict[str, Any]], context: Any, limit: int,
                   progress: bool = False) -> None:
-    """Measure held-out accuracy (fake-quant model, as the searching solvers do) of up to
-    ``limit`` candidates of the predicted front, spread over it, in place."""
-    todo = [c for c in pareto_front(candidates, "objective") if c.get("accuracy") is None]
+    """Measure the held-out loss (the compile objective) and, for a classifier, accuracy
+    (fake-quant model, as the searching solvers do: ``context.measure``) of up to ``limit``
+    candidates of the predicted front, spread over it, in place. A model whose outputs are not
+    class logits keeps ``accuracy`` None: its front is the measured loss."""
+    todo = [c for c in pareto_front(candidates, "objective")
+            if c.get("accuracy") is None and c.get("loss") is None]
     if len(todo) > limit:
         step = (len(todo) - 1) / max(limit - 1, 1)
         todo = [todo[round(i * step)] for i in range(limit)]
@@ -150,9 +158,10 @@ def measure_front(candidates: list[dict[str, Any]], context: Any, limit: int,
     for i, c in enumerate(todo):
         s = c["_solution"]
         assignment = context.assignment(s.bits, s.kept)
-        c["loss"], c["accuracy"] = (float(v) for v in
-                                    context.measure(context.fake_quant(assignment)))
-        bar.update(i + 1, accuracy=c["accuracy"])
+        loss, score = (float(v) for v in context.measure(context.fake_quant(assignment)))
+        c["loss"] = loss if math.isfinite(loss) else None
+        c["accuracy"] = score if getattr(context, "metric", "accuracy") == "accuracy" else None
+        bar.update(i + 1, loss=loss)
 
 
 def solver_candidates(problem: Any, solver: Any, limits: Mapping[str, float], solution: Any,
@@ -176,9 +185,10 @@ def solver_candidates(problem: Any, solver: Any, limits: Mapping[str, float], so
         measure_front(seen, context, measure, progress)
     chosen = _record(problem, solution, "chosen", None, None)
     for c in seen:
-        if c["accuracy"] is not None and _same(c["_solution"], solution):
+        if (c["accuracy"] is not None or c["loss"] is not None) \
+                and _same(c["_solution"], solution):
             chosen["accuracy"], chosen["loss"] = c["accuracy"], c["loss"]
-    if context is not None and chosen["accuracy"] is None:
+    if context is not None and chosen["accuracy"] is None and chosen["loss"] is None:
         measure_front([chosen], context, 1)
     return Candidates(seen + [chosen], seen.notes)
 

@@ -59,6 +59,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .assignment import Assignment, check_graph_and_assignment
 from .meta import CHANNEL_GROUPS, EXAMPLE_INPUTS, KEPT_CHANNELS
+from .objective import Objective, split_target
 from .passes import ChannelGroupAnalysis, FoldBatchNorm, PruneChannels, ShapeAnalysis
 from .passes.base import provided_keys
 from .progress import Progress
@@ -354,6 +355,7 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
                  calibration_batches: int = 8,
                  observer: str | Callable[[], Observer] = "minmax",
                  learn_weight_clip: bool = False, max_grad_norm: float | None = 2.0,
+                 objective: Any = None,
                  ) -> tuple[torch.fx.GraphModule, dict[str, float]]:
     """Fine-tune ``gm`` under ``assignment`` with fake quantization (see the module docstring).
 
@@ -362,7 +364,12 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     ``max_batches`` per epoch. The activation ranges start from ``observer`` calibration on the
     first ``calibration_batches`` batches. Loss: cross entropy, or with ``distill_from`` (the
     float teacher, run in eval mode) ``(1 - distill_weight) * CE + distill_weight * T^2 *
-    KL(teacher_T || student_T)`` at temperature ``T``. ``learn_weight_clip``: learn each
+    KL(teacher_T || student_T)`` at temperature ``T``. With ``objective`` (an
+    :class:`~pqcompile.objective.Objective`, a loss name or a callable ``loss(student_out,
+    teacher_out, target)``; what ``compile()`` passes), the loss is that objective against
+    the teacher (``distill_from``, else ``gm`` itself): any output structure, labels only where
+    the objective reads them; ``temperature`` and ``distill_weight`` then do not apply (the
+    objective has its own). ``learn_weight_clip``: learn each
     layer's per-channel weight range too (LSQ on weights, started at the MSE-optimal clip); the
     returned weights are clamped into it, so the integer program's max-based weight scale
     equals the learned one. ``max_grad_norm``: the gradient norm (weights and steps
@@ -394,6 +401,10 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     if per_epoch == 0:
         raise ValueError("train_loader is empty: give at least one (inputs, target) batch")
     teacher = copy.deepcopy(distill_from).eval() if distill_from is not None else None
+    if objective is not None:
+        objective = Objective.resolve(objective)
+        if teacher is None:
+            teacher = copy.deepcopy(gm).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         calib = []
@@ -421,10 +432,16 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
             for i, batch in enumerate(train_loader):
                 if i >= per_epoch:
                     break
-                inputs, target = _inputs(batch, n_in), _target(batch, n_in, "qat_finetune")
-                logits = fq(*inputs)
-                loss = F.cross_entropy(logits, target)
-                if teacher is not None:
+                inputs = _inputs(batch, n_in)
+                if objective is not None:
+                    with torch.no_grad():
+                        t_out = teacher(*inputs)
+                    loss = objective.loss(fq(*inputs), t_out, split_target(batch, n_in))
+                else:
+                    target = _target(batch, n_in, "qat_finetune")
+                    logits = fq(*inputs)
+                    loss = F.cross_entropy(logits, target)
+                if objective is None and teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(*inputs)
                     kd = F.kl_div(F.log_softmax(logits / temperature, -1),

@@ -142,7 +142,7 @@ class FisherTrace(SecondOrderCriterion):
     def _settled(self, traces: np.ndarray) -> bool:
         mean = traces.mean(axis=0)
         var_of_mean = traces.var(axis=0, ddof=1) / len(traces)
-        rel = np.where(mean > 0, var_of_mean / np.maximum(mean, 1e-300) ** 2, 0.0)
+        rel = np.where(mean > 0, var_of_mean / np.where(mean > 0, mean, 1.0) ** 2, 0.0)
         return bool((rel < self.tol).all())
 
     def layer_sensitivity(self, gm: torch.fx.GraphModule, layer: str,

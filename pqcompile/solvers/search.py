@@ -18,7 +18,11 @@ The context offers the operations every such method repeats:
 * :meth:`SearchContext.fake_quant`: the pruned, BN-folded, fake-quantized training graph of an
   assignment (a fresh copy; training it does not touch the original);
 * :meth:`SearchContext.finetune`: a short QAT of an assignment (fitness after fine-tuning);
-* :meth:`SearchContext.measure`: mean loss and accuracy of a module on the held-out batches;
+* :meth:`SearchContext.measure`: mean loss (the compile objective,
+  :class:`~pqcompile.objective.Objective`: distillation to the teacher by default) and a score
+  (top-1 accuracy for class logits on labelled batches, else ``exp(-loss)``, ``metric`` says
+  which) of a module on the held-out batches; :meth:`SearchContext.loss`: the objective of one
+  batch, for methods that train on it;
 * :meth:`SearchContext.fixed_batches`: the first ``n`` training batches, the same every call;
   :meth:`SearchContext.train_batches`: the next ``n``, cycling through ``data``;
 * :meth:`SearchContext.record`: note a candidate measured or walked through (the report's
@@ -41,8 +45,8 @@ The context offers the operations every such method repeats:
 >>> int(a.masks[0].sum())
 4
 >>> loss, acc = ctx.measure(ctx.fake_quant(a))
->>> loss > 0 and 0 <= acc <= 1
-True
+>>> loss > 0 and 0 <= acc <= 1, ctx.metric
+(True, 'accuracy')
 """
 
 from __future__ import annotations
@@ -56,11 +60,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..assignment import Assignment
 from ..meta import EXAMPLE_INPUTS
+from ..objective import Objective, split_target
 from .greedy import GreedySolver
 from .problem import Option, Problem, Solution, evaluate, resolve_limits
 
@@ -110,19 +114,25 @@ class SearchContext:
     batches of ``data``, materialized once so every candidate is measured on the same images);
     ``channel_scores``: ``{group id: per-channel scores}`` deciding which channels a kept count
     keeps (default: L1 of the producing weights); ``calibration_batches``: batches the
-    activation ranges of a fake-quant candidate are calibrated on.
+    activation ranges of a fake-quant candidate are calibrated on; ``objective``: what a
+    candidate is measured by (an :class:`~pqcompile.objective.Objective`, a loss name or
+    callable; default: distillation to ``teacher``, or to ``graph`` when no teacher is given).
     """
 
     def __init__(self, problem: Problem, graph: torch.fx.GraphModule, *,
                  teacher: nn.Module | None = None, data: Iterable[Any] | None = None,
                  held_out: Sequence[Any] | None = None, held_out_batches: int = 4,
                  channel_scores: Mapping[int, np.ndarray] | None = None,
-                 calibration_batches: int = 2, seed: int = 0, progress: bool = False) -> None:
+                 calibration_batches: int = 2, seed: int = 0, progress: bool = False,
+                 objective: Any = None) -> None:
         if data is None:
             raise ValueError("this solver searches on data: pass data= (a DataLoader of "
                              "(inputs, target) batches) to pqcompile.compile, or pick a "
                              "data-free solver ('ilp', 'greedy', 'uniform4')")
         self.problem, self.graph, self.teacher = problem, graph, teacher
+        self.objective = Objective.resolve(objective)
+        self._reference = teacher if teacher is not None else copy.deepcopy(graph).eval()
+        self._teacher_out: dict[int, Any] = {}  # held-out batch index -> teacher output
         self.data, self.seed, self.progress = data, seed, progress
         self.channel_scores = channel_scores
         self.n_inputs = len(EXAMPLE_INPUTS.get(graph).args)
@@ -137,6 +147,7 @@ class SearchContext:
         self._one_pass = 0
         self.candidates: list[dict[str, Any]] = []  # what the search saw (see record)
         self.calibration = [self._inputs(b) for b in self.fixed_batches(calibration_batches)]
+        self.metric = "accuracy" if self._classifies() else "exp(-loss)"
 
     # --- data ----------------------------------------------------------------------------
 
@@ -154,8 +165,35 @@ class SearchContext:
         return batch[self.n_inputs]
 
     def split(self, batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """``(inputs, target)`` of a batch (unlabelled batches: the teacher's argmax)."""
+        """``(inputs, target)`` of a batch of a classifier (unlabelled batches: the teacher's
+        argmax); methods that train on any model use :meth:`loss`."""
         return self._inputs(batch), self._target(batch)
+
+    def teacher_output(self, batch: Any) -> Any:
+        """The float model's output on ``batch``'s inputs (no gradient)."""
+        was = self._reference.training
+        self._reference.eval()
+        with torch.no_grad():
+            out = self._reference(*self._inputs(batch))
+        self._reference.train(was)
+        return out
+
+    def loss(self, output: Any, batch: Any, teacher_output: Any = None) -> torch.Tensor:
+        """The objective (batch mean, differentiable) of a student's ``output`` on ``batch``."""
+        teacher = self.teacher_output(batch) if teacher_output is None else teacher_output
+        return self.objective.loss(output, teacher, split_target(batch, self.n_inputs))
+
+    def _classifies(self) -> bool:
+        """Whether the objective sees class logits on the held-out batches (top-1 applies)."""
+        batch = self.held_out[0]
+        teacher = self._held_out_teacher(0)
+        return self.objective.correct(teacher, teacher,
+                                      split_target(batch, self.n_inputs)) is not None
+
+    def _held_out_teacher(self, i: int) -> Any:
+        if i not in self._teacher_out:
+            self._teacher_out[i] = self.teacher_output(self.held_out[i])
+        return self._teacher_out[i]
 
     def fixed_batches(self, n: int) -> list[Any]:
         """The first ``n`` training batches, the same ones on every call (read once from one
@@ -206,6 +244,8 @@ class SearchContext:
         """Note a candidate the search measured (``accuracy``/``loss`` on the held-out
         batches) or walked through, for the report's Pareto plot (:mod:`pqcompile.candidates`)."""
         from ..candidates import candidate
+        if self.metric != "accuracy":
+            accuracy = None  # a score, not an accuracy: the record keeps the loss
         self.candidates.append(candidate(self.problem, bits, kept, source="search",
                                          accuracy=accuracy, loss=loss))
 
@@ -233,25 +273,37 @@ class SearchContext:
         tuned, amax = qat_finetune(self.graph, assignment, batches, lr=lr, seed=self.seed,
                                    distill_from=self.teacher if distill else None,
                                    progress=False, max_batches=steps,
-                                   calibration_batches=min(len(batches), 2))
+                                   calibration_batches=min(len(batches), 2),
+                                   objective=self.objective)
         return fake_quant_model(tuned, assignment, amax)
 
     def measure(self, module: nn.Module, batches: Sequence[Any] | None = None
                 ) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy of ``module`` (eval mode) on ``batches`` (default:
-        the held-out batches)."""
+        """The objective's mean loss (per sample) and the score (``metric``: top-1 accuracy
+        of a classifier, else ``exp(-loss)``, 1 for the float model's outputs) of ``module``
+        (eval mode) on ``batches`` (default: the held-out batches)."""
         was = module.training
         module.eval()
         loss = correct = count = 0.0
+        scored = True
+        held = batches is None
         with torch.no_grad():
-            for batch in batches if batches is not None else self.held_out:
-                inputs, target = self.split(batch)
+            for i, batch in enumerate(self.held_out if held else batches):
+                inputs = self._inputs(batch)
                 out = module(*inputs)
-                loss += float(F.cross_entropy(out, target, reduction="sum"))
-                correct += float((out.argmax(-1) == target).sum())
-                count += len(target)
+                teacher = self._held_out_teacher(i) if held else self.teacher_output(batch)
+                target = split_target(batch, self.n_inputs)
+                n = int(inputs[0].shape[0]) if inputs[0].dim() else 1
+                loss += float(self.objective.loss(out, teacher, target)) * n
+                hits = self.objective.correct(out, teacher, target)
+                scored = scored and hits is not None
+                correct += hits or 0
+                count += n
         module.train(was)
-        return loss / count, correct / count
+        mean = loss / count
+        if self.metric == "accuracy" and scored:
+            return mean, correct / count
+        return mean, math.exp(-mean) if math.isfinite(mean) else 0.0
 
     def tighten(self, bits: Mapping[str, Option], kept: Mapping[int, int], budget: Any
                 ) -> tuple[dict[str, Option], dict[int, int]]:
