@@ -46,6 +46,7 @@ from ..quant.qmodules import (
     Quantize,
 )
 from . import kernels
+from .float_islands import island_key, translate_island
 from .packing import emit_unpack, group, is_packed, pack
 from .tir_macros import NARROW_MIN_SHIFT
 
@@ -323,20 +324,16 @@ def gather(lw: Lowering, node, module: QGather, x) -> relax.Expr:
     return x
 
 
-def translate_island(fn: torch.fx.GraphModule, shapes, *, legalize: bool = False
-                     ) -> relax.Function:
-    """The Relax function of a float island (inputs float64); ``legalize`` also checks that
-    TVM has kernels for it at these dtypes (raises what TVM raises)."""
-    sub = from_fx(fn, [(tuple(s), "float64") for s in shapes])
-    if legalize:
-        relax.transform.LegalizeOps()(sub)
-    return sub["main"].without_attr("global_symbol")
-
-
 def float_op(lw: Lowering, node, module: FloatOp, *qs) -> relax.Expr:
+    """Dequantize, the island's Relax function, quantize. Islands that translate alike (same
+    code, shapes and constants: every GELU of a stage) share one function."""
     bb = lw.bb
-    fn = translate_island(module.fn, [lw.shape(a) for a in node.all_input_nodes])
-    gv = bb.add_func(fn, f"float_{node.name}")
+    shapes = [lw.shape(a) for a in node.all_input_nodes]
+    key = island_key(module.fn, shapes, with_values=True)
+    gv = lw.islands.get(key)
+    if gv is None:
+        gv = bb.add_func(translate_island(module.fn, shapes), f"float_{node.name}")
+        lw.islands[key] = gv
     xs = [dequantize(bb, q, p, "float64") for q, p in zip(qs, module.ins)]
     y = bb.emit(relax.Call(gv, xs))
     return quantize(bb, y, module.out, module.lo, module.hi)

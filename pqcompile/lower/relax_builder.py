@@ -85,6 +85,7 @@ class Lowering:
         self.param_vars: list[relax.Var] = []
         self.storage: dict[str, str] = {}
         self.checks: list[tuple[relax.Expr, str]] = []  # (bool scalar, message): run-time checks
+        self.islands: dict[tuple, relax.GlobalVar] = {}  # island key -> its function
 
     def param(self, name: str, array: np.ndarray) -> relax.Var:
         if name in self.params:

@@ -22,12 +22,15 @@ made once, here, and the reference and the program always agree on it.
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from ..errors import UnsupportedOpError
 from ..passes.fold_bn import bn_scale
@@ -160,7 +163,7 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
     ``args``/``kwargs`` hold :class:`Slot` markers for the tensors (of ``shapes``), constant
     tensors as ``"\\0constK"`` (key ``constK`` of ``consts``) and plain Python values.
     """
-    from ..lower.ops import translate_island  # the lowering imports quant: import late
+    from ..lower.float_islands import island_key, translate_island  # (imports quant)
 
     n_inputs = len(shapes)
     errors = []
@@ -184,8 +187,17 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
                     graph = tracer.trace_with(op, [torch.randn(sh, dtype=torch.float64,
                                                                generator=g) for sh in shapes])
             _name_inputs(graph, n_inputs)
+            _positional_args(graph, None if cast else tracer.values)
             fn = torch.fx.GraphModule(op, graph, "FloatIsland")
-            translate_island(fn, shapes, legalize=True)
+            key = island_key(fn, shapes)
+            if key not in _CHECKED:
+                try:
+                    translate_island(fn, shapes, legalize=True)
+                    _CHECKED[key] = None
+                except Exception as exc:  # noqa: BLE001 (see below)
+                    _CHECKED[key] = exc
+            if _CHECKED[key] is not None:
+                raise _CHECKED[key]
         except Exception as exc:  # noqa: BLE001 (fx and TVM raise many types; kept, re-raised)
             last = (str(exc).strip().splitlines() or [""])[-1]
             errors.append(f"{type(exc).__name__}: {last}")
@@ -195,6 +207,73 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
         f"{where} has no integer lowering and cannot run in float in the compiled program "
         f"either: in float64: {errors[0]}; in float32: {errors[-1]}. Make it a leaf module "
         "TVM's fx frontend knows, or replace it")
+
+
+# Island key (code, input shapes, constant shapes and dtypes) -> what TVM's check raised, or
+# None: it built. The check translates and legalizes; islands repeat (every GELU of a stage).
+_CHECKED: dict[tuple, Exception | None] = {}
+
+
+def _signatures(target: Any) -> list[inspect.Signature]:
+    if not isinstance(target, types.BuiltinFunctionType):
+        return []
+    try:
+        return get_signature_for_torch_op(target) or []
+    except Exception:  # noqa: BLE001 (no schema: nothing to normalize by)
+        return []
+
+
+def _layout(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[list, dict] | None:
+    """``args``/``kwargs`` bound to ``sig``, positional up to the last positional-or-keyword
+    parameter given (earlier ones at their defaults); keyword-only ones stay keywords."""
+    params = list(sig.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params):
+        return None
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    last = max((i for i, p in enumerate(positional) if p.name in bound.arguments), default=-1)
+    new_args = [bound.arguments.get(p.name, p.default) for p in positional[:last + 1]]
+    new_kwargs = {k: v for k, v in bound.arguments.items()
+                  if sig.parameters[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return new_args, new_kwargs
+
+
+def _positional_args(graph: torch.fx.Graph, values: dict | None) -> None:
+    """Pass the keyword arguments of ATen ops positionally where their schema allows.
+
+    TVM's fx frontend reads many ops' arguments by position only (``F.conv2d(x, w, b,
+    padding=1)`` would lose its padding). A keyword is moved only when every schema of the op
+    that accepts the call agrees on where it goes, and the values stand for what torch ran
+    (``values``: the traced value of each node, where known, to pick the schema by types)."""
+    for n in graph.nodes:
+        if n.op != "call_function" or not n.kwargs:
+            continue
+        layouts, names = [], set()
+        for sig in _signatures(n.target):
+            layout = _layout(sig, tuple(n.args), dict(n.kwargs))
+            if layout is not None and _types_fit(sig, layout, values):
+                layouts.append(layout)
+                names.add((tuple(sig.parameters)[:len(layout[0])], tuple(layout[1])))
+        if len(names) == 1 and not layouts[0][1].keys() - n.kwargs.keys():
+            n.args, n.kwargs = tuple(layouts[0][0]), layouts[0][1]
+
+
+def _types_fit(sig: inspect.Signature, layout: tuple[list, dict], values: dict | None) -> bool:
+    """Whether tensors go to tensor parameters and other values elsewhere (a coarse check that
+    tells apart overloads such as ``sum(input, dim)`` and ``sum(input, *, dtype)``)."""
+    args, kwargs = layout
+    bound = dict(zip(sig.parameters, args)) | kwargs
+    for name, v in bound.items():
+        is_tensor = isinstance(v, torch.fx.Node) and (
+            values is None or v not in values or isinstance(values[v], torch.Tensor))
+        annotation = str(sig.parameters[name].annotation)
+        wants_tensor = "Tensor" in annotation and "List" not in annotation
+        if isinstance(v, torch.fx.Node) and is_tensor != wants_tensor:
+            return False
+    return True
 
 
 def _name_inputs(graph: torch.fx.Graph, n_inputs: int) -> None:
