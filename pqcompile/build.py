@@ -53,6 +53,7 @@ from .passes import (
     Pipeline,
     ShapeAnalysis,
 )
+from .passes.cost import program_constant_bytes
 from .quant import build_reference
 from .quant.calibrate import check_batches
 
@@ -242,8 +243,13 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     outs = list(sample_out.values()) if isinstance(sample_out, dict) else \
         sample_out if isinstance(sample_out, (tuple, list)) else [sample_out]
     layers = _layer_rows(gm, fp32, assignment, sensitivity)
+    constant_bytes = program_constant_bytes(reference)
     summary = {
-        "macs": totals.macs, "bops": totals.bops, "weight_bytes": totals.weight_bytes,
+        # what the artifact stores for parameters: the weights file and the float islands'
+        # constants in the library (the cost model's prediction: totals.weight_bytes)
+        "macs": totals.macs, "bops": totals.bops,
+        "weight_bytes": report.param_bytes + constant_bytes,
+        "predicted_weight_bytes": totals.weight_bytes, "constant_bytes": constant_bytes,
         "fp32_macs": fp32_totals.macs, "fp32_bops": fp32_totals.fp32_bops,
         "fp32_weight_bytes": fp32_totals.fp32_weight_bytes,
         "bop_reduction": fp32_totals.fp32_bops / totals.bops if totals.bops else float("inf"),

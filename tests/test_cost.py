@@ -118,8 +118,8 @@ def test_bits_change_bops_and_bytes():
     totals = COST_TOTALS.get(gm)
     assert totals.bops == conv_macs * 32 + fc_macs * 8
     assert totals.fp32_bops == (conv_macs + fc_macs) * 1024
-    # Weights at their bits, biases at 32 bits.
-    assert totals.weight_bytes == 8 * 3 * 9 * 4 / 8 + 8 * 4 + 288 * 10 * 2 / 8 + 10 * 4
+    # Weights at their bits; per output channel the program's int32 bias, multiplier, shift.
+    assert totals.weight_bytes == 8 * 3 * 9 * 4 / 8 + 8 * 12 + 288 * 10 * 2 / 8 + 10 * 12
     assert totals.bop_reduction == pytest.approx(totals.fp32_bops / totals.bops)
 
 

@@ -2,8 +2,27 @@
 
 MACs are counted for the compute layers (convolutions, transposed convolutions, linear layers,
 matmul/bmm and attention); BOPs = MACs x weight bits x activation bits, with bits from
-``meta.BITS`` (32/32 where a node has none, so an unannotated graph has
-``bops == macs * 1024``). Counts are for the example input's batch size.
+``meta.BITS``. Counts are for the example input's batch size.
+
+An unannotated graph (no node has bits: the FP32 model) is costed as FP32: 32/32 bits for every
+MAC, 4 bytes for every parameter, so ``bops == macs * 1024``. A graph with bits (what a solver
+chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lower`):
+
+* a conv/linear layer with bits: its weight packed at its weight bits, and per output channel
+  an int32 bias, requantization multiplier and shift (:data:`PER_CHANNEL_WORDS`);
+* ``nn.Embedding``: an int8 (uint8) table whatever the output's bits (:data:`TABLE_BITS`);
+  narrower tables would need a lookup that unpacks rows, which the lowering's ``take`` on
+  the table does not do;
+* everything else a float island reads -- norms' parameters, position tables and other
+  parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
+  island (:data:`ISLAND_BITS`); and the MACs of nodes without bits (activation x activation
+  matmuls such as attention products, float convolutions) run in float64 there too, costed
+  at :data:`FLOAT_BITS` x :data:`FLOAT_BITS` (64 x 64 bits a MAC: the quantization plan has no
+  integer matmul of two activations).
+
+:func:`program_constant_bytes` measures the built program's side: the bytes of the float
+islands' constants (the weights file holds the rest), so ``.totals["weight_bytes"]`` of a
+build is what its artifact stores.
 
 >>> import torch, pqcompile
 >>> from pqcompile.passes import ShapeAnalysis
@@ -34,6 +53,10 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FN = (F.conv1d, F.conv2d, F.conv3d)
 _MATMUL_FN = (torch.matmul, torch.bmm, torch.mm, operator.matmul)
 _FP32 = BitWidths(32, 32)
+FLOAT_BITS = 64  # each operand of a MAC in a float island (float64) of the integer program
+TABLE_BITS = 8  # an nn.Embedding table: int8 (uint8) rows gathered by the program
+ISLAND_BITS = 64  # a parameter read by a float island: a float64 constant of it
+PER_CHANNEL_WORDS = 3  # a quantized layer's int32 bias, multiplier and shift per out channel
 
 
 def is_matmul(node: torch.fx.Node) -> bool:
@@ -175,8 +198,11 @@ class CostAnalysis(Pass):
     def run(self, gm, ctx):
         seen: set[str] = set()
         totals = dict(macs=0, params=0, bops=0, weight_bytes=0.0, fp32_weight_bytes=0.0)
+        quantized = any(BITS.has(n) for n in gm.graph.nodes)
         for node in gm.graph.nodes:
             bits = BITS.find(node) or _FP32
+            wbits, abits = (bits.weight, bits.activation) if BITS.has(node) or not quantized \
+                else (FLOAT_BITS, FLOAT_BITS)
             params, wbytes, fp32_bytes = 0, 0.0, 0.0
             owner = None
             if node.op == "call_module":
@@ -187,18 +213,16 @@ class CostAnalysis(Pass):
                 seen.add(owner)
                 if node.op == "call_module":
                     m = gm.get_submodule(owner)
-                    wnames = _weight_param_names(m)
-                    for name, p in m.named_parameters():
-                        params += p.numel()
-                        b = bits.weight if name in wnames else 32
-                        wbytes += p.numel() * b / 8
-                        fp32_bytes += p.numel() * 4
+                    params = sum(p.numel() for p in m.parameters())
+                    fp32_bytes = params * 4.0
+                    wbytes = stored_bytes(m, BITS.find(node)) if quantized else fp32_bytes
                 else:
                     p = _attr(gm, node)
-                    params, wbytes, fp32_bytes = p.numel(), p.numel() * 4.0, p.numel() * 4.0
+                    params, fp32_bytes = p.numel(), p.numel() * 4.0
+                    wbytes = p.numel() * ISLAND_BITS / 8 if quantized else fp32_bytes
             macs = node_macs(gm, node)
-            bops = macs * bits.weight * bits.activation
-            COST.set(node, NodeCost(macs, params, bits.weight, bits.activation, bops, wbytes))
+            bops = macs * wbits * abits
+            COST.set(node, NodeCost(macs, params, wbits, abits, bops, wbytes))
             totals["macs"] += macs
             totals["params"] += params
             totals["bops"] += bops
@@ -209,6 +233,49 @@ class CostAnalysis(Pass):
             weight_bytes=totals["weight_bytes"], fp32_bops=totals["macs"] * 32 * 32,
             fp32_weight_bytes=totals["fp32_weight_bytes"]))
         return PassResult(gm, False)
+
+
+def stored_bytes(m: nn.Module, bits: BitWidths | None) -> float:
+    """Bytes the integer program stores for module ``m`` (its layer bits, or ``None``): the
+    module docstring's rules (packed weight + per-channel words; int8 table; float64
+    constants of a float island)."""
+    if bits is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
+        out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        return m.weight.numel() * bits.weight / 8 + out * PER_CHANNEL_WORDS * 4
+    if isinstance(m, nn.Embedding) and m.max_norm is None:
+        return m.weight.numel() * TABLE_BITS / 8
+    numel = sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for b in m.buffers() if b.is_floating_point())
+    return numel * ISLAND_BITS / 8
+
+
+def program_constant_bytes(reference: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors the built program's float islands and exact ops capture as
+    constants (what the library stores beside the weights file), each distinct island
+    counted once, as the lowering shares them (:func:`pqcompile.lower.float_islands.island_key`).
+    """
+    from ..lower.float_islands import island_key
+    from ..quant.exact import MaskOp
+    from ..quant.qmodules import FloatOp
+
+    seen, total = set(), 0
+    for node in reference.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = reference.get_submodule(node.target)
+        if not isinstance(m, (FloatOp, MaskOp)):
+            continue
+        tensors = [t for n in m.fn.graph.nodes if n.op == "get_attr"
+                   for t in [_attr(m.fn, n)] if isinstance(t, torch.Tensor)]
+        shapes = [tuple(SHAPE.get(a).shape) if hasattr(SHAPE.find(a), "shape") else ()
+                  for a in node.all_input_nodes]
+        key = island_key(m.fn, shapes, with_values=True) if isinstance(m, FloatOp) \
+            else node.name  # an exact op is translated once per node
+        if key in seen:
+            continue
+        seen.add(key)
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return int(total)
 
 
 def analyze_cost(gm: torch.fx.GraphModule) -> CostTotals:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..assignment import Assignment
 from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
-from ..passes.cost import is_matmul
+from ..passes.cost import FLOAT_BITS, ISLAND_BITS, PER_CHANNEL_WORDS, TABLE_BITS, is_matmul
 from ..passes.layer_discovery import why_no_bits
 from ..presets import compute_layers, l1_scores
 from ..quant.plan import activation_sources
@@ -186,8 +186,8 @@ def build_problem(gm: torch.fx.GraphModule,
         first = n.target not in seen  # a module called twice stores its weights once
         seen.add(n.target)
         out, cin, mscale, ksize = _layer_shape(n, m, counter)
-        if first:
-            params.add_module(m, out, exclude="weight")
+        if first:  # int32 bias, multiplier and shift per kept output channel
+            params.add(out, words=PER_CHANNEL_WORDS)
         sens = _layer_sensitivity(sensitivities, gm, name, options[name])
         layer = Layer(name, COST.get(n).macs, m.weight.numel(), out, cin, mscale,
                       ksize if first else 0, options[name], sens, sources[name],
@@ -204,8 +204,9 @@ def build_problem(gm: torch.fx.GraphModule,
                  "weight_bytes": totals.fp32_weight_bytes}
     float_nodes = tuple((n.name, COST.get(n).macs, why_no_bits(gm, n)) for n in gm.graph.nodes
                         if n.name not in layer_set and COST.get(n).macs)
-    return Problem(tuple(layers), groups, params.affine(), fixed_macs, fixed_macs * 32 * 32,
-                   reference, tuple(fractions), multiple, float_macs, float_nodes=float_nodes)
+    return Problem(tuple(layers), groups, params.affine(), fixed_macs,
+                   fixed_macs * FLOAT_BITS * FLOAT_BITS, reference, tuple(fractions), multiple,
+                   float_macs, float_nodes=float_nodes, float_mac_bops=FLOAT_BITS * FLOAT_BITS)
 
 
 class _Counter:
@@ -280,25 +281,28 @@ def _option_table(names, bit_options, layer_options, pin_first_last) -> dict[str
 
 
 class _Params:
-    """Accumulates the 32-bit parameter count as an affine form of kept counts."""
+    """Accumulates what the program stores beside the layers' weights, in 32-bit words, as an
+    affine form of kept counts (:mod:`pqcompile.passes.cost`: per-channel words, int8 tables,
+    float64 island constants)."""
 
     def __init__(self) -> None:
         self.const, self.terms = 0, {}
 
-    def add(self, numel_or_count: int | Affine) -> None:
+    def add(self, numel_or_count: int | Affine, words: float = 1) -> None:
         if isinstance(numel_or_count, Affine):
-            self.const += numel_or_count.const
+            self.const += numel_or_count.const * words
             for g, per in numel_or_count.terms:
-                self.terms[g] = self.terms.get(g, 0) + per
+                self.terms[g] = self.terms.get(g, 0) + per * words
         else:
-            self.const += int(numel_or_count)
+            self.const += int(numel_or_count) * words
 
-    def add_module(self, m: nn.Module, channels: Affine, exclude: str = "") -> None:
+    def add_module(self, m: nn.Module, channels: Affine, exclude: str = "",
+                   words: float = 1) -> None:
         # What PruneChannels slices: 1-D per-channel parameters; the rest keeps its size.
         for pname, p in m.named_parameters():
             if pname == exclude:
                 continue
-            self.add(channels if p.dim() == 1 and p.numel() > 1 else p.numel())
+            self.add(channels if p.dim() == 1 and p.numel() > 1 else p.numel(), words)
 
     def add_rest(self, gm, layer_names, nodes, counter: _Counter) -> tuple[int, Affine]:
         """Parameters and MACs of every node outside the layers; returns those MACs: the fixed
@@ -313,19 +317,33 @@ class _Params:
                 scaled[g.id] = scaled.get(g.id, 0) + cost.macs // g.size
             else:
                 macs += cost.macs
+            island = ISLAND_BITS / 32  # words per element of a float island's constant
             if n.op == "call_module" and n.target not in seen:
                 seen.add(n.target)
                 m = gm.get_submodule(n.target)
-                if isinstance(m, _AFFINE_MODULES) and SHAPE.find(n) is not None:
-                    self.add_module(m, counter(n.name, "out", SHAPE.get(n).shape[1], 1))
+                if isinstance(m, nn.Embedding) and m.max_norm is None:
+                    self.add(cost.params, TABLE_BITS / 32)
+                elif _folded_bn(n, m, layer_names):
+                    continue  # folded into the layer before it: its per-channel words
+                elif isinstance(m, _AFFINE_MODULES) and SHAPE.find(n) is not None:
+                    self.add_module(m, counter(n.name, "out", SHAPE.get(n).shape[1], 1),
+                                    words=island)
                 else:
-                    self.add(cost.params)
+                    self.add(cost.params, island)
             elif n.op == "get_attr":
-                self.add(cost.params)
+                self.add(cost.params, island)
         return int(macs), Affine(0, tuple(sorted(scaled.items())))
 
     def affine(self) -> Affine:
         return Affine(self.const, tuple(sorted(self.terms.items())))
+
+
+def _folded_bn(n: torch.fx.Node, m: nn.Module, layer_names) -> bool:
+    """A batch norm that FoldBatchNorm folds into the layer it reads (that layer's only
+    user): it stores nothing of its own in the program."""
+    src = n.args[0] if n.args else None
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(src, torch.fx.Node) \
+        and src.name in layer_names and len(src.users) == 1
 
 
 def _groups_at(n: torch.fx.Node, owners: Mapping[str, set[int]]) -> set[int]:

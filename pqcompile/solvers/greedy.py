@@ -158,7 +158,7 @@ class DescentState:
                            for i in range(len(p.layers))]
         fm = p.float_macs.value(self.kept)
         self.totals = {
-            "bops": p.fixed_bops + 1024 * fm + sum(c[0] for c in self.layer_cost),
+            "bops": p.fixed_bops + p.float_mac_bops * fm + sum(c[0] for c in self.layer_cost),
             "macs": p.fixed_macs + fm + sum(c[1] for c in self.layer_cost),
             "weight_bytes": (32 * p.params32.value(self.kept)
                              + sum(c[2] for c in self.layer_cost)) / 8}
@@ -226,7 +226,7 @@ class DescentState:
             step = kept[group] - self.kept[group]
             out["weight_bytes"] += 4 * self.per32.get(group, 0) * step
             fm = self.per_fm.get(group, 0) * step
-            out["bops"] += 1024 * fm
+            out["bops"] += self.p.float_mac_bops * fm
             out["macs"] += fm
         return out
 

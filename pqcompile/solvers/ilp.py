@@ -78,7 +78,7 @@ class _Model:
         self.objective = np.zeros(n)
         self.cost = {k: np.zeros(n) for k in COST_KEYS}
         fm = problem.float_macs
-        self.const = {"bops": float(problem.fixed_bops + 1024 * fm.const),
+        self.const = {"bops": float(problem.fixed_bops + problem.float_mac_bops * fm.const),
                       "macs": float(problem.fixed_macs + fm.const),
                       "weight_bytes": 4.0 * problem.params32.const}
         if problem.latency is not None:
@@ -92,7 +92,7 @@ class _Model:
         for g_id, per in fm.terms:
             gi = self.gidx[g_id]
             for j, kept in enumerate(problem.groups[gi].levels):
-                self.cost["bops"][self.y0[gi] + j] += 1024.0 * per * kept
+                self.cost["bops"][self.y0[gi] + j] += problem.float_mac_bops * per * kept
                 self.cost["macs"][self.y0[gi] + j] += per * kept
         for layer, fs in zip(problem.layers, self.factors):
             for fi, f in enumerate(fs):

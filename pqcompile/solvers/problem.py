@@ -150,12 +150,15 @@ def _check_sensitivity(what: str, values: tuple[float, ...]) -> None:
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything a solver needs. ``params32``: parameters stored at 32 bits (biases, norms,
-    modules outside the layers) as a function of kept counts; ``fixed_macs``/``fixed_bops``:
-    nodes outside the layers, at FP32; ``float_macs``: MACs outside the layers that scale with
-    kept counts (the attention products of a head group), at FP32 (32 x 32 bits) on top of the
-    fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the
-    unpruned total of the latency table, when ``latency`` is set); ``latency``: the layers'
+    """Everything a solver needs. ``params32``: what is stored beside the layers' weights, in
+    32-bit words, as a function of kept counts (per-channel words of the layers, tables and
+    float constants at their stored widths: :mod:`pqcompile.passes.cost`);
+    ``fixed_macs``/``fixed_bops``: nodes outside the layers (float); ``float_macs``: MACs
+    outside the layers that scale with kept counts (the attention products of a head group), at
+    ``float_mac_bops`` bit operations a MAC (what the program runs them at: 64 x 64 for its
+    float64 islands, from :func:`~pqcompile.solvers.graph.build_problem`; 1024, FP32, by
+    default) on top of the fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and
+    ``latency_ms``, the unpruned total of the latency table, when ``latency`` is set); ``latency``: the layers'
     predicted latency on the target, or ``None`` (set it with :func:`with_latency_model`);
     ``float_nodes``: ``(node, FP32 MACs, why it gets no bits)`` of the nodes outside the
     layers that do MACs (they run in float), for the messages of unreachable budgets."""
@@ -171,6 +174,7 @@ class Problem:
     float_macs: Affine = Affine(0)
     latency: LatencyModel | None = None
     float_nodes: tuple[tuple[str, int, str], ...] = ()
+    float_mac_bops: int = 32 * 32
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -310,7 +314,7 @@ def problem_costs(problem: Problem, solution: Solution | None = None, *,
         bits, kept = solution.bits, solution.kept
     kept = {g.id: g.size for g in problem.groups} | dict(kept or {})
     fm = problem.float_macs.value(kept)
-    bops, macs = problem.fixed_bops + 1024 * fm, problem.fixed_macs + fm
+    bops, macs = problem.fixed_bops + problem.float_mac_bops * fm, problem.fixed_macs + fm
     wbits = 32 * problem.params32.value(kept)
     for layer in problem.layers:
         b, m, w = layer_costs(layer, tuple(bits[layer.name]), kept)

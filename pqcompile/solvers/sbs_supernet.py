@@ -134,7 +134,7 @@ class _Supernet:
         p = self.problem
         kept = {gid: gate.kept() for gid, gate in self.group_gates.items()}
         fm = _affine(p.float_macs, kept)
-        bops = float(p.fixed_bops) + 1024 * fm
+        bops = float(p.fixed_bops) + p.float_mac_bops * fm
         macs = float(p.fixed_macs) + fm
         wbits = 32 * _affine(p.params32, kept)
         for layer in p.layers:
