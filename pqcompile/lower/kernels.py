@@ -34,6 +34,8 @@ its channels' requantization constants once
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +179,7 @@ def channel_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
             fix(shift, 40).astype(np.int32))  # pads: any valid shift
 
 
+@functools.cache  # built once per shape: TVMScript parsing is slow
 def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     """``(pack, kernel, scratch)``: ``pack(X) -> Xc`` and ``kernel(Xc, Wp, B, M, S, Y)`` for one
     conv layer (see the module doc); ``pad``: the value of the pad (default: a zero input).

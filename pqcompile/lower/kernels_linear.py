@@ -4,6 +4,7 @@ conv kernels."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,7 @@ def linear_params(wt: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
             fix(shift, 40).astype(np.int32))  # pads: any valid shift
 
 
+@functools.cache  # built once per shape: TVMScript parsing is slow
 def linear_kernel(shape: LinearShape, isa: Isa):
     """``(pack, kernel, scratch)``: ``pack(X[M, K]) -> Xp`` (offset, K padded to the depth),
     ``kernel(Xp, Wv, B, M, S, Y[M, N])``. Tiles of ``MR`` rows x ``NR`` vectors of ``L``

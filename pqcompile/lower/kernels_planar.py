@@ -21,6 +21,8 @@ The depthwise conv has three schedules (:func:`dw_schedule`):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .kernels import (
@@ -84,6 +86,7 @@ def pack_dw_weight(q: np.ndarray, shape: ConvShape, isa: Isa) -> np.ndarray:
     return w.reshape(c, kh * g * 4)
 
 
+@functools.cache  # built once per shape: TVMScript parsing is slow
 def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     """Depthwise conv (groups = channels = out channels): ``(pack, kernel, scratch)`` like
     :func:`conv2d_kernel`, scheduled as :func:`dw_schedule` says (see the module doc); the
@@ -263,6 +266,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, vnni: bool):
     return kernel
 
 
+@functools.cache  # built once per shape: TVMScript parsing is slow
 def maxpool2d_kernel(shape: ConvShape, isa: Isa):
     """Max pool on the integers (stride 1 or 2, no dilation, floor mode): ``(pack, kernel,
     scratch)`` with ``kernel(Xc, Y)``. The scratch is the depthwise conv's padded planar one,
