@@ -215,7 +215,8 @@ class CostAnalysis(Pass):
                     m = gm.get_submodule(owner)
                     params = sum(p.numel() for p in m.parameters())
                     fp32_bytes = params * 4.0
-                    wbytes = stored_bytes(m, BITS.find(node)) if quantized else fp32_bytes
+                    wbytes = fp32_bytes if not quantized else 0.0 if folded_bn(gm, node) \
+                        else stored_bytes(m, BITS.find(node))
                 else:
                     p = _attr(gm, node)
                     params, fp32_bytes = p.numel(), p.numel() * 4.0
@@ -233,6 +234,17 @@ class CostAnalysis(Pass):
             weight_bytes=totals["weight_bytes"], fp32_bops=totals["macs"] * 32 * 32,
             fp32_weight_bytes=totals["fp32_weight_bytes"]))
         return PassResult(gm, False)
+
+
+def folded_bn(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A batch norm that FoldBatchNorm folds into the conv/linear it reads (that layer's only
+    user): it stores nothing of its own in the program (the layer's bias takes it)."""
+    if node.op != "call_module" or \
+            not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        return False
+    src = node.args[0] if node.args else None
+    return isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1 \
+        and isinstance(gm.get_submodule(src.target), (_CONV, nn.Linear))
 
 
 def stored_bytes(m: nn.Module, bits: BitWidths | None) -> float:

@@ -35,7 +35,14 @@ from torch import nn
 
 from ..assignment import Assignment
 from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
-from ..passes.cost import FLOAT_BITS, ISLAND_BITS, PER_CHANNEL_WORDS, TABLE_BITS, is_matmul
+from ..passes.cost import (
+    FLOAT_BITS,
+    ISLAND_BITS,
+    PER_CHANNEL_WORDS,
+    TABLE_BITS,
+    folded_bn,
+    is_matmul,
+)
 from ..passes.layer_discovery import why_no_bits
 from ..presets import compute_layers, l1_scores
 from ..quant.plan import activation_sources
@@ -323,7 +330,7 @@ class _Params:
                 m = gm.get_submodule(n.target)
                 if isinstance(m, nn.Embedding) and m.max_norm is None:
                     self.add(cost.params, TABLE_BITS / 32)
-                elif _folded_bn(n, m, layer_names):
+                elif folded_bn(gm, n):
                     continue  # folded into the layer before it: its per-channel words
                 elif isinstance(m, _AFFINE_MODULES) and SHAPE.find(n) is not None:
                     self.add_module(m, counter(n.name, "out", SHAPE.get(n).shape[1], 1),
@@ -336,14 +343,6 @@ class _Params:
 
     def affine(self) -> Affine:
         return Affine(self.const, tuple(sorted(self.terms.items())))
-
-
-def _folded_bn(n: torch.fx.Node, m: nn.Module, layer_names) -> bool:
-    """A batch norm that FoldBatchNorm folds into the layer it reads (that layer's only
-    user): it stores nothing of its own in the program."""
-    src = n.args[0] if n.args else None
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(src, torch.fx.Node) \
-        and src.name in layer_names and len(src.users) == 1
 
 
 def _groups_at(n: torch.fx.Node, owners: Mapping[str, set[int]]) -> set[int]:
