@@ -267,7 +267,6 @@ def program_constant_bytes(reference: torch.fx.GraphModule) -> int:
     counted once, as the lowering shares them (:func:`pqcompile.lower.float_islands.island_key`).
     """
     from ..lower.float_islands import island_key
-    from ..quant.exact import MaskOp
     from ..quant.qmodules import FloatOp
 
     seen, total = set(), 0
@@ -275,8 +274,8 @@ def program_constant_bytes(reference: torch.fx.GraphModule) -> int:
         if node.op != "call_module":
             continue
         m = reference.get_submodule(node.target)
-        if not isinstance(m, (FloatOp, MaskOp)):
-            continue
+        if not isinstance(getattr(m, "fn", None), torch.fx.GraphModule):
+            continue  # FloatOp islands and the exact ops on integer values carry a graph
         tensors = [t for n in m.fn.graph.nodes if n.op == "get_attr"
                    for t in [_attr(m.fn, n)] if isinstance(t, torch.Tensor)]
         shapes = [tuple(SHAPE.get(a).shape) if hasattr(SHAPE.find(a), "shape") else ()
