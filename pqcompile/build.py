@@ -164,8 +164,10 @@ def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
         rows.append({
             "name": node.name,
             "op": op,
-            "weight_bits": bits.weight if bits else 32,
-            "activation_bits": bits.activation if bits else 32,
+            # a node without bits runs in a float64 island: costed at what it runs at
+            "weight_bits": bits.weight if bits else cost.weight_bits,
+            "activation_bits": bits.activation if bits else cost.activation_bits,
+            "float": bits is None,
             "shape": [int(d) for d in out_shape],
             "kept_channels": int(out_shape[dim]) if len(out_shape) else None,
             "total_channels": (int(total) if total is not None else
@@ -196,8 +198,9 @@ def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Te
                        calibration: Iterable[torch.Tensor], observer: str = "minmax",
                        **trace_kwargs: Any) -> Compiled:
     """Build ``model`` under ``assignment`` for ``target`` (see the module docstring)."""
-    example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) \
-        else (example_inputs,)
+    from .frontend import check_model_and_inputs  # a dict of inputs by parameter name too
+
+    example_inputs = check_model_and_inputs(model, example_inputs)
     fp32 = analysis(model, example_inputs, **trace_kwargs)
     return finish(fp32, prepare(fp32, assignment), assignment, target=target,
                   calibration=calibration, observer=observer)

@@ -145,7 +145,7 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
         f"{_si(t['bops'], 'BOPs')} ({_ratio(t.get('fp32_bops'), t['bops'])} fewer), "
         f"{_si(t['weight_bytes'], 'B')} weights "
         f"({_ratio(t.get('fp32_weight_bytes'), t['weight_bytes'])} smaller)")
-    notes = []
+    notes = [line for line in (float_macs_note(layers, totals), storage_note(totals)) if line]
     if solver or budget:
         notes.append(budget_line(solver, budget, totals))
     notes.extend(solve_notes)  # how the solver got there, what the Pareto sweep skipped
@@ -156,6 +156,41 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
     if float_ops:
         notes.append(float_ops_note(float_ops))
     return "\n".join(lines + notes)
+
+
+def float_macs_note(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> str:
+    """How the MACs of nodes without bits (matmuls of two activations, float layers) are
+    costed: at the width they run at in the program (float64 islands: 64 x 64 bits a MAC).
+
+    >>> note = float_macs_note([{"name": "matmul", "float": True, "weight_bits": 64,
+    ...                          "activation_bits": 64, "macs": 10, "bops": 40960}],
+    ...                        {"bops": 81920})
+    >>> note.split(", ")
+    ['float MACs: 1 node(s) (matmul)', '10 MACs costed at 64x64 bits a MAC (float64 in the \
+program)', '50% of the BOPs']
+    """
+    rows = [r for r in layers if r.get("float")]
+    if not rows:
+        return ""
+    names = ", ".join(r["name"] for r in rows[:4]) + (", ..." if len(rows) > 4 else "")
+    widths = sorted({(r["weight_bits"], r["activation_bits"]) for r in rows})
+    what = ", ".join(f"{w}x{a}" for w, a in widths)
+    share = sum(r["bops"] for r in rows) / totals["bops"] if totals.get("bops") else 0.0
+    kind = " (float64 in the program)" if widths == [(64, 64)] else ""
+    return (f"float MACs: {len(rows)} node(s) ({names}), {sum(r['macs'] for r in rows)} MACs "
+            f"costed at {what} bits a MAC{kind}, {share:.0%} of the BOPs")
+
+
+def storage_note(totals: Mapping[str, Any]) -> str:
+    """Where the weight bytes are: the weights file and the float islands' constants.
+
+    >>> storage_note({"weight_bytes": 1200, "param_bytes": 1000, "constant_bytes": 200})
+    'weights stored: 1000 B in the weights file + 200 B of float64 constants in the library'
+    """
+    if totals.get("constant_bytes") is None or totals.get("param_bytes") is None:
+        return ""
+    return (f"weights stored: {totals['param_bytes']} B in the weights file + "
+            f"{totals['constant_bytes']} B of float64 constants in the library")
 
 
 def float_ops_note(float_ops: Sequence[Sequence[str]], width: int = 100) -> str:

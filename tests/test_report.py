@@ -50,12 +50,13 @@ def test_layer_rows_are_the_hand_counted_costs(pruned):
     assert first["shape"] == [1, 5, 6, 6]
     assert first["macs"] == 5 * 27 * 36
     assert first["bops"] == 5 * 27 * 36 * 4 * 8
-    assert first["weight_bytes"] == 5 * 27 * 4 / 8 + 5 * 4  # + the int32 biases
+    # + the int32 bias, multiplier and shift of each output channel
+    assert first["weight_bytes"] == 5 * 27 * 4 / 8 + 5 * 12
     # conv2 reads the 5 kept channels, 8-bit weights and 6-bit activations.
     assert (second["kept_channels"], second["total_channels"]) == (4, 4)
     assert second["macs"] == 4 * 5 * 9 * 36
     assert second["bops"] == 4 * 5 * 9 * 36 * 8 * 6
-    assert second["weight_bytes"] == 4 * 5 * 9 + 4 * 4
+    assert second["weight_bytes"] == 4 * 5 * 9 + 4 * 12
     assert first["sensitivity"] is None  # no solver ran: the column says "-"
 
 
