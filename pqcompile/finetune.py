@@ -369,7 +369,7 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     teacher_out, target)``; what ``compile()`` passes), the loss is that objective against
     the teacher (``distill_from``, else ``gm`` itself): any output structure, labels only where
     the objective reads them; ``temperature`` and ``distill_weight`` then do not apply (the
-    objective has its own). ``learn_weight_clip``: learn each
+    objective has its own). The ``"cross_entropy"`` objective is the label loss above. ``learn_weight_clip``: learn each
     layer's per-channel weight range too (LSQ on weights, started at the MSE-optimal clip); the
     returned weights are clamped into it, so the integer program's max-based weight scale
     equals the learned one. ``max_grad_norm``: the gradient norm (weights and steps
@@ -401,6 +401,8 @@ def qat_finetune(gm: torch.fx.GraphModule, assignment: Assignment, train_loader:
     if per_epoch == 0:
         raise ValueError("train_loader is empty: give at least one (inputs, target) batch")
     teacher = copy.deepcopy(distill_from).eval() if distill_from is not None else None
+    if objective is not None and Objective.resolve(objective).kind == "cross_entropy":
+        objective = None  # labels: the cross entropy (+ distillation) below
     if objective is not None:
         objective = Objective.resolve(objective)
         if teacher is None:

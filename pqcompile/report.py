@@ -160,14 +160,15 @@ def compression_table(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, 
 
 def float_macs_note(layers: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> str:
     """How the MACs of nodes without bits (matmuls of two activations, float layers) are
-    costed: at the width they run at in the program (float64 islands: 64 x 64 bits a MAC).
+    costed: as float MACs (:data:`pqcompile.passes.cost.FLOAT_BITS`), computed in float64 by
+    the program's islands.
 
-    >>> note = float_macs_note([{"name": "matmul", "float": True, "weight_bits": 64,
-    ...                          "activation_bits": 64, "macs": 10, "bops": 40960}],
-    ...                        {"bops": 81920})
+    >>> note = float_macs_note([{"name": "matmul", "float": True, "weight_bits": 32,
+    ...                          "activation_bits": 32, "macs": 10, "bops": 10240}],
+    ...                        {"bops": 20480})
     >>> note.split(", ")
-    ['float MACs: 1 node(s) (matmul)', '10 MACs costed at 64x64 bits a MAC (float64 in the \
-program)', '50% of the BOPs']
+    ['float MACs: 1 node(s) (matmul)', '10 MACs costed at 32x32 bits a MAC (no integer \
+lowering: the program computes them in float64)', '50% of the BOPs']
     """
     rows = [r for r in layers if r.get("float")]
     if not rows:
@@ -176,7 +177,7 @@ program)', '50% of the BOPs']
     widths = sorted({(r["weight_bits"], r["activation_bits"]) for r in rows})
     what = ", ".join(f"{w}x{a}" for w, a in widths)
     share = sum(r["bops"] for r in rows) / totals["bops"] if totals.get("bops") else 0.0
-    kind = " (float64 in the program)" if widths == [(64, 64)] else ""
+    kind = " (no integer lowering: the program computes them in float64)"
     return (f"float MACs: {len(rows)} node(s) ({names}), {sum(r['macs'] for r in rows)} MACs "
             f"costed at {what} bits a MAC{kind}, {share:.0%} of the BOPs")
 

@@ -135,10 +135,8 @@ def test_cost_model_matches_cost_analysis_on_pruned_graph(graph):
     full = evaluate(p, {layer.name: (32, 32) for layer in p.layers}, {})
     fp32 = COST_TOTALS.get(graph)
     # Weight bytes are the integer program's storage (per-channel words, float64 constants):
-    # at 32/32 bits they are not the FP32 model's; MACs without bits run as float64.
-    float_macs = fp32.macs - sum(layer.fp32_macs for layer in p.layers)
-    assert full.costs["bops"] == fp32.fp32_bops + float_macs * (64 * 64 - 32 * 32)
-    assert full.costs["macs"] == fp32.macs
+    # at 32/32 bits they are not the FP32 model's.
+    assert (full.costs["bops"], full.costs["macs"]) == (fp32.fp32_bops, fp32.macs)
     assert full.costs == _compiled_costs(graph, full, validate=False)
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -173,16 +171,15 @@ def test_problem_structure(graph):
 def test_matmul_groups_stay_whole_and_shared_modules_share_weight_bits(graph):
     p = build_problem(graph, None, None)
     assert [g.name for g in p.groups] == ["h:out"]  # "q:out" feeds a matmul: held whole
-    assert p.fixed_macs == 2 * (5 * 8 * 5 + 5 * 5 * 8) and p.fixed_bops == p.fixed_macs * 4096
+    assert p.fixed_macs == 2 * (5 * 8 * 5 + 5 * 5 * 8) and p.fixed_bops == p.fixed_macs * 1024
     assert p.weight_sets() == {"q": (2, 4)}
     sens = {layer.name: dict(zip(layer.options, layer.sensitivity)) for layer in p.layers}
     sens["q_1"] = {o: 0.0 for o in sens["q_1"]}  # q_1 alone would drop to 2-bit weights
     q = build_problem(graph, sens, None)
-    # The float matmuls (64 x 64 bits a MAC, float64 islands) cap the reduction at 4.5x here.
-    sol = ILPSolver().solve(q, Budget(bops="4x"))
+    sol = ILPSolver().solve(q, Budget(bops="10x"))
     assert sol.bits["q"][0] == sol.bits["q_1"][0]
     assert _compiled_costs(graph, sol) == sol.costs
-    greedy = GreedySolver().solve(q, Budget(bops="4x"))
+    greedy = GreedySolver().solve(q, Budget(bops="10x"))
     assert greedy.bits["q"][0] == greedy.bits["q_1"][0] and greedy.feasible
 
 

@@ -15,10 +15,15 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
   the table does not do;
 * everything else a float island reads -- norms' parameters, position tables and other
   parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
-  island (:data:`ISLAND_BITS`); and the MACs of nodes without bits (activation x activation
-  matmuls such as attention products, float convolutions) run in float64 there too, costed
-  at :data:`FLOAT_BITS` x :data:`FLOAT_BITS` (64 x 64 bits a MAC: the quantization plan has no
-  integer matmul of two activations).
+  island (:data:`ISLAND_BITS`).
+
+MACs of nodes without bits (activation x activation matmuls such as attention products, float
+convolutions, leaf modules) have no integer lowering (the quantization plan has no integer
+matmul of two activations): the program computes them in its float64 islands. They are costed
+as float MACs, :data:`FLOAT_BITS` x :data:`FLOAT_BITS` bits, the width the FP32 reference
+counts them at, so compressing the rest never makes them look dearer than in the FP32 model;
+the report states both. (At the islands' own 64 x 64 bits, two-activation matmuls would cap
+an SDPA encoder's BOP reduction at ~4x; an integer lowering of them is what would lower it.)
 
 :func:`program_constant_bytes` measures the built program's side: the bytes of the float
 islands' constants (the weights file holds the rest), so ``.totals["weight_bytes"]`` of a
@@ -53,7 +58,7 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FN = (F.conv1d, F.conv2d, F.conv3d)
 _MATMUL_FN = (torch.matmul, torch.bmm, torch.mm, operator.matmul)
 _FP32 = BitWidths(32, 32)
-FLOAT_BITS = 64  # each operand of a MAC in a float island (float64) of the integer program
+FLOAT_BITS = 32  # each operand of a float MAC (a float island's), as the FP32 reference
 TABLE_BITS = 8  # an nn.Embedding table: int8 (uint8) rows gathered by the program
 ISLAND_BITS = 64  # a parameter read by a float island: a float64 constant of it
 PER_CHANNEL_WORDS = 3  # a quantized layer's int32 bias, multiplier and shift per out channel

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..criteria import FisherTrace
 from .search import SearchContext
@@ -153,11 +152,12 @@ def _refresh(context: SearchContext, path: _Path, stream: _Stream, batches: int)
     lo = {n: math.inf for n in path.names}
     hi = {n: -math.inf for n in path.names}
     seen, handles = _capture_inputs(modules)
+    generator = torch.Generator().manual_seed(context.seed)  # the probe's draws
     try:
         for batch in stream.take(batches):
             seen.clear()
-            inputs, target = context.split(batch)
-            loss = F.cross_entropy(fq(*inputs), target)
+            inputs = context.inputs(batch)
+            loss = context.probe(fq(*inputs), batch, generator)
             tensors: dict[int, torch.Tensor] = {}
             for v in seen.values():
                 if v.requires_grad:

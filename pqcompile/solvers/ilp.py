@@ -385,8 +385,8 @@ def infeasible_error(problem: Problem, limits: dict[str, float],
 
 def _float_nodes_message(problem: Problem, limits: dict[str, float], shown: int = 3) -> str:
     """Where a bops or macs limit meets MACs that no bits can reduce: the share of the MACs in
-    nodes outside the layers (they run in float, at ``problem.float_mac_bops`` a MAC: 64 x 64
-    bits in the program's float64 islands), the reduction they alone
+    nodes outside the layers (they run in float, at ``problem.float_mac_bops`` a MAC), the
+    reduction they alone
     allow, and the largest of them with the reason each gets no bits."""
     if not problem.float_nodes or not {"bops", "macs"} & set(limits):
         return ""
@@ -404,4 +404,4 @@ def _float_nodes_message(problem: Problem, limits: dict[str, float], shown: int 
                f"{problem.reference['bops'] / (macs * problem.float_mac_bops):.1f}x")
     width = math.isqrt(problem.float_mac_bops)
     return (f". {macs / total:.0%} of the MACs are in {len(largest)} node(s) that get no bits "
-            f"and count at {width}x{width} bits (float64 in the program){cap}: {named}{more}")
+            f"and count at {width}x{width} bits (float MACs){cap}: {named}{more}")

@@ -174,7 +174,7 @@ class PICPQSolver:
         """The search space of ``problem``: FP measured on the context's model and data."""
         groups = CHANNEL_GROUPS.get(context.graph)
         chosen = [groups[g.id] for g in problem.groups]
-        batches = [context.split(b)[0]
+        batches = [context.inputs(b)
                    for b in itertools.islice(iter(context.data), self.rank_batches)]
         fp = filter_property(context.graph, chosen, batches) if chosen else {}
         scores, normalized = {}, {}
@@ -227,7 +227,8 @@ class PICPQSolver:
                 tuned, amax = qat_finetune(context.graph, assignment, tune_batches, lr=self.lr,
                                            seed=context.seed, distill_from=context.teacher,
                                            progress=False, max_batches=len(tune_batches),
-                                           calibration_batches=min(len(tune_batches), 2))
+                                           calibration_batches=min(len(tune_batches), 2),
+                                           objective=context.objective)
                 model = fake_quant_model(tuned, assignment, amax)
             else:
                 model = context.fake_quant(assignment)
@@ -247,9 +248,10 @@ class PICPQSolver:
         rank_seconds = time.perf_counter() - t0
         n_groups = len(space.groups)
         rng = np.random.default_rng(self.seed)
-        tune_batches = [(*inputs, target) for inputs, target in
-                        (context.split(b) for b in
-                         itertools.islice(iter(context.data), self.finetune_steps))]
+        tune_batches = list(itertools.islice(iter(context.data), self.finetune_steps))
+        if context.objective.kind == "cross_entropy":  # labels: the teacher's where absent
+            tune_batches = [(*inputs, target) for inputs, target in
+                            (context.split(b) for b in tune_batches)]
         # Fails early (InfeasibleBudgetError) when no assignment meets the budget at all.
         self.target(space, np.ones(n_groups), np.zeros(n_groups), limits, context)
 

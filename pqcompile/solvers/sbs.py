@@ -240,11 +240,11 @@ class SBSSolver:
             gate.tracking = True
         net.train()
         for step, batch in enumerate(_batches(context, self.steps)):
-            inputs, target = context.split(batch)
+            inputs = context.inputs(batch)
             net.refresh()
             logits = net.gm(*inputs)
-            task = F.cross_entropy(logits, target)
-            if teacher is not None:
+            task = context.loss(logits, batch)  # the compile objective (labels: cross entropy)
+            if teacher is not None and context.objective.kind == "cross_entropy":
                 with torch.no_grad():
                     t_logits = teacher(*inputs)
                 t = self.temperature

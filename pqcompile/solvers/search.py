@@ -116,7 +116,9 @@ class SearchContext:
     keeps (default: L1 of the producing weights); ``calibration_batches``: batches the
     activation ranges of a fake-quant candidate are calibrated on; ``objective``: what a
     candidate is measured by (an :class:`~pqcompile.objective.Objective`, a loss name or
-    callable; default: distillation to ``teacher``, or to ``graph`` when no teacher is given).
+    callable; ``None``: the label cross entropy of a classifier, the classic search;
+    :func:`pqcompile.compile` passes its ``loss=``, distillation by default). The teacher
+    outputs come from ``teacher``, or from ``graph`` when no teacher is given.
     """
 
     def __init__(self, problem: Problem, graph: torch.fx.GraphModule, *,
@@ -130,7 +132,7 @@ class SearchContext:
                              "(inputs, target) batches) to pqcompile.compile, or pick a "
                              "data-free solver ('ilp', 'greedy', 'uniform4')")
         self.problem, self.graph, self.teacher = problem, graph, teacher
-        self.objective = Objective.resolve(objective)
+        self.objective = Objective.resolve("cross_entropy" if objective is None else objective)
         self._reference = teacher if teacher is not None else copy.deepcopy(graph).eval()
         self._teacher_out: dict[int, Any] = {}  # held-out batch index -> teacher output
         self.data, self.seed, self.progress = data, seed, progress
@@ -168,6 +170,17 @@ class SearchContext:
         """``(inputs, target)`` of a batch of a classifier (unlabelled batches: the teacher's
         argmax); methods that train on any model use :meth:`loss`."""
         return self._inputs(batch), self._target(batch)
+
+    def inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """The model inputs of a batch (its first ``n_inputs`` items)."""
+        return self._inputs(batch)
+
+    def probe(self, output: Any, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """What a Fisher estimate differentiates on ``batch``: the objective's Gauss-Newton
+        probe (:meth:`pqcompile.objective.Objective.probe`; the loss itself for a label or a
+        user loss)."""
+        return self.objective.probe(output, self.teacher_output(batch),
+                                    split_target(batch, self.n_inputs), generator)
 
     def teacher_output(self, batch: Any) -> Any:
         """The float model's output on ``batch``'s inputs (no gradient)."""
