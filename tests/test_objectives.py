@@ -122,6 +122,22 @@ def test_regression_model_compiles_with_data(diabetes):
     assert r2_fp32 > 0.4 and r2 > r2_fp32 - 0.1
 
 
+@pytest.mark.parametrize("solver,options", [
+    ("sbs", {"steps": 30}), ("ajpq", {"episodes": 4}),
+    ("picpq", {"cycles": 3, "population": 4, "tournament": 2, "finetune_steps": 2})])
+def test_searching_solvers_measure_a_regressor_by_the_objective(diabetes, solver, options):
+    model, train, (x_test, _) = diabetes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pqcompile.errors.PQCompileWarning)
+        c = pqcompile.compile(model, (x_test[:8],), target="host", budget=Budget(bops="20x"),
+                              data=train, solver=solver, solver_options=options,
+                              pareto_points=1)
+    assert c.solution.feasible and c.totals["bop_reduction"] >= 20
+    chosen = next(cand for cand in c.candidates if cand["source"] == "chosen")
+    assert chosen["accuracy"] is None and 0 <= chosen["loss"] < 1  # NMSE against FP32
+    _program_equals_reference(c, x_test[:8])
+
+
 def test_dict_output_model_compiles_with_data(digits_heads):
     model, train, (x_test, y_test) = digits_heads
     with warnings.catch_warnings():
