@@ -19,7 +19,11 @@ approximation (each producer's map is scored as if removed alone).
   trades off directly against their bit sensitivities.
 
 ``Taylor`` and ``ChannelFisher`` score channels only; their :meth:`calibrate` reads the groups
-from ``CHANNEL_GROUPS`` (run ChannelGroupAnalysis first).
+from ``CHANNEL_GROUPS`` (run ChannelGroupAnalysis first). ``dL_n/da`` is the gradient of the
+objective's probe (:meth:`pqcompile.objective.Objective.probe`): for the default distillation
+objective, whose gradient is zero at the float model, a Gauss-Newton probe, so
+``ChannelFisher`` estimates the Gauss-Newton second-order increase and ``Taylor`` its
+square-root scale; with ``loss_fn`` (a label loss), the loss itself, as in the papers.
 
 >>> import torch
 >>> from pqcompile.build import analysis
