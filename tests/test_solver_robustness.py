@@ -90,8 +90,8 @@ def test_ilp_gives_the_same_assignment_whatever_the_sensitivities_scale(cnn, rat
 def test_ilp_is_exact_and_within_2x_of_the_budget_on_tiny_objectives(cnn, ratio):
     # Objectives near 1e-7 (a model fine-tuned to ~100% train accuracy) once came back 277x
     # and 450x for 60x and 100x budgets.
-    problem = _scaled(cnn, 1e-2)
-    limits = resolve_limits(problem, Budget(bops=f"{ratio}x"))
+    limits = resolve_limits(cnn, Budget(bops=f"{ratio}x"))
+    problem = _scaled(cnn, 1e-7 / ILPSolver().solve(cnn, limits).objective)  # optimum: 1e-7
     s = ILPSolver().solve(problem, limits)
     exact = _brute_force(problem, limits)
     assert s.objective < 1e-6
