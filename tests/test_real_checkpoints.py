@@ -284,7 +284,7 @@ def test_fisher_takes_gradients_through_a_pad_and_a_normalization():
     train, _ = digits()
     model = PaddedNormalized().eval()
     gm = analysis(model, (train[0][0][:1],))
-    crit = FisherTrace(min_batches=1, max_batches=1)
+    crit = FisherTrace(loss_fn=F.cross_entropy, min_batches=1, max_batches=1)
     crit.calibrate(gm, train[:1])
     # the first layer's input is the pad's output: its trace is N * sum (dL/da)^2, by hand
     x, y = train[0]
