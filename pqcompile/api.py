@@ -37,6 +37,7 @@ import torch
 from .budget import Budget, BudgetError, UnsupportedBudgetError
 from .build import Compiled, analysis, finish, prepare
 from .candidates import public, solver_candidates
+from .data import LABEL_KEYS, NamedBatches, positional_data
 from .errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
 from .finetune import qat_finetune
 from .frontend import check_example_inputs, check_leaf_modules, check_model_and_inputs
@@ -95,6 +96,14 @@ def _example_from_data(data: Iterable[Any] | None) -> tuple[tuple[torch.Tensor],
     if batch is None:
         raise DataError("data is empty: pass a DataLoader (or iterable) of (inputs, target) "
                         "batches, or example_inputs")
+    if isinstance(data, NamedBatches) and isinstance(batch, tuple) and all(
+            isinstance(t, torch.Tensor) and t.dim() for t in batch):
+        raw = next(iter(data.data))  # a dict batch: every input it names, one sample each
+        if isinstance(raw, Mapping):
+            n = len([k for k in raw if k not in LABEL_KEYS])
+            example = tuple(t[:1].detach().clone() for t in batch[:n])
+            return example, (f"example inputs: the first sample of data's first batch, shapes "
+                             f"{[tuple(t.shape) for t in example]}")
     first = _inputs(batch)
     if first.dim() == 0 or first.shape[0] == 0:
         raise DataError(f"data's first batch holds inputs of shape {tuple(first.shape)}, with "
@@ -174,6 +183,9 @@ def compile(model: torch.nn.Module,
     # Every argument is checked before the first pass runs, so none fails after minutes of
     # search; data batches are checked against the traced model as they are read.
     example_note = ""
+    # dict batches ({"input_ids": ..., "attention_mask": ..., "labels": ...}) by parameter name
+    data = positional_data(model, data)
+    validation = positional_data(model, validation)
     if example_inputs is None:  # compile(model, target=..., budget=..., data=loader)
         example_inputs, example_note = _example_from_data(data)
     example_inputs = check_model_and_inputs(model, example_inputs)

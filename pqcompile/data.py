@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DATASETS", "DatasetSpec", "Loaders", "calibration_batches", "fashion_mnist_loaders",
-           "get_loaders", "load_dataset", "load_fashion_mnist", "load_mnist", "mnist_loaders"]
+__all__ = ["DATASETS", "DatasetSpec", "LABEL_KEYS", "Loaders", "NamedBatches",
+           "calibration_batches", "fashion_mnist_loaders", "get_loaders", "load_dataset",
+           "load_fashion_mnist", "load_mnist", "mnist_loaders", "positional_data"]
 
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IMAGE_MAGIC, _LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: unsigned byte, 3 resp. 1 dimensions
@@ -281,3 +282,47 @@ def calibration_batches(n: int, batch_size: int, *, dataset: str = "fashion_mnis
                           train_subset=n * batch_size, root=root)
     for images, _ in loaders.train:
         yield images
+
+
+# --- dict batches (as Hugging Face tokenizers and collators produce them) --------------------
+
+LABEL_KEYS = ("labels", "label")  # the target of a dict batch, if it has one
+
+
+class NamedBatches:
+    """``data`` whose batches are dicts keyed by ``forward``'s parameter names, as positional
+    batches: the inputs in parameter order, then the target (``labels``/``label``) if any.
+    Batches that are not dicts pass unchanged. Re-iterable when ``data`` is; ``len`` too."""
+
+    def __init__(self, model: torch.nn.Module, data: Iterable) -> None:
+        self.model, self.data = model, data
+
+    def convert(self, batch, index: int):
+        if not isinstance(batch, Mapping):
+            return batch
+        from .frontend import inputs_by_name
+
+        inputs = inputs_by_name(self.model, batch, f"data batch {index} (a dict)",
+                                skip=LABEL_KEYS)
+        labels = [batch[k] for k in LABEL_KEYS if k in batch]
+        return (*inputs, *labels[:1])
+
+    def __iter__(self) -> Iterator:
+        return (self.convert(b, i) for i, b in enumerate(self.data))
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return self.convert(self.data[index], index)  # type: ignore[index]
+
+
+def positional_data(model: torch.nn.Module, data: Iterable | None):
+    """``data`` as positional batches (see :class:`NamedBatches`); ``None`` and lists of
+    tuples or tensors are returned as they are, a read-once iterator stays read-once."""
+    if data is None or isinstance(data, (torch.Tensor, NamedBatches)):
+        return data
+    if isinstance(data, (list, tuple)) and not any(isinstance(b, Mapping) for b in data):
+        return data
+    named = NamedBatches(model, data)
+    return iter(named) if isinstance(data, Iterator) else named

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import linecache
 import traceback
+from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -62,9 +64,43 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
+def forward_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of ``model.forward``'s parameters that can be passed positionally."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def inputs_by_name(model: torch.nn.Module, named: Mapping[str, Any], what: str,
+                   skip: Iterable[str] = ()) -> tuple[Any, ...]:
+    """``named`` (e.g. a tokenizer's ``{"input_ids": ..., "attention_mask": ...}``) as the
+    positional inputs of ``model.forward``: its keys must be the first parameters, in any
+    order; keys in ``skip`` (labels) are left out. ``what`` names the dict in errors."""
+    params = forward_parameters(model)
+    keys = [k for k in named if k not in set(skip)]
+    unknown = [k for k in keys if k not in params]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, params, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise ExampleInputError(
+            f"{what} has key(s) {unknown} that {type(model).__name__}.forward does not take "
+            f"(its parameters: {params[:8]}){'; ' + hint if hint else ''}")
+    first = params[:len(keys)]
+    missing = [p for p in first if p not in keys]
+    if missing:
+        raise ExampleInputError(
+            f"{what} gives {keys} but not {missing}, which forward() takes before them; "
+            f"inputs are passed by position, so give the first {len(keys)} parameters "
+            f"({first}) or wrap the model in a module whose forward takes just yours")
+    return tuple(named[p] for p in first)
+
+
 def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """``model`` is an eager module and ``example_inputs`` a tensor or a non-empty tuple of
-    tensors (returned as a tuple); otherwise an error saying what to pass."""
+    """``model`` is an eager module and ``example_inputs`` a tensor, a non-empty tuple of
+    tensors, or a dict of them keyed by ``forward``'s parameter names (returned as a tuple in
+    parameter order); otherwise an error saying what to pass."""
     if not isinstance(model, torch.nn.Module):
         raise ModelError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in "
@@ -77,10 +113,12 @@ def check_model_and_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tenso
                          f"model._orig_mod")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping) and example_inputs:
+        example_inputs = inputs_by_name(model, example_inputs, "example_inputs")
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise ExampleInputError(
             "example_inputs must be a non-empty tuple of tensors, one per forward() argument, "
-            f"got {type(example_inputs).__name__}")
+            f"or a dict of them by parameter name, got {type(example_inputs).__name__}")
     for i, t in enumerate(example_inputs):
         if not isinstance(t, torch.Tensor):
             raise ExampleInputError(

@@ -17,7 +17,6 @@ from transformers import BertConfig, BertModel
 import pqcompile
 from pqcompile.assignment import Assignment
 from pqcompile.build import analysis, compile_assignment
-from pqcompile.errors import UnsupportedOpError
 from pqcompile.meta import CHANNEL_GROUPS, BitWidths
 from pqcompile.passes import PruneChannels, analyze_cost, predicted_macs, zero_channels
 from pqcompile.presets import compute_layers
@@ -189,11 +188,19 @@ class MaskFromIds(nn.Module):
         return self.fc(self.emb(ids) * (ids > 0).unsqueeze(-1))
 
 
-def test_token_ids_read_by_anything_but_a_lookup_are_refused():
-    ids = torch.randint(0, 10, (2, 5))
-    with pytest.raises(UnsupportedOpError, match=r"node 'gt' \(gt\) reads the integer model "
-                                                 r"input 'ids'.*nn.Embedding lookups"):
-        pqcompile.compile(MaskFromIds().eval(), (ids,), target="host", budget="bops=4x")
+def test_token_ids_read_by_a_mask_compile_exactly():
+    """``ids > 0`` is computed from the integer input as written (a mask op), and the float op
+    multiplying the looked-up vectors by it reads it unquantized: program == reference."""
+    ids = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    c = pqcompile.compile(MaskFromIds().eval(), (ids,), target="host", budget="bops=4x")
+    assert [op for _, op in c.float_ops] == ["mul"]
+    x = torch.tensor([[0, 3, 0, 9, 1], [5, 0, 0, 0, 2]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
+        zeroed = c.reference(x)[x == 0]
+    # a masked token contributes the linear layer's bias only, identical at every masked place
+    assert torch.equal(zeroed, zeroed[:1].expand_as(zeroed))
 
 
 def test_a_specialized_trace_refuses_batches_of_another_shape():

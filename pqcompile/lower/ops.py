@@ -29,6 +29,7 @@ from tvm.relax.frontend.torch import from_fx
 
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE, QParams
+from ..quant.exact import MaskOp
 from ..quant.plan import is_split, split_dim
 from ..quant.qmodules import (
     Dequantize,
@@ -334,9 +335,20 @@ def float_op(lw: Lowering, node, module: FloatOp, *qs) -> relax.Expr:
     if gv is None:
         gv = bb.add_func(translate_island(module.fn, shapes), f"float_{node.name}")
         lw.islands[key] = gv
-    xs = [dequantize(bb, q, p, "float64") for q, p in zip(qs, module.ins)]
+    xs = [dequantize(bb, q, p, "float64") if p is not None else bb.emit(R.astype(q, "float64"))
+          for q, p in zip(qs, module.ins)]
     y = bb.emit(relax.Call(gv, xs))
     return quantize(bb, y, module.out, module.lo, module.hi)
+
+
+def mask_op(lw: Lowering, node, module: MaskOp, *xs) -> relax.Expr:
+    """An op on integer-derived values (:mod:`pqcompile.quant.exact`): the reference's very
+    graph, translated at its inputs' dtypes (int64, bool, float32) and called."""
+    info = [(lw.shape(a), str(SHAPE.get(a).dtype).removeprefix("torch."))
+            for a in node.all_input_nodes]
+    fn = from_fx(module.fn, info)["main"].without_attr("global_symbol")
+    gv = lw.bb.add_func(fn, f"mask_{node.name}")
+    return lw.bb.emit(relax.Call(gv, list(xs)))
 
 
 def quantize_input(lw: Lowering, node, module: Quantize, x) -> relax.Expr:
@@ -349,7 +361,8 @@ def dequantize_output(lw: Lowering, node, module: Dequantize, q) -> relax.Expr:
 
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather}
+            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
+            MaskOp: mask_op}
 
 _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
                      torch.nn.Dropout2d, torch.nn.Dropout3d)

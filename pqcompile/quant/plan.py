@@ -4,8 +4,8 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
 
 * roots, which produce a new integer tensor with its own scale: ``input``, ``conv``, ``linear``,
   ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``), ``embedding`` (a lookup
-  of integer ids, e.g. tokens, which come in as ``index`` inputs and feed lookups only) and
-  ``float`` (an op with no integer lowering, run dequantize -> float -> quantize);
+  of integer ids, e.g. tokens, which come in as ``index`` inputs) and ``float`` (an op with
+  no integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
   slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split,
@@ -16,7 +16,13 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
 * ``fused``: a ReLU/ReLU6 folded into the clamp of its producer (a root other than input or
   float whose only user it is);
 * ``const`` (depends on no input; its value is captured) and ``meta`` (non-tensor values such
-  as ``x.size(0)``, kept as they are).
+  as ``x.size(0)``, kept as they are);
+* ``mask``: an op on integer inputs (``index``) and other ``mask`` values only, e.g. an
+  attention mask turned into an additive bias: not quantized, computed exactly as written
+  (:mod:`pqcompile.quant.exact`); a float op reading one gets it cast to float64;
+* ``inlined``: a float op reading an unquantized (``index``/``mask``) value whose only reader
+  is a float op: computed inside that reader's island, never quantized itself
+  (``Plan.inlined`` maps it to the reader), so e.g. a mask bias never takes a tensor's scale.
 
 A *domain* is a root and the pass-through ops reading it: one scale, one set of bits.
 
@@ -76,6 +82,7 @@ class Plan:
     bits: dict[str, int] = field(default_factory=dict)     # root -> activation bits
     signed: dict[str, bool] = field(default_factory=dict)  # root -> signedness
     args: dict[str, dict] = field(default_factory=dict)    # node -> op parameters
+    inlined: dict[str, str] = field(default_factory=dict)  # float op -> the island computing it
 
     def observe_at(self, root: str) -> str:
         """The node whose float value sets a root's scale (its folded ReLU, if any)."""
@@ -238,16 +245,17 @@ def _inert_drop(n: torch.fx.Node) -> bool:
 
 
 def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) -> str:
-    index = [a for a in n.all_input_nodes if plan.kind.get(a.name) == "index"]
+    index = [a for a in n.all_input_nodes if plan.kind.get(a.name) in ("index", "mask")]
     if index:
         mod = gm.get_submodule(n.target) if n.op == "call_module" else None
         if isinstance(mod, nn.Embedding) and mod.max_norm is None and len(n.all_input_nodes) == 1:
             return "embedding"
-        raise UnsupportedOpError(
-            f"node {n.name!r} ({op_name(gm, n)}) reads the integer model input "
-            f"{index[0].name!r}; integer inputs (token ids) can only feed nn.Embedding lookups "
-            "(without max_norm): compute masks and the like outside the model, or feed the "
-            "model float inputs")
+        if isinstance(mod, nn.Embedding):
+            raise UnsupportedOpError(
+                f"node {n.name!r} (Embedding) looks up {index[0].name!r} with max_norm or "
+                "further inputs; only plain lookups (max_norm=None) lower: drop max_norm")
+        # integer-derived values only: exact as written; with quantized tensors: a float op
+        return "float" if any(a.name in quantized for a in n.all_input_nodes) else "mask"
     if n.op == "call_function" and n.target is operator.getitem and \
             isinstance(n.args[0], torch.fx.Node) and n.args[0].name in quantized:
         if plan.kind[n.args[0].name] == "split" or (
@@ -326,6 +334,19 @@ def _tuple_valued_error(gm: torch.fx.GraphModule, n: torch.fx.Node) -> Unsupport
         f"torch.amax(x, dim) for x.max(dim).values), or run it outside the compiled model")
 
 
+def _inline_float_readers(gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """Float ops reading an unquantized value (a mask, an integer input, or an inlined op)
+    whose one reader is a float op become part of that reader's island (kind ``inlined``)."""
+    for n in gm.graph.nodes:
+        if plan.kind[n.name] != "float" or len(n.users) != 1:
+            continue
+        user = next(iter(n.users))
+        raw = any(plan.kind[a.name] in ("index", "mask", "inlined") for a in n.all_input_nodes)
+        if raw and plan.kind[user.name] == "float":
+            plan.kind[n.name] = "inlined"
+            plan.inlined[n.name] = user.name
+
+
 def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
     """Classify every node, fold ReLUs, and give each tensor domain its bits and signedness.
 
@@ -338,7 +359,8 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
     plan, quantized = Plan(), set()
     for n in gm.graph.nodes:
         depends = n.op == "placeholder" or any(a.name in quantized or plan.kind.get(a.name) in
-                                               ("meta", "index") for a in n.all_input_nodes)
+                                               ("meta", "index", "mask")
+                                               for a in n.all_input_nodes)
         if n.op == "output":
             kind = "output"
         elif not depends:
@@ -356,8 +378,9 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
             kind = _classify(gm, n, assignment, quantized, plan)
         plan.kind[n.name] = kind
         plan.op.setdefault(n.name, op_name(gm, n) if n.op != "placeholder" else "input")
-        if kind not in ("output", "const", "meta", "index"):
+        if kind not in ("output", "const", "meta", "index", "mask"):
             quantized.add(n.name)
+    _inline_float_readers(gm, plan)
 
     for n in gm.graph.nodes:
         if plan.kind[n.name] != "relu":

@@ -217,14 +217,16 @@ class FloatOp(QModule):
     can translate the very same graph; float64 keeps the two within ~1e-16 of each other.
     """
 
-    def __init__(self, fn: nn.Module, op: str, ins: list[QParams], out: QParams) -> None:
+    def __init__(self, fn: nn.Module, op: str, ins: list[QParams | None], out: QParams) -> None:
         super().__init__(out)
         self.fn, self.op, self.ins = fn, op, list(ins)
 
     def forward(self, *qs: torch.Tensor) -> torch.Tensor:
         if self.fake:
             return self._fq(self.fn(*(q.to(torch.float64) for q in qs)))
-        xs = [q.to(torch.float64) * p.scale for q, p in zip(qs, self.ins)]
+        # an input without qparams is an unquantized integer-derived value (a mask): as it is
+        xs = [q.to(torch.float64) * p.scale if p is not None else q.to(torch.float64)
+              for q, p in zip(qs, self.ins)]
         y = self.fn(*xs).to(torch.float64)
         return torch.floor(y / self.out.scale + 0.5).clamp(self.lo, self.hi)
 

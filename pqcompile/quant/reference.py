@@ -52,6 +52,7 @@ from ..meta import (
 from ..passes.base import TRACE_PROVIDES, mark_provided, provided_keys
 from .calibrate import capture, check_batches, observe
 from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
+from .exact import MaskOp, region_nodes, subgraph
 from .islands import Slot, make_island
 from .movement import pad_code
 from .observers import Observer, grid, make_observer
@@ -227,11 +228,41 @@ class _Builder:
             QPARAMS.set(node, self.qparams(n.name))
         return node
 
+    def raw(self, a: torch.fx.Node) -> bool:
+        """An unquantized input-derived tensor (an integer input or a ``mask`` op)."""
+        return self.plan.kind.get(a.name) in ("index", "mask")
+
+    def in_qparams(self, a: torch.fx.Node) -> QParams | None:
+        """How a float op reads ``a``: dequantized with these, or (None) cast to float64."""
+        return None if self.raw(a) else self.qparams(a.name)
+
+    def mask(self, n):
+        fn, ins = subgraph(self.gm, [n], lambda a: a.name in self.env and self.raw(a),
+                           self.values, "MaskOp")
+        return self.emit(n, MaskOp(fn, self.plan.op[n.name]), tuple(self.env[a.name]
+                                                                    for a in ins))
+
+    def region(self, n):
+        """``n`` with the float ops inlined into it, as one island (one quantization)."""
+        nodes = region_nodes(self.gm, n, set(self.plan.inlined))
+        fn, ins = subgraph(self.gm, nodes, lambda a: a.name in self.env and (
+            a.name in self.plan.root or self.raw(a)), self.values, "FloatRegion")
+        op = " + ".join(self.plan.op[x.name] for x in nodes)
+        island = make_island(fn, "call_module", tuple(Slot(i) for i in range(len(ins))), {},
+                             [tuple(SHAPE.get(a).shape) for a in ins],
+                             where=f"nodes {[x.name for x in nodes]} ({op})")
+        self.float_ops.append(FloatOp(n.name, op, island.precision))
+        qp = self.qp[n.name]
+        module = FloatOpModule(island.fn, op, [self.in_qparams(a) for a in ins], qp)
+        return self.emit(n, module, tuple(self.env[a.name] for a in ins), meta={QPARAMS: qp})
+
     def float(self, n):
+        if any(a.name in self.plan.inlined for a in n.all_input_nodes):
+            return self.region(n)
         ins, index, consts = [], {}, {}
 
         def arg(a):
-            if a.name in self.plan.root:
+            if a.name in self.plan.root or self.raw(a):
                 if a.name not in index:
                     index[a.name] = len(ins)
                     ins.append(a)
@@ -249,7 +280,7 @@ class _Builder:
         op = self.plan.op[n.name]
         self.float_ops.append(FloatOp(n.name, op, island.precision))
         qp = self.qp[n.name]
-        module = FloatOpModule(island.fn, op, [self.qparams(a.name) for a in ins], qp)
+        module = FloatOpModule(island.fn, op, [self.in_qparams(a) for a in ins], qp)
         return self.emit(n, module, tuple(self.env[a.name] for a in ins), meta={QPARAMS: qp})
 
     def output(self, n):
@@ -270,14 +301,14 @@ class _Builder:
             "clip": self.clip, "pad": self.pad, "gather": self.gather, "view": self.verbatim,
             "identity": self.verbatim,
             "split": self.verbatim, "meta": self.verbatim, "float": self.float,
-            "index": self.index_input, "embedding": self.embedding}
+            "index": self.index_input, "embedding": self.embedding, "mask": self.mask}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
             if kind == "output":
                 self.output(n)
             elif kind == "fused":
                 self.env[n.name] = self.env[self.plan.root[n.name]]
-            elif kind != "const":
+            elif kind not in ("const", "inlined"):  # inlined: computed in its reader's island
                 self.env[n.name] = handlers[kind](n)
 
 
@@ -285,7 +316,8 @@ def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
     """Constant and shape-valued nodes that float ops (or verbatim ops) read."""
     out = set()
     for n in gm.graph.nodes:
-        if plan.kind[n.name] in ("float", "view", "identity", "meta", "split"):
+        if plan.kind[n.name] in ("float", "view", "identity", "meta", "split", "mask",
+                                 "inlined"):
             out |= {a.name for a in n.all_input_nodes if plan.kind[a.name] in ("const", "meta")}
     return out
 
