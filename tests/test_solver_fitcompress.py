@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from solver_models import bops_ratio, context
 
 from pqcompile.budget import Budget, InfeasibleBudgetError
@@ -64,7 +65,7 @@ def test_layer_fit_is_trace_times_delta_squared_from_the_fisher(contexts):
     path = _Path(ctx.problem, ctx.graph)
     crit = _initial_stats(ctx, path, _Stream(ctx.data), tol=1e-3, min_batches=2,
                           max_batches=3)
-    ref = FisherTrace(tol=1e-3, min_batches=2, max_batches=3)
+    ref = FisherTrace(loss_fn=F.cross_entropy, tol=1e-3, min_batches=2, max_batches=3)
     ref.calibrate(ctx.graph, ctx.data)
     assert crit.batches == ref.batches == 3
     work = prepare(ctx.graph)
@@ -88,7 +89,7 @@ def test_fisher_stops_by_the_variance_rule_before_the_cap(contexts):
     budget = Budget(bops="40x")
     s = FITCompressSolver(fisher_tol=0.1, fisher_min_batches=2, fisher_max_batches=30,
                           refresh_every=0).solve(ctx.problem, budget, context=ctx)
-    ref = FisherTrace(tol=0.1, min_batches=2, max_batches=30)
+    ref = FisherTrace(loss_fn=F.cross_entropy, tol=0.1, min_batches=2, max_batches=30)
     ref.calibrate(ctx.graph, list(ctx.data) * 2)  # the solver cycles through the data
     assert s.info["fisher_converged"] is True and ref.converged
     assert 2 <= s.info["fisher_batches"] == ref.batches < 30
@@ -142,7 +143,7 @@ def test_pruning_moves_remove_the_lowest_fisher_channels(contexts):
     s = FITCompressSolver(fisher_min_batches=2, fisher_max_batches=4, refresh_every=0).solve(
         ctx.problem, budget, context=ctx)
     assert s.feasible and {e["kind"] for e in s.info["path"]} == {"prune"}
-    ref = FisherTrace(tol=1e-3, min_batches=2, max_batches=4)
+    ref = FisherTrace(loss_fn=F.cross_entropy, tol=1e-3, min_batches=2, max_batches=4)
     ref.calibrate(ctx.graph, ctx.data)
     masks = ctx.assignment(s.bits, s.kept, s.info["channel_scores"]).masks
     pruned = 0

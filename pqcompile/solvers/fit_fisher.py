@@ -121,7 +121,8 @@ def _input_ranges(fq: torch.fx.GraphModule, names: list[str], inputs: Iterable[t
 def _initial_stats(context: SearchContext, path: _Path, stream: _Stream, *, tol: float,
                    min_batches: int, max_batches: int) -> FisherTrace:
     """The variance-stopped estimate (FisherTrace on the FP32 graph) as per-row statistics."""
-    crit = FisherTrace(tol=tol, min_batches=min_batches, max_batches=max_batches)
+    crit = FisherTrace(tol=tol, min_batches=min_batches, max_batches=max_batches,
+                       objective=context.objective, seed=context.seed)
     crit.calibrate(context.graph, stream.take(max_batches))
     fq = context.fake_quant(context.assignment(path.bits(), path.kept()))
     modules = _wrapped(fq, path.names)
