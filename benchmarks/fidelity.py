@@ -159,7 +159,8 @@ def measure(case: Case, fp32_top1: np.ndarray, mode: str, budget: float, steps: 
     bits = {k: list(v) for k, v in c.solution.bits.items()}
     return {"model": case.name, "mode": mode, "budget": budget,
             "finetune_steps": steps if mode == "data" else 0,
-            "options": {k: v for k, v in (options or {}).items()},
+            "options": {k: v if k != "bit_options" else [f"{w}/{a}" for w, a in v]
+                        for k, v in (options or {}).items()},
             "bop_reduction": c.totals["bop_reduction"],
             "agreement": float((top1 == fp32_top1).mean()),
             "reference_agreement": float((ref.argmax(1) == fp32_top1).mean()),
@@ -198,11 +199,16 @@ def main(argv=None) -> int:
                     choices=["data-free", "data"])
     ap.add_argument("--steps", type=int, default=300, help="QAT steps with data")
     ap.add_argument("--observer", default=None, help="compile's activation observer")
+    ap.add_argument("--bit-options", nargs="+", default=None, metavar="W/A",
+                    help="the solver's (weight/activation) bit options, e.g. 8/8 4/8 "
+                         "(default: compile's)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in the output file and add these")
     args = ap.parse_args(argv)
-    options = {"observer": args.observer} if args.observer else {}
+    options: dict[str, Any] = {"observer": args.observer} if args.observer else {}
+    if args.bit_options:
+        options["bit_options"] = [tuple(int(b) for b in o.split("/")) for o in args.bit_options]
     out = Path(args.out) / "fidelity.json"
     rows: list[dict[str, Any]] = []
     fp32: dict[str, Any] = {}
@@ -235,7 +241,10 @@ def print_table(rows: list[dict[str, Any]], fp32: dict[str, Any]) -> None:
           "| program vs reference |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['mode']} | {r['bop_reduction']:.1f}x | "
+        opts = ", ".join(f"{k} {' '.join(v) if isinstance(v, list) else v}"
+                         for k, v in r.get("options", {}).items())
+        mode = f"{r['mode']} ({opts})" if opts else r["mode"]
+        print(f"| {r['model']} | {mode} | {r['bop_reduction']:.1f}x | "
               f"{r['finetune_steps']} | {r['agreement']:.1%} of {r['held_out']} | "
               f"{r['task']:.1%} ({fp32[r['model']]['task']:.1%}) | "
               f"{r['worst_lsb']:.0f} LSB |")
