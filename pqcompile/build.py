@@ -196,14 +196,15 @@ def prepare(fp32: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.Grap
 def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
                        assignment: Assignment, *, target: Any = "host",
                        calibration: Iterable[torch.Tensor], observer: str = "minmax",
-                       **trace_kwargs: Any) -> Compiled:
-    """Build ``model`` under ``assignment`` for ``target`` (see the module docstring)."""
+                       residual_bits: int = 8, **trace_kwargs: Any) -> Compiled:
+    """Build ``model`` under ``assignment`` for ``target`` (see the module docstring);
+    ``residual_bits``: see :func:`pqcompile.quant.build_reference`."""
     from .frontend import check_model_and_inputs  # a dict of inputs by parameter name too
 
     example_inputs = check_model_and_inputs(model, example_inputs)
     fp32 = analysis(model, example_inputs, **trace_kwargs)
     return finish(fp32, prepare(fp32, assignment), assignment, target=target,
-                  calibration=calibration, observer=observer)
+                  calibration=calibration, observer=observer, residual_bits=residual_bits)
 
 
 def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Assignment, *,

@@ -287,7 +287,8 @@ class QParams:
 
     ``signed``: symmetric narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; unsigned:
     ``[0, 2^b - 1]`` (tensors known to be non-negative). Tensors of up to 8 bits are stored
-    as ``int8`` / ``uint8``.
+    as ``int8`` / ``uint8``; 9 to 16 bits (a residual sum read by float ops only, see
+    ``build_reference(residual_bits=...)``) as ``int16`` / ``uint16``.
     """
 
     scale: float
@@ -295,8 +296,8 @@ class QParams:
     signed: bool
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"QParams.bits must be in 2..8, got {self.bits}")
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"QParams.bits must be in 2..16, got {self.bits}")
         if not self.scale > 0:
             raise ValueError(f"QParams.scale must be positive, got {self.scale}")
 
@@ -310,7 +311,8 @@ class QParams:
 
     @property
     def dtype(self) -> str:
-        return "int8" if self.signed else "uint8"
+        width = 8 if self.bits <= 8 else 16
+        return f"int{width}" if self.signed else f"uint{width}"
 
 
 @dataclass(frozen=True)

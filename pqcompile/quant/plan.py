@@ -442,6 +442,17 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
     return plan
 
 
+def residual_sums(gm: torch.fx.GraphModule, plan: Plan) -> list[str]:
+    """The ``add`` roots whose tensor no conv/linear layer reads (directly or through
+    pass-through ops): only float ops, adds and outputs do, so they may be wider than 8 bits
+    (the integer kernels take 8-bit inputs)."""
+    read = {plan.root[n.all_input_nodes[0].name] for n in gm.graph.nodes
+            if plan.kind[n.name] in ("conv", "linear")}
+    read |= {plan.root[n] for n, k in plan.kind.items()  # integer kernels of 8-bit tensors
+             if k in ("maxpool", "clip", "pad", "gather", "fused")}
+    return [r for r, k in plan.kind.items() if k == "add" and r not in read]
+
+
 def layer_plan(gm: torch.fx.GraphModule, layers: Sequence[str]) -> Plan:
     """The plan of ``gm`` with ``layers`` quantized; its domains (which tensor each node's
     value shares, and their signedness) do not depend on the bits."""

@@ -56,7 +56,7 @@ from .exact import MaskOp, region_nodes, subgraph
 from .islands import Slot, make_island
 from .movement import pad_code
 from .observers import Observer, grid, make_observer
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, residual_sums
 from .qmodules import (
     Dequantize,
     QAdd,
@@ -325,7 +325,8 @@ def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
 def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
                     calib_batches: Iterable[Any],
                     observer: str | Callable[[], Observer] = "minmax", *,
-                    activation_amax: Mapping[str, float] | None = None) -> torch.fx.GraphModule:
+                    activation_amax: Mapping[str, float] | None = None,
+                    residual_bits: int = 8) -> torch.fx.GraphModule:
     """Calibrate ``gm`` (BN folded) on ``calib_batches`` and build its integer-exact reference.
 
     ``assignment`` gives weight and activation bits (2..8) per conv/linear node; layers it does
@@ -337,6 +338,10 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     it: ``{node name: amax}``, keyed by the node that produces the tensor (a root: the input,
     a conv/linear, add, cat, average pool or float op; ``scale = amax / qmax``), e.g. the
     ranges learned by :func:`pqcompile.finetune.qat_finetune`. The other tensors are calibrated.
+
+    ``residual_bits`` (8..16): the width of integer sums (``add``) that no conv/linear layer
+    reads, e.g. a transformer's residual stream before each LayerNorm (int16 above 8 bits):
+    the accumulating residual carries outlier channels that one 8-bit scale cannot hold.
     """
     check_graph_and_assignment(gm, assignment, "build_reference")
     if assignment.masks and KEPT_CHANNELS.name not in provided_keys(gm):
@@ -349,6 +354,10 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     with torch.no_grad():
         ShapeProp(work).propagate(*example)
     plan = make_plan(work, assignment)
+    if not 8 <= residual_bits <= 16:
+        raise ValueError(f"residual_bits must be in 8..16, got {residual_bits}")
+    for r in residual_sums(work, plan):
+        plan.bits[r] = residual_bits
     batches = check_batches(work, calib_batches)
     factory = make_observer(observer)
     roots = [r for r, k in plan.kind.items() if r in plan.bits]
