@@ -13,9 +13,10 @@ constant shapes/dtypes; ``with_values``: and the same constant values), so that 
 function per key.
 
 >>> import torch
->>> fn = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 2).double()))
->>> str(translate_island(fn, [(1, 3)]).ret_ty.dtype)
-'float64'
+>>> from pqcompile.quant.islands import Slot, make_island
+>>> island = make_island(torch.nn.Linear(3, 2), "call_module", (Slot(0),), {}, [(1, 3)])
+>>> island.precision, str(translate_island(island.fn, [(1, 3)]).ret_ty.dtype)
+('float64', 'float64')
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ between casts (``precision == "float32"``). Batch and layer norms are written as
 elementwise ops they compute first, so they run in float64 (TVM's own ``layer_norm`` and
 ``batch_norm`` kernels are float32-only).
 Each candidate is translated and legalized by TVM first (no code generation), so the choice is
-made once, here, and the reference and the program always agree on it.
+made once, here, and the reference and the program always agree on it. That check runs once
+per island key (:func:`pqcompile.lower.float_islands.island_key`: code, input shapes, constant
+shapes and dtypes): a model's islands repeat (MaxViT: 234 islands, a few dozen keys).
+Keyword arguments of ATen ops are passed positionally in the island's graph, where torch's
+schema says where they go: TVM's frontend reads many ops' arguments by position only.
 
 >>> import torch
 >>> island = make_island(torch.nn.Hardswish(), "call_module", (Slot(0),), {}, [(2, 3)])
