@@ -157,9 +157,9 @@ class Problem:
     outside the layers that scale with kept counts (the attention products of a head group), at
     ``float_mac_bops`` bit operations a MAC (:data:`pqcompile.passes.cost.FLOAT_BITS` squared,
     set by :func:`~pqcompile.solvers.graph.build_problem`; 1024 by default) on top of the fixed
-    ones; ``reference``: the FP32 model's bops, macs, bytes (and
-    ``latency_ms``, the unpruned total of the latency table, when ``latency`` is set); ``latency``: the layers'
-    predicted latency on the target, or ``None`` (set it with :func:`with_latency_model`);
+    ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the unpruned
+    total of the latency table, when ``latency`` is set); ``latency``: the layers' predicted
+    latency on the target, or ``None`` (set it with :func:`with_latency_model`);
     ``float_nodes``: ``(node, FP32 MACs, why it gets no bits)`` of the nodes outside the
     layers that do MACs (they run in float), for the messages of unreachable budgets."""
 
