@@ -21,6 +21,7 @@ the tuning data). Models:
 
     python benchmarks/fidelity.py [--models mobilenet_v2 resnet20_fashion] [--budgets 16 32 48]
         [--modes data-free data] [--steps 300] [--out benchmarks/results]
+    python benchmarks/fidelity.py --transformers [--tokens 128]   # paraphrase-MiniLM-L3-v2
 """
 
 from __future__ import annotations
@@ -205,7 +206,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in the output file and add these")
+    ap.add_argument("--transformers", action="store_true",
+                    help="only the sentence-encoder rows (transformer_rows)")
+    ap.add_argument("--tokens", type=int, default=128, help="sequence length, --transformers")
     args = ap.parse_args(argv)
+    if args.transformers:
+        return transformer_rows(Path(args.out), args.tokens, args.observer or "minmax")
     options: dict[str, Any] = {"observer": args.observer} if args.observer else {}
     if args.bit_options:
         options["bit_options"] = [tuple(int(b) for b in o.split("/")) for o in args.bit_options]
@@ -231,6 +237,24 @@ def main(argv=None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
     print_table(rows, fp32)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def transformer_rows(out_dir: Path, tokens: int, observer: str) -> int:
+    """paraphrase-MiniLM-L3-v2 on the Lee corpus's 1225 rated pairs (real_transformers):
+    FP32, uniform int8, int8 with 16-bit residual sums (int8 weights: 4x smaller), each with
+    Pearson against the human ratings, the cosine to FP32 and program == reference; written to
+    ``fidelity_transformers.json``."""
+    import real_transformers
+
+    rows = real_transformers.fidelity_rows(tokens, observer=observer)
+    for row in rows:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in row.items()), flush=True)
+    out = out_dir / "fidelity_transformers.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1))
     print(f"\nwrote {out}")
     return 0
 

@@ -167,3 +167,48 @@ def pair_pearson(embeddings: np.ndarray, corpus: LeeCorpus) -> float:
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     cos = np.array([float(e[i] @ e[j]) for i, j in corpus.pairs])
     return float(np.corrcoef(cos, corpus.human)[0, 1])
+
+
+def fidelity_rows(length: int = 128, batch: int = 10, calibration: int = 2,
+                  observer: str = "minmax") -> list[dict]:
+    """paraphrase-MiniLM-L3-v2 on the Lee corpus: FP32, uniform int8 (weights and activations)
+    and int8 with 16-bit residual sums, all with int8 weights (4x smaller than FP32). Each row:
+    Pearson with the human ratings and its difference to FP32's, the mean cosine of the
+    program's sentence embeddings to FP32's, the fidelity SQNR of the build, and the largest
+    difference between the compiled program and its integer reference (0: bit-exact)."""
+    from pqcompile.build import analysis, compile_assignment
+    from pqcompile.presets import uniform
+
+    model, corpus = minilm_l3(), lee_corpus()
+    enc = tokenize(list(corpus.documents), length)
+    example = (enc["input_ids"][:batch], enc["attention_mask"][:batch])
+    cal = [(enc["input_ids"][s:s + batch], enc["attention_mask"][s:s + batch])
+           for s in range(0, calibration * batch, batch)]
+    fp32 = encode(model, enc, batch)
+    p32 = pair_pearson(fp32, corpus)
+    rows = [{"model": "minilm_l3", "mode": "fp32", "tokens": length, "pearson": p32}]
+    gm = analysis(model, example)
+    for mode, residual in (("int8", 8), ("int8+int16 residual", 16)):
+        c = compile_assignment(model, example, uniform(gm, 8), target="host",
+                               calibration=cal, observer=observer, residual_bits=residual)
+        program = encode(lambda i, m: c(i.numpy(), m.numpy()), enc, batch)
+        reference = encode(lambda i, m: c.reference(i, m), enc, batch)
+        cos = np.sum(fp32 * program, 1) / np.linalg.norm(fp32, axis=1) / \
+            np.linalg.norm(program, axis=1)
+        p = pair_pearson(program, corpus)
+        rows.append({"model": "minilm_l3", "mode": mode, "tokens": length, "pearson": p,
+                     "pearson_delta": p - p32, "cosine_to_fp32": float(cos.mean()),
+                     "sqnr_db": c.fidelity["sqnr_db"],
+                     "weight_bytes": c.totals["weight_bytes"],
+                     "fp32_weight_bytes": c.totals["fp32_weight_bytes"],
+                     "weight_reduction": c.totals["fp32_weight_bytes"] / c.totals["weight_bytes"],
+                     "program_vs_reference": float(np.abs(program - reference).max())})
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for row in fidelity_rows(*(int(a) for a in sys.argv[1:2])):
+        print(json.dumps(row))
