@@ -164,3 +164,17 @@ def test_maxvit_program_equals_reference():
         x = torch.randn(1, 3, 32, 32, generator=g)
         ref = c.reference(x).numpy()
         assert np.abs(c(x.numpy()).astype(np.float64) - ref).max() <= step * 1.001
+
+
+def test_integer_index_of_a_tensor_keeps_its_meaning_in_tvm():
+    """``x[1]`` drops the first axis (TVM's frontend returned ``x`` itself for an int index)."""
+    import operator
+
+    from pqcompile.lower.float_islands import translate_island
+
+    island = make_island(operator.getitem, "call_function", (Slot(0), 1), {}, [(3, 4, 5)])
+    assert island.precision == "float64"
+    fn = translate_island(island.fn, [(3, 4, 5)])
+    assert [int(d) for d in fn.ret_ty.shape] == [4, 5]
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    assert torch.equal(island.fn(x), x[1])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -251,8 +252,18 @@ def _positional_args(graph: torch.fx.Graph, values: dict | None) -> None:
     TVM's fx frontend reads many ops' arguments by position only (``F.conv2d(x, w, b,
     padding=1)`` would lose its padding). A keyword is moved only when every schema of the op
     that accepts the call agrees on where it goes, and the values stand for what torch ran
-    (``values``: the traced value of each node, where known, to pick the schema by types)."""
+    (``values``: the traced value of each node, where known, to pick the schema by types).
+    ``x[i]`` on a tensor becomes ``torch.select(x, 0, i)``: the frontend's ``x[i]`` keeps the
+    axis (a slice of one)."""
     for n in graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem and values is not None \
+                and isinstance(n.args[1], int) and isinstance(n.args[0], torch.fx.Node):
+            x, i = n.args
+            value = values.get(x)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                i %= value.shape[0]
+            if (x.op == "placeholder" and i >= 0) or isinstance(value, torch.Tensor):
+                n.target, n.args = torch.select, (x, 0, i)  # the frontend ignores x[int]
         if n.op != "call_function" or not n.kwargs:
             continue
         layouts, names = [], set()
