@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -270,7 +271,7 @@ class _Builder:
             v = self.values[a.name]
             if not isinstance(v, torch.Tensor):
                 return v
-            consts[f"const{len(consts)}"] = v
+            consts[f"const{len(consts)}"] = _compact(v) if _broadcasts(n, a) else v
             return f"\0const{len(consts) - 1}"
 
         args, kwargs = map_arg(n.args, arg), map_arg(n.kwargs, arg)
@@ -310,6 +311,29 @@ class _Builder:
                 self.env[n.name] = self.env[self.plan.root[n.name]]
             elif kind not in ("const", "inlined"):  # inlined: computed in its reader's island
                 self.env[n.name] = handlers[kind](n)
+
+
+_ELEMENTWISE = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul)
+
+
+def _broadcasts(n: torch.fx.Node, const: torch.fx.Node) -> bool:
+    """``n`` is an elementwise add/sub/mul whose result has the shape of an operand other than
+    ``const``: the constant may then be stored with its repeated dims reduced to 1."""
+    if n.op != "call_function" or n.target not in _ELEMENTWISE:
+        return False
+    out = tuple(SHAPE.get(n).shape)
+    return any(a is not const and isinstance(a, torch.fx.Node) and
+               hasattr(SHAPE.find(a), "shape") and tuple(SHAPE.get(a).shape) == out
+               for a in n.args)
+
+
+def _compact(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with every dim along which it repeats one slice reduced to size 1 (it broadcasts
+    back to the same values), e.g. a token-type embedding repeated over batch and positions."""
+    for d in range(v.dim()):
+        if v.shape[d] > 1 and bool((v == v.narrow(d, 0, 1)).all()):
+            v = v.narrow(d, 0, 1)
+    return v.contiguous().clone()
 
 
 def _needed_values(gm: torch.fx.GraphModule, plan: Plan) -> set[str]:
