@@ -22,7 +22,6 @@ from typing import Any, Callable
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.node import map_arg
 
 
 class MaskOp(nn.Module):
