@@ -47,9 +47,7 @@ MODELS: dict[str, tuple[dict, int]] = {
 }
 
 # Architectures pqcompile refuses, with the error type and the op the message must name.
-REFUSED: dict[str, tuple[str, str]] = {
-    "swin_t": ("UnsupportedOpError", "shifted_window_attention"),
-}
+REFUSED: dict[str, tuple[str, str]] = {}
 
 
 def make(name: str, batch: int = 2, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:

@@ -4,7 +4,9 @@ A conv that stays in float (its weight computed in ``forward()``) with a bias an
 ``padding`` builds in float64 and the program equals its integer reference on the host;
 islands that translate alike share one Relax function and one TVM check; a batch norm before
 an unpadded conv or a linear folds into it (MaxViT's MBConv pre-norm), one before a padded conv
-does not. The slow test builds a MaxViT (attention, GELU, LayerNorm, einsum, softmax islands).
+does not. ``x[int]`` and a mask made with ``new_zeros`` and filled in place (swin_t's
+shifted-window attention) translate as torch computes them. The slow test builds a MaxViT
+(attention, GELU, LayerNorm, einsum, softmax islands).
 """
 
 import numpy as np
@@ -178,3 +180,19 @@ def test_integer_index_of_a_tensor_keeps_its_meaning_in_tvm():
     assert [int(d) for d in fn.ret_ty.shape] == [4, 5]
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     assert torch.equal(island.fn(x), x[1])
+
+
+def masked_scores(x):
+    """Swin's shifted-window mask: a tensor made from shapes alone, filled in place."""
+    mask = x.new_zeros(x.shape[-2:])
+    mask[:2, 1:] = -100.0
+    return (x + mask).softmax(-1)
+
+
+def test_a_tensor_made_from_shapes_and_filled_in_place_is_a_constant():
+    island = make_island(masked_scores, "call_function", (Slot(0),), {}, [(2, 4, 4)])
+    assert island.precision == "float64"
+    assert not any(n.op == "call_method" and n.target == "new_zeros"
+                   for n in island.fn.graph.nodes)
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    assert torch.equal(island.fn(x), masked_scores(x))

@@ -51,8 +51,25 @@ class _FlatTracer(torch.fx.Tracer):
         return False
 
 
+_FROM_SHAPE = ("new_zeros", "new_ones", "new_full", "new_empty")
+
+
 class _ShapeFlatTracer(ShapeTracingMixin, _FlatTracer):
-    pass
+    """Traces through modules at fixed shapes. A tensor made from shapes alone
+    (``x.new_zeros(h, w)``) is a constant of the island, not a node: code may fill it in place
+    (swin's shifted-window attention mask), which a traced value cannot be."""
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        traced = []  # traced values among the arguments other than the tensor itself
+        torch.fx.node.map_aggregate((args[1:], kwargs), lambda v: traced.append(v)
+                                    if isinstance(v, torch.fx.Proxy) else None)
+        if kind == "call_method" and target in _FROM_SHAPE and not traced and \
+                isinstance(proxy, torch.fx.Proxy) and not proxy.node.users:
+            value = self.values.pop(proxy.node)
+            self.graph.erase_node(proxy.node)
+            return value.clone()
+        return proxy
 
 
 class _LeafTracer(torch.fx.Tracer):
