@@ -217,7 +217,7 @@ def make_island(target: Any, kind: str, args: Any, kwargs: Any,
                     translate_island(fn, shapes, legalize=True)
                     _CHECKED[key] = None
                 except Exception as exc:  # noqa: BLE001 (see below)
-                    _CHECKED[key] = exc
+                    _CHECKED[key] = exc.with_traceback(None)  # keeps no frames alive
             if _CHECKED[key] is not None:
                 raise _CHECKED[key]
         except Exception as exc:  # noqa: BLE001 (fx and TVM raise many types; kept, re-raised)
