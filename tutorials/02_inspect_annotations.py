@@ -138,7 +138,8 @@ cost4 = COST.get(conv_node)
 print(f"  at 4/8 bits: {cost4.bops:,} BOPs (= MACs x 4 x 8), {cost4.weight_bytes:,.0f} weight "
       f"bytes; the model now has {COST_TOTALS.get(gm).bop_reduction:.3f}x fewer BOPs than FP32")
 assert cost4.bops == macs * 4 * 8 == 301_989_888
-assert cost4.weight_bytes == conv.weight.numel() * 4 / 8 == 2304
+# stored: 4 bits a weight, and per output channel an int32 bias, multiplier and shift
+assert cost4.weight_bytes == conv.weight.numel() * 4 / 8 + 32 * 3 * 4 == 2304 + 384
 assert COST_TOTALS.get(gm).bops == totals.bops - macs * (32 * 32 - 4 * 8)
 
 # --- 5. Sensitivities -------------------------------------------------------------------------

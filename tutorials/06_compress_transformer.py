@@ -97,7 +97,7 @@ assert compiled.totals["bops"] == compiled.solution.costs["bops"]
 
 for seed in (1, 2, 3):  # fresh token ids
     ids = token_ids(seed)
-    out = compiled(ids.numpy())  # the compiled program
+    out = compiled(ids.numpy())["last_hidden_state"]  # the compiled program: the model's dict
     with torch.no_grad():
         ref = compiled.reference(ids)["last_hidden_state"].numpy()  # fake-quant torch model
         fp = model(ids).last_hidden_state.numpy()
