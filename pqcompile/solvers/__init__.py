@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..budget import Budget
+from .graph import build_problem, to_assignment, weight_noise_sensitivity
 from .greedy import GreedySolver
 from .ilp import ILPSolver, infeasible_error, minimum_costs
 from .problem import (
@@ -28,14 +29,11 @@ from .problem import (
     Layer,
     Problem,
     Solution,
-    build_problem,
     evaluate,
     keep_count,
     layer_latency,
     problem_costs,
     resolve_limits,
-    to_assignment,
-    weight_noise_sensitivity,
     with_latency_model,
 )
 from .uniform import PruneUniformSolver, UniformSolver

@@ -110,7 +110,7 @@ from ..meta import CHANNEL_GROUPS
 from ..progress import Progress
 from .fit_fisher import _initial_stats, _LayerStats, _refresh, _Stream
 from .greedy import DescentState
-from .ilp import infeasible_error, minimum_costs
+from .ilp_model import infeasible_error, minimum_costs
 from .problem import Option, Problem, Solution, problem_costs, resolve_limits
 from .search import SearchContext, check_int, check_real
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 
 from ..budget import InfeasibleBudgetError
-from .ilp import infeasible_error
+from .ilp_model import infeasible_error
 from .problem import (
     Option,
     Problem,

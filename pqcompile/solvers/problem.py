@@ -3,7 +3,7 @@
 Solvers see only these frozen records, never the graph: per compute layer (conv2d/linear) its
 bit options and their sensitivities, and how its MACs and weight count scale with the kept
 channels of its groups; per prunable channel group its keep levels and their sensitivities.
-:func:`build_problem` (in :mod:`pqcompile.solvers.graph`, re-exported here) derives them from an
+:func:`build_problem` (in :mod:`pqcompile.solvers.graph`, which needs torch.fx) derives them from an
 analyzed graph; :func:`to_assignment` turns a :class:`Solution` back into keep-masks and bits.
 
 A layer's kept output channels and kept input channels (per conv group) are each an
@@ -356,8 +356,3 @@ def evaluate(problem: Problem, bits: Mapping[str, Option], kept: Mapping[int, in
         if verdict.status == "far below":
             info["overshoot"] = verdict.slack
     return Solution(bits, kept, objective(problem, bits, kept), costs, solver, feasible, info)
-
-
-
-# Building needs torch.fx; it lives apart so the solver-facing types above stay pure data.
-from .graph import build_problem, to_assignment, weight_noise_sensitivity  # noqa: F401

@@ -134,7 +134,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..progress import Progress
-from .ilp import infeasible_error
+from .ilp_model import infeasible_error
 from .problem import Option, Problem, Solution, evaluate, resolve_limits
 from .sbs_gates import (
     _channel_scores,
