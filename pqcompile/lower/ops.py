@@ -29,6 +29,7 @@ from tvm.relax.frontend.torch import from_fx
 
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE, QParams
+from ..quant.affine import QAffine
 from ..quant.exact import MaskOp
 from ..quant.plan import is_split, split_dim
 from ..quant.qmodules import (
@@ -47,7 +48,9 @@ from ..quant.qmodules import (
     Quantize,
 )
 from . import kernels
+from .affine import affine
 from .float_islands import island_key, translate_island
+from .lut import EMITTERS as LUT_EMITTERS
 from .packing import emit_unpack, group, is_packed, pack
 from .tir_macros import NARROW_MIN_SHIFT
 
@@ -362,7 +365,8 @@ def dequantize_output(lw: Lowering, node, module: Dequantize, q) -> relax.Expr:
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
             QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
-            MaskOp: mask_op}
+            MaskOp: mask_op, QAffine: affine}
+EMITTERS.update(LUT_EMITTERS)  # table lookups and products (pqcompile.lower.lut)
 
 _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
                      torch.nn.Dropout2d, torch.nn.Dropout3d)

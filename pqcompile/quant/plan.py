@@ -4,8 +4,11 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
 
 * roots, which produce a new integer tensor with its own scale: ``input``, ``conv``, ``linear``,
   ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``), ``embedding`` (a lookup
-  of integer ids, e.g. tokens, which come in as ``index`` inputs) and ``float`` (an op with
-  no integer lowering, run dequantize -> float -> quantize);
+  of integer ids, e.g. tokens, which come in as ``index`` inputs), ``lut`` (a pointwise op of
+  one tensor, a table of its codes), ``mul`` (the product of two tensors; see
+  :mod:`pqcompile.quant.lut`), ``affine`` (an eval-mode batch norm, an integer per-channel
+  affine map: :mod:`pqcompile.quant.affine`) and ``float`` (an op with no integer lowering,
+  run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
   slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split,
@@ -52,11 +55,14 @@ from torch import nn
 from ..assignment import Assignment
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE
+from .affine import is_affine_norm
+from .lut import elementwise_function, is_product, nonnegative
 from .movement import movement_args
 
-ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float", "embedding")
+ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float", "embedding", "lut", "mul",
+         "affine")
 PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split", "pad", "gather")
-FUSABLE = ("conv", "linear", "add", "cat", "avgpool")
+FUSABLE = ("conv", "linear", "add", "cat", "avgpool", "mul", "affine")
 
 _ADD = (operator.add, operator.iadd, torch.add)
 _CAT = (torch.cat, torch.concat)
@@ -275,6 +281,9 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
             return "float"
         plan.args[n.name] = args
         return "conv" if isinstance(mod, nn.Conv2d) else "linear"
+    if mod is not None and len(tensor_ins) == 1 and all_quantized and \
+            is_affine_norm(mod, len(_shape(n))):
+        return "affine"
     relu = _relu_kind(gm, n)
     if relu is not None and len(tensor_ins) == 1 and all_quantized:
         if relu == "relu6":
@@ -282,6 +291,10 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
         return "relu"
     if not all_quantized or len(tensor_ins) == 0:
         return "float"
+    if is_product(n) and all(a in tensor_ins for a in n.args):
+        return "mul"
+    if elementwise_function(gm, n) is not None:
+        return "lut"
     if (n.op == "call_function" and n.target in _ADD) or (
             n.op == "call_method" and n.target in ("add", "add_")):
         if len(n.args) == 2 and not n.kwargs and all(
@@ -430,8 +443,10 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
         ins = [plan.root[a.name] for a in n.all_input_nodes if a.name in plan.root]
         if n.name in plan.fused:
             signed = False
-        elif kind in ("add", "cat", "avgpool"):
+        elif kind in ("add", "cat", "avgpool", "mul"):
             signed = any(plan.signed[r] for r in ins)
+        elif kind == "lut":
+            signed = not nonnegative(elementwise_function(gm, n))
         elif kind == "float":
             mod = gm.get_submodule(n.target) if n.op == "call_module" else None
             signed = not (isinstance(mod, tuple(t for t in _NONNEG if isinstance(t, type)))

@@ -52,9 +52,11 @@ from ..meta import (
 )
 from ..passes.base import TRACE_PROVIDES, mark_provided, provided_keys
 from .calibrate import capture, check_batches, observe
+from .affine import QAffine
 from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
 from .exact import MaskOp, region_nodes, subgraph
 from .islands import Slot, make_island
+from .lut import QLut, QMul, elementwise_function, make_table
 from .movement import pad_code
 from .observers import Observer, grid, make_observer
 from .plan import Plan, make_plan, residual_sums
@@ -218,6 +220,41 @@ class _Builder:
         return self.emit(n, QClip(qp, max(qp.qmin, 0), hi), (self.env[src.name],),
                          meta={QPARAMS: qp})
 
+    def lut(self, n):
+        """A pointwise op of one tensor of at most 8 bits as a table of its codes (a float op
+        where the input is wider or the function is not finite on its codes)."""
+        src = self.ins(n)[0]
+        inp, out = self.qparams(src.name), self.qp[n.name]
+        lo, hi = self.bounds(n, out)
+        fn = elementwise_function(self.gm, n)
+        table = make_table(fn, inp, out, lo, hi) if inp.bits <= 8 else None
+        if table is None:
+            return self.float(n)
+        module = QLut(table, fn, self.plan.op[n.name], inp, out, lo, hi)
+        return self.emit(n, module, (self.env[src.name],), meta={QPARAMS: out})
+
+    def mul(self, n):
+        a, b = n.args
+        out = self.qp[n.name]
+        M = self.qparams(a.name).scale * self.qparams(b.name).scale / out.scale
+        m, sh = quantize_multiplier(M, where=f"mul {n.name!r}")
+        fp = FixedPoint((m,), (sh,))
+        lo, hi = self.bounds(n, out)
+        return self.emit(n, QMul(m, sh, out, lo, hi), (self.env[a.name], self.env[b.name]),
+                         meta={QPARAMS: out, REQUANT: Requant((fp,), lo, hi)})
+
+    def affine(self, n):
+        """An eval-mode batch norm as an integer per-channel affine map (a fused ReLU clamps)."""
+        src = self.ins(n)[0]
+        inp, out = self.qparams(src.name), self.qp[n.name]
+        lo, hi = self.bounds(n, out)
+        module = QAffine.from_norm(self.gm.get_submodule(n.target), inp, out, lo, hi,
+                                   where=f"batch norm {n.name!r}")
+        meta = {QPARAMS: out}
+        if n.name in self.plan.fused:
+            meta[FUSED_ACTIVATION] = self.plan.fused[n.name]
+        return self.emit(n, module, (self.env[src.name],), meta=meta)
+
     def verbatim(self, n):
         if n.op == "call_module":
             node = self.emit(n, copy.deepcopy(self.gm.get_submodule(n.target)),
@@ -302,7 +339,8 @@ class _Builder:
             "clip": self.clip, "pad": self.pad, "gather": self.gather, "view": self.verbatim,
             "identity": self.verbatim,
             "split": self.verbatim, "meta": self.verbatim, "float": self.float,
-            "index": self.index_input, "embedding": self.embedding, "mask": self.mask}
+            "index": self.index_input, "embedding": self.embedding, "mask": self.mask,
+            "lut": self.lut, "mul": self.mul, "affine": self.affine}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
             if kind == "output":
