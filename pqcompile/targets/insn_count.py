@@ -29,7 +29,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from typing import Any
 from .base import host_arch
 from .emulator import DEFAULT_TIMEOUT_S, EmulatorError, Sysroot, _python_command
 
-__all__ = ["PLUGIN_SCRIPT", "InsnCount", "InstructionCountError", "count_instructions",
-           "default_plugin_path", "find_plugin"]
+__all__ = ["PLUGIN_SCRIPT", "GuestProgram", "InsnCount", "InstructionCountError", "check_runs",
+           "count_guest", "count_instructions", "default_plugin_path", "find_plugin",
+           "guest_sysroot", "save_inputs"]
 
 PLUGIN_SCRIPT = "scripts/build_insn_plugin.sh"
 SETUP_SCRIPT = "scripts/setup.sh"
@@ -159,33 +160,53 @@ def _no_aslr_prefix() -> list[str]:
     return prefix if ok else []
 
 
-def _pycache(sysroot: Sysroot) -> tuple[Path, str, bool]:
+def _pycache(sysroot: Sysroot, flavour: str = "", site: Path | None = None
+             ) -> tuple[Path, str, bool]:
     """The bytecode cache the counted processes read (``PYTHONPYCACHEPREFIX``), the stamp that
     says it was filled for this sysroot, and whether it was.
 
     Counted processes never write bytecode: a module compiled in one of the two processes but
     read from its ``.pyc`` in the other would add ~10^8 instructions to the difference. They
-    read it from a cache of their own, filled once per sysroot by an uncounted run.
+    read it from a cache of their own, filled once per sysroot by an uncounted run. A guest
+    with other packages on its path (``site``, a directory with a ``.complete`` stamp, e.g.
+    ONNX Runtime's) has a cache of its own, named by ``flavour``.
     """
     cache = Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
-    path = cache / "qemu-plugin" / f"pycache-{sysroot.arch}"
+    path = cache / "qemu-plugin" / f"pycache-{sysroot.arch}{flavour}"
     stamp = path / ".filled"
     built = (sysroot.path / ".complete").read_text(encoding="utf-8", errors="replace")
     want = f"{sysroot.path}\n{built}"
+    if site is not None:
+        extra = (site / ".complete").read_text(encoding="utf-8", errors="replace")
+        want += f"\n{site}\n{extra}"
     filled = stamp.is_file() and stamp.read_text(encoding="utf-8", errors="replace") == want
     return path, want, filled
 
 
-def _run_guest(directory: Path, runs: int, input_paths: Sequence[Path], sysroot: Sysroot,
-               timeout: float, work: Path, qemu_options: Sequence[str],
-               env: dict[str, str], prefix: Sequence[str] = ()) -> None:
+@dataclass(frozen=True)
+class GuestProgram:
+    """What a counted process runs: ``script`` (Python source) with ``args`` after the call
+    count, on the sysroot's Python with ``env`` on top of the clean guest environment, under
+    ``qemu -cpu <cpu>`` when ``cpu`` is set (the emulated CPU's features, which libraries that
+    pick kernels at run time see)."""
+
+    script: str
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    cpu: str | None = None
+
+
+def _run_guest(guest: GuestProgram, runs: int, sysroot: Sysroot, timeout: float,
+               work: Path, qemu_options: Sequence[str], env: dict[str, str],
+               prefix: Sequence[str] = ()) -> None:
     """Run the guest script calling the entry function ``runs`` times."""
     script = work / "count_guest.py"
     if not script.exists():
-        script.write_text(_GUEST_SCRIPT, encoding="utf-8")
-    command, full_env = _python_command(sysroot.arch, sysroot, env)
-    command = [*prefix, command[0], *qemu_options, *command[1:], str(script), str(directory),
-               str(runs), *map(str, input_paths)]
+        script.write_text(guest.script, encoding="utf-8")
+    command, full_env = _python_command(sysroot.arch, sysroot, {**guest.env, **env})
+    cpu = ["-cpu", guest.cpu] if guest.cpu else []
+    command = [*prefix, command[0], *cpu, *qemu_options, *command[1:], str(script),
+               guest.args[0], str(runs), *guest.args[1:]]
     try:
         proc = subprocess.run(command, cwd=work, env=full_env, capture_output=True, text=True,
                               timeout=timeout, check=False)
@@ -199,14 +220,13 @@ def _run_guest(directory: Path, runs: int, input_paths: Sequence[Path], sysroot:
             f"command: {' '.join(command)}\nstderr:\n{proc.stderr[-6000:]}")
 
 
-def _count_once(directory: Path, runs: int, input_paths: Sequence[Path], sysroot: Sysroot,
-                plugin: Path, pycache: Path, timeout: float, work: Path,
-                prefix: Sequence[str]) -> int:
+def _count_once(guest: GuestProgram, runs: int, sysroot: Sysroot, plugin: Path,
+                pycache: Path, timeout: float, work: Path, prefix: Sequence[str]) -> int:
     """Guest instructions of one process calling the entry function ``runs`` times."""
     log = work / f"insns-{runs}.log"
     log.unlink(missing_ok=True)
     env = {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache), "PYTHONDONTWRITEBYTECODE": "1"}
-    _run_guest(directory, runs, input_paths, sysroot, timeout, work,
+    _run_guest(guest, runs, sysroot, timeout, work,
                ["-plugin", f"{plugin},inline=on", "-d", "plugin", "-D", str(log)], env, prefix)
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     found = _COUNT_LINE.findall(text)
@@ -218,9 +238,62 @@ def _count_once(directory: Path, runs: int, input_paths: Sequence[Path], sysroot
     return int(found[0])
 
 
+def check_runs(runs: Sequence[int]) -> tuple[int, int]:
+    """``(n1, n2)`` as ints; ``ValueError`` unless ``0 <= n1 < n2``."""
+    n1, n2 = (int(n) for n in runs) if len(runs) == 2 else (0, 0)
+    if n1 < 0 or n2 <= n1:
+        raise ValueError(f"runs must be two call counts (n1, n2) with 0 <= n1 < n2, got {runs!r}")
+    return n1, n2
+
+
+def guest_sysroot(arch: str, sysroot: Sysroot | None) -> Sysroot:
+    """``sysroot`` or the one found for ``arch``; a missing one says to run the setup."""
+    from .emulator import find_sysroot
+
+    try:
+        return sysroot or find_sysroot(arch)
+    except EmulatorError as err:
+        raise InstructionCountError(f"{err} `bash {SETUP_SCRIPT}` builds it, and the "
+                                    f"instruction-count plugin") from None
+
+
+def save_inputs(inputs: Sequence[Any], work: Path) -> list[str]:
+    """Write ``inputs`` (arrays) as ``.npy`` files in ``work`` for the guest; their paths."""
+    import numpy as np
+
+    paths = []
+    for i, array in enumerate(inputs):
+        paths.append(str(work / f"in{i}.npy"))
+        np.save(paths[-1], np.asarray(array), allow_pickle=False)
+    return paths
+
+
+def count_guest(make_guest: Callable[[Path], GuestProgram], runs: tuple[int, int],
+                sysroot: Sysroot, timeout: float, *, flavour: str = "",
+                site: Path | None = None) -> tuple[int, int]:
+    """The two process totals of a guest (``make_guest(work)``, given the scratch directory
+    its files go in) calling its entry ``runs[0]`` and ``runs[1]`` times, counted with the
+    plugin; the first count of a sysroot (and ``flavour``/``site``, see :func:`_pycache`)
+    fills the bytecode cache with an uncounted run first."""
+    plugin = find_plugin()
+    with tempfile.TemporaryDirectory(prefix="pqcompile-insns-") as tmp:
+        work = Path(tmp)
+        guest = make_guest(work)
+        pycache, stamp, filled = _pycache(sysroot, flavour, site)
+        if not filled:  # one uncounted run writes the bytecode the counted ones read
+            pycache.mkdir(parents=True, exist_ok=True)
+            _run_guest(guest, 1, sysroot, timeout, work, [],
+                       {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache)})
+            (pycache / ".filled").write_text(stamp, encoding="utf-8")
+        prefix = _no_aslr_prefix()
+        first, second = (_count_once(guest, n, sysroot, plugin, pycache, timeout, work, prefix)
+                         for n in runs)
+    return first, second
+
+
 def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
                        inputs: Sequence[Any] | None = None, sysroot: Sysroot | None = None,
-                       timeout: float = DEFAULT_TIMEOUT_S) -> InsnCount:
+                       timeout: float = DEFAULT_TIMEOUT_S, cpu: str | None = None) -> InsnCount:
     """Guest instructions per inference of ``artifact`` (a directory or an ``Artifact``).
 
     Two processes run under ``qemu-<arch> -plugin libinsn.so`` one after the other, calling the
@@ -229,21 +302,17 @@ def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
     over the difference of the calls. With ``runs[0] >= 1`` the first call's one-time work
     cancels too. ``timeout`` applies to each process. The artifact must be for another
     architecture than this machine's: it runs under qemu-user, in the sysroot of
-    :func:`pqcompile.targets.find_sysroot` (or ``sysroot``). The first count for a sysroot
-    also fills a bytecode cache (one uncounted run, ~30 s).
+    :func:`pqcompile.targets.find_sysroot` (or ``sysroot``), on qemu's default CPU model or
+    ``cpu`` (``qemu-aarch64 -cpu help`` lists them). The first count for a sysroot also fills
+    a bytecode cache (one uncounted run, ~30 s).
 
     Raises :class:`InstructionCountError` (a ``pqcompile.targets.EmulatorError``) when the
     plugin or the sysroot is missing or a run fails, and
     ``ValueError`` for bad ``runs`` or an artifact without a reference sample and ``inputs``.
     """
-    import numpy as np
-
     from ..artifact import Artifact
-    from .emulator import find_sysroot
 
-    n1, n2 = (int(n) for n in runs) if len(runs) == 2 else (0, 0)
-    if n1 < 0 or n2 <= n1:
-        raise ValueError(f"runs must be two call counts (n1, n2) with 0 <= n1 < n2, got {runs!r}")
+    n1, n2 = check_runs(runs)
     if isinstance(artifact, Artifact):
         art, directory = artifact, None
     elif isinstance(artifact, (str, os.PathLike)):
@@ -258,28 +327,14 @@ def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
             f"counted under qemu-user: build it for another architecture (e.g. target 'arm')")
     if inputs is None and art.reference_sample is None:
         raise ValueError("the artifact stores no reference sample: pass inputs=[arrays]")
-    plugin = find_plugin()
-    try:
-        sysroot = sysroot or find_sysroot(art.arch)
-    except EmulatorError as err:
-        raise InstructionCountError(f"{err} `bash {SETUP_SCRIPT}` builds it, and the "
-                                    f"instruction-count plugin") from None
-    with tempfile.TemporaryDirectory(prefix="pqcompile-insns-") as tmp:
-        work = Path(tmp)
-        if directory is None:
-            directory = art.save(work / "artifact")
-        input_paths: list[Path] = []
-        for i, array in enumerate(inputs or ()):
-            input_paths.append(work / f"in{i}.npy")
-            np.save(input_paths[-1], np.asarray(array), allow_pickle=False)
-        pycache, stamp, filled = _pycache(sysroot)
-        if not filled:  # one uncounted run writes the bytecode the counted ones read
-            pycache.mkdir(parents=True, exist_ok=True)
-            _run_guest(directory, 1, input_paths, sysroot, timeout, work, [],
-                       {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache)})
-            (pycache / ".filled").write_text(stamp, encoding="utf-8")
-        prefix = _no_aslr_prefix()
-        totals = tuple(_count_once(directory, n, input_paths, sysroot, plugin, pycache,
-                                   timeout, work, prefix) for n in (n1, n2))
+    find_plugin()  # a missing plugin is reported before a missing sysroot
+    sysroot = guest_sysroot(art.arch, sysroot)
+
+    def make_guest(work: Path) -> GuestProgram:
+        path = directory if directory is not None else art.save(work / "artifact")
+        args = (str(path), *save_inputs(inputs or (), work))
+        return GuestProgram(_GUEST_SCRIPT, args, {}, cpu)
+
+    totals = count_guest(make_guest, (n1, n2), sysroot, timeout)
     return InsnCount(per_inference=(totals[1] - totals[0]) / (n2 - n1), runs=(n1, n2),
                      totals=totals, arch=art.arch, target=art.target.name)
