@@ -35,7 +35,7 @@ from .artifact import Artifact
 from .assignment import Assignment
 from .fidelity import measure, to_json, warn_if_poor
 from .finetune import compressed_graph
-from .frontend import trace
+from .graph_analysis import analysis
 from .lower import LoweringReport, lower
 from .meta import (
     BITS,
@@ -47,15 +47,11 @@ from .meta import (
     SHAPE,
     CostTotals,
 )
-from .passes import (
-    ChannelGroupAnalysis,
-    CostAnalysis,
-    Pipeline,
-    ShapeAnalysis,
-)
+from .passes import CostAnalysis
 from .passes.cost import program_constant_bytes
 from .quant import build_reference
 from .quant.calibrate import check_batches
+from .report import compression_table, write_plots
 
 
 @dataclass
@@ -97,8 +93,6 @@ class Compiled:
         text then names the files. ``pqcompile report DIR`` renders the same from a saved
         artifact.
         """
-        from .report import compression_table
-
         extra = self.artifact.manifest["extra"]
         text = compression_table(self.layers, self.totals, float_ops=self.float_ops,
                                  solve_notes=extra.get("notes", ()),
@@ -117,8 +111,6 @@ class Compiled:
 
     def plots(self, directory: str | Path) -> list[Path]:
         """Write the report's PNG plots to ``directory`` (:func:`pqcompile.report.write_plots`)."""
-        from .report import write_plots
-
         candidates = self.artifact.manifest["extra"].get("candidates", [])
         return write_plots(self.layers, candidates, self.totals, directory)
 
@@ -133,14 +125,6 @@ class Compiled:
 
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         return self.artifact.save(directory, overwrite=overwrite)
-
-
-def analysis(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-             **trace_kwargs: Any) -> torch.fx.GraphModule:
-    """Traced graph with shapes, channel groups and FP32 costs."""
-    gm = trace(model, example_inputs, **trace_kwargs)
-    pipe = Pipeline([ShapeAnalysis(), ChannelGroupAnalysis(), CostAnalysis()], name="analysis")
-    return pipe(gm).graph_module
 
 
 def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
@@ -196,13 +180,17 @@ def prepare(fp32: torch.fx.GraphModule, assignment: Assignment) -> torch.fx.Grap
 def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
                        assignment: Assignment, *, target: Any = "host",
                        calibration: Iterable[torch.Tensor], observer: str = "minmax",
-                       residual_bits: int = 8, **trace_kwargs: Any) -> Compiled:
+                       residual_bits: int = 8, table_bits: Any = None,
+                       **trace_kwargs: Any) -> Compiled:
     """Build ``model`` under ``assignment`` for ``target`` (see the module docstring);
-    ``residual_bits``: see :func:`pqcompile.quant.build_reference`."""
+    ``residual_bits``: see :func:`pqcompile.quant.build_reference`; ``table_bits``: the
+    embedding tables' stored bits (:func:`pqcompile.quant.tables.set_table_bits`)."""
+    from .quant.tables import set_table_bits
+
     from .frontend import check_model_and_inputs  # a dict of inputs by parameter name too
 
     example_inputs = check_model_and_inputs(model, example_inputs)
-    fp32 = analysis(model, example_inputs, **trace_kwargs)
+    fp32 = set_table_bits(analysis(model, example_inputs, **trace_kwargs), table_bits)
     return finish(fp32, prepare(fp32, assignment), assignment, target=target,
                   calibration=calibration, observer=observer, residual_bits=residual_bits)
 
@@ -224,22 +212,57 @@ def finish(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Ass
     (:mod:`pqcompile.fidelity`: ``Compiled.fidelity``, the manifest, the report), with a
     :class:`~pqcompile.errors.FidelityWarning` when it is poor.
     """
+    reference, fidelity = quantize(fp32, gm, assignment, calibration, observer,
+                                   str((manifest_extra or {}).get("calibration", "")),
+                                   **reference_kwargs)
+    mod, params, report, tuning = lower_program(reference, target, tune)
+    return package(fp32, gm, reference, assignment, (mod, params, report), target,
+                   sensitivity=sensitivity, manifest_extra=manifest_extra, fidelity=fidelity,
+                   tuning=tuning)
+
+
+def quantize(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule, assignment: Assignment,
+             calibration: Iterable[torch.Tensor] | None, observer: Any = "minmax",
+             calibrated_on: str = "", **reference_kwargs: Any) -> tuple[Any, Any]:
+    """The calibrated integer-exact reference of ``gm`` and its fidelity against ``fp32`` on
+    the calibration inputs (a :class:`~pqcompile.errors.FidelityWarning` when poor;
+    ``calibrated_on`` says in it what they were)."""
     if calibration is None:
         raise ValueError("calibration batches are required: pass an iterable of input tensors "
                          "drawn from the data the model will see (e.g. a few training batches)")
-    example_inputs = EXAMPLE_INPUTS.get(fp32).args
-    fp32_totals: CostTotals = COST_TOTALS.get(fp32)
-    totals = COST_TOTALS.get(gm)
     batches = check_batches(gm, calibration)
     reference = build_reference(gm, assignment, batches, observer, **reference_kwargs)
     fidelity = measure(fp32, reference, batches)  # one forward of each: cheap, every build
-    warn_if_poor(fidelity, str((manifest_extra or {}).get("calibration", "")))
+    warn_if_poor(fidelity, calibrated_on)
+    return reference, fidelity
+
+
+def lower_program(reference: torch.fx.GraphModule, target: Any, tune: int = 0
+                  ) -> tuple[Any, dict[str, np.ndarray], LoweringReport, Any]:
+    """The reference lowered to an integer Relax program for ``target``: ``(mod, params,
+    report, tuning)``; ``tune`` MetaSchedule trials for the kernels the target's tuning
+    database lacks (``tuning``: the report, ``None`` without)."""
     mod, params, report = lower(reference, target=target)
     tuning = None
     if tune:
         from .tuning import tune as tune_kernels
 
         tuning = tune_kernels(mod, target, trials=tune)
+    return mod, params, report, tuning
+
+
+def package(fp32: torch.fx.GraphModule, gm: torch.fx.GraphModule,
+            reference: torch.fx.GraphModule, assignment: Assignment, program: tuple,
+            target: Any, *, sensitivity: Mapping[str, float] | None = None,
+            manifest_extra: Mapping[str, Any] | None = None, fidelity: Any = None,
+            tuning: Any = None) -> Compiled:
+    """The lowered ``program`` ``(mod, params, report)`` built into an :class:`Artifact`
+    (the reference's output on the example inputs as its sample, the layer table and totals
+    in its manifest), as a :class:`Compiled`."""
+    mod, params, report = program
+    example_inputs = EXAMPLE_INPUTS.get(fp32).args
+    fp32_totals: CostTotals = COST_TOTALS.get(fp32)
+    totals = COST_TOTALS.get(gm)
     with torch.no_grad():
         sample_out = reference(*example_inputs)
     sample_in = [t.detach().numpy().astype(np.float32) if t.is_floating_point()

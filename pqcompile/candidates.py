@@ -34,6 +34,8 @@ from typing import Any
 from .budget import InfeasibleBudgetError
 from .errors import SolverTimeoutError
 from .progress import Progress
+from .solvers.ilp import ILPSolver
+from .solvers.problem import evaluate, needs_context
 
 __all__ = ["SWEEP_FACTORS", "SWEEP_SECONDS", "Candidates", "budget_sweep", "candidate",
            "measure_front", "pareto_front", "solver_candidates"]
@@ -49,7 +51,6 @@ def candidate(problem: Any, bits: Mapping[str, Any], kept: Mapping[int, int], *,
               source: str, accuracy: float | None = None, loss: float | None = None
               ) -> dict[str, Any]:
     """The record of one assignment: costs and predicted objective from ``problem``."""
-    from .solvers import evaluate
     s = evaluate(problem, bits, kept)
     return _record(problem, s, source, accuracy, loss)
 
@@ -173,9 +174,6 @@ def solver_candidates(problem: Any, solver: Any, limits: Mapping[str, float], so
     around ``limits`` by that solver (by the ILP for a searching one). With a ``context``, the
     chosen one and up to ``measure`` candidates of the predicted front get measured accuracy.
     ``seconds`` bounds the sweep (:func:`budget_sweep`; ``.notes`` says what it skipped)."""
-    from .solvers import ILPSolver
-    from .solvers.search import needs_context
-
     seen = Candidates(context.candidates if context is not None else ())
     if not seen:
         searching = needs_context(solver)

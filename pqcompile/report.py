@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from .build import analysis as analyze
+from .candidates import pareto_front
 from .fidelity import describe as describe_fidelity
+from .graph_analysis import analysis as analyze
 from .meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE
 from .passes import describe_groups
 from .solvers.verdict import budget_line
@@ -230,7 +231,6 @@ def pareto_figure(candidates: Sequence[Mapping[str, Any]], totals: Mapping[str, 
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from .candidates import pareto_front
 
     key = _y_key(candidates)
     fig = Figure(figsize=(7, 4.5), dpi=100)

@@ -54,7 +54,8 @@ from ..meta import (
     NodeChannels,
 )
 from .base import Pass, PassInfo, PassResult
-from .labels import LabelState, TInfo, propagate
+from .labelprop import propagate
+from .labels import LabelState, TInfo
 from .opinfo import is_producer
 
 

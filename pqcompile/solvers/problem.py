@@ -143,6 +143,11 @@ class LatencyModel:
     source: str = ""
 
 
+def needs_context(solver: Any) -> bool:
+    """Whether ``solver`` searches with the model and data (takes ``context=``)."""
+    return bool(getattr(solver, "needs_context", False))
+
+
 def _check_sensitivity(what: str, values: tuple[float, ...]) -> None:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"{what}: sensitivities must be finite floats >= 0, got {values}")

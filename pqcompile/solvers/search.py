@@ -63,10 +63,11 @@ import torch.fx
 from torch import nn
 
 from ..assignment import Assignment
+from ..candidates import candidate
 from ..meta import EXAMPLE_INPUTS
 from ..objective import Objective, split_target
 from .greedy import GreedySolver
-from .problem import Option, Problem, Solution, evaluate, resolve_limits
+from .problem import Option, Problem, Solution, evaluate, needs_context, resolve_limits
 
 __all__ = ["SearchContext", "check_int", "check_real", "needs_context"]
 
@@ -97,11 +98,6 @@ def check_real(owner: str, name: str, value: Any, low: float = -math.inf,
             if math.isfinite(high) else ""
         raise ValueError(f"{owner}: {name} must be a finite number{lo}{hi}, got {value!r}")
     return float(value)
-
-
-def needs_context(solver: Any) -> bool:
-    """Whether ``solver`` searches with the model and data (takes ``context=``)."""
-    return bool(getattr(solver, "needs_context", False))
 
 
 class SearchContext:
@@ -256,7 +252,6 @@ class SearchContext:
                accuracy: float | None = None, loss: float | None = None) -> None:
         """Note a candidate the search measured (``accuracy``/``loss`` on the held-out
         batches) or walked through, for the report's Pareto plot (:mod:`pqcompile.candidates`)."""
-        from ..candidates import candidate
         if self.metric != "accuracy":
             accuracy = None  # a score, not an accuracy: the record keeps the loss
         self.candidates.append(candidate(self.problem, bits, kept, source="search",
