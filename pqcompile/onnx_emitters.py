@@ -10,7 +10,10 @@ import numpy as np
 from onnx import TensorProto
 
 from .lower.ops import item_box, view_op
+from .onnx_affine import affine
 from .onnx_islands import splice_island
+from .quant.lut import QLut, QMul
+from .quant.affine import QAffine
 from .quant.qmodules import (
     Dequantize,
     FloatOp,
@@ -150,9 +153,28 @@ def float_op(ex: _Export, node, module: FloatOp, *qs: str) -> str:
     return ex.quantize_exact(y, module.out, module.lo, module.hi, node.name)
 
 
+def lut(ex: _Export, node, module: QLut, x: str) -> str:
+    """A pointwise op as its table: ``Gather(table, int64(q) - offset)`` on the codes."""
+    idx = ex.node("Cast", [x], f"{node.name}_index", f"{node.name}/Cast", to=TensorProto.INT64)
+    if module.offset:
+        idx = ex.node("Sub", [idx, ex.int64s(f"offset_{module.offset}", module.offset)],
+                      f"{node.name}_index_offset", f"{node.name}/Sub")
+    table = ex.const(f"{node.name}.table", module.table.numpy())
+    out = ex.node("Gather", [table, idx], node.name, f"{node.name}/Gather", axis=0)
+    ex.qp[out] = module.out
+    return out
+
+
+def mul(ex: _Export, node, module: QMul, a: str, b: str) -> str:
+    y = ex.node("Mul", [ex.dequantize(a), ex.dequantize(b)], f"{node.name}_mul",
+                f"{node.name}/Mul")
+    return ex.requantize(y, node, module)
+
+
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
-            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather}
+            QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
+            QLut: lut, QMul: mul, QAffine: affine}
 
 
 def getitem(ex: _Export, node, x: str) -> str:
