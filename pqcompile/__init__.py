@@ -21,11 +21,12 @@ _EXPORTS = {
                      "graph_pass"], ".passes"),
     **dict.fromkeys(["ToolchainError", "UnknownTargetError", "get_target", "list_targets",
                      "register_target"], ".targets"),
+    **dict.fromkeys(["get_pipeline", "list_pipelines", "register_pipeline"], ".pipeline"),
     "check_model": ".coverage",
     "Artifact": ".artifact",
     "export_onnx": ".onnx_export",
 }
-_SUBMODULES = ("meta", "passes", "targets")
+_SUBMODULES = ("meta", "passes", "pipeline", "targets")
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +51,7 @@ __all__ = [
     "DataError", "ExampleInputError", "MissingAnnotationError", "ModelError",
     "NonFiniteWeightError", "OptionError", "Pass", "PassContext", "PassInfo",
     "PassResult", "Pipeline", "PipelineError", "PQCompileError", "ToolchainError", "TraceError",
-    "UnknownTargetError", "UnsupportedOpError", "export_onnx", "get_target", "graph_pass", "list_targets",
+    "UnknownTargetError", "UnsupportedOpError", "export_onnx", "get_pipeline", "get_target",
+    "graph_pass", "list_pipelines", "list_targets", "register_pipeline", "pipeline",
     "meta", "passes", "register_target", "targets", "trace",
 ]

@@ -40,6 +40,7 @@ from .passes.layer_discovery import discover_layers
 from .shape_trace import ShapeTracingMixin, drop_default_arguments
 
 _FALLBACKS = (None, "leaf")
+FRONTENDS = ("fx", "export")  # torch.fx symbolic tracing; torch.export (frontend_export.py)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -192,15 +193,19 @@ def _run_trace(model: torch.nn.Module, leaf_paths: set[str], leaf_types: tuple[t
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
           leaf_modules: Iterable[str | type] = (), fallback: str | None = None,
-          check: bool = True) -> torch.fx.GraphModule:
+          check: bool = True, frontend: str = "fx") -> torch.fx.GraphModule:
     """Trace ``model`` (a deep copy of it, in eval mode) to a ``GraphModule``.
 
     ``leaf_modules``: module paths (``"layer1.0"``) or classes kept as single opaque nodes.
     ``fallback="leaf"``: on a trace failure inside a submodule, make that submodule a leaf and
     retry, repeatedly. ``check``: run the traced graph on ``example_inputs`` and compare with
     the model's own output, so a wrong input shape is reported here with the failing node.
+    ``frontend="export"``: capture with ``torch.export`` instead of symbolic tracing
+    (:mod:`pqcompile.frontend_export`), the same annotated graph for the passes.
     """
     example_inputs = check_model_and_inputs(model, example_inputs)
+    if frontend not in FRONTENDS:
+        raise OptionError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
     leaf_paths, leaf_types = check_leaf_modules(model, leaf_modules)
@@ -216,7 +221,11 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
         # A bare torch.nn layer would trace to functional calls; keep it a module node.
         work = torch.nn.Sequential(work)
     specialized = False
-    while True:
+    if frontend == "export":
+        from .frontend_export import export_graph
+
+        gm, specialized = export_graph(work, example_inputs, leaf_paths, leaf_types), True
+    while frontend == "fx":
         try:
             try:
                 gm = _run_trace(work, leaf_paths, leaf_types)

@@ -408,3 +408,15 @@ CHANNEL_IMPORTANCE: MetaKey[dict[int, Any]] = MetaKey(
 SENSITIVITY_INFO: MetaKey[SensitivityInfo] = MetaKey(
     "pqc.sensitivity_info", "SensitivityAnalysis",
     "criteria, units and bit options behind the sensitivity annotations", "graph")
+
+
+# --- compile pipeline ----------------------------------------------------------------------------
+
+KEEP_MASKS: MetaKey[dict[int, Any]] = MetaKey(
+    "pqc.keep_masks", "the compile pipeline's solve stage",
+    "the solver's keep-mask (1-D bool array, True = keep) of each channel group it prunes, by "
+    "group id; with the layers' pqc.bits, the assignment the later stages build", "graph")
+
+REFERENCE: MetaKey[bool] = MetaKey(
+    "pqc.integer_reference", "the compile pipeline's quantize stage",
+    "the graph is the calibrated integer-exact reference the lowering takes", "graph")

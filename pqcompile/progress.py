@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-__all__ = ["Progress", "Stages", "Tracked"]
+__all__ = ["Progress", "StageInstrument", "Stages", "Tracked"]
 
 
 class Progress:
@@ -79,6 +79,45 @@ class Stages:
         self.seconds[name] = time.perf_counter() - start
         if self.enabled:
             print(f"{label} done in {self.seconds[name]:.1f} s", file=self.stream, flush=True)
+
+
+class StageInstrument:
+    """A pass instrument (:class:`pqcompile.passes.PassInstrument`'s hooks) for a pipeline's
+    stages: a numbered :class:`Stages` line as each pass of ``stages`` starts and ends, and its
+    wall seconds in ``seconds`` (by name; a name given twice adds up). Passes a stage runs
+    inside it are not listed. ``detail(pass)``: the text in parentheses after the name.
+
+    >>> out = io.StringIO()
+    >>> class Step:
+    ...     class info:
+    ...         name = "solve"
+    >>> step = Step()
+    >>> inst = StageInstrument([step], detail=lambda p: "ilp", stream=out)
+    >>> inst.before_pass(step, None); inst.after_pass(step, None)
+    >>> out.getvalue().startswith("[1/1] solve (ilp) ..."), list(inst.seconds)
+    (True, ['solve'])
+    """
+
+    def __init__(self, stages: Sequence[Any], detail: Any = None, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self._stages = {id(p) for p in stages}
+        self._detail = detail or (lambda p: "")
+        self.lines = Stages([p.info.name for p in stages], enabled, stream)
+        self.seconds: dict[str, float] = {}
+        self._open: dict[int, Any] = {}
+
+    def before_pass(self, p: Any, gm: Any) -> None:
+        if id(p) in self._stages and id(p) not in self._open:
+            line = self.lines(p.info.name, self._detail(p))
+            line.__enter__()
+            self._open[id(p)] = line
+
+    def after_pass(self, p: Any, result: Any) -> None:
+        if id(p) not in self._open:
+            return
+        self._open.pop(id(p)).__exit__(None, None, None)
+        name = p.info.name
+        self.seconds[name] = self.seconds.get(name, 0.0) + self.lines.seconds[name]
 
 
 class Tracked:

@@ -21,6 +21,7 @@ A pass declares the annotation keys it ``requires`` and ``provides`` (and those 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -121,17 +122,20 @@ class Pass:
     """
 
     info: PassInfo = PassInfo("Pass")
+    #: A source pass makes the graph (e.g. traces the context's model) and is called with
+    #: ``gm=None``; the compile pipeline's first stage is one.
+    source: bool = False
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
-        if not isinstance(gm, torch.fx.GraphModule):
+        if not isinstance(gm, torch.fx.GraphModule) and not (gm is None and self.source):
             raise TypeError(
                 f"pass {self.info.name} takes a torch.fx.GraphModule, got {type(gm).__name__}: "
                 "call pqcompile.trace(model, example_inputs) first")
         ctx = ctx if ctx is not None else PassContext()
-        provided = provided_keys(gm)
+        provided = provided_keys(gm) if gm is not None else set()
         missing = [k for k in self.info.requires if k.name not in provided]
         if missing:
             raise PipelineError(
@@ -144,7 +148,7 @@ class Pass:
             raise TypeError(f"pass {self.info.name}.run returned {type(result).__name__}, "
                             "expected PassResult")
         out = result.graph_module
-        keys = set(provided_keys(gm)) | set(provided_keys(out))
+        keys = provided | set(provided_keys(out))
         keys -= {k.name for k in self.info.invalidates}
         keys |= {k.name for k in self.info.provides}
         out.meta[_PROVIDED] = keys
@@ -210,7 +214,17 @@ class Pipeline(Pass):
     """An ordered, named list of passes, checked when built.
 
     ``initial`` lists keys present before the first pass (by default what
-    :func:`pqcompile.trace` provides). A pipeline is itself a pass, so pipelines nest.
+    :func:`pqcompile.trace` provides). A pipeline is itself a pass, so pipelines nest. It is
+    edited by pass name (:meth:`insert_before`, :meth:`insert_after`, :meth:`replace`,
+    :meth:`remove`), each returning a new pipeline checked like this one; ``str()`` lists
+    its passes with what each requires and provides.
+
+    >>> from pqcompile.passes import CostAnalysis, ShapeAnalysis
+    >>> pipe = Pipeline([ShapeAnalysis(), CostAnalysis()], name="costs")
+    >>> pipe.names
+    ['ShapeAnalysis', 'CostAnalysis']
+    >>> pipe.remove("CostAnalysis").names
+    ['ShapeAnalysis']
     """
 
     def __init__(self, passes: Sequence[Pass], name: str = "pipeline",
@@ -220,9 +234,13 @@ class Pipeline(Pass):
             if not isinstance(p, Pass):
                 raise TypeError(f"{name}: item {i} is {type(p).__name__}, not a Pass; wrap "
                                 "functions with @pqcompile.graph_pass")
+        initial = tuple(initial)
         have = {k.name for k in initial}
         ran: list[str] = []
-        for p in passes:
+        for i, p in enumerate(passes):
+            if p.source and i:
+                raise PipelineError(f"{name}: pass {p.info.name} makes the graph (a source "
+                                    f"pass) and must come first, not after {ran}")
             missing = [k for k in p.info.requires if k.name not in have]
             if missing:
                 earlier = f"none of {ran} provides" if ran else "no earlier pass provides"
@@ -233,7 +251,8 @@ class Pipeline(Pass):
             have |= {k.name for k in p.info.provides}
             ran.append(p.info.name)
         self.passes = passes
-        initial = tuple(initial)
+        self.initial = initial
+        self.source = bool(passes) and passes[0].source
         requires = tuple(k for p in passes for k in p.info.requires
                          if k in initial)
         provides = tuple(k for p in passes for k in p.info.provides)
@@ -249,5 +268,54 @@ class Pipeline(Pass):
     def __call__(self, gm, ctx=None):  # type: ignore[override]
         return super().__call__(gm, ctx)
 
+    @property
+    def names(self) -> list[str]:
+        """The passes' names, in order."""
+        return [p.info.name for p in self.passes]
+
+    def index(self, name: str) -> int:
+        """Position of the pass named ``name``; a :class:`PipelineError` lists the names."""
+        for i, p in enumerate(self.passes):
+            if p.info.name == name:
+                return i
+        close = difflib.get_close_matches(name, self.names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise PipelineError(f"pipeline {self.info.name!r} has no pass {name!r}.{hint} Its "
+                            f"passes: {', '.join(self.names)}")
+
+    def _edit(self, passes: Sequence[Pass]) -> "Pipeline":
+        return Pipeline(passes, name=self.info.name, initial=self.initial)
+
+    def insert_before(self, name: str, *passes: Pass) -> "Pipeline":
+        """A new pipeline with ``passes`` run just before the pass named ``name``."""
+        i = self.index(name)
+        return self._edit([*self.passes[:i], *passes, *self.passes[i:]])
+
+    def insert_after(self, name: str, *passes: Pass) -> "Pipeline":
+        """A new pipeline with ``passes`` run just after the pass named ``name``."""
+        i = self.index(name) + 1
+        return self._edit([*self.passes[:i], *passes, *self.passes[i:]])
+
+    def replace(self, name: str, *passes: Pass) -> "Pipeline":
+        """A new pipeline with the pass named ``name`` replaced by ``passes``."""
+        i = self.index(name)
+        return self._edit([*self.passes[:i], *passes, *self.passes[i + 1:]])
+
+    def remove(self, name: str) -> "Pipeline":
+        """A new pipeline without the pass named ``name``."""
+        return self.replace(name)
+
+    def describe(self) -> str:
+        """One line per pass: its position, name, and the keys it requires and provides."""
+        width = max((len(n) for n in self.names), default=4)
+        lines = [f"pipeline {self.info.name!r}: {len(self.passes)} passes"]
+        for i, p in enumerate(self.passes, 1):
+            req = ", ".join(k.name for k in p.info.requires) or "-"
+            prov = ", ".join(k.name for k in p.info.provides) or "-"
+            lines.append(f"{i:3d}. {p.info.name:<{width}}  requires {req}; provides {prov}")
+        return "\n".join(lines)
+
+    __str__ = describe
+
     def __repr__(self) -> str:
-        return f"Pipeline({self.info.name}: {' -> '.join(p.info.name for p in self.passes)})"
+        return f"Pipeline({self.info.name}: {' -> '.join(self.names)})"
