@@ -1,8 +1,8 @@
 """End to end for a given assignment: prune, fold, quantize, lower, build for host and arm.
 
 The aarch64 artifacts run under qemu-aarch64 with the aarch64 TVM runtime and must give the
-host build's numbers exactly (integer programs; the float ops of the parity net run in float64
-on both and agree to the bit as well).
+host build's numbers exactly (integer programs; the parity net's hardswish and sigmoid are
+tables of their input codes, its squeeze-excitation gate an integer product).
 """
 
 import numpy as np
@@ -33,7 +33,7 @@ def test_parity_net_pruned_mixed_arm_equals_host(tmp_path, sysroot):
     a = Assignment({k: BitWidths(*v) for k, v in PARITY_BITS.items()}, masks)
     host = compile_assignment(model, (x,), a, target="host",
                               calibration=batches(4, (4, 3, 32, 32), seed=1))
-    assert host.float_ops == [("hs", "Hardswish"), ("sigmoid", "sigmoid"), ("mul", "mul")]
+    assert host.float_ops == []  # hardswish, sigmoid: tables; the SE gate: an integer product
     assert any(r["kept_channels"] < r["total_channels"] for r in host.layers
                if r["kept_channels"] is not None)
     inputs = batches(3, (2, 3, 32, 32), seed=7)

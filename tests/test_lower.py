@@ -111,7 +111,7 @@ class Zoo(nn.Module):
         g = F.adaptive_avg_pool2d(h, 2) + h.mean((2, 3), keepdim=True)  # 2x2 windows; broadcast
         t = self.ln(g.flatten(2).transpose(1, 2))                # float op: (2, 4, 16)
         t = self.fc(t)                                           # linear on 3-D input: (2, 4, 6)
-        v = F.gelu(t).permute(0, 2, 1).reshape(t.size(0), -1)   # float op, permute, reshape
+        v = F.gelu(t).permute(0, 2, 1).reshape(t.size(0), -1)   # table, permute, reshape
         return self.head(v), t.mean(-1), F.max_pool2d(y + y, 3, 2, 1, ceil_mode=True)
 
 
@@ -131,9 +131,10 @@ def zoo():
 
 def test_every_op_matches_the_reference_exactly(zoo):
     model, ref, _, params, report, ex = zoo
-    # the layer norm runs as its elementwise ops in float64 (TVM's own kernel is float32-only)
+    # the layer norm runs as its elementwise ops in float64 (TVM's own kernel is float32-only);
+    # the GELU is a table of its input's codes
     assert [(f.node, f.op, f.precision) for f in report.float_ops] == [
-        ("ln", "LayerNorm", "float64"), ("gelu", "gelu", "float64")]
+        ("ln", "LayerNorm", "float64")]
     worst = 0
     for seed in range(3):
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))

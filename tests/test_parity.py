@@ -82,15 +82,15 @@ class ParityNet(nn.Module):
         x = F.relu(x + self.c2(torch.relu(self.c1(x))))           # residual add, ReLU folded
         x = self.relu6(self.dw(x))                                # ReLU6
         x = torch.cat([F.relu(self.b1(x)), self.b2(x)], 1)        # concat unsigned + signed
-        x = self.hs(x)                                            # float op
-        x = x * torch.sigmoid(self.se(x.mean((2, 3), keepdim=True)))  # SE gating: float ops
+        x = self.hs(x)                                            # a table
+        x = x * torch.sigmoid(self.se(x.mean((2, 3), keepdim=True)))  # SE gating: table, mul
         x = F.relu(self.c3(self.avg(x)))                          # average pool
         return self.fc(torch.flatten(self.gap(x), 1))             # adaptive pool, linear head
 
 
 PARITY_BITS = {"stem_0": (8, 8), "c1_0": (4, 4), "c2_0": (2, 2), "dw_0": (8, 4), "b1": (4, 4),
                "b2": (2, 4), "se": (8, 8), "c3": (4, 4), "fc": (8, 8)}
-PARITY_FLOAT_OPS = [("hs", "Hardswish"), ("sigmoid", "sigmoid"), ("mul", "mul")]
+PARITY_FLOAT_OPS = []  # hardswish and sigmoid are tables, the gate an integer product
 
 
 def parity_net():
@@ -127,7 +127,7 @@ def test_parity_net_mixed_bits(pruned):
     print(f"\nParityNet ({'pruned' if pruned else 'dense'}, bits 2/4/8, float ops "
           f"{[f.node for f in report.float_ops]}): max |LSB| = {worst}, "
           f"build+load {seconds:.1f} s, params {report.param_bytes} bytes")
-    assert worst <= 1
+    assert worst <= (1 if report.float_ops else 0)
 
 
 # --- torchvision models at 1x3x64x64 ------------------------------------------------------
