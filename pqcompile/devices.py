@@ -27,7 +27,7 @@ import torch
 
 from .errors import OptionError
 
-__all__ = ["OnDevice", "is_cpu", "resolve_device", "to_device"]
+__all__ = ["OnDevice", "is_cpu", "place_criteria", "resolve_device", "to_device"]
 
 
 def resolve_device(device: Any) -> torch.device | None:
@@ -97,3 +97,13 @@ class OnDevice:
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
+
+
+def place_criteria(analysis: Any, device: torch.device | None) -> Any:
+    """``analysis`` (a :class:`~pqcompile.passes.sensitivity.SensitivityAnalysis`) with its
+    criteria set to estimate on ``device`` where they can (those with a ``device`` attribute:
+    :class:`~pqcompile.criteria.FisherTrace`); the others run on the CPU."""
+    for crit in (analysis.criterion, analysis.channel_criterion):
+        if crit is not None and hasattr(crit, "device"):
+            crit.device = device
+    return analysis

@@ -38,13 +38,16 @@ then says whether the tolerance was met).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
 
+from .. import distributed
+from ..devices import is_cpu, resolve_device, to_device
 from ..meta import ChannelGroup
 from ..presets import compute_layers
 from ..quant.observers import Observer
@@ -80,9 +83,10 @@ class FisherTrace(SecondOrderCriterion):
     def __init__(self, *, loss_fn: LossFn | None = None, tol: float = 1e-3,
                  min_batches: int = 10, max_batches: int = 100,
                  observer: str | Callable[[], Observer] = "minmax", objective: Any = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: Any = None) -> None:
         super().__init__(loss_fn=loss_fn, tol=tol, observer=observer, objective=objective)
         self.seed = seed
+        self.device = resolve_device(device)
         if min_batches < 1 or max_batches < 1:
             raise ValueError(f"min_batches and max_batches must be >= 1, got {min_batches}, "
                              f"{max_batches}")
@@ -94,6 +98,8 @@ class FisherTrace(SecondOrderCriterion):
 
     def calibrate(self, gm: torch.fx.GraphModule, batches: Iterable[Any] | None = None) -> None:
         work = self._cache.get(gm)
+        if not is_cpu(self.device):  # a copy trains there; the cached graph stays on the CPU
+            work = copy.deepcopy(work).to(self.device)
         layers = compute_layers(work)
         modules = [layer_module(work, layer) for layer in layers]
         params = [m.weight.requires_grad_(True) for m in modules]
@@ -108,15 +114,23 @@ class FisherTrace(SecondOrderCriterion):
         diag = [torch.zeros_like(p, dtype=torch.float64) for p in params + biases]
         traces: list[np.ndarray] = []  # per batch: weight blocks, then activation blocks
         self.converged = False
-        gen = torch.Generator().manual_seed(self.seed)
+        rank, size = distributed.rank_and_size()
+        gen = torch.Generator().manual_seed(self.seed + rank)
+        if batches is not None and not isinstance(batches, torch.Tensor):
+            batches = _placed(batches, self.device, self.name)
         for inputs, target, teacher in iterate(work, batches, self.name):
             out, values = run_capture(work, inputs, set(acts) | ranges.nodes)
-            ranges.update(values)
+            ranges.update({k: distributed.all_gather(values[k].detach()).cpu()
+                           for k in sorted(ranges.nodes)})  # one order on every rank
             loss = self.objective.probe(out, teacher, target, gen)
             tensors = params + biases + [values[a] for a in acts]
             grads = loss_grads(work, self.name, loss, tensors, owners)
             n = batch_size(inputs)
-            sq = [None if g is None else n * g.detach().to(torch.float64) ** 2 for g in grads]
+            if size == 1:
+                sq = [None if g is None else n * g.detach().to(torch.float64) ** 2
+                      for g in grads]
+            else:
+                sq = _shard_squares(grads, len(params) + len(biases), n, size)
             for d, s in zip(diag, sq):
                 if s is not None:
                     d += s
@@ -132,9 +146,9 @@ class FisherTrace(SecondOrderCriterion):
                              "target) batches")
         count = len(traces)
         mean = np.stack(traces).mean(axis=0)
-        self.fisher = {layer: d / count for layer, d in zip(layers, diag[:len(params)])}
+        self.fisher = {layer: (d / count).cpu() for layer, d in zip(layers, diag[:len(params)])}
         bias_f = iter(diag[len(params):])
-        self.bias_fisher = {layer: next(bias_f) / count if m.bias is not None else None
+        self.bias_fisher = {layer: (next(bias_f) / count).cpu() if m.bias is not None else None
                             for layer, m in zip(layers, modules)}
         self._set_traces(layers, mean[:len(layers)], shared, mean[len(layers):])
         self.batches, self._ranges = count, ranges
@@ -171,3 +185,32 @@ class FisherTrace(SecondOrderCriterion):
             return 0.5 * s.numpy()
 
         return out_rows(work, group, rows)
+
+
+def _placed(batches: Iterable[Any], device: Any, name: str) -> Iterator[Any]:
+    """This rank's shard of every batch (all of it without a process group), on ``device``."""
+    for batch in batches:
+        yield to_device(distributed.shard(batch, f"criterion {name!r}"), device)
+
+
+def _shard_squares(grads: Sequence[torch.Tensor | None], n_params: int, n: int, size: int
+                   ) -> list[torch.Tensor | None]:
+    """What one process computes on the global batch (``N = n * size`` samples), from this
+    rank's shard gradients: the parameters' ``N * g^2`` of the averaged gradient (the global
+    batch mean's), and the activations' ``N * (n / N)^2 * (dL_shard/da)^2`` summed over the
+    ranks (each shard's activations get a gradient from its own samples only)."""
+    total = n * size
+    out: list[torch.Tensor | None] = []
+    for i, g in enumerate(grads):
+        if g is None:
+            out.append(None)
+            continue
+        g = g.detach().to(torch.float64)
+        if i < n_params:
+            mean = distributed.all_reduce(g / size)
+            out.append(total * mean ** 2)
+        else:  # only the block's sum is used: reduce that
+            part = (n * n / total) * (g ** 2).sum()
+            out.append(distributed.all_reduce(part.reshape(1)))
+    return out
+
