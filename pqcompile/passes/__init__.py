@@ -7,7 +7,6 @@ from .cost import (CostAnalysis, analyze_cost, conv_macs, conv_transpose_macs, l
 from .fold_bn import FoldBatchNorm
 from .groups import ChannelGroupAnalysis, describe_groups, find_group
 from .prune import PruneChannels, predicted_macs, zero_channels
-from .sensitivity import SensitivityAnalysis, channel_importance, layer_sensitivities
 from .shapes import ShapeAnalysis, output_shape
 
 __all__ = [
@@ -20,3 +19,15 @@ __all__ = [
     "predicted_macs",
     "zero_channels", "SensitivityAnalysis", "channel_importance", "layer_sensitivities",
 ]
+
+# The sensitivity pass runs the criteria (pqcompile.criteria), which themselves run passes of
+# this package (FoldBatchNorm): it is loaded on first use so that importing a pass never
+# imports the criteria.
+_SENSITIVITY = ("SensitivityAnalysis", "channel_importance", "layer_sensitivities")
+
+
+def __getattr__(name: str):
+    if name in _SENSITIVITY:
+        from . import sensitivity
+        return getattr(sensitivity, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
