@@ -3,7 +3,7 @@
     python benchmarks/coverage.py            # all of tests/coverage_models.MODELS
     python benchmarks/coverage.py resnet18 vit_b_16
 
-Writes ``benchmarks/results/coverage.json`` and prints the README's markdown table: channel
+Writes ``benchmarks/results/coverage.json`` and prints docs/coverage.md's markdown table: channel
 groups found, prunable share, share of MACs in integer kernels, BOP reduction reached at the
 24x budget, float ops, parity of the compiled host program against the integer-exact
 reference, status. The same sweep, with assertions, is ``tests/test_coverage.py``.

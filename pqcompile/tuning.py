@@ -1,6 +1,6 @@
 """Tuned kernels: MetaSchedule over the lowered program, with a persistent database.
 
-TVM's default schedules are far slower than hand-written kernels (the README's latency table);
+TVM's default schedules are far slower than hand-written kernels (docs/performance.md, latency);
 MetaSchedule searches a schedule per kernel. A search costs ~1.5 s a trial here, so its results
 are kept in a database on disk, one per target (``~/.cache/pqcompile/tuning/<target key>/``, or
 ``$PQCOMPILE_TUNING_DIR``), keyed by each kernel's structure (its TIR workload): a model is tuned

@@ -1,6 +1,6 @@
 """The torchvision architectures of the coverage sweep: random weights, small inputs.
 
-Shared by ``tests/test_coverage.py`` and ``benchmarks/coverage.py`` (the README's table).
+Shared by ``tests/test_coverage.py`` and ``benchmarks/coverage.py`` (the table in docs/coverage.md).
 Weights are the architectures' own random initializations; batch-norm statistics are then
 measured on random batches (as training would have set them), so activations keep their
 scale through deep stacks instead of vanishing (GoogLeNet's init shrinks them to ~1e-17 by

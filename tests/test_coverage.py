@@ -6,8 +6,8 @@ the host, then its compiled program is compared with the integer-exact reference
 inputs: bit for bit where every op is integer, SQNR >= 30 dB where float ops run in between
 (their float64 results may round the other way at a quantization step, one LSB). An
 architecture pqcompile cannot do must fail with a pqcompile error naming the op. The model
-is never changed. ``python benchmarks/coverage.py`` writes the README's table from the same
-list.
+is never changed. ``python benchmarks/coverage.py`` writes the table of docs/coverage.md from
+the same list.
 """
 
 import hashlib

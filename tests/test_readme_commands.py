@@ -1,4 +1,5 @@
-"""The README's shell commands, run in order the way a new user runs them, in a fresh directory.
+"""The README's shell commands, run in order the way a new user runs them, in a fresh directory;
+its links to docs/ resolve.
 
 The commands are read from the README's ``bash`` blocks and must equal :data:`COMMANDS` (so the
 README and this test move together). Each runs through the installed ``pqcompile`` entry
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 ENTRY = Path(sys.executable).parent / "pqcompile"
 
 COMMANDS = [
@@ -51,6 +53,34 @@ def readme_commands() -> list[str]:
 
 def test_the_list_matches_the_readme():
     assert readme_commands() == COMMANDS
+
+
+def _slug(heading: str) -> str:
+    """A markdown heading's anchor as GitHub writes it."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve_and_it_stays_a_guide():
+    """Every relative link of the README names a file that exists (and a heading there, for
+    ``#anchor`` links); the README stays under 300 lines (measurements go to docs/), and every
+    docs page with a table says what regenerates it."""
+    text = README.read_text()
+    assert len(text.splitlines()) < 300
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to {link}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", target.read_text(), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"README links to {link}: no heading"
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        body = page.read_text()
+        if "\n|---" in body:
+            assert "benchmarks/" in body or "tests/" in body, f"{page.name}: tables, no command"
 
 
 def _small(command: str) -> list[str]:
