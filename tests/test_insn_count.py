@@ -7,7 +7,9 @@ was 8,537,460 both times; the raw process totals differed by ~1,000 instructions
 subtraction removes), and 4x the MACs (64x64 input) counted 4.3x the instructions.
 """
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,14 @@ from torch import nn
 from pqcompile.assignment import Assignment
 from pqcompile.build import compile_assignment
 from pqcompile.targets.insn_count import InstructionCountError, count_instructions, find_plugin
+from pqcompile.targets.ort_insn_count import count_onnx_instructions, find_ort_site, qemu_cpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import peers  # noqa: E402
 
 PLUGIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_insn_plugin.sh"
+ORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_aarch64_ort.sh"
 # Two counts of one artifact: measured identical; allowed to differ by this fraction.
 REPRODUCIBLE_RTOL = 1e-3
 
@@ -85,3 +93,49 @@ def test_bad_arguments(small):
         count_instructions(small, runs=(3, 3))
     with pytest.raises(TypeError, match="artifact directory or an Artifact"):
         count_instructions(np.zeros(3))
+
+
+# --- ONNX Runtime on aarch64, the peer of benchmarks/insn_count.py ---------------------------
+
+
+@pytest.fixture(scope="module")
+def ort_site(sysroot):
+    """ONNX Runtime 1.18.1 for the sysroot, installed by the project script on first use."""
+    proc = subprocess.run(["bash", str(ORT_SCRIPT)], capture_output=True, text=True,
+                          timeout=900, check=False, env={**os.environ, "PYTHON": sys.executable})
+    if proc.returncode != 0:
+        pytest.fail(f"{ORT_SCRIPT} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-3000:]}")
+    return find_ort_site()
+
+
+def test_ort_int8_and_pqcompile_arm_counts_are_positive_and_deterministic(
+        plugin, ort_site, tmp_path):
+    """The same two-conv model at 16x16: ONNX Runtime int8 QDQ (quantized on the host) and
+    pqcompile int8 for 'arm', both on qemu's Cortex-A72 model, each counted twice. No claim
+    about which executes fewer: that is benchmarks/insn_count.py's table."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    calib = [torch.randn(4, 3, 16, 16)]
+    int8 = peers.ort_int8(peers.export_onnx(model, x, tmp_path / "convs.onnx"), tmp_path, calib)
+    cpu = qemu_cpu("arm")
+    assert cpu == "cortex-a72"
+    ort = [count_onnx_instructions(int8, [x.numpy()], runs=(1, 2), cpu=cpu) for _ in range(2)]
+    compiled = compile_assignment(model, (x,), Assignment.uniform(["_0", "_2"], 8, 8),
+                                  target="arm", calibration=calib)
+    art = compiled.artifact.save(tmp_path / "artifact")
+    mine = [count_instructions(art, runs=(1, 2), cpu=cpu) for _ in range(2)]
+    for first, second in (ort, mine):
+        assert first.per_inference > 0 and first.totals[1] > first.totals[0] > 0
+        # measured: ONNX Runtime's two counts 516,392 and 516,383 (9 apart), pqcompile's equal
+        assert abs(first.per_inference - second.per_inference) \
+            <= REPRODUCIBLE_RTOL * first.per_inference, (first, second)
+    assert ort[0].target == "onnxruntime (cortex-a72)" and mine[0].target == "arm"
+
+
+def test_missing_ort_says_to_run_setup(monkeypatch, tmp_path):
+    monkeypatch.setenv("PQCOMPILE_AARCH64_ORT", str(tmp_path / "absent"))
+    with pytest.raises(InstructionCountError, match=r"scripts/setup\.sh"):
+        find_ort_site()
