@@ -15,8 +15,12 @@
 * ``pqcompile demo``: the Fashion-MNIST ResNet-20 end to end;
 * ``pqcompile deploy DIR --rpc HOST:PORT``: run an artifact on a board over TVM RPC, check its
   outputs against the reference sample and time it (exit 1 when the outputs differ);
-* ``pqcompile board [--emulate aarch64] --port N``: a TVM RPC server to deploy to: this
-  machine's, or an emulated aarch64 board (qemu-user with the sysroot's Python and TVM).
+* ``pqcompile board [--emulate aarch64] --port N [--tracker HOST:PORT --key NAME]``: a TVM
+  RPC server to deploy to: this machine's, or an emulated aarch64 board (qemu-user with the
+  sysroot's Python and TVM), registered with a tracker under a key where given;
+* ``pqcompile tracker --port N``: a TVM RPC tracker for a farm of boards (``deploy`` and
+  ``compile``'s latency tables take ``--tracker HOST:PORT --key NAME``; docs/scaling.md);
+  ``compile --ddp`` under torchrun trains data-parallel (:mod:`pqcompile.distributed`).
 
 torch and TVM are imported by the subcommands, not here: ``--help`` and argument errors answer
 at once.
@@ -31,6 +35,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .cli_farm import add_board_flags, add_tracker_parser, board_flags
 from .errors import PQCompileError
 
 LISTENING = "listening on"  # as pqcompile.rpc_server prints it (not imported: it is a script)
@@ -124,6 +129,13 @@ def _compile(args: argparse.Namespace) -> int:
     from .api import compile as pq_compile
     from .solvers.verdict import totals_verdict
 
+    from . import distributed
+
+    if args.ddp and not distributed.init("nccl" if args.device and "cuda" in args.device
+                                         else "gloo"):
+        raise ValueError("--ddp runs under torchrun: torchrun --nproc_per_node N -m "
+                         "pqcompile.cli compile ... --ddp")
+    quiet = args.quiet or not distributed.builds_here()
     model = load_model(args.model).eval()
     example = example_input(args, need=not args.data)
     data = None
@@ -144,10 +156,15 @@ def _compile(args: argparse.Namespace) -> int:
              f"returning (inputs, target) batches")
     finetune = ({"epochs": 1, "max_batches": args.finetune_steps, "lr": args.lr}
                 if args.finetune_steps else None)
-    compiled = pq_compile(model, None if example is None else (example,), target=args.target, budget=args.budget,
-                          solver=args.solver, seed=args.seed, data=data, finetune=finetune,
-                          pareto_points=args.pareto_points, tune=args.tune,
-                          latency_rpc=args.latency_rpc, progress=not args.quiet)
+    rpc = args.latency_rpc
+    if args.tracker:
+        rpc = f"{args.key}@{args.tracker}"  # the boards of --key from the tracker
+    compiled = pq_compile(model, None if example is None else (example,), target=args.target,
+                          budget=args.budget, solver=args.solver, seed=args.seed, data=data,
+                          finetune=finetune, pareto_points=args.pareto_points, tune=args.tune,
+                          latency_rpc=rpc, progress=not quiet, device=args.device)
+    if compiled is None:  # a data-parallel rank other than 0: rank 0 builds and saves
+        return 0
     path = compiled.save(args.out, overwrite=args.overwrite)
     plots = compiled.plots(args.plots) if args.plots else []
     if args.onnx:
@@ -199,9 +216,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from .deploy import deploy, parse_address
 
-    address = parse_address(args.rpc)
-    result = deploy(args.artifact, address.host, address.port, repeat=args.repeat,
-                    number=args.number, check=False, session_timeout=args.session_timeout)
+    if bool(args.rpc) == bool(args.tracker):
+        raise ValueError("give the board: --rpc HOST:PORT, or --tracker HOST:PORT --key NAME")
+    address = parse_address(args.rpc) if args.rpc else None
+    result = deploy(args.artifact, address and address.host, address and address.port,
+                    repeat=args.repeat, number=args.number, check=False,
+                    session_timeout=args.session_timeout, tracker=args.tracker, key=args.key)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     elif not args.quiet or result.outputs_match is False:
@@ -221,7 +241,8 @@ def _board(args: argparse.Namespace) -> int:
 
         print(f"this machine as a board; deploy with `pqcompile deploy DIR --rpc "
               f"HOST:PORT` (the port is on the next line); Ctrl-C stops it", flush=True)
-        return rpc_server.main(["--host", args.host, "--port", str(args.port)])
+        return rpc_server.main(["--host", args.host, "--port", str(args.port)]
+                               + board_flags(args))
     import signal
     import time
 
@@ -234,7 +255,8 @@ def _board(args: argparse.Namespace) -> int:
     # ignored in a process started in the background by a non-interactive shell)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    with local_server(args.emulate, args.port, host=args.host) as address:
+    with local_server(args.emulate, args.port, host=args.host, tracker=args.tracker,
+                      key=args.key, name=args.name) as address:
         print(f"emulated {args.emulate} board (qemu-user, the sysroot's Python and TVM) "
               f"{LISTENING} {address}; deploy with `pqcompile deploy DIR --rpc {address}`; "
               f"latencies are emulation times, not a board's; Ctrl-C stops it", flush=True)
@@ -285,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-rpc", metavar="HOST:PORT", help="for a latency_ms budget on "
                    "another architecture: the TVM RPC server of the board that times the layers, "
                    "or 'emulator' (qemu-user here: emulated times)")
+    c.add_argument("--device", help="where the training side runs (cpu, cuda, cuda:1)")
+    c.add_argument("--ddp", action="store_true", help="data-parallel under torchrun")
+    c.add_argument("--tracker", metavar="HOST:PORT", help="time the latency table on the "
+                   "boards of --key from this TVM RPC tracker, in parallel")
+    c.add_argument("--key", default="", help="the boards' key on --tracker")
     c.add_argument("--onnx", metavar="PATH", help="also write the compressed model as an ONNX "
                    "QDQ graph")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr, no table")
@@ -310,8 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_report)
     r = sub.add_parser("deploy", help="run an artifact on a board over TVM RPC: check, time")
     r.add_argument("artifact", metavar="DIR", help="artifact directory (pqcompile compile --out)")
-    r.add_argument("--rpc", required=True, metavar="HOST:PORT", help="the board's TVM RPC "
+    r.add_argument("--rpc", metavar="HOST:PORT", help="the board's TVM RPC "
                    "server, e.g. 192.168.1.20:9090")
+    r.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker (instead of "
+                   "--rpc): a free board of --key")
+    r.add_argument("--key", default="", help="the board's key (on --tracker)")
     r.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
     r.add_argument("--number", type=int, default=10, help="runs averaged per repeat")
     r.add_argument("--session-timeout", type=float, default=600.0, help="seconds, 0: none")
@@ -328,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "port run code here)")
     b.add_argument("--port", type=int, default=9090, help="port (default 9090; 0: any free "
                    "one, printed)")
+    add_board_flags(b)
     b.set_defaults(func=_board)
+    add_tracker_parser(sub)
     return parser
 
 

@@ -29,46 +29,31 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from . import rpc_server
 from .artifact import Artifact
-from .errors import PQCompileError
+from .rpc_client import (
+    AddressError,
+    DeployError,
+    RemoteLoadError,
+    RemoteUnreachableError,
+    ServerAddress,
+    _check_arch,
+    _connect,
+    _first_line,
+    _remote_info,
+    parse_address,
+)
 from .runtime import runner
-from .targets.base import arch_from_triple
 
 __all__ = ["AddressError", "DeployError", "DeployResult", "LatencyStats", "OutputMismatchError",
            "RemoteLoadError", "RemoteUnreachableError", "ServerAddress", "deploy",
            "parse_address"]
-
-BOARD_SERVER_HINT = ("start one on the board with `python -m tvm.exec.rpc_server --host 0.0.0.0 "
-                     "--port {port}` (or copy pqcompile/rpc_server.py there and run `python "
-                     "rpc_server.py --port {port}`); without a board, `pqcompile board "
-                     "--emulate aarch64 --port {port}` runs an emulated aarch64 one here "
-                     "(qemu-user)")
-
-
-class DeployError(PQCompileError, RuntimeError):
-    """Deploying an artifact over RPC failed; the message names the step and what to do."""
-
-
-class AddressError(DeployError, ValueError):
-    """An RPC address is not ``HOST:PORT``."""
-
-
-class RemoteUnreachableError(DeployError):
-    """Nothing that speaks TVM RPC answers at the address."""
-
-
-class RemoteLoadError(DeployError):
-    """The board cannot load or run the artifact's library (most often: another architecture)."""
-
 
 class OutputMismatchError(DeployError):
     """The outputs on the board differ from the artifact's reference sample; ``result`` holds
@@ -77,16 +62,6 @@ class OutputMismatchError(DeployError):
     def __init__(self, message: str, result: DeployResult) -> None:
         super().__init__(message)
         self.result = result
-
-
-class ServerAddress(NamedTuple):
-    """Where an RPC server listens."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -170,30 +145,13 @@ class DeployResult:
         ])
 
 
-def parse_address(text: str) -> ServerAddress:
-    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as a :class:`ServerAddress`.
-
-    Raises :class:`AddressError` saying what is wrong.
-    """
-    if not isinstance(text, str):
-        raise AddressError(f"an RPC address must be a 'HOST:PORT' string, got "
-                           f"{type(text).__name__}")
-    host, sep, port_text = text.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        sep = ""  # an IPv6 address needs brackets: [::1]:9090
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AddressError(f"--rpc {text!r}: expected HOST:PORT with a port in 1..65535, e.g. "
-                           f"192.168.1.20:9090 or [fe80::1]:9090")
-    return ServerAddress(host, int(port_text))
-
-
-def deploy(directory: str | os.PathLike, host: str, port: int, *, repeat: int = 10,
-           number: int = 10, check: bool = True, session_timeout: float = 600.0,
-           connect_timeout: float = 10.0, key: str = "") -> DeployResult:
-    """Run the artifact in ``directory`` on the RPC server at ``host:port``; see the module
-    docstring for the steps.
+def deploy(directory: str | os.PathLike, host: str | None = None, port: int | None = None, *,
+           repeat: int = 10, number: int = 10, check: bool = True,
+           session_timeout: float = 600.0, connect_timeout: float = 10.0, key: str = "",
+           tracker: Any = None) -> DeployResult:
+    """Run the artifact in ``directory`` on the RPC server at ``host:port``, or with
+    ``tracker="HOST:PORT"`` on a free board of ``key`` that the TVM RPC tracker there gives
+    (:mod:`pqcompile.tracker`); see the module docstring for the steps.
 
     Latency is timed over ``repeat`` repeats of ``number`` runs each, after one warm-up run.
     ``session_timeout`` (seconds, 0: none) bounds the whole session on the server side.
@@ -209,7 +167,22 @@ def deploy(directory: str | os.PathLike, host: str, port: int, *, repeat: int = 
     for name, value in (("repeat", repeat), ("number", number)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    address = ServerAddress(host, int(port))
+    if tracker is not None:
+        from .tracker import parse_tracker, request
+
+        where = parse_tracker(tracker)
+        address: Any = f"a board of key {key!r} from the tracker at {where}"
+
+        def connect() -> Any:
+            return request(where, key, session_timeout, connect_timeout)
+    else:
+        if host is None or port is None:
+            raise DeployError("deploy needs a board: host and port of its RPC server, or "
+                              "tracker='HOST:PORT' and key='NAME' of a TVM RPC tracker")
+        address = ServerAddress(host, int(port))
+
+        def connect() -> Any:
+            return _connect(address, key, session_timeout, connect_timeout)
     artifact = Artifact.load(directory)
     manifest = artifact.manifest
     sample = artifact.reference_sample
@@ -240,7 +213,7 @@ def deploy(directory: str | os.PathLike, host: str, port: int, *, repeat: int = 
     # hold the session's frames, hence it is dropped; the collections catch remote objects left
     # in reference cycles (VirtualMachine.get_outputs makes one; _outputs below does not).
     try:
-        session.run(key, connect_timeout, compare, repeat, number)
+        session.run(connect, compare, repeat, number)
     except DeployError as err:
         err.__context__ = None
         session = None  # type: ignore[assignment]
@@ -252,7 +225,8 @@ def deploy(directory: str | os.PathLike, host: str, port: int, *, repeat: int = 
     latency = (LatencyStats.from_seconds(seconds, number) if seconds else
                LatencyStats(*(float("nan"),) * 5, per_repeat=[], number=0))
     result = DeployResult(
-        artifact=str(directory), address=str(address), target=session.target, arch=artifact.arch,
+        artifact=str(directory), address=_board_address(address, session.info),
+        target=session.target, arch=artifact.arch,
         remote=session.info, outputs_match=found["match"], max_abs_diff=found["max_abs"],
         max_lsb_diff=found["max_lsb"], mismatches=found["mismatches"], latency=latency,
         upload_bytes=session.upload_bytes, upload_s=session.timings.pop("upload"),
@@ -286,7 +260,7 @@ class _Session:
         self.seconds: list[float] = []
         self.upload_bytes = self.weights_bytes = 0
 
-    def run(self, key: str, connect_timeout: float,
+    def run(self, connect: Callable[[], Any],
             compare: Callable[[list[np.ndarray]], bool], repeat: int, number: int) -> None:
         """Connect, upload, load, run once, ``compare`` the outputs and, if it says so, time."""
         from tvm import relax
@@ -295,7 +269,7 @@ class _Session:
         address, entry, arch = self.address, self.entry, self.artifact.arch
         clock = time.perf_counter
         start = clock()
-        remote = _connect(address, key, self.session_timeout, connect_timeout)
+        remote = connect()
         self.timings["connect"] = clock() - start
         self.info = _remote_info(remote)
         if self.info is not None:
@@ -354,54 +328,6 @@ class _Session:
                 f"timing {entry!r} on the RPC server at {address} failed: {_first_line(err)}. "
                 f"If the session expired, raise session_timeout (now "
                 f"{self.session_timeout:g} s) or lower repeat/number") from None
-
-
-def _connect(address: ServerAddress, key: str, session_timeout: float,
-             connect_timeout: float) -> Any:
-    """An RPC session; :class:`RemoteUnreachableError` naming the address when there is none."""
-    from tvm import rpc
-
-    hint = BOARD_SERVER_HINT.format(port=address.port)
-    try:  # a plain TCP probe first: it fails fast and says why (TVM's connect may hang)
-        socket.create_connection(tuple(address), timeout=connect_timeout).close()
-    except OSError as err:
-        raise RemoteUnreachableError(
-            f"no RPC server answers at {address} ({err.strerror or err}): {hint}, then check "
-            f"the host name, the port and any firewall between here and the board") from None
-    try:
-        return rpc.connect(address.host, address.port, key=key, session_timeout=session_timeout)
-    except Exception as err:  # noqa: BLE001 (TVM raises many types; reported, re-raised)
-        raise RemoteUnreachableError(
-            f"{address} accepts connections but no TVM RPC session starts there "
-            f"({_first_line(err)}): is it a TVM RPC server, and does its --key match "
-            f"{key!r}? Otherwise {hint}") from None
-
-
-def _remote_info(remote: Any) -> dict[str, Any] | None:
-    """The board's description from ``pqcompile.rpc_server``; ``None`` from other servers."""
-    try:
-        describe = remote.get_function(rpc_server.INFO_FUNCTION)
-    except Exception:  # noqa: BLE001 (AttributeError: a server without the function)
-        return None
-    try:
-        info = json.loads(str(describe()))
-    except (ValueError, RuntimeError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _check_arch(info: dict[str, Any], arch: str, target: str, address: ServerAddress) -> None:
-    machine = str(info.get("machine", ""))
-    try:
-        remote_arch = arch_from_triple(machine)
-    except ValueError:
-        return  # an architecture pqcompile does not know; the library load will tell
-    if remote_arch != arch:
-        raise RemoteLoadError(
-            f"the RPC server at {address} runs on {machine} and the artifact's library is for "
-            f"{arch} (target {target!r}): it cannot load there. Compile for the board's "
-            f"architecture (e.g. --target arm for a 64-bit Arm board) or deploy to a server on "
-            f"an {arch} machine")
 
 
 def _remote_outputs(vm: Any, entry: str) -> list[Any]:
@@ -465,8 +391,8 @@ def _ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.max(np.where(ka >= kb, ka - kb, kb - ka)))
 
 
-def _first_line(err: BaseException) -> str:
-    """The gist of a (possibly multi-line, traceback-carrying) TVM error."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("File ", "at ", "Traceback", "^", "~"))]
-    return (useful or lines or [type(err).__name__])[-1][:500]
+def _board_address(address: Any, info: dict[str, Any] | None) -> str:
+    """Where it ran: the server's address, and the board's name from its description."""
+    if info and info.get("board") and not isinstance(address, ServerAddress):
+        return f"{info['board']} ({address})"
+    return str(address)

@@ -66,12 +66,9 @@ True
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,15 +78,20 @@ from typing import Any
 import numpy as np
 
 from .errors import LatencyError, OptionError
-from .latency_programs import _geometry, _library, _lowered, _runner, check_where
+from .latency_cache import (
+    CACHE_FILE,
+    FORMAT_VERSION,
+    _fingerprint,
+    _read_cache,
+    _write_cache,
+    cache_path,
+)
+from .latency_programs import _geometry, _library, _lowered, _runner, check_where, run_jobs
 from .targets import TargetSpec, get_target
 
 __all__ = ["CACHE_FILE", "LatencyError", "LatencyTable", "LayerTable", "attach_latency",
            "cache_path", "check_where", "layer_points", "measure_latency"]
 
-FORMAT_VERSION = 1
-CACHE_FILE = "latency.json"
-_ROOT = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class LatencyTable:
     layers: dict[str, LayerTable] = field(default_factory=dict)
     seconds: float = 0.0  # spent measuring (0 when every figure came from the cache)
     measured: int = 0  # one-layer programs timed now; the rest came from the cache
+    boards: dict[str, int] = field(default_factory=dict)  # programs timed per farm board
 
     @property
     def unpruned_ms(self) -> float:
@@ -139,6 +142,7 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "target": self.target, "device": self.device,
+                "boards": dict(self.boards),
                 "layers": {name: {"shape": t.shape, "full": list(t.full),
                                   "points": [[o, i, ms] for (o, i), ms in
                                              sorted(t.points.items(), reverse=True)]}
@@ -152,7 +156,8 @@ class LatencyTable:
         layers = {name: LayerTable(d["shape"], tuple(d["full"]),
                                    {(o, i): ms for o, i, ms in d["points"]})
                   for name, d in data["layers"].items()}
-        return cls(str(data["target"]), str(data["device"]), layers)
+        return cls(str(data["target"]), str(data["device"]), layers,
+                   boards={str(k): int(v) for k, v in data.get("boards", {}).items()})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -206,64 +211,6 @@ def layer_points(problem: Any, index: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(points))
 
 
-# --- the cache ------------------------------------------------------------------------------
-
-
-def cache_path(target: Any, directory: str | os.PathLike | None = None) -> Path:
-    """Where ``target``'s figures are cached: ``latency.json`` in ``directory``, by default its
-    tuning database folder (:func:`pqcompile.tuning.database_dir`)."""
-    from .tuning import database_dir
-
-    return database_dir(target, directory) / CACHE_FILE
-
-
-@functools.lru_cache(maxsize=1)
-def _code_fingerprint() -> str:
-    """The lowering and quantization code and TVM's version, read once per process: the code
-    this process builds with (an edit made after it started applies to the next one)."""
-    import tvm
-
-    digest = hashlib.sha256(f"tvm {tvm.__version__}".encode())
-    for sub in ("lower", "quant"):
-        for path in sorted((_ROOT / sub).glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _fingerprint(spec: TargetSpec) -> str:
-    """What the figures depend on besides the shape: the code (:func:`_code_fingerprint`) and
-    the tuning records the build applies (the target's database)."""
-    from .tuning import database_dir
-
-    digest = hashlib.sha256(_code_fingerprint().encode())
-    records = database_dir(spec) / "records.json"
-    if records.exists():
-        st = records.stat()
-        digest.update(f"records {st.st_size} {st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-        return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
-
-
-def _write_cache(path: Path, new: Mapping[str, Any]) -> None:
-    """Merge ``new`` into the file (re-read first: another process may have added some)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = {**_read_cache(path), **new}
-    fd, tmp = tempfile.mkstemp(prefix=".latency-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": FORMAT_VERSION, "entries": entries}, f, indent=0, sort_keys=True)
-    os.replace(tmp, path)
-
-
 # --- measuring ------------------------------------------------------------------------------
 
 
@@ -271,8 +218,8 @@ def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host",
                     rpc: Any = None, key: str = "", repeat: int = 10, number: int = 1,
                     min_repeat_ms: float = 20.0, directory: str | os.PathLike | None = None,
                     cache: bool = True, progress: bool = False,
-                    session_timeout: float = 600.0, connect_timeout: float = 10.0
-                    ) -> LatencyTable:
+                    session_timeout: float = 600.0, connect_timeout: float = 10.0,
+                    tracker: Any = None) -> LatencyTable:
     """The latency table of ``problem``'s layers on ``target`` (module docstring).
 
     ``graph``: the analyzed graph the problem was built from (shapes and modules).
@@ -282,12 +229,17 @@ def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host",
     the fastest of ``repeat`` repeats of ``number`` runs (raised until a repeat lasts
     ``min_repeat_ms``). ``directory``: where ``latency.json`` caches the figures (default:
     the target's tuning database folder, :func:`pqcompile.tuning.database_dir`);
-    ``cache=False`` neither reads nor writes it.
+    ``cache=False`` neither reads nor writes it. ``tracker="HOST:PORT"`` (or ``rpc=
+    "KEY@HOST:PORT"``): on every free board of ``key`` that TVM RPC tracker has, in parallel
+    (:mod:`pqcompile.latency_farm`; one session per board, each taking the next program as it
+    finishes one; ``.boards`` counts the programs each board timed). A farm's boards are one
+    kind of board: the cache keys their figures by ``key``.
     """
-    from .deploy import _first_line
     from .progress import Progress
 
     spec = get_target(target)
+    if tracker is not None:
+        rpc = f"{key}@{tracker}"
     check_where(spec, rpc)
     for name, value in (("repeat", repeat), ("number", number)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -315,34 +267,30 @@ def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host",
                    if isinstance(known.get(prefix + k), dict) and "ms" in known[prefix + k]}
         todo = [k for k in programs if k not in figures]
         bar = Progress(len(todo), "latency", enabled=progress and bool(todo))
-        new: dict[str, Any] = {}
-        for step, shape_key in enumerate(todo, 1):
+        jobs = []  # built here first, then timed where the runner runs them (maybe in parallel)
+        for shape_key in todo:
             module, shape = programs[shape_key]
             mod, params, x = _lowered(module, shape, spec)
-            library = _library(mod, params, spec)
-            args = [x] + [np.ascontiguousarray(p) for p in params.values()]
-            failure = None
-            try:
-                repeats = runner.time(library, spec, args, timing)
-            except LatencyError as err:
-                failure = str(err)
-            except Exception as err:  # noqa: BLE001 (TVM raises many types; re-raised)
-                failure = (f"timing the one-layer program {shape_key!r} on {runner.device} "
-                           f"failed: {_first_line(err)}")
-            if failure is not None:  # raised here: no remote object stays in a traceback
-                raise LatencyError(failure)
+            jobs.append((shape_key, _library(mod, params, spec),
+                         [x] + [np.ascontiguousarray(p) for p in params.values()]))
+        new: dict[str, Any] = {}
+
+        def done(shape_key: str, repeats: list[float]) -> None:
             figures[shape_key] = min(repeats)
             new[prefix + shape_key] = {"ms": min(repeats), "repeats_ms": repeats,
                                        "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            bar.update(step, ms=min(repeats))
-        device = runner.device
+            bar.update(len(new), ms=min(repeats))
+
+        run_jobs(runner, jobs, spec, timing, done)
+        device, boards = runner.device, dict(getattr(runner, "counts", {}))
     if new and cache:
         _write_cache(path, new)
     layers = {name: LayerTable(shape_key, pairs[0][0],
                                {point: figures[k] for point, k in pairs})
               for name, (shape_key, pairs) in plans.items()}
     return LatencyTable(spec.name, device, layers,
-                        seconds=time.perf_counter() - start if new else 0.0, measured=len(new))
+                        seconds=time.perf_counter() - start if new else 0.0, measured=len(new),
+                        boards=boards)
 
 
 # --- the table as the problem's latency model -----------------------------------------------

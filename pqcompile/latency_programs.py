@@ -159,15 +159,17 @@ class _Remote:
     object is dropped on :meth:`close`, so the server is free for the next session."""
 
     def __init__(self, address: Any, spec: TargetSpec, key: str, session_timeout: float,
-                 connect_timeout: float, device: str | None) -> None:
-        from .deploy import _check_arch, _connect, _remote_info
+                 connect_timeout: float, device: str | None, remote: Any = None) -> None:
+        from .rpc_client import _check_arch, _connect, _remote_info
 
         self.address = address
-        self.remote = _connect(address, key, session_timeout, connect_timeout)
+        self.remote = remote if remote is not None else \
+            _connect(address, key, session_timeout, connect_timeout)
         info = _remote_info(self.remote)
         if info is not None:
             _check_arch(info, spec.arch, spec.name, address)
         board = f"{info.get('node')} {info.get('machine')}" if info else str(address)
+        self.board = str(info.get("board") or board) if info else board
         self.device = device or f"rpc {board}"
         self.count = 0
 
@@ -176,7 +178,7 @@ class _Remote:
         from tvm import relax
         from tvm.runtime import tensor
 
-        from .deploy import _first_line
+        from .rpc_client import _first_line
 
         self.count += 1
         name = f"pqcompile_latency_{os.getpid()}_{self.count}.so"  # a fresh dlopen each time
@@ -204,8 +206,45 @@ def _time_vm(vm: Any, dev: Any, args: list, timing: Mapping[str, Any]) -> list[f
     return [float(t) * 1e3 for t in timer("main").results]
 
 
+def run_jobs(runner: Any, jobs: list[tuple[str, bytes, list[np.ndarray]]], spec: TargetSpec,
+             timing: dict[str, Any], done: Any) -> None:
+    """Time every ``(shape key, library, args)`` job with ``runner``, calling ``done(shape
+    key, repeats)`` for each; a farm (:mod:`pqcompile.latency_farm`) runs them in parallel."""
+    from .rpc_client import _first_line
+
+    if hasattr(runner, "run_jobs"):
+        runner.run_jobs(jobs, spec, timing, done)
+        return
+    for shape_key, library, args in jobs:
+        failure = None
+        try:
+            repeats = runner.time(library, spec, args, timing)
+        except LatencyError as err:
+            failure = str(err)
+        except Exception as err:  # noqa: BLE001 (TVM raises many types; re-raised)
+            failure = (f"timing the one-layer program {shape_key!r} on {runner.device} "
+                       f"failed: {_first_line(err)}")
+        if failure is not None:  # raised here: no remote object stays in a traceback
+            raise LatencyError(failure)
+        done(shape_key, repeats)
+
+
+def split_farm(rpc: Any) -> tuple[str, Any] | None:
+    """``(key, tracker address)`` of ``rpc="KEY@HOST:PORT"`` (a tracker's boards of a key);
+    ``None`` for any other ``rpc``."""
+    if not isinstance(rpc, str) or "@" not in rpc:
+        return None
+    from .tracker import parse_tracker
+
+    key, _, tracker = rpc.partition("@")
+    if not key:
+        raise OptionError(f"rpc {rpc!r}: KEY@HOST:PORT names the boards' key before the @ "
+                          "(e.g. rpi4@10.0.0.5:9190)")
+    return key, parse_tracker(tracker)
+
+
 def _parse_rpc(rpc: Any) -> Any:
-    from .deploy import ServerAddress, parse_address
+    from .rpc_client import ServerAddress, parse_address
 
     if isinstance(rpc, ServerAddress):
         return rpc
@@ -229,7 +268,10 @@ def check_where(target: Any, rpc: Any, what: str = "rpc") -> None:
                 f"its latency table is measured there. Give {what}='HOST:PORT'{flag} of a TVM "
                 f"RPC server on the board (`python -m pqcompile.rpc_server --port 9090` there), "
                 f"or {what}='{EMULATOR}' to time it under {spec.emulator or 'qemu-user'} here "
-                f"(emulated times: a stand-in, not the board's speed)")
+                f"(emulated times: a stand-in, not the board's speed), or {what}="
+                f"'KEY@HOST:PORT' for the boards of a key on a TVM RPC tracker")
+        return
+    if split_farm(rpc) is not None:
         return
     if rpc == EMULATOR:
         if spec.arch == host_arch():
@@ -245,6 +287,12 @@ def _runner(spec: TargetSpec, rpc: Any, key: str, session_timeout: float,
             connect_timeout: float) -> Iterator[Any]:
     if rpc is None:
         yield _Local()
+        return
+    farm = split_farm(rpc)
+    if farm is not None:
+        from .latency_farm import Farm
+
+        yield Farm(farm[1], farm[0], spec, session_timeout, connect_timeout)
         return
     if rpc == EMULATOR:
         from .rpc_local import local_server

@@ -11,11 +11,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import rpc_server
-from .deploy import DeployError, ServerAddress
+from .rpc_client import DeployError, ServerAddress, parse_address
 from .targets import host_arch
 from .targets.emulator import _python_command
 
@@ -26,7 +27,8 @@ SERVER_SCRIPT = Path(rpc_server.__file__)
 
 @contextmanager
 def local_server(arch: str = "aarch64", port: int = 0, *, host: str = "127.0.0.1",
-                 startup_timeout: float = 120.0) -> Iterator[ServerAddress]:
+                 startup_timeout: float = 120.0, tracker: Any = None, key: str = "",
+                 name: str | None = None) -> Iterator[ServerAddress]:
     """Run ``pqcompile/rpc_server.py`` here while the ``with`` block runs; yields its address.
 
     ``arch="host"`` (or this machine's architecture) runs it with this interpreter; another
@@ -34,11 +36,23 @@ def local_server(arch: str = "aarch64", port: int = 0, *, host: str = "127.0.0.1
     :func:`pqcompile.targets.find_sysroot`; aarch64 starts in ~10 s). ``port=0`` takes a free
     port. Raises :class:`DeployError` with the server's log when it does not start within
     ``startup_timeout`` seconds. The server and its sessions are killed on exit; on Linux the
-    server also ends when this process does, however it ends.
+    server also ends when this process does, however it ends. ``tracker`` (``"HOST:PORT"``
+    or a :class:`ServerAddress`) registers the server with that TVM RPC tracker under ``key``
+    (:mod:`pqcompile.tracker`); ``name``: the board's name in its ``device_info``.
     """
     arch = host_arch() if arch == "host" else arch
     command, env = _python_command(arch, None, None)
     command += [str(SERVER_SCRIPT), "--host", host, "--port", str(port)]
+    if tracker is not None:
+        if not key:
+            raise DeployError("a board registered with a tracker needs a key (key='NAME'): "
+                              "the name clients ask the tracker for")
+        address = tracker if isinstance(tracker, ServerAddress) else parse_address(tracker)
+        command += ["--tracker", str(address), "--key", key]
+    elif key:
+        command += ["--key", key]
+    if name:
+        command += ["--name", name]
     with tempfile.TemporaryDirectory(prefix="pqcompile-rpc-") as tmp:
         out_path, err_path = Path(tmp, "stdout"), Path(tmp, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:

@@ -15,6 +15,11 @@ Where pqcompile is installed, ``python -m pqcompile.rpc_server`` does the same (
 the pqcompile package first, and with it torch). ``--port 0`` takes any free port. The line
 ``listening on HOST:PORT`` goes to stdout, flushed, once the socket accepts connections.
 
+With ``--tracker HOST:PORT --key NAME`` the server registers with a TVM RPC tracker
+(``pqcompile tracker --port 9190``) under that key, and clients reach it through the tracker:
+a farm of boards of one kind under one key (``pqcompile deploy DIR --tracker HOST:9190 --key
+NAME``); ``--name`` is what ``device_info`` calls this board (default ``NODE:PORT``).
+
 Anyone who reaches the port can run code on the machine: serve on a trusted network only.
 """
 
@@ -33,6 +38,7 @@ import socket
 
 INFO_FUNCTION = "pqcompile.rpc_server.device_info"
 LISTENING = "listening on"
+BOARD_ENV = "PQCOMPILE_BOARD_NAME"
 
 
 def device_info():
@@ -47,11 +53,22 @@ def device_info():
     return json.dumps({"machine": platform.machine(), "system": platform.system(),
                        "release": platform.release(), "node": platform.node(),
                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                       "board": os.environ.get(BOARD_ENV, platform.node()),
                        "tvm": tvm.__version__, "numpy": numpy_version})
 
 
-def serve(host="0.0.0.0", port=9090, key="", silent=False):
-    """Listen on ``host:port`` (0: any free port) and serve RPC sessions until killed."""
+def parse_tracker(text):
+    """``(host, port)`` of ``--tracker HOST:PORT``."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"error: --tracker {text!r}: expected HOST:PORT, e.g. 10.0.0.5:9190")
+    return host, int(port)
+
+
+def serve(host="0.0.0.0", port=9090, key="", silent=False, tracker=None, name=None):
+    """Listen on ``host:port`` (0: any free port) and serve RPC sessions until killed;
+    with ``tracker`` (``(host, port)``) registered there under ``key``."""
     import tvm
     from tvm.rpc import server
 
@@ -71,8 +88,12 @@ def serve(host="0.0.0.0", port=9090, key="", silent=False):
                          f"(0 takes any free one)") from None
     sock.listen(1)
     bound = sock.getsockname()[1]
+    os.environ[BOARD_ENV] = name or f"{platform.node()}:{bound}"
+    if tracker is not None and not key:
+        raise SystemExit("error: --tracker needs --key: the name clients ask the tracker for")
     print(f"{LISTENING} {host}:{bound}", flush=True)
-    server._listen_loop(sock, bound, key, None, None, None)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    server._listen_loop(sock, bound, key, tracker, None, None)
 
 
 def main(argv=None):
@@ -83,9 +104,13 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=9090, help="0: any free port")
     parser.add_argument("--key", default="", help="only clients giving this key are served")
     parser.add_argument("--silent", action="store_true", help="log errors only")
+    parser.add_argument("--tracker", metavar="HOST:PORT", help="register with this TVM RPC "
+                        "tracker under --key")
+    parser.add_argument("--name", help="this board's name in device_info (default NODE:PORT)")
     args = parser.parse_args(argv)
+    tracker = parse_tracker(args.tracker) if args.tracker else None
     try:
-        serve(args.host, args.port, args.key, args.silent)
+        serve(args.host, args.port, args.key, args.silent, tracker, args.name)
     except KeyboardInterrupt:
         pass
     return 0
