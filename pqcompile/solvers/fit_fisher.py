@@ -1,5 +1,6 @@
 """FITCompress's Fisher statistics: the variance-stopped start on the FP32 graph and the
-refreshes on the compressed model along the path, as per-row arrays of the full weights.
+refreshes on the compressed model along the path, as per-row arrays of the full weights, and
+the FIT of a quantized tensor (:func:`fit_term`).
 
 Used by :class:`~pqcompile.solvers.fitcompress.FITCompressSolver`; a row is one output channel
 of a layer's unpruned weight, so statistics of pruned rows stay where they were.
@@ -21,6 +22,18 @@ from .search import SearchContext
 
 if TYPE_CHECKING:
     from .fitcompress import _Path
+
+NOISE = 1.0 / 12.0  # E[(round error)^2] / Delta^2 of uniform rounding
+
+
+def fit_term(trace: float, value_range: float, bits: int) -> float:
+    """FIT of one quantized tensor: ``trace * Delta^2 / 12``, ``Delta = value_range /
+    (2^bits - 1)`` (``trace``: the Fisher trace of the tensor's values)."""
+    return float(trace) * (float(value_range) / (2 ** int(bits) - 1)) ** 2 * NOISE
+
+
+def _inv_levels2(bits: int) -> float:
+    return 1.0 / (2 ** int(bits) - 1) ** 2
 
 
 @dataclass

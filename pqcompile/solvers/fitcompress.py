@@ -108,7 +108,15 @@ import torch
 from ..budget import Budget
 from ..meta import CHANNEL_GROUPS
 from ..progress import Progress
-from .fit_fisher import _initial_stats, _LayerStats, _refresh, _Stream
+from .fit_fisher import (
+    NOISE,
+    _initial_stats,
+    _inv_levels2,
+    _LayerStats,
+    _refresh,
+    _Stream,
+    fit_term,
+)
 from .greedy import DescentState
 from .ilp_model import infeasible_error, minimum_costs
 from .problem import Option, Problem, Solution, problem_costs, resolve_limits
@@ -117,19 +125,6 @@ from .search import SearchContext, check_int, check_real
 _NAME = "FITCompressSolver"
 
 __all__ = ["FITCompressSolver", "fit_term"]
-
-NOISE = 1.0 / 12.0  # E[(round error)^2] / Delta^2 of uniform rounding
-
-
-def fit_term(trace: float, value_range: float, bits: int) -> float:
-    """FIT of one quantized tensor: ``trace * Delta^2 / 12``, ``Delta = value_range /
-    (2^bits - 1)`` (``trace``: the Fisher trace of the tensor's values)."""
-    return float(trace) * (float(value_range) / (2 ** int(bits) - 1)) ** 2 * NOISE
-
-
-def _inv_levels2(bits: int) -> float:
-    return 1.0 / (2 ** int(bits) - 1) ** 2
-
 
 class _Path:
     """The node being walked (a :class:`DescentState`), its removed channels and the FIT model."""
