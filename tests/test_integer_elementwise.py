@@ -148,3 +148,25 @@ def test_onnx_export_gathers_the_table():
         got = np.round(y.astype(np.float64) / scale).astype(np.int64)
         want = integer_outputs(c.reference, x)[0].numpy()
         assert np.abs(got - want).max() <= 1  # the head's float32 QuantizeLinear rounding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_zoo_models_compile_without_float_ops(name):
+    """Hardswish/hardsigmoid (MobileNetV3), SiLU and the squeeze-excite sigmoid and product
+    (EfficientNet): all integer, the program equal to its reference (random weights, 64x64)."""
+    import torchvision
+    from test_parity import batches, randomize_bn
+
+    from pqcompile import presets
+    from pqcompile.build import analysis
+
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(torchvision.models, name)())
+    x = torch.randn(1, 3, 64, 64)
+    c = compile_assignment(model, (x,), presets.uniform(analysis(model, (x,)), 8),
+                           target="host", calibration=batches(2, (4, 3, 64, 64), seed=1))
+    assert c.float_ops == []
+    assert len(_modules(c.reference, QLut)) >= 20 and len(_modules(c.reference, QMul)) >= 9
+    for xi in batches(2, (1, 3, 64, 64), seed=5):
+        np.testing.assert_array_equal(c(xi.numpy()), c.reference(xi).numpy())
