@@ -40,6 +40,8 @@ from ..quant.tables import set_table_bits, table_notes
 from ..solvers import build_problem, resolve_limits, to_assignment
 from ..solvers.search import SearchContext, needs_context
 from ..solvers.verdict import solution_notes, warn_budget
+from ..devices import place_criteria
+from ..distributed import builds_here
 from .checks import batch_inputs, read_batches
 from .context import CompileContext
 
@@ -49,7 +51,11 @@ class Stage(Pass):
 
     ``applies(ctx)``: whether the stage does anything for these arguments (the progress
     lines number only those that do); ``detail(ctx)``: the text its progress line shows.
+    ``builds``: a stage of the build, which under ``torch.distributed`` only rank 0 runs
+    (:mod:`pqcompile.distributed`: the other ranks train, then return ``None``).
     """
+
+    builds = False
 
     def applies(self, ctx: CompileContext) -> bool:
         return True
@@ -61,7 +67,7 @@ class Stage(Pass):
         if not isinstance(ctx, CompileContext):
             raise TypeError(f"stage {self.info.name} runs in a compile context: build it with "
                             "pqcompile.pipeline.compile_context(model, example_inputs, ...)")
-        if not self.applies(ctx):
+        if not self.applies(ctx) or (self.builds and not builds_here()):
             return PassResult(gm, False)
         return self.stage(gm, ctx)
 
@@ -114,10 +120,10 @@ class Sensitivity(Stage):
 
     def stage(self, gm, ctx):
         batches = read_batches(ctx.data, ctx.sensitivity_batches, gm)
-        scored = SensitivityAnalysis(
+        scored = place_criteria(SensitivityAnalysis(
             ctx.criterion, Tracked(batches, "sensitivity", ctx.progress) if batches else None,
             channel_criterion=ctx.channel_criterion, bit_options=ctx.bit_options,
-            objective=ctx.objective)(gm).graph_module
+            objective=ctx.objective), ctx.device)(gm).graph_module
         ctx.importance = channel_importance(scored)
         ctx.problem = build_problem(scored, layer_sensitivities(scored), ctx.importance,
                                     bit_options=ctx.bit_options, keep_levels=ctx.keep_levels,
@@ -211,12 +217,14 @@ class FineTune(Stage):
 class Prune(Stage):
     """The channel groups the keep-masks drop removed for real, on a copy of the graph."""
 
+    builds = True
+
     info = PassInfo("prune", requires=(BITS, KEEP_MASKS), provides=(SHAPE, KEPT_CHANNELS),
                     invalidates=(CHANNEL_GROUPS, NODE_CHANNELS, COST, COST_TOTALS,
                                  SENSITIVITY, CHANNEL_IMPORTANCE))
 
     def applies(self, ctx):
-        return not ctx.finetuned
+        return ctx.finetune is None  # fine-tuning prunes and folds (its graph comes out so)
 
     def stage(self, gm, ctx):
         ctx.assignment = assignment = graph_assignment(gm)
@@ -234,11 +242,13 @@ class Fold(Stage):
     """Batch norms folded into the layers before them, shapes again, bits on the layers,
     costs of the compressed graph."""
 
+    builds = True
+
     info = PassInfo("fold", requires=(EXAMPLE_INPUTS, BITS),
                     provides=(FOLDED_BN, SHAPE, COST, COST_TOTALS))
 
     def applies(self, ctx):
-        return not ctx.finetuned
+        return ctx.finetune is None  # fine-tuning prunes and folds (its graph comes out so)
 
     def stage(self, gm, ctx):
         ctx.assignment = assignment = graph_assignment(gm)
@@ -252,6 +262,8 @@ class Fold(Stage):
 class Quantize(Stage):
     """Calibration on the data's first batches (or the example inputs) and the
     integer-exact reference; the graph that comes out is the reference."""
+
+    builds = True
 
     info = PassInfo("quantize", requires=(BITS, COST_TOTALS), provides=(REFERENCE,))
 
@@ -289,6 +301,8 @@ class Lower(Stage):
     """The reference as an integer-only Relax program (``ctx.program``), tuned with
     ``tune=``."""
 
+    builds = True
+
     info = PassInfo("lower", requires=(REFERENCE,))
 
     def detail(self, ctx):
@@ -303,6 +317,8 @@ class Lower(Stage):
 class Build(Stage):
     """The program built for the target and packaged (library, weights, manifest) as the
     :class:`~pqcompile.build.Compiled` ``compile()`` returns (``ctx.compiled``)."""
+
+    builds = True
 
     info = PassInfo("build", requires=(REFERENCE,))
 
