@@ -275,14 +275,14 @@ def test_reference_records_and_signedness():
     nodes = {n.name: n for n in ref.graph.nodes}
     q0, q2 = QPARAMS.get(nodes["_0"]), QPARAMS.get(nodes["_2"])
     assert (q0.bits, q0.signed) == (6, False)    # read by _2 at 6 bits, after a ReLU6
-    assert (q2.bits, q2.signed) == (8, True)     # read only by a float op
-    assert QPARAMS.get(nodes["_3"]).signed is False  # sigmoid output
+    assert (q2.bits, q2.signed) == (8, True)     # read only by a table (the sigmoid)
+    assert QPARAMS.get(nodes["_3"]).signed is False  # sigmoid output: a table, non-negative
     assert FUSED_ACTIVATION.get(nodes["_0"]) == "_1" and BITS.get(nodes["_2"]) == BitWidths(2, 6)
     assert WEIGHT_QUANT.get(nodes["_0"]).bits == 4 and len(WEIGHT_QUANT.get(nodes["_0"]).scales) == 8
     req = REQUANT.get(nodes["_0"])
     assert req.lo == 0 and req.hi == min(63, math.floor(6 / q0.scale + 0.5))
     assert [(f.node, f.op) for f in FLOAT_OPS.get(ref)] == [
-        ("_3", "Sigmoid"), ("_4", "Conv2d (not in the assignment)")]
+        ("_4", "Conv2d (not in the assignment)")]
 
 
 def test_fake_quant_view_within_one_lsb_of_integer_reference():
