@@ -1,4 +1,6 @@
-"""Checks and byte layout behind :mod:`pqcompile.artifact`: tensor specs, raw array files, JSON.
+"""Checks and byte layout behind :mod:`pqcompile.artifact`: tensor specs, raw array files, JSON,
+the manifest's parts (layers, totals, reference sample, checksums) and the checks of run-time
+inputs.
 
 >>> blob, entries = pack_arrays([("a", np.ones(3, "int8")), ("b", np.zeros(2, "float32"))])
 >>> [(e["name"], e["offset"], e["nbytes"]) for e in entries], len(blob)
@@ -7,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -15,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from .errors import PQCompileError
+from .runtime import runner
 
 __all__ = ["ALIGNMENT", "ArtifactError", "json_ready", "pack_arrays", "tensor_specs",
            "validate_params"]
 
+SAMPLE = "sample.bin"  # the reference sample's file in an artifact
 ALIGNMENT = 64  # bytes; a cache line, and enough for any SIMD load of the weights
 _KINDS = "biuf"  # bool, signed and unsigned integers, floats
 
@@ -161,3 +167,79 @@ def json_ready(value: Any, where: str) -> Any:
         return value
     raise TypeError(f"{where} is of type {type(value).__name__}, which the manifest cannot "
                     f"store; use numbers, strings, lists and dicts")
+
+
+def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[np.ndarray]:
+    """The inputs as numpy arrays; :class:`ArtifactError` naming the first that does not match
+    the manifest, with the shape and dtype it needs."""
+    arrays = [np.asarray(a) for a in inputs]
+    try:
+        runner.check_inputs(specs, arrays)
+    except ValueError as err:
+        hint = ("pass one array per input, in that order" if len(arrays) != len(specs) else
+                "convert the array to that dtype, or compile again with example inputs of "
+                "the shape to run (shapes, batch size included, are fixed when compiling)")
+        raise ArtifactError(f"{err}; {hint}") from None
+    return arrays
+
+
+def _refuse_nan(specs: list[dict[str, Any]], arrays: Sequence[np.ndarray]) -> None:
+    """:class:`ArtifactError` naming the first float input holding NaN: quantizing it gives an
+    arbitrary integer (the same as +inf here), so the output would look valid and mean
+    nothing."""
+    bad = runner.nan_input(specs, arrays)
+    if bad is not None:
+        raise ArtifactError(f"input {bad!r} holds NaN, which has no quantized value (the "
+                            f"program would give a finite, meaningless output); replace or "
+                            f"drop the NaN values before calling (e.g. np.nan_to_num)")
+
+
+def _pack_sample(sample: Any, inputs: list[dict], outputs: list[dict],
+                 tolerance: tuple[float, float]) -> tuple[dict[str, Any], bytes]:
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        raise TypeError("reference_sample must be (inputs, outputs): sequences of numpy arrays")
+    ins, outs = sample
+    ins = [ins] if isinstance(ins, np.ndarray) else list(ins)
+    outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
+    runner.check_inputs(inputs, ins, "reference_sample input")
+    runner.check_inputs(outputs, outs, "reference_sample output")
+    rtol, atol = (float(t) for t in tolerance)
+    blob, entries = pack_arrays([(s["name"], a) for s, a in zip(inputs + outputs, ins + outs)])
+    meta = {"file": SAMPLE, "inputs": entries[:len(ins)], "outputs": entries[len(ins):],
+            "rtol": rtol, "atol": atol}
+    return meta, blob
+
+
+def _layer_list(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of dicts, got {type(layers).__name__}")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Mapping) or not isinstance(layer.get("name"), str):
+            raise TypeError(f"layers[{i}] must be a dict with a 'name' string, got {layer!r}")
+    return [dict(layer) for layer in layers]
+
+
+def _totals(totals: Any) -> dict[str, Any] | None:
+    if totals is None:
+        return None
+    if hasattr(totals, "__dataclass_fields__"):  # e.g. pqcompile.meta.CostTotals
+        totals = {name: getattr(totals, name) for name in totals.__dataclass_fields__}
+    if not isinstance(totals, Mapping):
+        raise TypeError(f"totals must be a dict or CostTotals, got {type(totals).__name__}")
+    missing = [k for k in ("macs", "bops", "weight_bytes") if k not in totals]
+    if missing:
+        raise ValueError(f"totals lacks {missing}; give at least macs, bops and weight_bytes "
+                         f"(pqcompile.meta.CostTotals has them)")
+    return dict(totals)
+
+
+def _dump(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=True) + "\n"
+
+
+def _sealed(manifest: dict[str, Any], files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The manifest with the files' checksums and its own integrity checksum added."""
+    manifest["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)}
+                         for name, data in files.items()}
+    manifest["integrity"] = runner.manifest_sha256(manifest)
+    return manifest

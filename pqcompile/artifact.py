@@ -40,7 +40,6 @@ array([1, 2, 3, 4], dtype=int32)
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import tempfile
@@ -51,7 +50,22 @@ from typing import Any
 
 import numpy as np
 
-from ._artifact_data import ArtifactError, json_ready, pack_arrays, tensor_specs, validate_params
+from ._artifact_data import (
+    SAMPLE,
+    ArtifactError,
+    _checked_inputs,
+    _dump,
+    _layer_list,
+    _pack_sample,
+    _refuse_nan,
+    _sealed,
+    _totals,
+    json_ready,
+    pack_arrays,
+    tensor_specs,
+    validate_params,
+)
+from ._artifact_relax import FLAT_SUFFIX, _flat_outputs, _with_flat_prepare
 from .runtime import runner
 from .targets import TargetSpec, get_target, host_arch, run_python
 
@@ -59,8 +73,7 @@ __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
 
 FORMAT_VERSION = runner.FORMAT
 CALLING_CONVENTION = "inputs_then_params"
-LIBRARY, WEIGHTS, SAMPLE, RUNNER = "lib.so", "weights.bin", "sample.bin", "runner.py"
-FLAT_SUFFIX = "_flat"  # the prepare function taking one argument per weight (see deploy)
+LIBRARY, WEIGHTS, RUNNER = "lib.so", "weights.bin", "runner.py"
 _RUNNER_SOURCE = Path(runner.__file__)
 
 
@@ -384,111 +397,3 @@ class Artifact:
         return (f"Artifact(target={m['target']['name']!r}, arch={self.arch!r}, "
                 f"inputs={[i['name'] for i in m['inputs']]}, params={len(m['params'])}, "
                 f"nbytes={self.nbytes})")
-
-
-def _with_flat_prepare(mod: Any, prepare: str) -> Any:
-    """``mod`` plus ``{prepare}_flat``: ``prepare`` taking the weights as separate arguments.
-
-    ``prepare`` (Relax's lifted transform) takes one tuple of weights, which a local caller
-    passes as a Python list; a TVM RPC client cannot pass a tuple (nor get its items back), so
-    a board is handed the weights one argument each (:mod:`pqcompile.deploy`)."""
-    from tvm import relax
-
-    tuple_type = mod[prepare].params[0].ty
-    weights = [relax.Var(f"w{i}", ty) for i, ty in enumerate(tuple_type.fields)]
-    builder = relax.BlockBuilder(mod)
-    with builder.function(prepare + FLAT_SUFFIX, weights):
-        made = builder.emit(relax.Call(builder.get().get_global_var(prepare),
-                                       [relax.Tuple(weights)]))
-        builder.emit_func_output(made)
-    return builder.get()
-
-
-def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[np.ndarray]:
-    """The inputs as numpy arrays; :class:`ArtifactError` naming the first that does not match
-    the manifest, with the shape and dtype it needs."""
-    arrays = [np.asarray(a) for a in inputs]
-    try:
-        runner.check_inputs(specs, arrays)
-    except ValueError as err:
-        hint = ("pass one array per input, in that order" if len(arrays) != len(specs) else
-                "convert the array to that dtype, or compile again with example inputs of "
-                "the shape to run (shapes, batch size included, are fixed when compiling)")
-        raise ArtifactError(f"{err}; {hint}") from None
-    return arrays
-
-
-def _refuse_nan(specs: list[dict[str, Any]], arrays: Sequence[np.ndarray]) -> None:
-    """:class:`ArtifactError` naming the first float input holding NaN: quantizing it gives an
-    arbitrary integer (the same as +inf here), so the output would look valid and mean
-    nothing."""
-    bad = runner.nan_input(specs, arrays)
-    if bad is not None:
-        raise ArtifactError(f"input {bad!r} holds NaN, which has no quantized value (the "
-                            f"program would give a finite, meaningless output); replace or "
-                            f"drop the NaN values before calling (e.g. np.nan_to_num)")
-
-
-def _flat_outputs(ty: Any) -> list[tuple[str, Any]]:
-    """Named tensor types of a function's (possibly nested tuple) return, depth-first."""
-    leaves: list[Any] = []
-    pending = [ty]
-    while pending:
-        item = pending.pop()
-        fields = getattr(item, "fields", None)
-        if fields is not None:
-            pending.extend(reversed(list(fields)))
-        else:
-            leaves.append(item)
-    return [(f"output{i}" if len(leaves) > 1 else "output", leaf) for i, leaf in enumerate(leaves)]
-
-
-def _pack_sample(sample: Any, inputs: list[dict], outputs: list[dict],
-                 tolerance: tuple[float, float]) -> tuple[dict[str, Any], bytes]:
-    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-        raise TypeError("reference_sample must be (inputs, outputs): sequences of numpy arrays")
-    ins, outs = sample
-    ins = [ins] if isinstance(ins, np.ndarray) else list(ins)
-    outs = [outs] if isinstance(outs, np.ndarray) else list(outs)
-    runner.check_inputs(inputs, ins, "reference_sample input")
-    runner.check_inputs(outputs, outs, "reference_sample output")
-    rtol, atol = (float(t) for t in tolerance)
-    blob, entries = pack_arrays([(s["name"], a) for s, a in zip(inputs + outputs, ins + outs)])
-    meta = {"file": SAMPLE, "inputs": entries[:len(ins)], "outputs": entries[len(ins):],
-            "rtol": rtol, "atol": atol}
-    return meta, blob
-
-
-def _layer_list(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
-        raise TypeError(f"layers must be a list of dicts, got {type(layers).__name__}")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Mapping) or not isinstance(layer.get("name"), str):
-            raise TypeError(f"layers[{i}] must be a dict with a 'name' string, got {layer!r}")
-    return [dict(layer) for layer in layers]
-
-
-def _totals(totals: Any) -> dict[str, Any] | None:
-    if totals is None:
-        return None
-    if hasattr(totals, "__dataclass_fields__"):  # e.g. pqcompile.meta.CostTotals
-        totals = {name: getattr(totals, name) for name in totals.__dataclass_fields__}
-    if not isinstance(totals, Mapping):
-        raise TypeError(f"totals must be a dict or CostTotals, got {type(totals).__name__}")
-    missing = [k for k in ("macs", "bops", "weight_bytes") if k not in totals]
-    if missing:
-        raise ValueError(f"totals lacks {missing}; give at least macs, bops and weight_bytes "
-                         f"(pqcompile.meta.CostTotals has them)")
-    return dict(totals)
-
-
-def _dump(manifest: Mapping[str, Any]) -> str:
-    return json.dumps(manifest, indent=2, ensure_ascii=True) + "\n"
-
-
-def _sealed(manifest: dict[str, Any], files: Mapping[str, bytes]) -> dict[str, Any]:
-    """The manifest with the files' checksums and its own integrity checksum added."""
-    manifest["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)}
-                         for name, data in files.items()}
-    manifest["integrity"] = runner.manifest_sha256(manifest)
-    return manifest
