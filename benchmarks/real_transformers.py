@@ -215,9 +215,65 @@ def fidelity_rows(length: int = 128, batch: int = 5, calibration: int = 5,
     return rows
 
 
+def budget_rows(ratios: tuple[str, ...] = ("4x", "6x", "8x"), length: int = 128,
+                batch: int = 5, calibration: int = 5, observer: str = "percentile",
+                table_bits: int = 4, residual_bits: int | str = "auto") -> list[dict]:
+    """paraphrase-MiniLM-L3-v2 under weight-byte budgets (``Budget(weight_bytes=ratio)``):
+    ``pqcompile.compile`` with the calibration documents as data (the ILP picks each linear's
+    bits from (8, 8), (4, 8), (2, 8) on Fisher sensitivities of the distillation objective),
+    the embedding tables stored at ``table_bits`` (per-row scales), no pruning. Each row:
+    whether the budget is met, the Pearson on the held-out pairs and its difference to FP32,
+    the build's SQNR, the stored bytes (``totals["weight_bytes"]``: the artifact's weights
+    file and constants, measured from the program) and the largest program-vs-reference
+    difference (0: bit-exact)."""
+    from pqcompile import compile as pq_compile
+    from pqcompile.budget import Budget
+
+    model, corpus = minilm_l3(), lee_corpus()
+    enc = tokenize(list(corpus.documents), length)
+    example = (enc["input_ids"][:batch], enc["attention_mask"][:batch])
+    data = [(enc["input_ids"][s:s + batch], enc["attention_mask"][s:s + batch])
+            for s in range(0, calibration * batch, batch)]
+    first = calibration * batch
+    keep = [k for k, (i, _) in enumerate(corpus.pairs) if i >= first]
+    held = LeeCorpus(corpus.documents, tuple(corpus.pairs[k] for k in keep), corpus.human[keep])
+    p32 = pair_pearson(encode(model, enc, batch), held)
+    rows = []
+    for ratio in ratios:
+        c = pq_compile(model, example, target="host", budget=Budget(weight_bytes=ratio),
+                       data=data, calibration_batches=calibration,
+                       sensitivity_batches=calibration, observer=observer,
+                       bit_options=[(8, 8), (4, 8), (2, 8)], keep_levels=(1.0,),
+                       pareto_points=0, table_bits=table_bits, residual_bits=residual_bits)
+        program = encode(lambda i, m: c(i.numpy(), m.numpy()), enc, batch)
+        reference = encode(lambda i, m: c.reference(i, m), enc, batch)
+        p = pair_pearson(program, held)
+        bits = [b.weight for b in c.assignment.bits.values()]
+        limit = c.totals["fp32_weight_bytes"] / float(ratio.rstrip("x"))
+        notes = c.artifact.manifest["extra"]["notes"]
+        rows.append({
+            "model": "minilm_l3", "mode": f"weight_bytes={ratio}", "tokens": length,
+            "observer": observer, "table_bits": table_bits,
+            "residual_bits": next((n.split(" kept at ")[1].split(" ")[0] for n in notes
+                                   if n.startswith("residual sums") and " kept at " in n), 8),
+            "linear_weight_bits": {str(b): bits.count(b) for b in sorted(set(bits))},
+            "feasible": c.totals["weight_bytes"] <= limit,
+            "pearson": p, "pearson_delta": p - p32, "sqnr_db": c.fidelity["sqnr_db"],
+            "weight_bytes": c.totals["weight_bytes"],
+            "predicted_weight_bytes": c.totals["predicted_weight_bytes"],
+            "fp32_weight_bytes": c.totals["fp32_weight_bytes"],
+            "weight_reduction": c.totals["fp32_weight_bytes"] / c.totals["weight_bytes"],
+            "program_vs_reference": float(np.abs(program - reference).max()), "notes": notes})
+    return rows
+
+
 if __name__ == "__main__":
     import json
     import sys
 
+    if sys.argv[1:2] == ["budgets"]:
+        for row in budget_rows(tuple(sys.argv[2:]) or ("4x", "6x", "8x")):
+            print(json.dumps(row), flush=True)
+        sys.exit()
     for row in fidelity_rows(*(int(a) for a in sys.argv[1:2])):
         print(json.dumps(row))

@@ -369,6 +369,10 @@ WEIGHT_QUANT: MetaKey[WeightQuant] = MetaKey(
 REQUANT: MetaKey[Requant] = MetaKey(
     "pqc.requant", "build_reference", "fixed-point multipliers and clamp bounds of an integer op")
 
+EMBEDDING_BITS: MetaKey[int] = MetaKey(
+    "pqc.embedding_bits", "pqcompile.quant.tables.set_table_bits",
+    "bits an nn.Embedding table is stored at (8, or 4/2: packed rows, a multiplier per row)")
+
 FUSED_ACTIVATION: MetaKey[str] = MetaKey(
     "pqc.fused_activation", "build_reference", "name of the ReLU/ReLU6 node folded into the clamp")
 

@@ -10,9 +10,9 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
 
 * a conv/linear layer with bits: its weight packed at its weight bits, and per output channel
   an int32 bias, requantization multiplier and shift (:data:`PER_CHANNEL_WORDS`);
-* ``nn.Embedding``: an int8 (uint8) table whatever the output's bits (:data:`TABLE_BITS`);
-  narrower tables would need a lookup that unpacks rows, which the lowering's ``take`` on
-  the table does not do;
+* ``nn.Embedding``: an int8 (uint8) table whatever the output's bits (:data:`TABLE_BITS`),
+  or, marked with ``meta.EMBEDDING_BITS`` 4 or 2, packed rows and an int32 multiplier per row
+  (:func:`table_bytes`, :mod:`pqcompile.quant.tables`);
 * everything else a float island reads -- norms' parameters, position tables and other
   parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
   island (:data:`ISLAND_BITS`).
@@ -49,7 +49,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..meta import BITS, COST, COST_TOTALS, SHAPE, BitWidths, CostTotals, NodeCost
+from ..meta import (
+    BITS,
+    COST,
+    COST_TOTALS,
+    EMBEDDING_BITS,
+    SHAPE,
+    BitWidths,
+    CostTotals,
+    NodeCost,
+)
 from .base import Pass, PassInfo, PassResult
 from .layer_modules import OpaqueLeaf
 
@@ -221,7 +230,7 @@ class CostAnalysis(Pass):
                     params = sum(p.numel() for p in m.parameters())
                     fp32_bytes = params * 4.0
                     wbytes = fp32_bytes if not quantized else 0.0 if folded_bn(gm, node) \
-                        else stored_bytes(m, BITS.find(node))
+                        else stored_bytes(m, BITS.find(node), EMBEDDING_BITS.find(node))
                 else:
                     p = _attr(gm, node)
                     params, fp32_bytes = p.numel(), p.numel() * 4.0
@@ -252,15 +261,24 @@ def folded_bn(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         and isinstance(gm.get_submodule(src.target), (_CONV, nn.Linear))
 
 
-def stored_bytes(m: nn.Module, bits: BitWidths | None) -> float:
+def table_bytes(rows: int, dim: int, bits: int | None) -> float:
+    """Bytes of an embedding table stored at ``bits`` (``None``: :data:`TABLE_BITS`): packed
+    rows, plus an int32 multiplier per row below 8 bits (:mod:`pqcompile.quant.tables`)."""
+    bits = TABLE_BITS if bits is None else bits
+    if bits >= 8:
+        return float(rows * dim * bits // 8)
+    return float(rows * math.ceil(dim * bits / 8) + rows * 4)
+
+
+def stored_bytes(m: nn.Module, bits: BitWidths | None, table_bits: int | None = None) -> float:
     """Bytes the integer program stores for module ``m`` (its layer bits, or ``None``): the
-    module docstring's rules (packed weight + per-channel words; int8 table; float64
-    constants of a float island)."""
+    module docstring's rules (packed weight + per-channel words; int8 or packed table
+    (``table_bits``); float64 constants of a float island)."""
     if bits is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
         out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         return m.weight.numel() * bits.weight / 8 + out * PER_CHANNEL_WORDS * 4
     if isinstance(m, nn.Embedding) and m.max_norm is None:
-        return m.weight.numel() * TABLE_BITS / 8
+        return table_bytes(m.num_embeddings, m.embedding_dim, table_bits)
     numel = sum(p.numel() for p in m.parameters()) + sum(
         b.numel() for b in m.buffers() if b.is_floating_point())
     return numel * ISLAND_BITS / 8

@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..assignment import Assignment, check_graph_and_assignment
 from ..meta import (
     BITS,
+    EMBEDDING_BITS,
     EXAMPLE_INPUTS,
     FLOAT_OPS,
     FUSED_ACTIVATION,
@@ -76,6 +77,7 @@ from .qmodules import (
 )
 from .qmodules import FloatOp as FloatOpModule
 from .qparams import quantize_layer
+from .tables import packed_lookup
 
 
 def _relu6_hi(qp: QParams) -> int:
@@ -135,6 +137,11 @@ class _Builder:
         m = self.gm.get_submodule(n.target)
         out = self.qp[n.name]
         lo, hi = self.bounds(n, out)
+        bits = EMBEDDING_BITS.find(n, 8)
+        if bits < 8:  # packed rows with a multiplier each (pqcompile.quant.tables)
+            module = packed_lookup(m.weight, bits, out, lo, hi, where=f"table {n.name!r}")
+            return self.emit(n, module, (self.env[n.all_input_nodes[0].name],),
+                             meta={QPARAMS: out})
         with torch.no_grad():  # the table rounded as Quantize rounds the inputs
             table = Quantize(out, lo, hi)(m.weight.detach())
         module = QEmbedding(table, out, lo, hi)

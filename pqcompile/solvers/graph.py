@@ -34,14 +34,22 @@ import torch.fx
 from torch import nn
 
 from ..assignment import Assignment
-from ..meta import CHANNEL_GROUPS, COST, COST_TOTALS, SHAPE, BitWidths, ChannelGroup
+from ..meta import (
+    CHANNEL_GROUPS,
+    COST,
+    COST_TOTALS,
+    EMBEDDING_BITS,
+    SHAPE,
+    BitWidths,
+    ChannelGroup,
+)
 from ..passes.cost import (
     FLOAT_BITS,
     ISLAND_BITS,
     PER_CHANNEL_WORDS,
-    TABLE_BITS,
     folded_bn,
     is_matmul,
+    table_bytes,
 )
 from ..passes.layer_discovery import why_no_bits
 from ..presets import compute_layers, l1_scores
@@ -329,7 +337,8 @@ class _Params:
                 seen.add(n.target)
                 m = gm.get_submodule(n.target)
                 if isinstance(m, nn.Embedding) and m.max_norm is None:
-                    self.add(cost.params, TABLE_BITS / 32)
+                    self.add(1, table_bytes(m.num_embeddings, m.embedding_dim,
+                                            EMBEDDING_BITS.find(n)) / 4)
                 elif folded_bn(gm, n):
                     continue  # folded into the layer before it: its per-channel words
                 elif isinstance(m, _AFFINE_MODULES) and SHAPE.find(n) is not None:
