@@ -171,32 +171,38 @@ def load_photos(photos, *, five_crop: bool = False) -> torch.Tensor:
 class CropLoader:
     """Batches of random resized crops (scale 0.25-1, random flips) of ``photos``, labelled by
     ``teacher``'s top-1: ``(inputs, labels)``, ``batches`` per pass, the same crops on every
-    pass (a seed fixes them), so the loader can be re-read as compile() does."""
+    pass, so the loader can be re-read as compile() does.
+
+    Batch ``i`` is made when it is read, from its own seed (``seed`` and ``i``): the loader holds
+    the decoded photos and one batch, not every batch (300 batches of 16 crops at 224 are 2.9 GB
+    of float32, which a long fine-tuning run kept alive through the build)."""
 
     def __init__(self, photos, teacher: torch.nn.Module, *, batches: int, batch_size: int = 16,
                  seed: int = 0, image_size: int = 224, scale: tuple[float, float] = (0.25, 1.0)):
         from torchvision.transforms import v2
 
-        images = [_open_rgb(p.path) for p in photos]
-        aug = v2.Compose([v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
-                          v2.RandomHorizontalFlip(), v2.ToImage(),
-                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-        gen = torch.Generator().manual_seed(seed)
-        state = torch.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            self._batches = []
-            for _ in range(batches):
-                pick = torch.randint(len(images), (batch_size,), generator=gen).tolist()
-                x = torch.stack([aug(images[i]) for i in pick])
-                with torch.no_grad():
-                    y = teacher(x).argmax(1)
-                self._batches.append((x, y))
-        finally:
-            torch.set_rng_state(state)
+        self._images = [_open_rgb(p.path) for p in photos]
+        self._aug = v2.Compose([v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
+                                v2.RandomHorizontalFlip(), v2.ToImage(),
+                                v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+        self._teacher, self._batches, self._size, self._seed = teacher, batches, batch_size, seed
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i`` (the same tensors on every call)."""
+        if not 0 <= i < self._batches:
+            raise IndexError(f"batch {i} of a loader of {self._batches} batches")
+        key = self._seed * 1_000_003 + i
+        gen = torch.Generator().manual_seed(key)
+        with torch.random.fork_rng(devices=[]):  # the crops draw from the global generator
+            torch.manual_seed(key)
+            pick = torch.randint(len(self._images), (self._size,), generator=gen).tolist()
+            x = torch.stack([self._aug(self._images[j]) for j in pick])
+        with torch.no_grad():
+            y = self._teacher(x).argmax(1)
+        return x, y
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return self._batches
 
     def __iter__(self):
-        return iter(self._batches)
+        return (self.batch(i) for i in range(self._batches))

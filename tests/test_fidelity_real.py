@@ -91,3 +91,21 @@ def test_with_data_qat(bed):
     print(f"\nMobileNetV2 24x with data (4 QAT steps): agreement with FP32 {agree:.0%}, "
           f"top-1 {(prog.argmax(1) == labels).mean():.0%}, worst {lsb:.0f} LSB")
     assert agree >= AGREE_24X
+
+
+def test_crop_loader_rereads_the_same_crops(bed):
+    """compile() reads its data several times (sensitivity, calibration, fine-tuning): the
+    loader makes each batch when read, from its own seed, and must give the same crops and
+    teacher labels on every pass while holding none of them."""
+    model, _, _, _, split = bed
+    loader = real_models.CropLoader(split.tuning, model, batches=2, batch_size=2, seed=3)
+    first, second = list(loader), list(loader)
+    assert len(loader) == 2 and len(first) == 2
+    for (x1, y1), (x2, y2) in zip(first, second):
+        assert x1.shape == (2, 3, 224, 224)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(first[0][0], first[1][0])
+    with torch.no_grad():
+        assert torch.equal(model(first[1][0]).argmax(1), first[1][1])
+    with pytest.raises(IndexError):
+        loader.batch(2)
