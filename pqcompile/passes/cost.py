@@ -13,6 +13,9 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
 * ``nn.Embedding``: an int8 (uint8) table whatever the output's bits (:data:`TABLE_BITS`),
   or, marked with ``meta.EMBEDDING_BITS`` 4 or 2, packed rows and an int32 multiplier per row
   (:func:`table_bytes`, :mod:`pqcompile.quant.tables`);
+* an unfolded inference batch norm: an integer per-channel affine map
+  (:mod:`pqcompile.quant.affine`), per channel an int32 multiplier and shift and an int64
+  offset (:data:`AFFINE_CHANNEL_WORDS`); it is no MAC layer (0 MACs, 0 BOPs);
 * everything else a float island reads -- norms' parameters, position tables and other
   parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
   island (:data:`ISLAND_BITS`).
@@ -71,6 +74,7 @@ FLOAT_BITS = 32  # each operand of a float MAC (a float island's), as the FP32 r
 TABLE_BITS = 8  # an nn.Embedding table: int8 (uint8) rows gathered by the program
 ISLAND_BITS = 64  # a parameter read by a float island: a float64 constant of it
 PER_CHANNEL_WORDS = 3  # a quantized layer's int32 bias, multiplier and shift per out channel
+AFFINE_CHANNEL_WORDS = 4  # a batch norm's int32 multiplier and shift, int64 offset per channel
 
 
 def is_matmul(node: torch.fx.Node) -> bool:
@@ -279,6 +283,8 @@ def stored_bytes(m: nn.Module, bits: BitWidths | None, table_bits: int | None = 
         return m.weight.numel() * bits.weight / 8 + out * PER_CHANNEL_WORDS * 4
     if isinstance(m, nn.Embedding) and m.max_norm is None:
         return table_bytes(m.num_embeddings, m.embedding_dim, table_bits)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+        return m.num_features * AFFINE_CHANNEL_WORDS * 4
     numel = sum(p.numel() for p in m.parameters()) + sum(
         b.numel() for b in m.buffers() if b.is_floating_point())
     return numel * ISLAND_BITS / 8

@@ -27,7 +27,7 @@ multiply-accumulate (0 MACs, 0 BOPs).
 ...     _ = bn.weight.fill_(0.5), bn.bias.fill_(1.0)
 >>> m = QAffine.from_norm(bn, QParams(0.1, 8, True), QParams(0.1, 8, True), -127, 127)
 >>> (int(m.mult[0]), int(m.shift[0]))  # M = 0.5 / sqrt(1 + 1e-5) at equal scales
-(1073736367, 31)
+(2147472911, 32)
 >>> m(torch.tensor([[[[-30.0]], [[0.0]], [[4.0]]]]).view(1, 1, 3, 1)).flatten().tolist()
 [-5.0, 10.0, 12.0]
 """

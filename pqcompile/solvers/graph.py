@@ -44,6 +44,7 @@ from ..meta import (
     ChannelGroup,
 )
 from ..passes.cost import (
+    AFFINE_CHANNEL_WORDS,
     FLOAT_BITS,
     ISLAND_BITS,
     PER_CHANNEL_WORDS,
@@ -341,6 +342,11 @@ class _Params:
                                             EMBEDDING_BITS.find(n)) / 4)
                 elif folded_bn(gm, n):
                     continue  # folded into the layer before it: its per-channel words
+                elif isinstance(m, nn.modules.batchnorm._BatchNorm) and \
+                        m.track_running_stats and SHAPE.find(n) is not None:
+                    # an integer per-channel affine map (pqcompile.quant.affine)
+                    self.add(counter(n.name, "out", SHAPE.get(n).shape[1], 1),
+                             AFFINE_CHANNEL_WORDS)
                 elif isinstance(m, _AFFINE_MODULES) and SHAPE.find(n) is not None:
                     self.add_module(m, counter(n.name, "out", SHAPE.get(n).shape[1], 1),
                                     words=island)
