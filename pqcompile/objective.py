@@ -180,18 +180,18 @@ class Objective:
         if self.kind != "distill":
             return self.loss(student, teacher, target)
         pairs = _pairs(student, teacher)
-        total = torch.zeros((), dtype=pairs[0][0].dtype)
+        total = torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device)
         for s, t in pairs:
             n = s.shape[0] if s.dim() else 1
             if _class_target(t, target):
-                p = F.softmax(t.detach().to(torch.float64) / self.temperature, -1)
+                p = F.softmax(t.detach().cpu().to(torch.float64) / self.temperature, -1)
                 y = torch.multinomial(p, 1, generator=generator).squeeze(1)
                 r = p - F.one_hot(y, p.shape[1]).to(p.dtype)
             else:
                 per_sample = max(s.numel() // max(n, 1), 1)
                 scale = math.sqrt(2.0 / (per_sample * float(_power(t))))
                 r = torch.randn(s.shape, generator=generator, dtype=torch.float64) * scale
-            total = total + (s * r.to(s.dtype)).sum() / n
+            total = total + (s * r.to(s.device, s.dtype)).sum() / n  # r: drawn on the CPU
         return total
 
     def correct(self, student: Any, teacher: Any, target: Any) -> int | None:

@@ -9,6 +9,7 @@ per-stage timings as a pass instrument, and returns the :class:`~pqcompile.build
 
 from __future__ import annotations
 
+from ..distributed import builds_here
 from ..errors import PipelineError
 from ..passes.base import Pipeline
 from ..progress import StageInstrument
@@ -24,7 +25,8 @@ __all__ = ["CompileContext", "Stage", "compile_context", "default_stages", "get_
 def run_pipeline(pipeline: Pipeline, ctx: CompileContext):
     """Run ``pipeline`` on ``ctx`` (numbered stage lines on stderr with ``ctx.progress``) and
     return what its build stage made, with ``.timings``: wall seconds per stage."""
-    stages = [p for p in pipeline.passes if not isinstance(p, Stage) or p.applies(ctx)]
+    stages = [p for p in pipeline.passes if not isinstance(p, Stage)
+              or (p.applies(ctx) and (builds_here() or not p.builds))]
     detail = lambda p: p.detail(ctx) if isinstance(p, Stage) else ""  # noqa: E731
     instrument = StageInstrument(stages, detail=detail, enabled=ctx.progress)
     ctx.instruments.append(instrument)
@@ -32,6 +34,8 @@ def run_pipeline(pipeline: Pipeline, ctx: CompileContext):
         pipeline(None, ctx)
     finally:
         ctx.instruments.remove(instrument)
+    if ctx.compiled is None and not builds_here():
+        return None  # a data-parallel rank other than 0: rank 0 builds
     if ctx.compiled is None:
         raise PipelineError(f"pipeline {pipeline.info.name!r} ran to its end without building "
                             f"({' -> '.join(pipeline.names)}): keep the default's 'lower' and "

@@ -63,6 +63,7 @@ import torch.fx
 from torch import nn
 
 from ..assignment import Assignment
+from ..devices import is_cpu, resolve_device, to_device
 from ..candidates import candidate
 from ..meta import EXAMPLE_INPUTS
 from ..objective import Objective, split_target
@@ -114,7 +115,8 @@ class SearchContext:
     candidate is measured by (an :class:`~pqcompile.objective.Objective`, a loss name or
     callable; ``None``: the label cross entropy of a classifier, the classic search;
     :func:`pqcompile.compile` passes its ``loss=``, distillation by default). The teacher
-    outputs come from ``teacher``, or from ``graph`` when no teacher is given.
+    outputs come from ``teacher``, or from ``graph`` when no teacher is given. ``device``:
+    where :meth:`measure` runs a candidate (a copy of it; ``None``: the CPU).
     """
 
     def __init__(self, problem: Problem, graph: torch.fx.GraphModule, *,
@@ -122,7 +124,7 @@ class SearchContext:
                  held_out: Sequence[Any] | None = None, held_out_batches: int = 4,
                  channel_scores: Mapping[int, np.ndarray] | None = None,
                  calibration_batches: int = 2, seed: int = 0, progress: bool = False,
-                 objective: Any = None) -> None:
+                 objective: Any = None, device: Any = None) -> None:
         if data is None:
             raise ValueError("this solver searches on data: pass data= (a DataLoader of "
                              "(inputs, target) batches) to pqcompile.compile, or pick a "
@@ -132,6 +134,7 @@ class SearchContext:
         self._reference = teacher if teacher is not None else copy.deepcopy(graph).eval()
         self._teacher_out: dict[int, Any] = {}  # held-out batch index -> teacher output
         self.data, self.seed, self.progress = data, seed, progress
+        self.device = resolve_device(device)  # where measure() runs a candidate (a copy)
         self.channel_scores = channel_scores
         self.n_inputs = len(EXAMPLE_INPUTS.get(graph).args)
         self.held_out = list(held_out) if held_out is not None \
@@ -292,22 +295,26 @@ class SearchContext:
         (eval mode) on ``batches`` (default: the held-out batches)."""
         was = module.training
         module.eval()
+        source, device = module, self.device
+        if not is_cpu(device):
+            module = copy.deepcopy(module).to(device)
         loss = correct = count = 0.0
         scored = True
         held = batches is None
         with torch.no_grad():
             for i, batch in enumerate(self.held_out if held else batches):
                 inputs = self._inputs(batch)
-                out = module(*inputs)
-                teacher = self._held_out_teacher(i) if held else self.teacher_output(batch)
-                target = split_target(batch, self.n_inputs)
+                out = module(*to_device(inputs, device))
+                teacher = to_device(self._held_out_teacher(i) if held
+                                    else self.teacher_output(batch), device)
+                target = to_device(split_target(batch, self.n_inputs), device)
                 n = int(inputs[0].shape[0]) if inputs[0].dim() else 1
                 loss += float(self.objective.loss(out, teacher, target)) * n
                 hits = self.objective.correct(out, teacher, target)
                 scored = scored and hits is not None
                 correct += hits or 0
                 count += n
-        module.train(was)
+        source.train(was)
         mean = loss / count
         if self.metric == "accuracy" and scored:
             return mean, correct / count
