@@ -30,6 +30,8 @@ PLUGIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_insn_pl
 ORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_aarch64_ort.sh"
 # Two counts of one artifact: measured identical; allowed to differ by this fraction.
 REPRODUCIBLE_RTOL = 1e-3
+# Two counts of one ONNX Runtime model (a 0.5 M-instruction inference): measured up to 0.6% apart.
+ORT_REPRODUCIBLE_RTOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +129,13 @@ def test_ort_int8_and_pqcompile_arm_counts_are_positive_and_deterministic(
                                   target="arm", calibration=calib)
     art = compiled.artifact.save(tmp_path / "artifact")
     mine = [count_instructions(art, runs=(1, 2), cpu=cpu) for _ in range(2)]
-    for first, second in (ort, mine):
+    # ONNX Runtime's run is not repeatable to the instruction: two counts of this model were
+    # 516,392 and 516,383 once, 511,091 and 514,207 (0.6% apart) another time; pqcompile's
+    # program executes the same instructions every call.
+    for (first, second), rtol in ((ort, ORT_REPRODUCIBLE_RTOL), (mine, REPRODUCIBLE_RTOL)):
         assert first.per_inference > 0 and first.totals[1] > first.totals[0] > 0
-        # measured: ONNX Runtime's two counts 516,392 and 516,383 (9 apart), pqcompile's equal
         assert abs(first.per_inference - second.per_inference) \
-            <= REPRODUCIBLE_RTOL * first.per_inference, (first, second)
+            <= rtol * first.per_inference, (first, second)
     assert ort[0].target == "onnxruntime (cortex-a72)" and mine[0].target == "arm"
 
 
