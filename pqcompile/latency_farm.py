@@ -54,9 +54,11 @@ class Farm:
         queue = collections.deque(jobs)
         lock = threading.Lock()
         errors: list[str] = []
+        n = min(self.free, len(jobs))
+        start = _Start(n, self.connect_timeout)
         threads = [threading.Thread(target=self._board, daemon=True,
-                                    args=(queue, lock, errors, spec, timing, done))
-                   for _ in range(min(self.free, len(jobs)))]
+                                    args=(queue, lock, errors, spec, timing, done, start))
+                   for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
@@ -69,8 +71,10 @@ class Farm:
                                f"of key {self.key!r} took them")
 
     def _board(self, queue: collections.deque, lock: threading.Lock, errors: list[str],
-               spec: TargetSpec, timing: dict[str, Any], done: Any) -> None:
-        """One board's loop: a session from the tracker, then programs until none is left."""
+               spec: TargetSpec, timing: dict[str, Any], done: Any, start: "_Start") -> None:
+        """One board's loop: a session from the tracker, then (once every board has its
+        session, so each takes a program before any takes a second) programs until none is
+        left."""
         from .latency_programs import _Remote
         from .tracker import request
 
@@ -81,6 +85,7 @@ class Farm:
                              self.key, self.session_timeout, self.connect_timeout,
                              self.device, remote=remote)
             remote = None
+            start.arrive_and_wait()
             while True:
                 with lock:
                     if errors or not queue:
@@ -91,6 +96,7 @@ class Farm:
                     self.counts[runner.board] = self.counts.get(runner.board, 0) + 1
                     done(shape_key, repeats)
         except Exception as err:  # noqa: BLE001 (TVM raises many types; reported in the caller)
+            start.arrive()
             where = runner.board if runner is not None else f"a board of key {self.key!r}"
             with lock:
                 errors.append(f"timing on {where} (tracker {self.tracker}) failed: "
@@ -98,3 +104,24 @@ class Farm:
         finally:
             if runner is not None:
                 runner.close()
+
+
+class _Start:
+    """The boards' start line: each thread arrives once (session open, or failed to open) and
+    the open ones wait, at most ``timeout`` seconds, for the rest before taking programs."""
+
+    def __init__(self, n: int, timeout: float):
+        self.n, self.timeout = n, timeout
+        self.arrived = 0
+        self.cond = threading.Condition()
+
+    def arrive(self) -> None:
+        with self.cond:
+            self.arrived += 1
+            self.cond.notify_all()
+
+    def arrive_and_wait(self) -> None:
+        with self.cond:
+            self.arrived += 1
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.arrived >= self.n, timeout=self.timeout)

@@ -16,8 +16,9 @@ import torchvision
 from torch import nn
 
 import pqcompile
+from pqcompile import presets
 from pqcompile.assignment import Assignment
-from pqcompile.build import compile_assignment
+from pqcompile.build import analysis, compile_assignment
 from pqcompile.meta import BITS, COST, COST_TOTALS, BitWidths, QParams
 from pqcompile.onnx_export import export_onnx
 from pqcompile.passes import CostAnalysis, ShapeAnalysis
@@ -166,3 +167,24 @@ def test_costs_per_channel_words_and_no_macs():
     stem = 8 * 3 * 9 + 8 * 12  # int8 weights + int32 bias, multiplier, shift
     conv = 6 * 8 * 9 + 6 * 12
     assert COST_TOTALS.get(gm).weight_bytes == stem + conv + 128
+
+
+def test_densenet121_has_no_float_norms_and_equals_the_reference():
+    """DenseNet's pre-activation norms (after each concatenation) were 62 float islands;
+    all are integer affine maps now: the program has no float op and equals the reference."""
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121().eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    _random_stats(*norms)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 64, 64, generator=g)
+    gm = analysis(model, (x,))
+    a = presets.uniform(gm, 8)
+    c = compile_assignment(model, (x,), a, target="host",
+                           calibration=[torch.randn(4, 3, 64, 64, generator=g)])
+    assert c.lowering.float_ops == ()
+    # 58 dense layers' norm1 + 3 transitions' norm + norm5 (norm0 folds into conv0)
+    assert len(_affine_nodes(c)) == 58 + 3 + 1
+    for _ in range(2):
+        x = torch.randn(1, 3, 64, 64, generator=g)
+        assert np.array_equal(c(x.numpy()), c.reference(x).numpy())

@@ -14,5 +14,8 @@
 from .build import build, resolve_target, run
 from .packing import pack, unpack
 from .relax_builder import LoweringReport, lower
+from .tvmscript import install as _install_fast_macro_lookup
+
+_install_fast_macro_lookup()  # same parse, without per-frame records (see .tvmscript)
 
 __all__ = ["LoweringReport", "build", "lower", "pack", "resolve_target", "run", "unpack"]
