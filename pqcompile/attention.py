@@ -16,6 +16,30 @@ applied) and returning the same ``(output, weights)`` pair.
 >>> out, w = dec(x, x, x)
 >>> bool(torch.allclose(out, ref, atol=1e-6)), bool(torch.allclose(w, w_ref, atol=1e-6))
 (True, True)
+
+``F.scaled_dot_product_attention`` is one fused call as well. :func:`decompose_sdpa` rewrites
+each call of a traced graph into the pieces it computes: ``q @ k^T`` and ``probs @ v`` (two
+matmuls of activations, integer products in the quantized program,
+:mod:`pqcompile.quant.matmul`) around one :class:`AttentionSoftmax` (scale, mask, softmax: a
+float island whose output, non-negative, is stored unsigned). The last matmul keeps the call's
+name and annotations, so what names the call (a calibrated range, a report row) names it.
+
+>>> from pqcompile import trace
+>>> class Sdpa(nn.Module):
+...     def forward(self, q, k, v):
+...         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+>>> q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+>>> gm = trace(Sdpa(), (q, k, v))
+>>> from torch.fx.passes.shape_prop import ShapeProp
+>>> ShapeProp(gm).propagate(q, k, v) is not None
+True
+>>> decompose_sdpa(gm)
+['scaled_dot_product_attention']
+>>> [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+['scaled_dot_product_attention_key_t', 'scaled_dot_product_attention_scores', \
+'scaled_dot_product_attention_probs', 'scaled_dot_product_attention']
+>>> bool(torch.allclose(gm(q, k, v), Sdpa()(q, k, v), atol=1e-6))
+True
 """
 
 from __future__ import annotations
@@ -26,6 +50,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .meta import SHAPE
 
 
 def unsupported_reason(m: nn.MultiheadAttention) -> str | None:
@@ -126,4 +152,102 @@ def decompose_attention(model: nn.Module, skip: Iterable[str] = ()) -> list[str]
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, name, DecomposedAttention.from_module(m))
             done.append(path)
+    return done
+
+
+class AttentionSoftmax(nn.Module):
+    """``softmax(scores * scale + mask)`` over the last dim: the float part of a decomposed
+    ``scaled_dot_product_attention``. ``causal``: a boolean buffer, ``True`` where a query may
+    not attend (``is_causal``); the optional ``mask`` argument is the call's ``attn_mask``,
+    boolean (``bool_mask``: ``True`` = attended; read as 0/1 values) or additive."""
+
+    def __init__(self, scale: float, causal: torch.Tensor | None, bool_mask: bool) -> None:
+        super().__init__()
+        self.scale, self.bool_mask = float(scale), bool_mask
+        self.register_buffer("causal", causal)
+
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = scores * self.scale
+        if self.causal is not None:
+            y = y.masked_fill(self.causal, float("-inf"))
+        if mask is not None:
+            y = y.masked_fill(mask == 0, float("-inf")) if self.bool_mask else y + mask
+        return torch.softmax(y, dim=-1)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}
+
+
+def _sdpa_args(n: torch.fx.Node) -> dict | None:
+    if n.op != "call_function" or n.target is not F.scaled_dot_product_attention:
+        return None
+    if len(n.args) > len(_SDPA_ARGS) or set(n.kwargs) - set(_SDPA_ARGS):
+        return None
+    args = dict(_SDPA_DEFAULTS) | dict(zip(_SDPA_ARGS, n.args)) | dict(n.kwargs)
+    return args if all(k in args for k in _SDPA_ARGS[:3]) else None
+
+
+def sdpa_decomposable(n: torch.fx.Node) -> bool:
+    """``n`` is a ``scaled_dot_product_attention`` call :func:`decompose_sdpa` rewrites: node
+    operands, no dropout, no grouped-query heads, a Python scale and causality flag, and an
+    ``attn_mask`` that is ``None`` or a node."""
+    a = _sdpa_args(n)
+    if a is None:
+        return False
+    mask = a["attn_mask"]
+    return all(isinstance(a[k], torch.fx.Node) for k in _SDPA_ARGS[:3]) and \
+        not isinstance(a["dropout_p"], torch.fx.Node) and a["dropout_p"] == 0 and \
+        a["enable_gqa"] is False and isinstance(a["is_causal"], bool) and \
+        (a["scale"] is None or isinstance(a["scale"], (int, float))) and \
+        (mask is None or isinstance(mask, torch.fx.Node))
+
+
+def _shape(n: torch.fx.Node, what: str) -> tuple[int, ...]:
+    meta = SHAPE.find(n)
+    if not hasattr(meta, "shape"):
+        raise ValueError(f"decompose_sdpa needs shapes: node {n.name!r} ({what}) has none; run "
+                         "ShapeProp or ShapeAnalysis first")
+    return tuple(int(d) for d in meta.shape)
+
+
+_CARRIED = ("stack_trace", "nn_module_stack", "source_fn_stack")  # provenance, not results
+
+
+def decompose_sdpa(gm: torch.fx.GraphModule) -> list[str]:
+    """Rewrite, in place, every :func:`sdpa_decomposable` call of ``gm`` (shapes recorded) as
+    ``matmul(AttentionSoftmax(q @ k^T), v)`` (see the module doc); returns the calls' names.
+    Call it on a graph you own; shapes of the new nodes are not recorded."""
+    done = []
+    for n in list(gm.graph.nodes):
+        if not sdpa_decomposable(n):
+            continue
+        a = _sdpa_args(n)
+        q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+        q_shape, k_shape = _shape(q, "query"), _shape(k, "key")
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q_shape[-1])
+        causal = None
+        if a["is_causal"]:
+            causal = ~torch.ones(q_shape[-2], k_shape[-2], dtype=torch.bool).tril(0)
+        bool_mask = mask is not None and getattr(SHAPE.find(mask), "dtype", None) == torch.bool
+        target = f"{n.name}_softmax"
+        while hasattr(gm, target):
+            target += "_"
+        gm.add_submodule(target, AttentionSoftmax(scale, causal, bool_mask))
+        name, g = n.name, gm.graph
+        provenance = {key: n.meta[key] for key in _CARRIED if key in n.meta}
+        with g.inserting_before(n):
+            kt = g.create_node("call_method", "transpose", (k, -2, -1), {}, name=f"{name}_key_t")
+            scores = g.create_node("call_function", torch.matmul, (q, kt), {},
+                                   name=f"{name}_scores")
+            probs = g.create_node("call_module", target, (scores,) if mask is None
+                                  else (scores, mask), {}, name=f"{name}_probs")
+        for x in (kt, scores, probs):
+            x.meta.update(provenance)
+        n.target, n.args, n.kwargs = torch.matmul, (probs, v), {}  # the call becomes the last op
+        done.append(name)
+    if done:
+        gm.recompile()
     return done

@@ -52,6 +52,7 @@ from . import kernels
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .lut import EMITTERS as LUT_EMITTERS
+from .matmul import EMITTERS as MATMUL_EMITTERS
 from .packing import emit_unpack, group, is_packed, pack
 from .table_lookup import packed_embedding
 from .tir_macros import NARROW_MIN_SHIFT
@@ -369,6 +370,7 @@ EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: co
             QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
             MaskOp: mask_op, QAffine: affine}
 EMITTERS.update(LUT_EMITTERS)  # table lookups and products (pqcompile.lower.lut)
+EMITTERS.update(MATMUL_EMITTERS)  # activation x activation products (pqcompile.lower.matmul)
 EMITTERS[QPackedEmbedding] = packed_embedding  # pqcompile.lower.table_lookup
 
 _IDENTITY_MODULES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,

@@ -6,7 +6,8 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   ``add``, ``cat``, ``avgpool`` (incl. adaptive pooling and ``mean``), ``embedding`` (a lookup
   of integer ids, e.g. tokens, which come in as ``index`` inputs), ``lut`` (a pointwise op of
   one tensor, a table of its codes), ``mul`` (the product of two tensors; see
-  :mod:`pqcompile.quant.lut`), ``affine`` (an eval-mode batch norm, an integer per-channel
+  :mod:`pqcompile.quant.lut`), ``matmul`` (a matrix product of two tensors, e.g. attention's
+  ``q @ k^T``: :mod:`pqcompile.quant.matmul`), ``affine`` (an eval-mode batch norm, an integer per-channel
   affine map: :mod:`pqcompile.quant.affine`) and ``float`` (an op with no integer lowering,
   run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
@@ -53,16 +54,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assignment import Assignment
+from ..attention import AttentionSoftmax
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE
 from .affine import is_affine_norm
 from .lut import elementwise_function, is_product, nonnegative
+from .matmul import is_integer_product
 from .movement import movement_args
 
 ROOTS = ("input", "conv", "linear", "add", "cat", "avgpool", "float", "embedding", "lut", "mul",
-         "affine")
+         "affine", "matmul")
 PASS_THROUGH = ("maxpool", "view", "identity", "clip", "split", "pad", "gather")
-FUSABLE = ("conv", "linear", "add", "cat", "avgpool", "mul", "affine")
+FUSABLE = ("conv", "linear", "add", "cat", "avgpool", "mul", "affine", "matmul")
 
 _ADD = (operator.add, operator.iadd, torch.add)
 _CAT = (torch.cat, torch.concat)
@@ -75,7 +78,7 @@ _SHUFFLE_FN = (F.channel_shuffle, torch.channel_shuffle, torch.native_channel_sh
 _SPLIT_FN = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _NONNEG = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, torch.sigmoid, F.sigmoid, F.hardsigmoid,
-           F.softmax, torch.softmax, torch.exp, "sigmoid", "softmax", "exp")
+           F.softmax, torch.softmax, torch.exp, "sigmoid", "softmax", "exp", AttentionSoftmax)
 
 
 @dataclass
@@ -291,6 +294,8 @@ def _classify(gm, n, assignment: Assignment, quantized: set[str], plan: Plan) ->
         return "relu"
     if not all_quantized or len(tensor_ins) == 0:
         return "float"
+    if is_integer_product(n, lambda a: a.name in quantized):
+        return "matmul"
     if is_product(n) and all(a in tensor_ins for a in n.args):
         return "mul"
     if elementwise_function(gm, n) is not None:
@@ -443,7 +448,7 @@ def make_plan(gm: torch.fx.GraphModule, assignment: Assignment) -> Plan:
         ins = [plan.root[a.name] for a in n.all_input_nodes if a.name in plan.root]
         if n.name in plan.fused:
             signed = False
-        elif kind in ("add", "cat", "avgpool", "mul"):
+        elif kind in ("add", "cat", "avgpool", "mul", "matmul"):
             signed = any(plan.signed[r] for r in ins)
         elif kind == "lut":
             signed = not nonnegative(elementwise_function(gm, n))
@@ -465,6 +470,8 @@ def residual_sums(gm: torch.fx.GraphModule, plan: Plan) -> list[str]:
             if plan.kind[n.name] in ("conv", "linear")}
     read |= {plan.root[n] for n, k in plan.kind.items()  # integer kernels of 8-bit tensors
              if k in ("maxpool", "clip", "pad", "gather", "fused")}
+    read |= {plan.root[a.name] for n in gm.graph.nodes if plan.kind[n.name] == "matmul"
+             for a in n.all_input_nodes}  # integer products take 8-bit operands
     return [r for r, k in plan.kind.items() if k == "add" and r not in read]
 
 

@@ -34,6 +34,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..assignment import Assignment, check_graph_and_assignment
+from ..attention import decompose_sdpa
 from ..meta import (
     BITS,
     EMBEDDING_BITS,
@@ -58,6 +59,7 @@ from .fixedpoint import quantize_multiplier, quantize_multipliers, shared_shift
 from .exact import MaskOp, region_nodes, subgraph
 from .islands import Slot, make_island
 from .lut import QLut, QMul, elementwise_function, make_table
+from .matmul import make_matmul, matmul_operands
 from .movement import pad_code
 from .observers import Observer, grid, make_observer
 from .plan import Plan, make_plan, residual_sums
@@ -250,6 +252,19 @@ class _Builder:
         return self.emit(n, QMul(m, sh, out, lo, hi), (self.env[a.name], self.env[b.name]),
                          meta={QPARAMS: out, REQUANT: Requant((fp,), lo, hi)})
 
+    def matmul(self, n):
+        """A product of two quantized tensors (:mod:`pqcompile.quant.matmul`)."""
+        a, b = matmul_operands(n)
+        out = self.qp[n.name]
+        lo, hi = self.bounds(n, out)
+        module = make_matmul(self.qparams(a.name), self.qparams(b.name), out, lo, hi,
+                             SHAPE.get(a).shape[-1], where=f"node {n.name!r} (matmul)")
+        fp = FixedPoint((module.mult,), (module.shift,))
+        meta = {QPARAMS: out, REQUANT: Requant((fp,), lo, hi)}
+        if n.name in self.plan.fused:
+            meta[FUSED_ACTIVATION] = self.plan.fused[n.name]
+        return self.emit(n, module, (self.env[a.name], self.env[b.name]), meta=meta)
+
     def affine(self, n):
         """An eval-mode batch norm as an integer per-channel affine map (a fused ReLU clamps)."""
         src = self.ins(n)[0]
@@ -347,7 +362,7 @@ class _Builder:
             "identity": self.verbatim,
             "split": self.verbatim, "meta": self.verbatim, "float": self.float,
             "index": self.index_input, "embedding": self.embedding, "mask": self.mask,
-            "lut": self.lut, "mul": self.mul, "affine": self.affine}
+            "lut": self.lut, "mul": self.mul, "affine": self.affine, "matmul": self.matmul}
         for n in self.gm.graph.nodes:
             kind = self.plan.kind[n.name]
             if kind == "output":
@@ -422,6 +437,8 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     work = copy.deepcopy(gm)  # the caller's graph is never annotated or changed
     with torch.no_grad():
         ShapeProp(work).propagate(*example)
+        if decompose_sdpa(work):  # integer products around a float softmax
+            ShapeProp(work).propagate(*example)
     plan = make_plan(work, assignment)
     if not 8 <= residual_bits <= 16:
         raise ValueError(f"residual_bits must be in 8..16, got {residual_bits}")
