@@ -48,7 +48,7 @@ from .meta import (
     CostTotals,
 )
 from .passes import CostAnalysis
-from .passes.cost import program_constant_bytes
+from .passes.cost import activation_products, program_constant_bytes
 from .quant import build_reference
 from .quant.calibrate import check_batches
 from .report import compression_table, write_plots
@@ -131,6 +131,7 @@ def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
                 assignment: Assignment, sensitivity: Mapping[str, float] | None
                 ) -> list[dict[str, Any]]:
     original = {n.name: n for n in fp32.graph.nodes}
+    products = activation_products(gm)  # integer products: no bits, not float either
     rows = []
     for node in gm.graph.nodes:
         cost = COST.find(node)
@@ -148,10 +149,11 @@ def _layer_rows(gm: torch.fx.GraphModule, fp32: torch.fx.GraphModule,
         rows.append({
             "name": node.name,
             "op": op,
-            # a node without bits runs in a float64 island: costed at what it runs at
+            # a node without bits (but an integer product) runs in a float64 island: costed
+            # at what it runs at
             "weight_bits": bits.weight if bits else cost.weight_bits,
             "activation_bits": bits.activation if bits else cost.activation_bits,
-            "float": bits is None,
+            "float": bits is None and node.name not in products,
             "shape": [int(d) for d in out_shape],
             "kept_channels": int(out_shape[dim]) if len(out_shape) else None,
             "total_channels": (int(total) if total is not None else

@@ -8,8 +8,8 @@
   there gives an all-zero table, which raises naming the criterion;
 * a model with an nn.Embedding reaches weight_bytes budgets of 4x and 6x (the table is stored
   as int8), and ``.totals["weight_bytes"]`` equals the bytes the artifact stores;
-* matmuls of two activations have no integer lowering: they are costed as float MACs (32 x 32
-  bits, as in the FP32 reference), and the report says so and that they run in float64.
+* matmuls of two activations are integer products (int8 operands, int32 accumulation): their
+  MACs are costed at 8 x 8 bits, not as float MACs, and the report lists no float MACs.
 """
 
 import math
@@ -266,7 +266,7 @@ def test_embedding_budgets_and_stored_bytes(ratio):
     _program_equals_reference(c, ids)
 
 
-def test_float_matmul_bops_are_costed_as_float_macs_and_the_report_says_so():
+def test_activation_matmuls_are_integer_products_costed_at_8x8_bits():
     class Attend(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -280,23 +280,24 @@ def test_float_matmul_bops_are_costed_as_float_macs_and_the_report_says_so():
     torch.manual_seed(0)
     model, x = Attend().eval(), torch.randn(1, 6, 16)
     problem = build_problem(analysis(model, (x,)), None, None)
-    assert problem.float_mac_bops == 32 * 32
-    assert sum(m for _, m, _ in problem.float_nodes) == 2 * 6 * 6 * 16
+    assert problem.float_nodes == ()  # the two products run on integers
+    full = {g.id: g.size for g in problem.groups}  # the products scale with kept channels
+    assert problem.fixed_macs + problem.float_macs.value(full) == 2 * 6 * 6 * 16
+    assert problem.float_mac_bops == 8 * 8
     eights = evaluate(problem, {layer.name: (8, 8) for layer in problem.layers}, {})
     layer_macs = sum(layer.fp32_macs for layer in problem.layers)
-    assert eights.costs["bops"] == layer_macs * 64 + 2 * 6 * 6 * 16 * 32 * 32
+    assert eights.costs["bops"] == (layer_macs + 2 * 6 * 6 * 16) * 8 * 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pqcompile.errors.PQCompileWarning)
-        c = pqcompile.compile(model, (x,), target="host", budget=Budget(bops="2x"))
+        c = pqcompile.compile(model, (x,), target="host", budget=Budget(bops="12x"))
     matmuls = [n for n in c.graph.graph.nodes if n.op == "call_function"
                and "matmul" in str(n.target)]
     assert len(matmuls) == 2
     for n in matmuls:
         cost = COST.get(n)
-        assert (cost.weight_bits, cost.activation_bits) == (32, 32)
-        assert cost.macs > 0 and cost.bops == cost.macs * 32 * 32
-    report = c.report()
-    assert "costed at 32x32 bits a MAC (no integer lowering: the program computes them in " \
-        "float64)" in report
+        assert (cost.weight_bits, cost.activation_bits) == (8, 8)
+        assert cost.macs == 6 * 6 * 16 and cost.bops == cost.macs * 8 * 8
+    assert [op for _, op in c.float_ops] == ["softmax"]  # the products are not float ops
+    assert "float MACs" not in c.report()
     assert c.totals["weight_bytes"] == sum(p["nbytes"] for p in c.artifact.manifest["params"])
     _program_equals_reference(c, x)

@@ -20,13 +20,15 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
   parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
   island (:data:`ISLAND_BITS`).
 
-MACs of nodes without bits (activation x activation matmuls such as attention products, float
-convolutions, leaf modules) have no integer lowering (the quantization plan has no integer
-matmul of two activations): the program computes them in its float64 islands. They are costed
-as float MACs, :data:`FLOAT_BITS` x :data:`FLOAT_BITS` bits, the width the FP32 reference
-counts them at, so compressing the rest never makes them look dearer than in the FP32 model;
-the report states both. (At the islands' own 64 x 64 bits, two-activation matmuls would cap
-an SDPA encoder's BOP reduction at ~4x; an integer lowering of them is what would lower it.)
+Matmuls of two activations (attention's ``q @ k^T`` and ``probs @ v``, also inside
+``scaled_dot_product_attention``) are integer products in the program, int8/uint8 operands and
+an int32 accumulator (:mod:`pqcompile.quant.matmul`): their MACs count at
+:data:`~pqcompile.quant.matmul.PRODUCT_BITS` x ``PRODUCT_BITS`` bits (8 x 8).
+MACs of the other nodes without bits (float convolutions, leaf modules, matmuls with a
+constant operand) have no integer lowering: the program computes them in its float64 islands.
+They are costed as float MACs, :data:`FLOAT_BITS` x :data:`FLOAT_BITS` bits, the width the
+FP32 reference counts them at, so compressing the rest never makes them look dearer than in
+the FP32 model; the report states both.
 
 :func:`program_constant_bytes` measures the built program's side: the bytes of the float
 islands' constants (the weights file holds the rest), so ``.totals["weight_bytes"]`` of a
@@ -194,6 +196,14 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     return 0
 
 
+def activation_products(gm: torch.fx.GraphModule) -> set[str]:
+    """The nodes the program runs as integer activation x activation products
+    (:func:`pqcompile.quant.matmul.activation_products`)."""
+    from ..quant.matmul import activation_products as products
+
+    return products(gm)
+
+
 def _weight_param_names(m: nn.Module) -> set[str]:
     """Parameters stored at the layer's weight bits; the rest (bias, norms) stay 32-bit."""
     if isinstance(m, (_CONV, _CONV_T, nn.Linear, nn.Bilinear, nn.Embedding)):
@@ -216,10 +226,14 @@ class CostAnalysis(Pass):
     def run(self, gm, ctx):
         seen: set[str] = set()
         totals = dict(macs=0, params=0, bops=0, weight_bytes=0.0, fp32_weight_bytes=0.0)
+        from ..quant.matmul import PRODUCT_BITS
+
         quantized = any(BITS.has(n) for n in gm.graph.nodes)
+        products = activation_products(gm) if quantized else set()
         for node in gm.graph.nodes:
             bits = BITS.find(node) or _FP32
             wbits, abits = (bits.weight, bits.activation) if BITS.has(node) or not quantized \
+                else (PRODUCT_BITS, PRODUCT_BITS) if node.name in products \
                 else (FLOAT_BITS, FLOAT_BITS)
             params, wbytes, fp32_bytes = 0, 0.0, 0.0
             owner = None

@@ -48,12 +48,14 @@ from ..passes.cost import (
     FLOAT_BITS,
     ISLAND_BITS,
     PER_CHANNEL_WORDS,
+    activation_products,
     folded_bn,
     is_matmul,
     table_bytes,
 )
 from ..passes.layer_discovery import why_no_bits
 from ..presets import compute_layers, l1_scores
+from ..quant.matmul import PRODUCT_BITS
 from ..quant.plan import activation_sources
 from .problem import (
     DEFAULT_BIT_OPTIONS,
@@ -181,8 +183,9 @@ def build_problem(gm: torch.fx.GraphModule,
         raise ValueError("the graph has no conv2d or linear layer to assign bits to")
     nodes = {n.name: n for n in gm.graph.nodes}
     owners = _owners(gm)
+    products = activation_products(gm)  # integer activation products, at 8 x 8 bits a MAC
     decided = [g for g in CHANNEL_GROUPS.get(gm)
-               if g.prunable and _followable(gm, g, nodes, set(names), owners)
+               if g.prunable and _followable(gm, g, nodes, set(names), owners, products)
                and len({keep_count(g.size, f, _granule(g, multiple)) for f in fractions}) > 1]
     groups = tuple(_group(gm, g, fractions, multiple, prune_sensitivities) for g in decided)
     options = _option_table(names, bit_options, layer_options, pin_first_last)
@@ -193,6 +196,7 @@ def build_problem(gm: torch.fx.GraphModule,
                          f"conv2d/linear node names such as {names[:4]}")
 
     counter = _Counter(gm, nodes, {g.id for g in decided}, owners)
+    counter.products = products
     full = {g.id: g.size for g in decided}
     layers, seen, params = [], set(), _Params()
     sources = activation_sources(gm, list(names))
@@ -214,15 +218,16 @@ def build_problem(gm: torch.fx.GraphModule,
                              f"CostAnalysis counts {layer.fp32_macs}; cannot model this layer")
         layers.append(layer)
     layer_set = set(names)
-    fixed_macs, float_macs = params.add_rest(gm, layer_set, nodes, counter)
+    fixed_macs, fixed_bops, scaled_macs = params.add_rest(gm, layer_set, nodes, counter)
     totals = COST_TOTALS.get(gm)
     reference = {"bops": totals.fp32_bops, "macs": totals.macs,
                  "weight_bytes": totals.fp32_weight_bytes}
     float_nodes = tuple((n.name, COST.get(n).macs, why_no_bits(gm, n)) for n in gm.graph.nodes
-                        if n.name not in layer_set and COST.get(n).macs)
-    return Problem(tuple(layers), groups, params.affine(), fixed_macs,
-                   fixed_macs * FLOAT_BITS * FLOAT_BITS, reference, tuple(fractions), multiple,
-                   float_macs, float_nodes=float_nodes, float_mac_bops=FLOAT_BITS * FLOAT_BITS)
+                        if n.name not in layer_set and n.name not in products
+                        and COST.get(n).macs)
+    return Problem(tuple(layers), groups, params.affine(), fixed_macs, fixed_bops, reference,
+                   tuple(fractions), multiple, scaled_macs, float_nodes=float_nodes,
+                   float_mac_bops=PRODUCT_BITS * PRODUCT_BITS)
 
 
 class _Counter:
@@ -232,6 +237,7 @@ class _Counter:
     def __init__(self, gm, nodes, decided: set[int], owners: Mapping[str, set[int]]) -> None:
         self.nodes, self.decided, self.owners = nodes, decided, owners
         self.groups = {g.id: g for g in CHANNEL_GROUPS.get(gm)}
+        self.products: set[str] = set()  # integer activation products (set by build_problem)
         self.members: dict[tuple[str, bool], list] = {}
         for g in self.groups.values():
             for m in g.members:
@@ -320,10 +326,11 @@ class _Params:
                 continue
             self.add(channels if p.dim() == 1 and p.numel() > 1 else p.numel(), words)
 
-    def add_rest(self, gm, layer_names, nodes, counter: _Counter) -> tuple[int, Affine]:
+    def add_rest(self, gm, layer_names, nodes, counter: _Counter) -> tuple[int, int, Affine]:
         """Parameters and MACs of every node outside the layers; returns those MACs: the fixed
-        ones, and those of matmuls whose heads a decided group prunes (per kept head)."""
-        macs, seen, scaled = 0, {nodes[n].target for n in layer_names}, {}
+        ones and their BOPs (integer activation products at 8 x 8 bits, float MACs at 32 x 32),
+        and those of the integer products whose heads a decided group prunes (per kept head)."""
+        macs, bops, seen, scaled = 0, 0, {nodes[n].target for n in layer_names}, {}
         for n in gm.graph.nodes:
             if n.name in layer_names:
                 continue
@@ -332,7 +339,8 @@ class _Params:
             if g is not None:
                 scaled[g.id] = scaled.get(g.id, 0) + cost.macs // g.size
             else:
-                macs += cost.macs
+                width = PRODUCT_BITS if n.name in counter.products else FLOAT_BITS
+                macs, bops = macs + cost.macs, bops + cost.macs * width * width
             island = ISLAND_BITS / 32  # words per element of a float island's constant
             if n.op == "call_module" and n.target not in seen:
                 seen.add(n.target)
@@ -354,7 +362,7 @@ class _Params:
                     self.add(cost.params, island)
             elif n.op == "get_attr":
                 self.add(cost.params, island)
-        return int(macs), Affine(0, tuple(sorted(scaled.items())))
+        return int(macs), int(bops), Affine(0, tuple(sorted(scaled.items())))
 
     def affine(self) -> Affine:
         return Affine(self.const, tuple(sorted(self.terms.items())))
@@ -375,9 +383,9 @@ def _owners(gm: torch.fx.GraphModule) -> dict[str, set[int]]:
 
 
 def _scaling_group(n: torch.fx.Node, counter: _Counter) -> ChannelGroup | None:
-    """The decided group a matmul's MACs are linear in (its operands carry that group's
-    channels or heads and no other decided group's), if there is one."""
-    if not is_matmul(n):
+    """The decided group an integer activation product's MACs are linear in (its operands
+    carry that group's channels or heads and no other decided group's), if there is one."""
+    if not is_matmul(n) or n.name not in counter.products:
         return None
     gs = _groups_at(n, counter.owners) & counter.decided
     if len(gs) != 1:
@@ -387,12 +395,12 @@ def _scaling_group(n: torch.fx.Node, counter: _Counter) -> ChannelGroup | None:
 
 
 def _followable(gm, group: ChannelGroup, nodes, layer_names: set[str],
-                owners: Mapping[str, set[int]]) -> bool:
-    """Whether every node the group touches has a cost the model follows under pruning (a
-    matmul whose operands carry this group alone: its MACs are then linear in the kept
-    count)."""
+                owners: Mapping[str, set[int]], products: set[str]) -> bool:
+    """Whether every node the group touches has a cost the model follows under pruning (an
+    integer activation product whose operands carry this group alone: its MACs are then
+    linear in the kept count; a matmul with a constant operand runs in float: held whole)."""
     def linear(n: torch.fx.Node) -> bool:
-        return is_matmul(n) and _groups_at(n, owners) == {group.id} and \
+        return is_matmul(n) and n.name in products and _groups_at(n, owners) == {group.id} and \
             COST.get(n).macs % group.size == 0
 
     for m in group.members:

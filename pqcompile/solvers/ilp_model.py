@@ -20,6 +20,7 @@ from scipy.optimize import LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from ..budget import COST_KEYS, InfeasibleBudgetError
+from ..passes.cost import FLOAT_BITS
 from .problem import Layer, Problem, evaluate
 
 
@@ -268,7 +269,7 @@ def infeasible_error(problem: Problem, limits: dict[str, float],
 
 def _float_nodes_message(problem: Problem, limits: dict[str, float], shown: int = 3) -> str:
     """Where a bops or macs limit meets MACs that no bits can reduce: the share of the MACs in
-    nodes outside the layers (they run in float, at ``problem.float_mac_bops`` a MAC), the
+    nodes outside the layers (they run in float, at ``FLOAT_BITS`` squared a MAC), the
     reduction they alone
     allow, and the largest of them with the reason each gets no bits."""
     if not problem.float_nodes or not {"bops", "macs"} & set(limits):
@@ -284,7 +285,7 @@ def _float_nodes_message(problem: Problem, limits: dict[str, float], shown: int 
     cap = ""
     if "bops" in limits and problem.reference.get("bops"):
         cap = (f"; they alone cap the BOP reduction at "
-               f"{problem.reference['bops'] / (macs * problem.float_mac_bops):.1f}x")
-    width = math.isqrt(problem.float_mac_bops)
+               f"{problem.reference['bops'] / (macs * FLOAT_BITS * FLOAT_BITS):.1f}x")
+    width = FLOAT_BITS
     return (f". {macs / total:.0%} of the MACs are in {len(largest)} node(s) that get no bits "
             f"and count at {width}x{width} bits (float MACs){cap}: {named}{more}")

@@ -158,15 +158,16 @@ class Problem:
     """Everything a solver needs. ``params32``: what is stored beside the layers' weights, in
     32-bit words, as a function of kept counts (per-channel words of the layers, tables and
     float constants at their stored widths: :mod:`pqcompile.passes.cost`);
-    ``fixed_macs``/``fixed_bops``: nodes outside the layers (float); ``float_macs``: MACs
-    outside the layers that scale with kept counts (the attention products of a head group), at
-    ``float_mac_bops`` bit operations a MAC (:data:`pqcompile.passes.cost.FLOAT_BITS` squared,
-    set by :func:`~pqcompile.solvers.graph.build_problem`; 1024 by default) on top of the fixed
-    ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the unpruned
+    ``fixed_macs``/``fixed_bops``: nodes outside the layers (float MACs at 32 x 32 bits,
+    integer activation products at 8 x 8); ``float_macs``: MACs outside the layers that scale
+    with kept counts (the integer attention products of a head group), at ``float_mac_bops``
+    bit operations a MAC (:data:`pqcompile.quant.matmul.PRODUCT_BITS` squared, set by
+    :func:`~pqcompile.solvers.graph.build_problem`; 1024 by default) on top of the fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the unpruned
     total of the latency table, when ``latency`` is set); ``latency``: the layers' predicted
     latency on the target, or ``None`` (set it with :func:`with_latency_model`);
     ``float_nodes``: ``(node, FP32 MACs, why it gets no bits)`` of the nodes outside the
-    layers that do MACs (they run in float), for the messages of unreachable budgets."""
+    layers that do MACs in float (not the integer products), for the messages of unreachable
+    budgets."""
 
     layers: tuple[Layer, ...]
     groups: tuple[Group, ...]
