@@ -20,6 +20,8 @@ import tvm
 from tvm import relax
 
 from pqcompile.lower import kernels as K
+from pqcompile.lower import kernels_linear as KL
+from pqcompile.lower import kernels_planar as KP
 from pqcompile.lower.build import resolve_target
 from pqcompile.lower.tir_macros import NARROW_MIN_SHIFT
 from pqcompile.targets import get_target, run_vm
@@ -72,11 +74,11 @@ class Case:
             x = _input(rng, (p["rows"], p["k"]), in_dt)
             wt = rng.integers(-127, 128, (p["k"], p["n"])).astype(np.int8)
             b, m, s = _channel_data(rng, p["n"], seed)
-            shape = K.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
-            isa = K.linear_tile(shape, isa)
-            self.pack, self.kernel, scratch = K.linear_kernel(shape, isa)
-            self.params = [K.pack_linear_weight(wt, isa),
-                           *K.linear_params(wt, b, m, s, shape, isa)]
+            shape = KL.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
+            isa = KL.linear_tile(shape, isa)
+            self.pack, self.kernel, scratch = KL.linear_kernel(shape, isa)
+            self.params = [KL.pack_linear_weight(wt, isa),
+                           *KL.linear_params(wt, b, m, s, shape, isa)]
             self.expected = _requant(x.astype(np.int64) @ wt.astype(np.int64), b, m, s, lo, hi,
                                      out_dt, 1)
             self.out_shape = (p["rows"], p["n"])
@@ -86,7 +88,7 @@ class Case:
             x = _input(rng, (1, c, h, h + 1), in_dt)
             self.expected = torch.nn.functional.max_pool2d(
                 torch.from_numpy(x.astype(np.float64)), k, st, pad).numpy().astype(in_dt)
-            self.pack, self.kernel, scratch = K.maxpool2d_kernel(shape, isa)
+            self.pack, self.kernel, scratch = KP.maxpool2d_kernel(shape, isa)
             self.params, out_dt = [], in_dt
             self.out_shape = (1, c, *shape.out_hw)
             isa = K.Isa("generic", 1, 1, 1)  # the scratch is the input's dtype
@@ -106,9 +108,9 @@ class Case:
                 stride=st, padding=pad, groups=groups).numpy().astype(np.int64)
             self.expected = _requant(acc, b, m, s, lo, hi, out_dt, 1)
             if kind == "dw":
-                self.pack, self.kernel, scratch = K.dwconv2d_kernel(shape, isa)
-                self.params = [K.pack_dw_weight(w, shape, isa), b, m, s]
-                isa = K.dw_isa(isa)
+                self.pack, self.kernel, scratch = KP.dwconv2d_kernel(shape, isa)
+                self.params = [KP.pack_dw_weight(w, shape, isa), b, m, s]
+                isa = KP.dw_isa(isa)
             else:
                 isa = K.choose_tile(shape, isa) if p.get("tile") is None else \
                     K.Isa(isa.name, isa.lanes, *p["tile"])
@@ -215,7 +217,7 @@ def test_kernels_on_host(isa):
 
 def test_dw_cases_cover_every_schedule():
     def schedules(isa):
-        return {K.dw_schedule(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, b, 0, 0), isa)
+        return {KP.dw_schedule(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, b, 0, 0), isa)
                 for c, h, k, st, p, a, b in DW}
     assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}

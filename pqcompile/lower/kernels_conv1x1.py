@@ -4,7 +4,7 @@ pixels (see :func:`conv1x1_kernel`); the layout, tiles and epilogue are those of
 
 from __future__ import annotations
 
-from .kernels import KERNEL_ATTR, ConvShape, Isa
+from .kernel_types import KERNEL_ATTR, ConvShape, Isa
 from .tir_macros import channel_macros, dot_macro, row_macro, tail_store_macro
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import KERNEL_ATTR, Isa
+from .kernel_types import KERNEL_ATTR, Isa
 from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
 
 

@@ -25,12 +25,8 @@ import functools
 
 import numpy as np
 
-from .kernels import (
-    KERNEL_ATTR,
-    ConvShape,
-    Isa,
-    conv2d_kernel,
-)
+from .kernel_types import KERNEL_ATTR, ConvShape, Isa
+from .kernels import conv2d_kernel
 from .tir_macros import channel_macros, dot4_macro, row_macro, splat
 
 

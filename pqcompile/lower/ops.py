@@ -48,7 +48,7 @@ from ..quant.qmodules import (
     Quantize,
 )
 from ..quant.tables import QPackedEmbedding
-from . import kernels
+from . import kernels, kernels_linear, kernels_planar
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .lut import EMITTERS as LUT_EMITTERS
@@ -177,32 +177,33 @@ def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str,
 def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
     name = node.name
     q = module.weight.numpy()
-    wvar = _weight(lw, name, kernels.pack_dw_weight(q, shape, lw.isa), module.wq.bits)
+    wvar = _weight(lw, name, kernels_planar.pack_dw_weight(q, shape, lw.isa), module.wq.bits)
     pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
              (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
-    lw.kernels[name] = (f"dwconv2d {kernels.dw_schedule(shape, lw.isa)} "
-                        f"{kernels.dw_isa(lw.isa).lanes} lanes")
-    return _call_kernel(lw, name, "dw", kernels.dwconv2d_kernel(shape, lw.isa), shape.in_dtype,
-                        x, [wvar, *pvars], (1, shape.out_channels, *shape.out_hw),
-                        shape.out_dtype)
+    lw.kernels[name] = (f"dwconv2d {kernels_planar.dw_schedule(shape, lw.isa)} "
+                        f"{kernels_planar.dw_isa(lw.isa).lanes} lanes")
+    return _call_kernel(lw, name, "dw", kernels_planar.dwconv2d_kernel(shape, lw.isa),
+                        shape.in_dtype, x, [wvar, *pvars],
+                        (1, shape.out_channels, *shape.out_hw), shape.out_dtype)
 
 
 def _kernel_linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
-    """The layer as a hand-scheduled kernel (:func:`pqcompile.lower.kernels.linear_kernel`);
-    leading input dims are flattened into rows."""
+    """The layer as a hand-scheduled kernel
+    (:func:`pqcompile.lower.kernels_linear.linear_kernel`); leading input dims are flattened
+    into rows."""
     bb, name = lw.bb, node.name
     in_shape = lw.shape(node.all_input_nodes[0])
     wt = np.ascontiguousarray(module.weight.numpy().T)
     rows = int(np.prod(in_shape[:-1]))
-    shape = kernels.LinearShape(rows, wt.shape[0], wt.shape[1], str(x.ty.dtype),
-                                module.out.dtype, module.lo, module.hi)
-    isa = kernels.linear_tile(shape, lw.isa)
-    wvar = _weight(lw, name, kernels.pack_linear_weight(wt, isa), module.wq.bits)
-    bias, mult, shift = kernels.linear_params(wt, module.bias.numpy(), module.mult.numpy(),
-                                              module.shift.numpy(), shape, isa)
+    shape = kernels_linear.LinearShape(rows, wt.shape[0], wt.shape[1], str(x.ty.dtype),
+                                       module.out.dtype, module.lo, module.hi)
+    isa = kernels_linear.linear_tile(shape, lw.isa)
+    wvar = _weight(lw, name, kernels_linear.pack_linear_weight(wt, isa), module.wq.bits)
+    bias, mult, shift = kernels_linear.linear_params(
+        wt, module.bias.numpy(), module.mult.numpy(), module.shift.numpy(), shape, isa)
     pvars = [lw.param(f"{name}.{k}", v) for k, v in
              (("bias", bias), ("mult", mult), ("shift", shift))]
-    pack, kernel, scratch = kernels.linear_kernel(shape, isa)
+    pack, kernel, scratch = kernels_linear.linear_kernel(shape, isa)
     if len(in_shape) != 2:
         x = bb.emit(R.reshape(x, (rows, shape.in_features)))
     xp = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
@@ -297,7 +298,7 @@ def _kernel_max_pool(lw: Lowering, node, module: QMaxPool, x) -> relax.Expr | No
     if not kernels.supported(shape) or tuple(lw.shape(node))[2:] != shape.out_hw:
         return None
     lw.kernels[node.name] = "maxpool2d"
-    return _call_kernel(lw, node.name, "pool", kernels.maxpool2d_kernel(shape, lw.isa),
+    return _call_kernel(lw, node.name, "pool", kernels_planar.maxpool2d_kernel(shape, lw.isa),
                         shape.in_dtype, x, [], (1, c, *shape.out_hw), shape.in_dtype)
 
 

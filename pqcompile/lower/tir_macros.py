@@ -219,7 +219,7 @@ def dot4_macro(name: str):
 
 
 def dot_macro(isa):
-    """The conv kernels' step for an :class:`~pqcompile.lower.kernels.Isa`:
+    """The conv kernels' step for an :class:`~pqcompile.lower.kernel_types.Isa`:
     ``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved input
     words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
     from tvm.script import tirx as T
