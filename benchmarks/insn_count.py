@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 from pqcompile import presets  # noqa: E402
-from pqcompile.artifact import Artifact  # noqa: E402
+from pqcompile.runtime.artifact import Artifact  # noqa: E402
 from pqcompile.build import analysis, compile_assignment  # noqa: E402
 from pqcompile.passes import PruneChannels  # noqa: E402
 from pqcompile.targets.insn_count import count_instructions  # noqa: E402

@@ -34,8 +34,9 @@ import torch
 def set_threads(threads: int) -> None:
     """torch's intra-op threads and TVM's pool size (ONNX Runtime's go in each session); the
     rest of TVM's pool as artifacts set it up (workers unpinned, unless ``TVM_BIND_THREADS``
-    is set: :func:`pqcompile.artifact.thread_pool_defaults`), for every TVM variant alike."""
-    from pqcompile.artifact import thread_pool_defaults
+    is set: :func:`pqcompile.runtime.artifact.thread_pool_defaults`), for every TVM variant
+    alike."""
+    from pqcompile.runtime.artifact import thread_pool_defaults
 
     torch.set_num_threads(threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -110,7 +111,7 @@ def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
 def ort_int8(fp32_path: str | Path, out_dir: str | Path,
              calibration: Iterable[torch.Tensor]) -> Path:
     """Static QDQ int8 model of the fp32 ONNX file (written to ``out_dir``); the calibration
-    batches are fed one image at a time (the model's batch is fixed to 1)."""
+    batches are fed one image (or token sequence) at a time (the model's batch is fixed to 1)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -120,7 +121,8 @@ def ort_int8(fp32_path: str | Path, out_dir: str | Path,
         quantize_static,
     )
 
-    images = [b[i:i + 1].numpy().astype(np.float32) for b in calibration for i in range(len(b))]
+    images = [b[i:i + 1].numpy() for b in calibration for i in range(len(b))]
+    images = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in images]  # ids stay
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -199,14 +201,72 @@ def matched(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> f
     return float((dist.argmin(1) == np.arange(len(ref))).mean())
 
 
+#: BERT encoders by name: (layers, hidden, heads, FFN width); ``bert_minilm`` is MiniLM-L6-H384
+#: sized (all-MiniLM-L6-v2's shape), ``bert_base`` bert-base-uncased's. Vocabulary 30522,
+#: 512 positions, token ids in and the last hidden state out (batch 1, ``size`` tokens).
+BERT_SHAPES = {"bert_minilm": (6, 384, 12, 1536), "bert_base": (12, 768, 12, 3072)}
+BERT_VOCAB = 30522
+
+
+class BertEncoder(torch.nn.Module):
+    """A Hugging Face ``BertModel`` on token ids (every position attended), returning its last
+    hidden state: one tensor, which every runtime here returns alike."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+
+def is_text(name: str) -> bool:
+    """Whether ``name`` is one of :data:`BERT_SHAPES` (token ids in) rather than torchvision's."""
+    return name in BERT_SHAPES
+
+
+def draw(name: str, size: int, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+    """A random input batch for model ``name``: ``size`` x ``size`` normal images, or ``size``
+    uniform token ids for a BERT encoder."""
+    if is_text(name):
+        return torch.randint(0, BERT_VOCAB, (batch, size), generator=generator)
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def example_inputs(name: str, size: int, seed: int = 0
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The timed input (batch 1) and two calibration batches of 4, drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = draw(name, size, g)
+    return x, [draw(name, size, g, 4) for _ in range(2)]
+
+
+def make_bert(name: str, seed: int = 0) -> torch.nn.Module:
+    """A :class:`BertEncoder` of shape ``BERT_SHAPES[name]`` with random weights (Hugging Face's
+    initialization from ``seed``; eager attention, which every exporter and tracer here takes),
+    in eval mode."""
+    from transformers import BertConfig, BertModel
+
+    layers, hidden, heads, ffn = BERT_SHAPES[name]
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=BERT_VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=ffn, hidden_act="gelu",
+                     max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+                     attn_implementation="eager")
+    return BertEncoder(BertModel(cfg, add_pooling_layer=False)).eval()
+
+
 def make_model(name: str, size: int, seed: int = 0, batches: int = 4) -> torch.nn.Module:
-    """torchvision ``name`` with random weights (``seed``), in eval mode, its BatchNorm
+    """A BERT encoder (:func:`make_bert`, for the names in :data:`BERT_SHAPES`), or torchvision
+    ``name`` with random weights (``seed``), in eval mode, its BatchNorm
     statistics set from ``batches`` random batches of 8 (``size`` x ``size``). Latency does not
     depend on the weights, but with the default statistics (mean 0, variance 1) activations
     shrink or grow layer after layer (mobilenet_v2's logits are ~1e-9, the same for every
     input), which makes agreement checks and int8 calibration meaningless."""
     import torchvision
 
+    if is_text(name):
+        return make_bert(name, seed)
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)()
     for m in model.modules():

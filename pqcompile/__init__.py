@@ -23,7 +23,7 @@ _EXPORTS = {
                      "register_target"], ".targets"),
     **dict.fromkeys(["get_pipeline", "list_pipelines", "register_pipeline"], ".pipeline"),
     "check_model": ".coverage",
-    "Artifact": ".artifact",
+    "Artifact": ".runtime.artifact",
     "export_onnx": ".onnx_export",
 }
 _SUBMODULES = ("meta", "passes", "pipeline", "targets")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .artifact import Artifact
+from .runtime.artifact import Artifact
 from .assignment import Assignment
 from .fidelity import measure, to_json, warn_if_poor
 from .finetune import compressed_graph

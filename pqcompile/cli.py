@@ -38,7 +38,8 @@ from typing import Any
 from .cli_farm import add_board_flags, add_tracker_parser, board_flags
 from .errors import PQCompileError
 
-LISTENING = "listening on"  # as pqcompile.rpc_server prints it (not imported: it is a script)
+# as pqcompile.runtime.rpc_server prints it (not imported: it is a script)
+LISTENING = "listening on"
 
 EXIT_OVER_BUDGET = 3  # compile: the artifact was written but misses its budget (2: an error)
 
@@ -214,7 +215,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from .deploy import deploy, parse_address
+    from .runtime.deploy import deploy, parse_address
 
     if bool(args.rpc) == bool(args.tracker):
         raise ValueError("give the board: --rpc HOST:PORT, or --tracker HOST:PORT --key NAME")
@@ -237,7 +238,7 @@ def _board(args: argparse.Namespace) -> int:
     """Serve TVM RPC sessions until interrupted: this machine's server, or an emulated
     board."""
     if not args.emulate:
-        from . import rpc_server
+        from .runtime import rpc_server
 
         print(f"this machine as a board; deploy with `pqcompile deploy DIR --rpc "
               f"HOST:PORT` (the port is on the next line); Ctrl-C stops it", flush=True)
@@ -246,7 +247,7 @@ def _board(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .rpc_local import local_server
+    from .runtime.rpc_local import local_server
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -3,7 +3,7 @@
 ``pqcompile tracker --port 9190`` runs a TVM RPC tracker; ``pqcompile board --tracker
 HOST:9190 --key NAME [--name BOARD]`` registers a board (this machine's server, or an emulated
 one) with it; ``deploy`` and ``compile`` reach the boards with ``--tracker HOST:PORT --key
-NAME`` (:mod:`pqcompile.tracker`). Imports nothing heavy: ``--help`` answers at once.
+NAME`` (:mod:`pqcompile.runtime.tracker`). Imports nothing heavy: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def board_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _tracker(args: argparse.Namespace) -> int:
-    from .tracker import serve
+    from .runtime.tracker import serve
 
     serve(args.host, args.port)
     return 0

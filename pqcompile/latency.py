@@ -224,7 +224,7 @@ def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host",
 
     ``graph``: the analyzed graph the problem was built from (shapes and modules).
     ``rpc``: ``None`` times in this process (a target of this machine's architecture);
-    ``"HOST:PORT"`` on a TVM RPC server (a board: ``python -m pqcompile.rpc_server`` there;
+    ``"HOST:PORT"`` on a TVM RPC server (a board: ``python -m pqcompile.runtime.rpc_server`` there;
     ``key`` its key); ``"emulator"`` on a server started here under qemu-user. Each figure is
     the fastest of ``repeat`` repeats of ``number`` runs (raised until a repeat lasts
     ``min_repeat_ms``). ``directory``: where ``latency.json`` caches the figures (default:

@@ -118,9 +118,9 @@ def _lowered(module: Any, shape: tuple[int, ...], spec: TargetSpec
 
 def _library(mod: Any, params: Mapping[str, np.ndarray], spec: TargetSpec) -> bytes:
     """The program's shared library for ``spec``, built by :meth:`Artifact.build
-    <pqcompile.artifact.Artifact.build>` as ``compile`` builds a model (the target's tuning
+    <pqcompile.runtime.artifact.Artifact.build>` as ``compile`` builds a model (the target's tuning
     records applied, its build pipeline, linked by its toolchain)."""
-    from .artifact import LIBRARY, Artifact
+    from .runtime.artifact import LIBRARY, Artifact
 
     return Artifact.build(mod, params, spec)._files[LIBRARY]
 
@@ -139,7 +139,7 @@ class _Local:
         import tvm
         from tvm import relax
 
-        from .artifact import thread_pool_defaults
+        from .runtime.artifact import thread_pool_defaults
 
         thread_pool_defaults()  # the thread pool the artifacts run with
         with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
@@ -160,7 +160,7 @@ class _Remote:
 
     def __init__(self, address: Any, spec: TargetSpec, key: str, session_timeout: float,
                  connect_timeout: float, device: str | None, remote: Any = None) -> None:
-        from .rpc_client import _check_arch, _connect, _remote_info
+        from .runtime.rpc_client import _check_arch, _connect, _remote_info
 
         self.address = address
         self.remote = remote if remote is not None else \
@@ -178,7 +178,7 @@ class _Remote:
         from tvm import relax
         from tvm.runtime import tensor
 
-        from .rpc_client import _first_line
+        from .runtime.rpc_client import _first_line
 
         self.count += 1
         name = f"pqcompile_latency_{os.getpid()}_{self.count}.so"  # a fresh dlopen each time
@@ -210,7 +210,7 @@ def run_jobs(runner: Any, jobs: list[tuple[str, bytes, list[np.ndarray]]], spec:
              timing: dict[str, Any], done: Any) -> None:
     """Time every ``(shape key, library, args)`` job with ``runner``, calling ``done(shape
     key, repeats)`` for each; a farm (:mod:`pqcompile.latency_farm`) runs them in parallel."""
-    from .rpc_client import _first_line
+    from .runtime.rpc_client import _first_line
 
     if hasattr(runner, "run_jobs"):
         runner.run_jobs(jobs, spec, timing, done)
@@ -234,7 +234,7 @@ def split_farm(rpc: Any) -> tuple[str, Any] | None:
     ``None`` for any other ``rpc``."""
     if not isinstance(rpc, str) or "@" not in rpc:
         return None
-    from .tracker import parse_tracker
+    from .runtime.tracker import parse_tracker
 
     key, _, tracker = rpc.partition("@")
     if not key:
@@ -244,7 +244,7 @@ def split_farm(rpc: Any) -> tuple[str, Any] | None:
 
 
 def _parse_rpc(rpc: Any) -> Any:
-    from .rpc_client import ServerAddress, parse_address
+    from .runtime.rpc_client import ServerAddress, parse_address
 
     if isinstance(rpc, ServerAddress):
         return rpc
@@ -266,8 +266,9 @@ def check_where(target: Any, rpc: Any, what: str = "rpc") -> None:
             raise OptionError(
                 f"target {spec.name!r} runs on {spec.arch} and this machine is {host_arch()}: "
                 f"its latency table is measured there. Give {what}='HOST:PORT'{flag} of a TVM "
-                f"RPC server on the board (`python -m pqcompile.rpc_server --port 9090` there), "
-                f"or {what}='{EMULATOR}' to time it under {spec.emulator or 'qemu-user'} here "
+                f"RPC server on the board (`python -m pqcompile.runtime.rpc_server --port 9090` "
+                f"there), or {what}='{EMULATOR}' to time it under "
+                f"{spec.emulator or 'qemu-user'} here "
                 f"(emulated times: a stand-in, not the board's speed), or {what}="
                 f"'KEY@HOST:PORT' for the boards of a key on a TVM RPC tracker")
         return
@@ -295,7 +296,7 @@ def _runner(spec: TargetSpec, rpc: Any, key: str, session_timeout: float,
         yield Farm(farm[1], farm[0], spec, session_timeout, connect_timeout)
         return
     if rpc == EMULATOR:
-        from .rpc_local import local_server
+        from .runtime.rpc_local import local_server
 
         with local_server(spec.arch) as address:
             runner = _Remote(address, spec, key, session_timeout, connect_timeout,

@@ -332,7 +332,7 @@ def artifact_report(directory: str | Path, plots: str | Path | None = None,
     """The compression table of a saved artifact (its manifest, integrity checked), and its
     plots written to ``plots`` when given. ``as_dict``: layers, totals and candidates instead
     of text (with ``"plots"``: the files written)."""
-    from .artifact import Artifact
+    from .runtime.artifact import Artifact
 
     manifest = Artifact.load(directory).manifest
     extra = manifest.get("extra", {})

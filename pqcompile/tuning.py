@@ -10,8 +10,8 @@ once, and every later build for that target, of that model or any other with the
 * :func:`tune` tunes the kernels of a program that the database lacks, within ``trials``
   (0: none), and says what it reused, what it tuned and how long it took;
 * :func:`apply` schedules a program with the database's best records (kernels without a
-  record keep TVM's default schedule); :meth:`pqcompile.artifact.Artifact.build` calls it, so
-  ``compile()`` reuses whatever has been tuned for its target.
+  record keep TVM's default schedule); :meth:`pqcompile.runtime.artifact.Artifact.build` calls
+  it, so ``compile()`` reuses whatever has been tuned for its target.
 
 Integer kernels give the same integers under any schedule; float kernels (the float islands)
 may sum in another order, within the 1-LSB tolerance of float ops.

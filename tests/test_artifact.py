@@ -18,7 +18,7 @@ import pytest
 import tvm
 from tvm.script import relax as R
 
-from pqcompile.artifact import FORMAT_VERSION, Artifact, ArtifactError, thread_pool_defaults
+from pqcompile.runtime.artifact import FORMAT_VERSION, Artifact, ArtifactError, thread_pool_defaults
 from pqcompile.targets import elf_arch, host_arch
 
 ROOT = Path(__file__).resolve().parents[1]

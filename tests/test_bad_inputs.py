@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pqcompile
 from pqcompile import Budget, ExampleInputError, TraceError, UnsupportedOpError
-from pqcompile.artifact import FORMAT_VERSION, Artifact, ArtifactError
+from pqcompile.runtime.artifact import FORMAT_VERSION, Artifact, ArtifactError
 from pqcompile.budget import BudgetError, InfeasibleBudgetError
 from pqcompile.errors import DataError, ModelError, NonFiniteWeightError, OptionError
 from pqcompile.targets import ToolchainError, UnknownTargetError

@@ -1,8 +1,8 @@
 """``pqcompile deploy``: real TVM RPC servers on loopback, aarch64 under qemu-user, no mocks.
 
-The aarch64 server is ``pqcompile/rpc_server.py`` run by the sysroot's Python, which has TVM and
-numpy and nothing else (no torch, no pqcompile): what a board has. The sysroot fixture builds the
-sysroot when it is missing and fails (never skips) when it cannot.
+The aarch64 server is ``pqcompile/runtime/rpc_server.py`` run by the sysroot's Python, which has
+TVM and numpy and nothing else (no torch, no pqcompile): what a board has. The sysroot fixture
+builds the sysroot when it is missing and fails (never skips) when it cannot.
 """
 
 import json
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import pqcompile
-from pqcompile.artifact import Artifact
+from pqcompile.runtime.artifact import Artifact
 from pqcompile.cli import main
-from pqcompile.deploy import (
+from pqcompile.runtime.deploy import (
     AddressError,
     OutputMismatchError,
     RemoteLoadError,
@@ -33,7 +33,7 @@ from pqcompile.deploy import (
     deploy,
     parse_address,
 )
-from pqcompile.rpc_local import local_server
+from pqcompile.runtime.rpc_local import local_server
 
 
 def _model():
@@ -91,7 +91,7 @@ def mixed_arm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aarch64_server(sysroot):
     """The emulated board as a user starts it: ``pqcompile board --emulate aarch64 --port 0``
-    (pqcompile.rpc_local.local_server under the command line); stopped as by Ctrl-C."""
+    (pqcompile.runtime.rpc_local.local_server under the command line); stopped as by Ctrl-C."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp, "out")
         with open(log, "wb") as out:

@@ -11,7 +11,7 @@ import torch
 from solver_models import digits, trained
 
 import pqcompile
-from pqcompile.artifact import Artifact, ArtifactError
+from pqcompile.runtime.artifact import Artifact, ArtifactError
 
 FILES = ("lib.so", "weights.bin", "sample.bin", "manifest.json", "runner.py")
 

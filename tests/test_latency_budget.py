@@ -27,7 +27,7 @@ from pqcompile.latency import (
     layer_points,
     measure_latency,
 )
-from pqcompile.rpc_local import local_server
+from pqcompile.runtime.rpc_local import local_server
 from pqcompile.solvers import build_problem, get_solver, minimum_costs, problem_costs
 from pqcompile.solvers.problem import layer_latency, resolve_limits
 

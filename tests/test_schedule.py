@@ -20,7 +20,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 import pqcompile
-from pqcompile.artifact import Artifact
+from pqcompile.runtime.artifact import Artifact
 from pqcompile.assignment import Assignment
 from pqcompile.lower import build, lower, resolve_target, run
 from pqcompile.lower.build import legalize

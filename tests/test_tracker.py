@@ -1,7 +1,7 @@
 """Device farms: a TVM RPC tracker and two emulated aarch64 boards on loopback, no mocks.
 
 The tracker is ``pqcompile tracker`` (tvm.rpc.tracker); each board is ``pqcompile board
---emulate aarch64 --tracker ... --key ... --name ...`` (pqcompile/rpc_server.py run by the
+--emulate aarch64 --tracker ... --key ... --name ...`` (pqcompile/runtime/rpc_server.py run by the
 sysroot's Python under qemu-user, registered with the tracker). A deploy through the tracker
 checks the outputs against the artifact's reference sample, and a latency table is timed on
 both boards at once (each board's count of programs is asserted, never a time).
@@ -23,12 +23,12 @@ from torch import nn
 import pqcompile
 from pqcompile.build import analysis
 from pqcompile.cli import main
-from pqcompile.deploy import deploy
+from pqcompile.runtime.deploy import deploy
 from pqcompile.errors import LatencyError
 from pqcompile.latency import measure_latency
-from pqcompile.rpc_client import AddressError
+from pqcompile.runtime.rpc_client import AddressError
 from pqcompile.solvers import build_problem
-from pqcompile.tracker import TrackerError, boards, parse_tracker, request, wait_for_boards
+from pqcompile.runtime.tracker import TrackerError, boards, parse_tracker, request, wait_for_boards
 
 KEY = "emu-a64"
 

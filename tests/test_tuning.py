@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pqcompile import presets
-from pqcompile.artifact import Artifact
+from pqcompile.runtime.artifact import Artifact
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.tuning import apply, database_dir, tune
 

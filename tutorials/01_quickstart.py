@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import pqcompile
-from pqcompile.artifact import Artifact  # (not re-exported as pqcompile.Artifact yet)
+from pqcompile.runtime.artifact import Artifact  # (not re-exported as pqcompile.Artifact yet)
 from pqcompile.data import fashion_mnist_loaders
 from pqcompile.zoo import pretrained_resnet20_fashion, provenance
 

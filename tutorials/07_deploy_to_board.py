@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import pqcompile
-from pqcompile.deploy import deploy
-from pqcompile.rpc_local import local_server
+from pqcompile.runtime.deploy import deploy
+from pqcompile.runtime.rpc_local import local_server
 
 # 1. Compress and compile a small CNN for 64-bit Arm (Cortex-A72 class: a Raspberry Pi 4).
 torch.manual_seed(0)
@@ -37,8 +37,8 @@ print(f"artifact for {compiled.artifact.arch} in {artifact_dir}")
 #        pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post0 numpy
 #        python rpc_server.py --host 0.0.0.0 --port 9090
 #
-#    rpc_server.py is pqcompile/rpc_server.py copied to the board: it needs only TVM, and also
-#    tells deploy what the board is (an artifact for another architecture is refused before
+#    rpc_server.py is pqcompile/runtime/rpc_server.py copied to the board: it needs only TVM, and
+#    also tells deploy what the board is (an artifact for another architecture is refused before
 #    the upload). TVM's own `python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` works
 #    too. Then, on this machine: `pqcompile deploy ARTIFACT_DIR --rpc BOARD_IP:9090`.
 #    The server runs whatever it is sent: keep it on a trusted network.

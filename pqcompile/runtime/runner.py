@@ -195,7 +195,7 @@ def main(argv=None):
 
     # TVM's workers unpinned unless the environment says otherwise: pinned, a worker whose
     # core another process is using waits for that core at every parallel region (the
-    # default of pqcompile.artifact.thread_pool_defaults, repeated: this file runs without
+    # default of pqcompile.runtime.artifact.thread_pool_defaults, repeated: this file runs without
     # pqcompile)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     library = tvm.runtime.load_module(str(Path(args.artifact) / manifest["library"]))

@@ -310,7 +310,7 @@ def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
     plugin or the sysroot is missing or a run fails, and
     ``ValueError`` for bad ``runs`` or an artifact without a reference sample and ``inputs``.
     """
-    from ..artifact import Artifact
+    from ..runtime.artifact import Artifact
 
     n1, n2 = check_runs(runs)
     if isinstance(artifact, Artifact):

@@ -1,6 +1,6 @@
 """An RPC server on this machine standing in for a board: natively, or for aarch64 under
 qemu-user with the sysroot's Python and TVM (:mod:`pqcompile.targets.emulator`). Used by the
-tests and tutorials of :mod:`pqcompile.deploy`."""
+tests and tutorials of :mod:`pqcompile.runtime.deploy`."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from . import rpc_server
 from .rpc_client import DeployError, ServerAddress, parse_address
-from .targets import host_arch
-from .targets.emulator import _python_command
+from ..targets import host_arch
+from ..targets.emulator import _python_command
 
 __all__ = ["SERVER_SCRIPT", "local_server"]
 
@@ -29,7 +29,8 @@ SERVER_SCRIPT = Path(rpc_server.__file__)
 def local_server(arch: str = "aarch64", port: int = 0, *, host: str = "127.0.0.1",
                  startup_timeout: float = 120.0, tracker: Any = None, key: str = "",
                  name: str | None = None) -> Iterator[ServerAddress]:
-    """Run ``pqcompile/rpc_server.py`` here while the ``with`` block runs; yields its address.
+    """Run ``pqcompile/runtime/rpc_server.py`` here while the ``with`` block runs; yields its
+    address.
 
     ``arch="host"`` (or this machine's architecture) runs it with this interpreter; another
     architecture runs the sysroot's Python under qemu-user (see
@@ -38,7 +39,7 @@ def local_server(arch: str = "aarch64", port: int = 0, *, host: str = "127.0.0.1
     ``startup_timeout`` seconds. The server and its sessions are killed on exit; on Linux the
     server also ends when this process does, however it ends. ``tracker`` (``"HOST:PORT"``
     or a :class:`ServerAddress`) registers the server with that TVM RPC tracker under ``key``
-    (:mod:`pqcompile.tracker`); ``name``: the board's name in its ``device_info``.
+    (:mod:`pqcompile.runtime.tracker`); ``name``: the board's name in its ``device_info``.
     """
     arch = host_arch() if arch == "host" else arch
     command, env = _python_command(arch, None, None)

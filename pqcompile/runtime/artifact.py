@@ -66,8 +66,8 @@ from ._artifact_data import (
     validate_params,
 )
 from ._artifact_relax import FLAT_SUFFIX, _flat_outputs, _with_flat_prepare
-from .runtime import runner
-from .targets import TargetSpec, get_target, host_arch, run_python
+from . import runner
+from ..targets import TargetSpec, get_target, host_arch, run_python
 
 __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
 
@@ -150,8 +150,8 @@ class Artifact:
         import tvm
         import tvm_ffi
 
-        from . import __version__  # here: pqcompile/__init__ may import this module first
-        from .lower.build import pipeline
+        from .. import __version__  # here: pqcompile/__init__ may import this module first
+        from ..lower.build import pipeline
 
         spec = get_target(target)
         if not isinstance(mod, tvm.IRModule):
@@ -193,7 +193,7 @@ class Artifact:
             mod = _with_flat_prepare(mod, prepare)
         scheduled = 0
         if tuned:
-            from .tuning import apply
+            from ..tuning import apply
 
             mod, scheduled = apply(mod, spec)
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))

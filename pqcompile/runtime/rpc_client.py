@@ -1,5 +1,5 @@
 """Connecting to a board's TVM RPC server: addresses, sessions, the board's description, and
-the errors :mod:`pqcompile.deploy` and :mod:`pqcompile.latency` raise about them.
+the errors :mod:`pqcompile.runtime.deploy` and :mod:`pqcompile.latency` raise about them.
 
 >>> parse_address("192.168.1.20:9090")
 ServerAddress(host='192.168.1.20', port=9090)
@@ -14,15 +14,15 @@ import socket
 from typing import Any, NamedTuple
 
 from . import rpc_server
-from .errors import PQCompileError
-from .targets.base import arch_from_triple
+from ..errors import PQCompileError
+from ..targets.base import arch_from_triple
 
 __all__ = ["AddressError", "DeployError", "RemoteLoadError", "RemoteUnreachableError",
            "ServerAddress", "parse_address"]
 
 BOARD_SERVER_HINT = ("start one on the board with `python -m tvm.exec.rpc_server --host 0.0.0.0 "
-                     "--port {port}` (or copy pqcompile/rpc_server.py there and run `python "
-                     "rpc_server.py --port {port}`); without a board, `pqcompile board "
+                     "--port {port}` (or copy pqcompile/runtime/rpc_server.py there and run "
+                     "`python rpc_server.py --port {port}`); without a board, `pqcompile board "
                      "--emulate aarch64 --port {port}` runs an emulated aarch64 one here "
                      "(qemu-user)")
 
@@ -95,7 +95,8 @@ def _connect(address: ServerAddress, key: str, session_timeout: float,
 
 
 def _remote_info(remote: Any) -> dict[str, Any] | None:
-    """The board's description from ``pqcompile.rpc_server``; ``None`` from other servers."""
+    """The board's description from ``pqcompile.runtime.rpc_server``; ``None`` from other
+    servers."""
     try:
         describe = remote.get_function(rpc_server.INFO_FUNCTION)
     except Exception:  # noqa: BLE001 (AttributeError: a server without the function)

@@ -4,9 +4,9 @@ A tracker (``pqcompile tracker --port 9190``, :mod:`tvm.rpc.tracker`) keeps a qu
 per key; each board's server registers itself (``pqcompile board --tracker HOST:9190 --key
 rpi4`` here, emulated, or ``python rpc_server.py --tracker HOST:9190 --key rpi4`` on the
 board), and a client asks the tracker for a free board of a key and gets a session on it.
-:func:`pqcompile.deploy.deploy` takes ``tracker=``/``key=`` instead of a board's address, and
-:func:`pqcompile.latency.measure_latency` times its one-layer programs on every free board of
-the key at once (one session per board, the programs shared out as boards become free).
+:func:`pqcompile.runtime.deploy.deploy` takes ``tracker=``/``key=`` instead of a board's address,
+and :func:`pqcompile.latency.measure_latency` times its one-layer programs on every free board
+of the key at once (one session per board, the programs shared out as boards become free).
 
 >>> parse_tracker("10.0.0.5:9190")
 ServerAddress(host='10.0.0.5', port=9190)

@@ -11,8 +11,8 @@ file can be copied to a board that has TVM and numpy and nothing else::
     python rpc_server.py --host 0.0.0.0 --port 9090      # on the board
     pqcompile deploy ARTIFACT_DIR --rpc BOARD:9090       # on the build machine
 
-Where pqcompile is installed, ``python -m pqcompile.rpc_server`` does the same (that form imports
-the pqcompile package first, and with it torch). ``--port 0`` takes any free port. The line
+Where pqcompile is installed, ``python -m pqcompile.runtime.rpc_server`` does the same (that form
+imports the pqcompile package first, and with it torch). ``--port 0`` takes any free port. The line
 ``listening on HOST:PORT`` goes to stdout, flushed, once the socket accepts connections.
 
 With ``--tracker HOST:PORT --key NAME`` the server registers with a TVM RPC tracker
@@ -36,6 +36,7 @@ import os
 import platform
 import socket
 
+# the name a board registers device_info under: a protocol name, not the module's path
 INFO_FUNCTION = "pqcompile.rpc_server.device_info"
 LISTENING = "listening on"
 BOARD_ENV = "PQCOMPILE_BOARD_NAME"

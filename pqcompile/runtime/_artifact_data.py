@@ -1,5 +1,5 @@
-"""Checks and byte layout behind :mod:`pqcompile.artifact`: tensor specs, raw array files, JSON,
-the manifest's parts (layers, totals, reference sample, checksums) and the checks of run-time
+"""Checks and byte layout behind :mod:`pqcompile.runtime.artifact`: tensor specs, raw array files,
+JSON, the manifest's parts (layers, totals, reference sample, checksums) and the checks of run-time
 inputs.
 
 >>> blob, entries = pack_arrays([("a", np.ones(3, "int8")), ("b", np.zeros(2, "float32"))])
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PQCompileError
-from .runtime import runner
+from ..errors import PQCompileError
+from . import runner
 
 __all__ = ["ALIGNMENT", "ArtifactError", "json_ready", "pack_arrays", "tensor_specs",
            "validate_params"]

@@ -1,5 +1,5 @@
 """The Relax module as an artifact packages it: its named outputs, and the flat prepare
-function a TVM RPC client can call (:mod:`pqcompile.deploy`)."""
+function a TVM RPC client can call (:mod:`pqcompile.runtime.deploy`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _with_flat_prepare(mod: Any, prepare: str) -> Any:
 
     ``prepare`` (Relax's lifted transform) takes one tuple of weights, which a local caller
     passes as a Python list; a TVM RPC client cannot pass a tuple (nor get its items back), so
-    a board is handed the weights one argument each (:mod:`pqcompile.deploy`)."""
+    a board is handed the weights one argument each (:mod:`pqcompile.runtime.deploy`)."""
     from tvm import relax
 
     tuple_type = mod[prepare].params[0].ty

@@ -11,11 +11,11 @@ entry function with the VM's ``time_evaluator`` on the board. The command line i
 On the board (TVM and numpy installed), either of::
 
     python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090
-    python rpc_server.py --host 0.0.0.0 --port 9090   # pqcompile/rpc_server.py, copied over
+    python rpc_server.py --host 0.0.0.0 --port 9090   # pqcompile/runtime/rpc_server.py, copied over
 
 The second also reports the board's machine and library versions, so an artifact built for
 another architecture is refused before the upload.
-:func:`pqcompile.rpc_local.local_server` starts that server on this machine, natively or for
+:func:`pqcompile.runtime.rpc_local.local_server` starts that server on this machine, natively or for
 aarch64 under qemu-user: a stand-in for a board in tests and tutorials.
 
 >>> parse_address("192.168.1.20:9090")
@@ -49,7 +49,7 @@ from .rpc_client import (
     _remote_info,
     parse_address,
 )
-from .runtime import runner
+from . import runner
 
 __all__ = ["AddressError", "DeployError", "DeployResult", "LatencyStats", "OutputMismatchError",
            "RemoteLoadError", "RemoteUnreachableError", "ServerAddress", "deploy",
@@ -95,7 +95,7 @@ class DeployResult:
     ``outputs_match`` is ``None`` when nothing was compared (the artifact stores no reference
     sample). ``max_lsb_diff`` counts units in the last place: integer steps for integer outputs,
     ULPs of the dtype for float ones. ``remote`` is the board's description when its server
-    gives one (``pqcompile.rpc_server`` does, ``tvm.exec.rpc_server`` does not).
+    gives one (``pqcompile.runtime.rpc_server`` does, ``tvm.exec.rpc_server`` does not).
     """
 
     artifact: str
@@ -151,7 +151,7 @@ def deploy(directory: str | os.PathLike, host: str | None = None, port: int | No
            tracker: Any = None) -> DeployResult:
     """Run the artifact in ``directory`` on the RPC server at ``host:port``, or with
     ``tracker="HOST:PORT"`` on a free board of ``key`` that the TVM RPC tracker there gives
-    (:mod:`pqcompile.tracker`); see the module docstring for the steps.
+    (:mod:`pqcompile.runtime.tracker`); see the module docstring for the steps.
 
     Latency is timed over ``repeat`` repeats of ``number`` runs each, after one warm-up run.
     ``session_timeout`` (seconds, 0: none) bounds the whole session on the server side.
@@ -159,7 +159,7 @@ def deploy(directory: str | os.PathLike, host: str | None = None, port: int | No
     :class:`OutputMismatchError` (before the timing); with ``check=False`` they are only
     reported in the result.
 
-    Raises :class:`pqcompile.artifact.ArtifactError` for a damaged artifact,
+    Raises :class:`pqcompile.runtime.artifact.ArtifactError` for a damaged artifact,
     :class:`RemoteUnreachableError`, :class:`RemoteLoadError` (the library does not load or
     run there, e.g. built for another architecture) or :class:`DeployError` for the other
     steps. The RPC session is closed when this returns or raises.
