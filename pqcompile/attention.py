@@ -158,8 +158,10 @@ def decompose_attention(model: nn.Module, skip: Iterable[str] = ()) -> list[str]
 class AttentionSoftmax(nn.Module):
     """``softmax(scores * scale + mask)`` over the last dim: the float part of a decomposed
     ``scaled_dot_product_attention``. ``causal``: a boolean buffer, ``True`` where a query may
-    not attend (``is_causal``); the optional ``mask`` argument is the call's ``attn_mask``,
-    boolean (``bool_mask``: ``True`` = attended; read as 0/1 values) or additive."""
+    attend (``is_causal``); the optional ``mask`` argument is the call's ``attn_mask``, boolean
+    (``bool_mask``: ``True`` = attended; the program reads it as 0/1 values) or additive. A
+    boolean mask adds ``log(mask)`` (``-inf`` where masked, 0 elsewhere): TVM's frontend
+    translates that in float64, not ``masked_fill`` or ``where`` with an infinite scalar."""
 
     def __init__(self, scale: float, causal: torch.Tensor | None, bool_mask: bool) -> None:
         super().__init__()
@@ -169,9 +171,9 @@ class AttentionSoftmax(nn.Module):
     def forward(self, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = scores * self.scale
         if self.causal is not None:
-            y = y.masked_fill(self.causal, float("-inf"))
+            y = y + torch.log(self.causal.to(y.dtype))
         if mask is not None:
-            y = y.masked_fill(mask == 0, float("-inf")) if self.bool_mask else y + mask
+            y = y + (torch.log((mask != 0).to(y.dtype)) if self.bool_mask else mask)
         return torch.softmax(y, dim=-1)
 
 
@@ -230,7 +232,7 @@ def decompose_sdpa(gm: torch.fx.GraphModule) -> list[str]:
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q_shape[-1])
         causal = None
         if a["is_causal"]:
-            causal = ~torch.ones(q_shape[-2], k_shape[-2], dtype=torch.bool).tril(0)
+            causal = torch.ones(q_shape[-2], k_shape[-2], dtype=torch.bool).tril(0)
         bool_mask = mask is not None and getattr(SHAPE.find(mask), "dtype", None) == torch.bool
         target = f"{n.name}_softmax"
         while hasattr(gm, target):

@@ -13,6 +13,7 @@ from .lower.ops import item_box, view_op
 from .onnx_affine import affine
 from .onnx_islands import splice_island
 from .quant.lut import QLut, QMul
+from .quant.matmul import QMatMul
 from .quant.affine import QAffine
 from .quant.qmodules import (
     Dequantize,
@@ -171,10 +172,18 @@ def mul(ex: _Export, node, module: QMul, a: str, b: str) -> str:
     return ex.requantize(y, node, module)
 
 
+def matmul(ex: _Export, node, module: QMatMul, a: str, b: str) -> str:
+    """A product of two activations in QDQ form (ONNX Runtime fuses it into
+    ``QLinearMatMul``): dequantize both, ``MatMul``, quantize at the output scale."""
+    y = ex.node("MatMul", [ex.dequantize(a), ex.dequantize(b)], f"{node.name}_matmul",
+                f"{node.name}/MatMul")
+    return ex.requantize(y, node, module)
+
+
 EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: conv2d,
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
             QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
-            QLut: lut, QMul: mul, QAffine: affine}
+            QLut: lut, QMul: mul, QAffine: affine, QMatMul: matmul}
 
 
 def getitem(ex: _Export, node, x: str) -> str:

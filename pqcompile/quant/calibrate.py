@@ -67,7 +67,7 @@ def check_batches(gm: torch.fx.GraphModule, batches: Iterable[Any]
             if t.is_floating_point() != e.is_floating_point():
                 raise ValueError(f"calibration batch {i}: input {j} has dtype {t.dtype}; give "
                                  f"tensors of the example input's kind ({e.dtype})")
-        out.append(tuple(t.to(e.dtype) for t in items))
+        out.append(tuple(t.to(e.dtype) for t, e in zip(items, expected)))
     if not out:
         raise ValueError("calib_batches is empty: give at least one batch, e.g. a list of "
                          f"tensors of shape {_fmt(expected[0].shape)}")
