@@ -26,6 +26,10 @@ The scheme (the contract between :func:`build_reference` and :func:`pqcompile.lo
   **Max pooling**, flatten/reshape/view/permute/transpose, Identity and Dropout: on the
   integers. A ReLU/ReLU6 that cannot be folded clamps the integers in place.
 * **Linear**: int32 accumulation of ``x @ w.T`` then requantization as a conv.
+* **Products of two activations** (``a @ b``: attention's ``q @ k^T`` and ``probs @ v``; a
+  ``scaled_dot_product_attention`` call is decomposed into both around a float softmax): int8 or
+  uint8 operands, int32 accumulation, one fixed-point multiplier ``s_a * s_b / s_out``
+  (:mod:`.matmul`).
 * **Float ops** (every other op, and conv/linear layers the assignment leaves out): dequantize
   to float64 (``q * s``), the op, quantize at 8 bits (or the readers' bits) with
   ``clamp(floor(y / s + 0.5), lo, hi)``. The op runs in float64 in both the reference and the

@@ -7,9 +7,9 @@ Every tensor-valued node that depends on an input is *quantized*. Nodes are sort
   of integer ids, e.g. tokens, which come in as ``index`` inputs), ``lut`` (a pointwise op of
   one tensor, a table of its codes), ``mul`` (the product of two tensors; see
   :mod:`pqcompile.quant.lut`), ``matmul`` (a matrix product of two tensors, e.g. attention's
-  ``q @ k^T``: :mod:`pqcompile.quant.matmul`), ``affine`` (an eval-mode batch norm, an integer per-channel
-  affine map: :mod:`pqcompile.quant.affine`) and ``float`` (an op with no integer lowering,
-  run dequantize -> float -> quantize);
+  ``q @ k^T``: :mod:`pqcompile.quant.matmul`), ``affine`` (an eval-mode batch norm, an
+  integer per-channel affine map: :mod:`pqcompile.quant.affine`) and ``float`` (an op with no
+  integer lowering, run dequantize -> float -> quantize);
 * pass-through ops, which share their input's scale: ``maxpool``, ``view`` (flatten, reshape,
   view, squeeze, unsqueeze, permute, transpose, channel shuffle, indexing with integers,
   slices, ``None`` and ``...``, and taking one item of a split), ``split`` (chunk, split,

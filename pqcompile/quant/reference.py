@@ -423,6 +423,10 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     a conv/linear, add, cat, average pool or float op; ``scale = amax / qmax``), e.g. the
     ranges learned by :func:`pqcompile.finetune.qat_finetune`. The other tensors are calibrated.
 
+    Each ``scaled_dot_product_attention`` call is decomposed first
+    (:func:`pqcompile.attention.decompose_sdpa`): its two products are integer, its softmax a
+    float op.
+
     ``residual_bits`` (8..16): the width of integer sums (``add``) that no conv/linear layer
     reads, e.g. a transformer's residual stream before each LayerNorm (int16 above 8 bits):
     the accumulating residual carries outlier channels that one 8-bit scale cannot hold.

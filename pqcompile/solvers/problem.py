@@ -162,7 +162,8 @@ class Problem:
     integer activation products at 8 x 8); ``float_macs``: MACs outside the layers that scale
     with kept counts (the integer attention products of a head group), at ``float_mac_bops``
     bit operations a MAC (:data:`pqcompile.quant.matmul.PRODUCT_BITS` squared, set by
-    :func:`~pqcompile.solvers.graph.build_problem`; 1024 by default) on top of the fixed ones; ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the unpruned
+    :func:`~pqcompile.solvers.graph.build_problem`; 1024 by default) on top of the fixed ones;
+    ``reference``: the FP32 model's bops, macs, bytes (and ``latency_ms``, the unpruned
     total of the latency table, when ``latency`` is set); ``latency``: the layers' predicted
     latency on the target, or ``None`` (set it with :func:`with_latency_model`);
     ``float_nodes``: ``(node, FP32 MACs, why it gets no bits)`` of the nodes outside the
