@@ -77,8 +77,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LatencyError, OptionError
-from .latency_cache import (
+from ..errors import LatencyError, OptionError
+from ..targets import TargetSpec, get_target
+from .cache import (
     CACHE_FILE,
     FORMAT_VERSION,
     _fingerprint,
@@ -86,8 +87,7 @@ from .latency_cache import (
     _write_cache,
     cache_path,
 )
-from .latency_programs import _geometry, _library, _lowered, _runner, check_where, run_jobs
-from .targets import TargetSpec, get_target
+from .programs import _geometry, _library, _lowered, _runner, check_where, run_jobs
 
 __all__ = ["CACHE_FILE", "LatencyError", "LatencyTable", "LayerTable", "attach_latency",
            "cache_path", "check_where", "layer_points", "measure_latency"]
@@ -231,11 +231,11 @@ def measure_latency(problem: Any, graph: Any, target: str | TargetSpec = "host",
     the target's tuning database folder, :func:`pqcompile.tuning.database_dir`);
     ``cache=False`` neither reads nor writes it. ``tracker="HOST:PORT"`` (or ``rpc=
     "KEY@HOST:PORT"``): on every free board of ``key`` that TVM RPC tracker has, in parallel
-    (:mod:`pqcompile.latency_farm`; one session per board, each taking the next program as it
+    (:mod:`pqcompile.latency.farm`; one session per board, each taking the next program as it
     finishes one; ``.boards`` counts the programs each board timed). A farm's boards are one
     kind of board: the cache keys their figures by ``key``.
     """
-    from .progress import Progress
+    from ..progress import Progress
 
     spec = get_target(target)
     if tracker is not None:
@@ -336,7 +336,7 @@ def attach_latency(problem: Any, table: LatencyTable) -> Any:
     Raises :class:`LatencyError` naming the layer when the table lacks a layer or a level
     (measured for another model, other keep levels or another ``multiple``).
     """
-    from .solvers.problem import LatencyModel, LatencyTerm, with_latency_model
+    from ..solvers.problem import LatencyModel, LatencyTerm, with_latency_model
 
     if not isinstance(table, LatencyTable):
         raise TypeError(f"a latency table is a pqcompile.latency.LatencyTable, got "

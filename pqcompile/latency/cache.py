@@ -13,19 +13,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .targets import TargetSpec
+from ..targets import TargetSpec
 
 __all__ = ["CACHE_FILE", "FORMAT_VERSION", "cache_path"]
 
 FORMAT_VERSION = 1
 CACHE_FILE = "latency.json"
-_ROOT = Path(__file__).resolve().parent
+_ROOT = Path(__file__).resolve().parents[1]  # the pqcompile package
 
 
 def cache_path(target: Any, directory: str | os.PathLike | None = None) -> Path:
     """Where ``target``'s figures are cached: ``latency.json`` in ``directory``, by default its
     tuning database folder (:func:`pqcompile.tuning.database_dir`)."""
-    from .tuning import database_dir
+    from ..tuning import database_dir
 
     return database_dir(target, directory) / CACHE_FILE
 
@@ -46,7 +46,7 @@ def _code_fingerprint() -> str:
 def _fingerprint(spec: TargetSpec) -> str:
     """What the figures depend on besides the shape: the code (:func:`_code_fingerprint`) and
     the tuning records the build applies (the target's database)."""
-    from .tuning import database_dir
+    from ..tuning import database_dir
 
     digest = hashlib.sha256(_code_fingerprint().encode())
     records = database_dir(spec) / "records.json"

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LatencyError, OptionError
-from .targets import TargetSpec, get_target, host_arch
+from ..errors import LatencyError, OptionError
+from ..targets import TargetSpec, get_target, host_arch
 
 EMULATOR = "emulator"
 
@@ -69,7 +69,7 @@ def _fmt(value: Any) -> str:
 def _geometry(gm: Any, name: str) -> _Geometry:
     from torch import nn
 
-    from .meta import SHAPE
+    from ..meta import SHAPE
 
     node = next((n for n in gm.graph.nodes if n.name == name), None)
     if node is None or node.op != "call_module":
@@ -102,11 +102,11 @@ def _lowered(module: Any, shape: tuple[int, ...], spec: TargetSpec
     (calibrated on its own input), lowered to integer Relax with the target's kernels."""
     import torch
 
-    from .assignment import Assignment
-    from .frontend import trace
-    from .lower import lower
-    from .presets import compute_layers
-    from .quant import build_reference
+    from ..assignment import Assignment
+    from ..frontend import trace
+    from ..lower import lower
+    from ..presets import compute_layers
+    from ..quant import build_reference
 
     torch.manual_seed(0)
     x = torch.randn(*shape)
@@ -120,7 +120,7 @@ def _library(mod: Any, params: Mapping[str, np.ndarray], spec: TargetSpec) -> by
     """The program's shared library for ``spec``, built by :meth:`Artifact.build
     <pqcompile.runtime.artifact.Artifact.build>` as ``compile`` builds a model (the target's tuning
     records applied, its build pipeline, linked by its toolchain)."""
-    from .runtime.artifact import LIBRARY, Artifact
+    from ..runtime.artifact import LIBRARY, Artifact
 
     return Artifact.build(mod, params, spec)._files[LIBRARY]
 
@@ -139,7 +139,7 @@ class _Local:
         import tvm
         from tvm import relax
 
-        from .runtime.artifact import thread_pool_defaults
+        from ..runtime.artifact import thread_pool_defaults
 
         thread_pool_defaults()  # the thread pool the artifacts run with
         with tempfile.TemporaryDirectory(prefix="pqcompile-latency-") as tmp:
@@ -160,7 +160,7 @@ class _Remote:
 
     def __init__(self, address: Any, spec: TargetSpec, key: str, session_timeout: float,
                  connect_timeout: float, device: str | None, remote: Any = None) -> None:
-        from .runtime.rpc_client import _check_arch, _connect, _remote_info
+        from ..runtime.rpc_client import _check_arch, _connect, _remote_info
 
         self.address = address
         self.remote = remote if remote is not None else \
@@ -178,7 +178,7 @@ class _Remote:
         from tvm import relax
         from tvm.runtime import tensor
 
-        from .runtime.rpc_client import _first_line
+        from ..runtime.rpc_client import _first_line
 
         self.count += 1
         name = f"pqcompile_latency_{os.getpid()}_{self.count}.so"  # a fresh dlopen each time
@@ -209,8 +209,8 @@ def _time_vm(vm: Any, dev: Any, args: list, timing: Mapping[str, Any]) -> list[f
 def run_jobs(runner: Any, jobs: list[tuple[str, bytes, list[np.ndarray]]], spec: TargetSpec,
              timing: dict[str, Any], done: Any) -> None:
     """Time every ``(shape key, library, args)`` job with ``runner``, calling ``done(shape
-    key, repeats)`` for each; a farm (:mod:`pqcompile.latency_farm`) runs them in parallel."""
-    from .runtime.rpc_client import _first_line
+    key, repeats)`` for each; a farm (:mod:`pqcompile.latency.farm`) runs them in parallel."""
+    from ..runtime.rpc_client import _first_line
 
     if hasattr(runner, "run_jobs"):
         runner.run_jobs(jobs, spec, timing, done)
@@ -234,7 +234,7 @@ def split_farm(rpc: Any) -> tuple[str, Any] | None:
     ``None`` for any other ``rpc``."""
     if not isinstance(rpc, str) or "@" not in rpc:
         return None
-    from .runtime.tracker import parse_tracker
+    from ..runtime.tracker import parse_tracker
 
     key, _, tracker = rpc.partition("@")
     if not key:
@@ -244,7 +244,7 @@ def split_farm(rpc: Any) -> tuple[str, Any] | None:
 
 
 def _parse_rpc(rpc: Any) -> Any:
-    from .runtime.rpc_client import ServerAddress, parse_address
+    from ..runtime.rpc_client import ServerAddress, parse_address
 
     if isinstance(rpc, ServerAddress):
         return rpc
@@ -291,12 +291,12 @@ def _runner(spec: TargetSpec, rpc: Any, key: str, session_timeout: float,
         return
     farm = split_farm(rpc)
     if farm is not None:
-        from .latency_farm import Farm
+        from .farm import Farm
 
         yield Farm(farm[1], farm[0], spec, session_timeout, connect_timeout)
         return
     if rpc == EMULATOR:
-        from .runtime.rpc_local import local_server
+        from ..runtime.rpc_local import local_server
 
         with local_server(spec.arch) as address:
             runner = _Remote(address, spec, key, session_timeout, connect_timeout,

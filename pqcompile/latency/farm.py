@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LatencyError
-from .runtime.rpc_client import DeployError, _first_line
-from .targets import TargetSpec
+from ..errors import LatencyError
+from ..runtime.rpc_client import DeployError, _first_line
+from ..targets import TargetSpec
 
 __all__ = ["Farm"]
 
@@ -32,7 +32,7 @@ class Farm:
 
     def __init__(self, tracker: Any, key: str, spec: TargetSpec, session_timeout: float,
                  connect_timeout: float) -> None:
-        from .runtime.tracker import boards
+        from ..runtime.tracker import boards
 
         self.tracker, self.key, self.spec = tracker, key, spec
         self.session_timeout, self.connect_timeout = session_timeout, connect_timeout
@@ -75,8 +75,8 @@ class Farm:
         """One board's loop: a session from the tracker, then (once every board has its
         session, so each takes a program before any takes a second) programs until none is
         left."""
-        from .latency_programs import _Remote
-        from .runtime.tracker import request
+        from .programs import _Remote
+        from ..runtime.tracker import request
 
         runner = None
         try:
