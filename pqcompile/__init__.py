@@ -24,7 +24,7 @@ _EXPORTS = {
     **dict.fromkeys(["get_pipeline", "list_pipelines", "register_pipeline"], ".pipeline"),
     "check_model": ".coverage",
     "Artifact": ".runtime.artifact",
-    "export_onnx": ".onnx_export",
+    "export_onnx": ".export.onnx_export",
 }
 _SUBMODULES = ("meta", "passes", "pipeline", "targets")
 

@@ -103,9 +103,9 @@ class Compiled:
         return text
 
     def export_onnx(self, path: str | Path | None = None, **options: Any) -> Any:
-        """The compressed model as an ONNX QDQ graph (:func:`pqcompile.onnx_export.export_onnx`;
-        written to ``path`` when given); returns the ``onnx.ModelProto``."""
-        from .onnx_export import export_onnx
+        """The compressed model as an ONNX QDQ graph (:func:`pqcompile.export_onnx`; written to
+        ``path`` when given); returns the ``onnx.ModelProto``."""
+        from .export.onnx_export import export_onnx
 
         return export_onnx(self, path, **options)
 

@@ -30,7 +30,7 @@ from pqcompile.attention import AttentionSoftmax, decompose_sdpa
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.errors import UnsupportedOpError
 from pqcompile.meta import CHANNEL_GROUPS, COST, QParams
-from pqcompile.onnx_export import export_onnx
+from pqcompile.export.onnx_export import export_onnx
 from pqcompile.presets import compute_layers, uniform
 from pqcompile.quant import integer_outputs
 from pqcompile.quant.matmul import QMatMul, activation_products, make_matmul

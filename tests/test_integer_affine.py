@@ -20,7 +20,7 @@ from pqcompile import presets
 from pqcompile.assignment import Assignment
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.meta import BITS, COST, COST_TOTALS, BitWidths, QParams
-from pqcompile.onnx_export import export_onnx
+from pqcompile.export.onnx_export import export_onnx
 from pqcompile.passes import CostAnalysis, ShapeAnalysis
 from pqcompile.quant import build_reference, integer_outputs
 from pqcompile.quant.affine import QAffine, channel_params

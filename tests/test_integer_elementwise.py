@@ -19,7 +19,7 @@ from torch import nn
 from pqcompile.assignment import Assignment
 from pqcompile.build import compile_assignment
 from pqcompile.meta import FLOAT_OPS, QParams
-from pqcompile.onnx_export import export_onnx
+from pqcompile.export.onnx_export import export_onnx
 from pqcompile.quant import build_reference, integer_outputs
 from pqcompile.quant.lut import QLut, QMul, make_table
 

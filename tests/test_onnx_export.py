@@ -30,7 +30,7 @@ from pqcompile.assignment import Assignment
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.errors import OptionError, UnsupportedOpError
 from pqcompile.meta import CHANNEL_GROUPS, QPARAMS, SHAPE, BitWidths
-from pqcompile.onnx_export import export_onnx
+from pqcompile.export.onnx_export import export_onnx
 from pqcompile.passes import ChannelGroupAnalysis, PruneChannels, ShapeAnalysis
 from pqcompile.passes.fold_bn import FoldBatchNorm
 from pqcompile.quant import build_reference, integer_outputs

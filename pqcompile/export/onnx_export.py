@@ -82,11 +82,11 @@ import torch.fx
 from onnx import TensorProto, helper, numpy_helper
 from torch.fx.node import map_arg
 
-from .errors import OptionError, UnsupportedOpError
-from .meta import FLOAT_OPS, FUSED_ACTIVATION, QPARAMS, SHAPE, QParams
+from ..errors import OptionError, UnsupportedOpError
+from ..meta import FLOAT_OPS, FUSED_ACTIVATION, QPARAMS, SHAPE, QParams
 from .onnx_emitters import EMITTERS, movement
-from .quant.plan import is_split
-from .quant.qmodules import QConv2d, QLinear
+from ..quant.plan import is_split
+from ..quant.qmodules import QConv2d, QLinear
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx"]
 
@@ -310,7 +310,7 @@ def export_onnx(compiled: Any, path: str | os.PathLike | None = None, *,
     ``check`` runs ``onnx.checker.check_model(model, full_check=True)``. Raises
     :class:`~pqcompile.errors.UnsupportedOpError` naming a node that has no ONNX export.
     """
-    from . import __version__  # here: pqcompile/__init__ imports the modules this one uses
+    from .. import __version__  # here: pqcompile/__init__ imports the modules this one uses
 
     if isinstance(opset, bool) or not isinstance(opset, int) or \
             not MIN_OPSET <= opset <= MAX_OPSET:

@@ -1,4 +1,4 @@
-"""The ONNX emitters of :func:`pqcompile.onnx_export.export_onnx`: one per module of the
+"""The ONNX emitters of :func:`pqcompile.export.onnx_export.export_onnx`: one per module of the
 integer reference (as :mod:`pqcompile.lower.ops` lowers them to Relax), and the data
 movement ops between them."""
 
@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
-from .lower.ops import item_box, view_op
+from ..lower.ops import item_box, view_op
 from .onnx_affine import affine
 from .onnx_islands import splice_island
-from .quant.lut import QLut, QMul
-from .quant.matmul import QMatMul
-from .quant.affine import QAffine
-from .quant.qmodules import (
+from ..quant.lut import QLut, QMul
+from ..quant.matmul import QMatMul
+from ..quant.affine import QAffine
+from ..quant.qmodules import (
     Dequantize,
     FloatOp,
     QAdd,

@@ -1,6 +1,6 @@
 """The float islands of an ONNX export: each island of the reference (a small float64
 ``GraphModule``) exported by ``torch.onnx`` (TorchScript exporter) and spliced into the graph
-:mod:`pqcompile.onnx_export` builds, in float64 as the reference runs it: hard-swish and
+:mod:`pqcompile.export.onnx_export` builds, in float64 as the reference runs it: hard-swish and
 hard-sigmoid are written as torch computes them, and ops ONNX Runtime has no float64 kernel
 for run in float32 between casts."""
 
@@ -16,8 +16,8 @@ import torch
 import torch.fx
 from onnx import TensorProto, helper
 
-from .errors import UnsupportedOpError
-from .quant.qmodules import FloatOp
+from ..errors import UnsupportedOpError
+from ..quant.qmodules import FloatOp
 
 __all__ = ["splice_island"]
 
@@ -25,7 +25,7 @@ __all__ = ["splice_island"]
 def splice_island(ex: Any, node: torch.fx.Node, module: FloatOp, xs: list[str],
                    shapes: list[tuple[int, ...]]) -> str:
     """Export the island with ``torch.onnx`` (float64) and splice its graph into the export
-    ``ex`` (:class:`pqcompile.onnx_export._Export`): its inputs
+    ``ex`` (:class:`pqcompile.export.onnx_export._Export`): its inputs
     become ``xs``, its other names get the prefix ``<node>/``; returns its float32 output."""
     fn = _decomposed(copy.deepcopy(module.fn))  # the reference's island is never touched
     g = torch.Generator().manual_seed(0)

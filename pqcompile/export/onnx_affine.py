@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
-from .quant.affine import QAffine
+from ..quant.affine import QAffine
 
 if TYPE_CHECKING:
     from .onnx_export import _Export
