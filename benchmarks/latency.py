@@ -1,18 +1,24 @@
-"""Host latency of resnet18 and mobilenet_v2 against torch, ONNX Runtime and TVM, in one run.
+"""Host latency of CNNs and a BERT encoder against torch, ONNX Runtime and TVM, in one run.
 
-Every variant is built, checked and timed in this one process: batch 1, ``--size`` x
-``--size`` (224), ``--threads`` threads for every backend (torch.set_num_threads, ONNX Runtime
+Models (``--models``): resnet18, mobilenet_v2, mobilenet_v3_large, efficientnet_b0 (torchvision)
+and ``bert_minilm``, a Hugging Face ``BertModel`` of MiniLM-L6-H384's shape on ``--seq`` (128)
+token ids (``bert_base`` too: ``peers.BERT_SHAPES``). Every variant is built, checked and
+timed in this one process: batch 1, ``--size`` x ``--size`` (224), ``--threads`` threads for every backend (torch.set_num_threads, ONNX Runtime
 intra-op threads, TVM_NUM_THREADS: the pool size each reports is written to the JSON).
 
 Whole model (the peers, built as their users would: ``benchmarks/peers.py``):
-  torch eager fp32; torch int8 (FX graph mode static PTQ, x86 engine, per-channel weights);
+  torch eager fp32; torch int8 (FX graph mode static PTQ, x86 engine, per-channel weights;
+  for BERT, which FX cannot trace, dynamic int8 Linear layers);
   ONNX Runtime fp32; ONNX Runtime int8 (static QDQ, per-channel int8 weights, uint8
-  activations); TVM fp32 (TVM's default untuned pipeline); pqcompile int8 (uniform 8/8) and
+  activations); TVM fp32 (TVM's default untuned pipeline; not for BERT); pqcompile int8 (uniform 8/8) and
   pqcompile mixed+pruned (``presets.mixed_pruned``: 4/8-bit weights, 75% of each prunable
   channel group kept).
 Pruned architecture (kernels compared without pruning helping either side): the float graph
   of the mixed+pruned build (channels removed, BN folded) in torch fp32/int8 and ONNX Runtime
-  fp32/int8, and pqcompile int8 built from the same masks at uniform 8/8.
+  fp32/int8, and pqcompile int8 built from the same masks at uniform 8/8. (BERT: heads and
+  FFN channels pruned.)
+``--int8-only`` builds and times only the head-to-head: ONNX Runtime int8 and pqcompile int8,
+whole and on the pruned architecture (whose float graph then comes from ``build.prepare``).
 
 Weights are random (latency does not depend on their values; BatchNorm statistics are set on
 random batches so activations keep a sane scale, ``peers.make_model``); calibration uses two
@@ -34,10 +40,18 @@ would set the median. Ratios are against the fastest whole-model peer (torch and
 Runtime, fp32 or int8) and, for the pruned architecture, the fastest peer on it: the ratio of
 the medians, and ``paired``, the median over rounds of each round's ratio (the pruned
 architecture's rows against its peer, the others against the whole model's), which load
-that comes and goes between rounds affects less. JSON (machine, versions, settings, every figure and
-check) goes to ``--out`` (benchmarks/results/latency.json).
+that comes and goes between rounds affects less.
 
-    python benchmarks/latency.py [--models resnet18 mobilenet_v2] [--size 224] [--repeat 50]
+``--neighbour``: once the quiet rounds are done, the same variants are timed again, the same
+way, while another process keeps one core busy (``neighbour.BusyNeighbour``: a tight loop
+pinned to the highest-numbered core; this process stays unpinned); that scenario's table and
+ratios go under ``"neighbour"`` in each model's JSON, with the neighbour's measured share of
+its core. The last lines print pqcompile int8's speedup over ONNX Runtime int8 per model,
+architecture and scenario (the project's goal: >= 1.15x). JSON (machine, versions, settings,
+every figure and check) goes to ``--out`` (benchmarks/results/latency.json).
+
+    python benchmarks/latency.py [--models resnet18 bert_minilm] [--size 224] [--repeat 50]
+    python benchmarks/latency.py --neighbour --int8-only   # the head-to-head, quiet and busy
     python benchmarks/latency.py --quick   # smoke test: 64x64, 3 runs, latency_quick.json
 """
 
@@ -48,7 +62,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,148 +82,60 @@ from peers import tvm_fp32  # noqa: E402
 
 from pqcompile import presets  # noqa: E402
 from pqcompile.assignment import Assignment  # noqa: E402
-from pqcompile.build import analysis, compile_assignment  # noqa: E402
+from pqcompile.build import analysis, compile_assignment, prepare  # noqa: E402
+from neighbour import BusyNeighbour, neighbour_core  # noqa: E402
+from timing import (  # noqa: E402,F401  (check: the agreement bar, used by the tests too)
+    FP32_REL_TOL,
+    INT8_MIN_COSINE,
+    MIN_MATCHED,
+    Bench,
+    check,
+    paired_ratio,
+    scenario_rows,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-# The agreement a variant needs before it is timed (see the module docstring). Measured on
-# these random-weight models (8 inputs): int8 builds reach cosine 0.75-0.999 and matched 1.0
-# (mobilenet_v2 int8 is the lowest: 0.75-0.88 at 64x64, 0.96-0.97 at 224x224); a model that
-# ignores its input matches ~1/8. Cosine alone is weak here: two *different* inputs' logits
-# have cosine 0.93-0.97 at 224x224 (a large input-independent part), hence ``matched``.
-FP32_REL_TOL = 1e-3
-INT8_MIN_COSINE = 0.5
-MIN_MATCHED = 0.5
+#: the project's latency requirement: these, whole and pruned, quiet and beside a neighbour
+MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "bert_minilm")
 
 PEER = "peer"  # whole model, torch or ONNX Runtime: the ratios' base
 PRUNED_PEER = "pruned peer"
 
 
-def median_ms(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
-    return timings(fn, repeat, warmup)["ms"]
-
-
-def timings(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, Any]:
-    """Median, min and max of ``repeat`` calls after ``warmup`` calls, in ms, and every call."""
-    time.sleep(0.2)  # let the previous backend's spinning worker threads go to sleep
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "times_ms": [round(t, 4) for t in times]}
-
-
-def check(kind: str, reference: list[np.ndarray], outputs: list[np.ndarray],
-          exact: list[np.ndarray] | None = None) -> tuple[dict[str, Any], str | None]:
-    """The agreement figures and, when they fail ``kind``'s bar, why."""
-    a = peers.agreement(reference, outputs)
-    if exact is not None:
-        a["max_abs_diff_vs_integer_reference"] = float(max(
-            np.abs(np.asarray(o, np.float64) - np.asarray(e, np.float64)).max()
-            for o, e in zip(outputs, exact)))
-        if a["max_abs_diff_vs_integer_reference"] != 0:
-            return a, "differs from its integer-exact reference"
-    if not all(np.isfinite(o).all() for o in outputs):
-        return a, "non-finite outputs"
-    if kind == "fp32" and a["rel_max_abs_diff"] > FP32_REL_TOL:
-        return a, f"relative max abs diff {a['rel_max_abs_diff']:.2e} > {FP32_REL_TOL}"
-    if kind == "exact" and exact is None:
-        raise ValueError("an 'exact' check needs the integer-exact outputs")
-    if kind == "int" and (a["min_cosine"] < INT8_MIN_COSINE or a["matched"] < MIN_MATCHED):
-        return a, (f"cosine {a['min_cosine']:.3f} (floor {INT8_MIN_COSINE}), matched "
-                   f"{a['matched']:.2f} (floor {MIN_MATCHED})")
-    return a, None
-
-
-class Bench:
-    """Builds and checks the variants of one model, in order; :meth:`time_all` times them."""
-
-    def __init__(self, args: argparse.Namespace, tests: list[np.ndarray], x: np.ndarray):
-        self.args, self.tests, self.x = args, tests, x
-        self.rows: list[dict[str, Any]] = []
-        self.timed: list[tuple[dict[str, Any], Callable[[], Any]]] = []
-
-    def add(self, label: str, group: str, kind: str, build: Callable[[], Callable],
-            reference: list[np.ndarray] | Callable[[], list[np.ndarray]],
-            exact: Callable[[np.ndarray], np.ndarray] | None = None,
-            **extra: Any) -> Callable | None:
-        row: dict[str, Any] = {"label": label, "group": group, **extra}
-        self.rows.append(row)
-        print(f"  {label} ...", end="", flush=True)
-        try:
-            t = time.perf_counter()
-            fn = build()
-            row["build_s"] = round(time.perf_counter() - t, 2)
-            outs = [fn(x) for x in self.tests]
-            if callable(reference):  # made from the build
-                reference = reference()
-            row["check"], row["error"] = check(
-                kind, reference, outs, [exact(x) for x in self.tests] if exact else None)
-        except Exception as e:  # noqa: BLE001  (a peer that cannot be built is reported)
-            row["error"] = f"{type(e).__name__}: {e}"[:500]
-            print(f" FAILED: {row['error']}", flush=True)
-            return None
-        if row["error"]:
-            print(f" CHECK FAILED, not timed: {row['error']}", flush=True)
-            return None
-        x = self.x
-        for _ in range(self.args.warmup):
-            fn(x)
-        self.timed.append((row, lambda: fn(x)))
-        print(f" checked (built in {row['build_s']:.1f} s)", flush=True)
-        return fn
-
-    def time_all(self, rounds: int) -> None:
-        """Time every checked variant in ``rounds`` interleaved rounds (each variant's calls
-        spread over the whole run, so a burst of noise on a shared machine hits them alike);
-        each row gets the median, min and max of its ``repeat`` calls."""
-        per = max(1, -(-self.args.repeat // rounds))
-        times: dict[int, list[float]] = {id(row): [] for row, _ in self.timed}
-        for _ in range(rounds):
-            for row, call in self.timed:
-                time.sleep(0.1)  # let the previous backend's spinning worker threads sleep
-                for _ in range(self.args.round_warmup):  # then wake its own (and the core)
-                    call()
-                for _ in range(per):
-                    t = time.perf_counter()
-                    call()
-                    times[id(row)].append((time.perf_counter() - t) * 1e3)
-        for row, _ in self.timed:
-            ts = times[id(row)]
-            row.update({"ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
-                        "times_ms": [round(t, 4) for t in ts], "calls_per_round": per})
-            print(f"  {row['label']:34s} {row['ms']:9.2f} ms", flush=True)
-        self.timed.clear()
-
-
 def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    size, threads = args.size, args.threads
+    threads, text, full = args.threads, peers.is_text(name), not args.int8_only
+    size = args.seq if text else args.size
     model = peers.make_model(name, size)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, size, size, generator=g)
-    calib = [torch.randn(4, 3, size, size, generator=g) for _ in range(2)]
-    tests = [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(args.check_inputs)]
-    xn = x.numpy()
-    b = Bench(args, tests, xn)
+    x = peers.draw(name, size, g)
+    calib = [peers.draw(name, size, g, 4) for _ in range(2)]
+    tests = [peers.draw(name, size, g).numpy() for _ in range(args.check_inputs)]
+    b = Bench(args, tests, x.numpy())
     ref = [peers.torch_fp32(model)(t) for t in tests]
     print(f"\n{name}: building, checking and timing", flush=True)
 
+    def torch_int8(m: torch.nn.Module) -> Callable:
+        return peers.torch_fp32(peers.torch_int8_dynamic(m) if text else
+                                peers.torch_int8(m, x, calib))
+
+    torch_int8_label = "torch int8 (dynamic, Linear)" if text else "torch int8 (FX, x86)"
+
     # --- whole model ---
-    b.add("torch eager fp32", PEER, "fp32", lambda: peers.torch_fp32(model), ref)
-    b.add("torch int8 (FX, x86)", PEER, "int",
-          lambda: peers.torch_fp32(peers.torch_int8(model, x, calib)), ref)
     onnx_path = tmp / f"{name}.onnx"
-    b.add("ORT fp32", PEER, "fp32", lambda: peers.ort_runner(peers.ort_session(
-        peers.export_onnx(model, x, onnx_path), threads)), ref)
+    if full:
+        b.add("torch eager fp32", PEER, "fp32", lambda: peers.torch_fp32(model), ref)
+        b.add(torch_int8_label, PEER, "int", lambda: torch_int8(model), ref)
+        b.add("ORT fp32", PEER, "fp32", lambda: peers.ort_runner(peers.ort_session(
+            peers.export_onnx(model, x, onnx_path), threads)), ref)
+    else:
+        peers.export_onnx(model, x, onnx_path)
     b.add("ORT int8 (QDQ static)", PEER, "int", lambda: peers.ort_runner(peers.ort_session(
         peers.ort_int8(onnx_path, tmp, calib), threads)), ref)
     gc.collect()
-    b.add("TVM fp32 (untuned)", "tvm", "fp32", lambda: tvm_fp32(model, x), ref)
-    gc.collect()
+    if full and not text:  # TVM's untuned fp32 takes minutes on a BERT encoder
+        b.add("TVM fp32 (untuned)", "tvm", "fp32", lambda: tvm_fp32(model, x), ref)
+        gc.collect()
 
     gm = analysis(model, (x,))
     mixed = presets.mixed_pruned(gm)
@@ -239,23 +164,29 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         pref[:] = [peers.torch_fp32(builds["mixed"].graph)(t) for t in tests]
         return pref
 
-    b.add("pqcompile mixed+pruned", "pqcompile", "exact", pq("mixed", mixed), pruned_reference,
-          exact=integer_reference("mixed"), architecture="pruned")
-    if "mixed" not in builds:
-        b.time_all(args.rounds)
-        return summarize(name, b.rows, builds)
-    pruned = builds["mixed"].graph
+    if full:
+        b.add("pqcompile mixed+pruned", "pqcompile", "exact", pq("mixed", mixed),
+              pruned_reference, exact=integer_reference("mixed"), architecture="pruned")
+        if "mixed" not in builds:
+            return time_scenarios(name, b, builds, args)
+        pruned = builds["mixed"].graph
+    else:  # the same pruned float graph, without the 4/8-bit build
+        pruned = prepare(gm, mixed)
+        pref[:] = [peers.torch_fp32(pruned)(t) for t in tests]
     gc.collect()
 
     # --- the pruned architecture ---
-    b.add("torch eager fp32 (pruned)", PRUNED_PEER, "fp32", lambda: peers.torch_fp32(pruned),
-          pref, architecture="pruned")
-    b.add("torch int8 (FX, x86) (pruned)", PRUNED_PEER, "int",
-          lambda: peers.torch_fp32(peers.torch_int8(pruned, x, calib)), pref,
-          architecture="pruned")
     ponnx = tmp / f"{name}_pruned.onnx"
-    b.add("ORT fp32 (pruned)", PRUNED_PEER, "fp32", lambda: peers.ort_runner(peers.ort_session(
-        peers.export_onnx(pruned, x, ponnx), threads)), pref, architecture="pruned")
+    if full:
+        b.add("torch eager fp32 (pruned)", PRUNED_PEER, "fp32",
+              lambda: peers.torch_fp32(pruned), pref, architecture="pruned")
+        b.add(f"{torch_int8_label} (pruned)", PRUNED_PEER, "int", lambda: torch_int8(pruned),
+              pref, architecture="pruned")
+        b.add("ORT fp32 (pruned)", PRUNED_PEER, "fp32", lambda: peers.ort_runner(
+            peers.ort_session(peers.export_onnx(pruned, x, ponnx), threads)), pref,
+            architecture="pruned")
+    else:
+        peers.export_onnx(pruned, x, ponnx)
     b.add("ORT int8 (QDQ static) (pruned)", PRUNED_PEER, "int", lambda: peers.ort_runner(
         peers.ort_session(peers.ort_int8(ponnx, tmp, calib), threads)), pref,
         architecture="pruned")
@@ -263,10 +194,8 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     int8_pruned = Assignment(presets.uniform(gm, 8).bits, mixed.masks)
     b.add("pqcompile int8 (pruned)", "pqcompile", "int", pq("int8_pruned", int8_pruned), pref,
           exact=integer_reference("int8_pruned"), architecture="pruned")
-    print(f"{name}: timing {len(b.timed)} variants, interleaved", flush=True)
-    b.time_all(args.rounds)
-    result = summarize(name, b.rows, builds)
-    if "int8_pruned" in builds:  # the same architecture as the mixed+pruned build?
+    result = time_scenarios(name, b, builds, args)
+    if "int8_pruned" in builds:  # the same architecture as the pruned float graph?
         shapes = [tuple(p.shape) for p in builds["int8_pruned"].graph.parameters()]
         result["pruned_graphs_identical"] = shapes == [tuple(p.shape)
                                                        for p in pruned.parameters()]
@@ -275,15 +204,26 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
-def paired_ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
-    """The median over timing rounds of the row's round median over ``base``'s in the same
-    round: the two ran seconds apart, so load that comes and goes between rounds (this
-    host's medians move by 10-30% from round to round) falls on both."""
-    def rounds(r: dict[str, Any]) -> list[float]:
-        per, ts = r["calls_per_round"], r["times_ms"]
-        return [statistics.median(ts[i:i + per]) for i in range(0, len(ts), per)]
-
-    return statistics.median(a / b for a, b in zip(rounds(row), rounds(base)))
+def time_scenarios(name: str, b: Bench, builds: dict[str, Any], args: argparse.Namespace
+                   ) -> dict[str, Any]:
+    """Times the checked variants quiet and, with ``--neighbour``, again beside a busy
+    neighbour process on one core (the same builds, the same protocol); the quiet figures
+    stay in the rows, the neighbour's go under ``result["neighbour"]``."""
+    print(f"{name}: timing {len(b.timed)} variants, interleaved, quiet", flush=True)
+    b.time_all(args.rounds)
+    neighbour = None
+    if args.neighbour:
+        print(f"{name}: timing them again beside a busy neighbour on core "
+              f"{neighbour_core()}", flush=True)
+        with BusyNeighbour(kind=args.neighbour_kind) as n:
+            b.time_all(args.rounds, into="neighbour")
+        neighbour = summarize(name, scenario_rows(b.rows, "neighbour"), None)
+        neighbour["process"] = n.record()
+    b.timed.clear()
+    result = summarize(name, b.rows, builds)
+    if neighbour is not None:
+        result["neighbour"] = neighbour
+    return result
 
 
 def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | None
@@ -312,12 +252,47 @@ def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | No
                 "bop_reduction": t["bop_reduction"], "macs": t["macs"],
                 "fp32_macs": t["fp32_macs"], "mac_fraction": t["macs"] / t["fp32_macs"],
                 "weight_bytes": t["weight_bytes"], "float_ops": len(builds[key].float_ops)}
+    out["vs_ort_int8"] = versus_ort(rows)
     return out
 
 
-def print_table(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n{name} ({args.size}x{args.size}, batch 1, {args.threads} threads, median of "
-          f"{args.repeat} after {args.warmup} warm-up, {args.round_warmup} more each round)")
+#: the head-to-head pairs: (pqcompile's int8 build, ONNX Runtime int8 on the same architecture)
+HEAD_TO_HEAD = {"whole model": ("pqcompile int8", "ORT int8 (QDQ static)"),
+                "pruned architecture": ("pqcompile int8 (pruned)",
+                                        "ORT int8 (QDQ static) (pruned)")}
+
+
+def versus_ort(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """pqcompile int8 against ONNX Runtime int8 on the same architecture: how many times
+    faster (ORT's median over pqcompile's; above 1: pqcompile faster) and the paired figure
+    (the inverse of the median over rounds of the round ratios)."""
+    by_label = {r["label"]: r for r in rows if "ms" in r}
+    out = {}
+    for arch, (pq, ort) in HEAD_TO_HEAD.items():
+        if pq in by_label and ort in by_label:
+            out[arch] = {"pqcompile_ms": by_label[pq]["ms"], "ort_ms": by_label[ort]["ms"],
+                         "speedup": by_label[ort]["ms"] / by_label[pq]["ms"],
+                         "paired_speedup": 1 / paired_ratio(by_label[pq], by_label[ort])}
+    return out
+
+
+def print_versus(name: str, result: dict[str, Any]) -> None:
+    """One line per scenario and architecture: pqcompile int8's speedup over ORT int8."""
+    for scenario, res in (("quiet", result), ("busy neighbour", result.get("neighbour"))):
+        for arch, v in (res or {}).get("vs_ort_int8", {}).items():
+            busy = ""
+            if scenario != "quiet":
+                busy = f" (its core {res['process']['busy_fraction']:.0%} busy)"
+            print(f"  {name} {scenario}{busy}, {arch}: pqcompile int8 {v['pqcompile_ms']:.2f} ms,"
+                  f" ORT int8 {v['ort_ms']:.2f} ms: {v['speedup']:.2f}x faster "
+                  f"(paired {v['paired_speedup']:.2f}x)")
+
+
+def print_table(name: str, result: dict[str, Any], args: argparse.Namespace,
+                scenario: str = "quiet") -> None:
+    shape = f"{args.seq} tokens" if peers.is_text(name) else f"{args.size}x{args.size}"
+    print(f"\n{name} ({shape}, batch 1, {args.threads} threads, median of {args.repeat} after "
+          f"{args.warmup} warm-up, {args.round_warmup} more each round; {scenario})")
     print(f"  {'':36s} {'ms':>9s}  {'x fastest peer':>14s}  {'x fastest pruned peer':>21s}"
           f"  {'paired':>7s}")
     rows = result["variants"]
@@ -383,8 +358,17 @@ def versions() -> dict[str, Any]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS),
+                    help=f"torchvision names or {sorted(peers.BERT_SHAPES)} ({' '.join(MODELS)})")
     ap.add_argument("--size", type=int, default=None, help="input height and width (224)")
+    ap.add_argument("--seq", type=int, default=None, help="a BERT encoder's tokens (128)")
+    ap.add_argument("--neighbour", action="store_true",
+                    help="time every variant again beside a busy process pinned to one core")
+    ap.add_argument("--neighbour-kind", choices=("python", "numpy"), default="python",
+                    help="the neighbour's loop: pure Python arithmetic, or small numpy matmuls")
+    ap.add_argument("--int8-only", action="store_true",
+                    help="only ORT int8 and pqcompile int8, whole and on the pruned "
+                         "architecture (the head-to-head; a shorter run)")
     ap.add_argument("--repeat", type=int, default=None, help="timed calls per variant (50)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (5)")
     ap.add_argument("--rounds", type=int, default=None,
@@ -400,8 +384,9 @@ def main(argv=None) -> int:
                     help="JSON results (benchmarks/results/latency.json, latency_quick.json "
                          "with --quick)")
     args = ap.parse_args(argv)
-    quick = {"size": 64, "repeat": 3, "warmup": 1, "rounds": 1, "round_warmup": 1}
-    full = {"size": 224, "repeat": 50, "warmup": 5, "rounds": 10, "round_warmup": 2}
+    quick = {"size": 64, "seq": 32, "repeat": 3, "warmup": 1, "rounds": 1, "round_warmup": 1}
+    full = {"size": 224, "seq": 128, "repeat": 50, "warmup": 5, "rounds": 10,
+            "round_warmup": 2}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -410,14 +395,17 @@ def main(argv=None) -> int:
 
     peers.set_threads(args.threads)  # before anything starts TVM's thread pool
     info = {"machine": machine(args.threads), "versions": versions(),
-            "settings": {"models": args.models, "size": args.size, "batch": 1,
+            "settings": {"models": args.models, "size": args.size, "seq": args.seq,
+                         "batch": 1, "neighbour": args.neighbour and {
+                             "core": neighbour_core(), "kind": args.neighbour_kind},
+                         "int8_only": args.int8_only,
                          "repeat": args.repeat, "warmup": args.warmup,
                          "rounds": args.rounds, "round_warmup": args.round_warmup,
                          "threads": args.threads, "quick": args.quick,
                          "calibration": "2 random batches of 4",
                          "check_inputs": args.check_inputs,
                          "weights": "random (torchvision init, seed 0), BatchNorm statistics "
-                                    "from 4 random batches of 8",
+                                    "from 4 random batches of 8; BERT: Hugging Face init",
                          "check_floors": {"fp32_rel_max_abs_diff": FP32_REL_TOL,
                                           "int_min_cosine": INT8_MIN_COSINE,
                                           "int_matched": MIN_MATCHED}},
@@ -436,6 +424,11 @@ def main(argv=None) -> int:
     info["models"] = results
     for name, result in results.items():
         print_table(name, result, args)
+        if "neighbour" in result:
+            print_table(name, result["neighbour"], args, "beside a busy neighbour")
+    print("\npqcompile int8 against ONNX Runtime int8 (goal: >= 1.15x faster)")
+    for name, result in results.items():
+        print_versus(name, result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=1))
     print(f"\nwrote {args.out} ({info['wall_s']:.0f} s; load average "

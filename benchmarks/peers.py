@@ -4,6 +4,7 @@ Every builder returns something to call with one batch-1 input; :func:`agreement
 peer's logits with the float model's, so no peer is timed on a broken model.
 
 - :func:`torch_fp32`: torch eager, ``torch.inference_mode``;
+- :func:`torch_int8_dynamic`: for BERT encoders, torch's dynamic int8 Linear layers;
 - :func:`torch_int8`: torch's own post-training static int8 (``torch.ao.quantization`` FX graph
   mode, the ``x86`` engine's default qconfig: per-channel symmetric int8 weights, histogram-
   calibrated uint8 activations), calibrated on the given batches;
@@ -75,6 +76,18 @@ def torch_int8(model: torch.nn.Module, example: torch.Tensor, calibration: Itera
             for batch in calibration:
                 prepared(batch)
         return convert_fx(prepared).eval()
+
+
+def torch_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """torch's dynamic int8 quantization of a copy of ``model``'s Linear layers (int8 weights,
+    activations quantized per call): what torch offers BERT encoders, which FX graph mode
+    cannot trace."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                dtype=torch.qint8)
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------

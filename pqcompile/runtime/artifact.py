@@ -67,6 +67,7 @@ from ._artifact_data import (
 )
 from ._artifact_relax import FLAT_SUFFIX, _flat_outputs, _with_flat_prepare
 from . import runner
+from .threads import ThreadPolicy
 from ..targets import TargetSpec, get_target, host_arch, run_python
 
 __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
@@ -117,6 +118,9 @@ class Artifact:
         self._params: list[Any] = []
         self._inputs: list[Any] = []  # TVM tensors each call copies its inputs into
         self._lock = threading.Lock()
+        #: how many of TVM's pool threads each host call uses (runtime/threads.py); replace it
+        #: with ``ThreadPolicy("fixed")`` for TVM's own behaviour
+        self.thread_policy = ThreadPolicy()
 
     # --- making one ---------------------------------------------------------------------------
 
@@ -285,7 +289,7 @@ class Artifact:
         Raises :class:`ArtifactError` (a ``ValueError``) naming the input whose shape or
         dtype is wrong. The inputs are copied into tensors made on the first call and reused
         (allocating fresh ones, page faults included, cost 4-8% of a 2 ms model); calls from
-        several threads run one at a time.
+        several threads run one at a time, on the thread count :attr:`thread_policy` picks.
         """
         if self.arch != host_arch():
             raise ArtifactError(
@@ -302,7 +306,8 @@ class Artifact:
             else:
                 for tensor, array in zip(self._inputs, arrays):
                     tensor.copyfrom(np.ascontiguousarray(array))
-            outputs = runner.run(vm, self._manifest["entry"], self._inputs + params)
+            outputs = self.thread_policy.run(
+                lambda: runner.run(vm, self._manifest["entry"], self._inputs + params))
         return self._shaped(outputs)
 
     def run_emulated(self, *inputs: np.ndarray, check_sample: bool = False,

@@ -1,0 +1,123 @@
+"""How many of TVM's pool threads a host artifact call uses: the whole pool, or one thread when
+that is faster (another process keeping one of the cores busy).
+
+TVM's pool splits every parallel loop statically, one equal part per thread, and the call
+waits for the slowest part: when another process holds one of the cores, the thread that shares
+it runs its part late (a scheduler time slice, milliseconds, behind the busy process) at every
+parallel region, and a 2-thread call gets slower than a 1-thread one. ONNX Runtime's pool gives
+work not yet started back to the caller instead of waiting for it; TVM's cannot. So the policy
+measures: it runs calls at its current thread count and, every ``probe_every`` calls, a few at
+the other one (the whole pool or 1, set with TVM's ``runtime.config_threadpool``, which only
+changes how many parts a parallel loop is split into), and moves to the other when its probes'
+median beats the recent calls' median by ``margin``. On a quiet machine the probes cost a few
+slower calls in ``probe_every``; beside a busy process the call keeps the faster setting.
+
+``PQCOMPILE_THREAD_POLICY``: ``adaptive`` (the default) or ``fixed`` (every call on the whole
+pool, sized by ``TVM_NUM_THREADS``: TVM's own behaviour). The pool's size itself is set once,
+when it starts (:func:`pqcompile.runtime.artifact.thread_pool_defaults`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import OptionError
+
+POLICY_ENV = "PQCOMPILE_THREAD_POLICY"
+POLICIES = ("adaptive", "fixed")
+_BIG_CORES = 1  # TVM's ThreadGroup::AffinityMode kBig: all cores, nthreads as given
+
+
+class ThreadPolicy:
+    """The thread count of each call of one artifact (see the module docstring).
+
+    ``policy``: ``"adaptive"`` or ``"fixed"`` (default: ``PQCOMPILE_THREAD_POLICY``, else
+    adaptive). ``probe_every``: calls at the current setting between two probes; ``probes``:
+    calls a probe times at the other setting; ``margin``: the other setting must take at most
+    this fraction of the current one's median to be taken.
+    """
+
+    def __init__(self, policy: str | None = None, *, probe_every: int = 32, probes: int = 3,
+                 margin: float = 0.9, window: int = 8) -> None:
+        policy = policy or os.environ.get(POLICY_ENV, "adaptive")
+        if policy not in POLICIES:
+            raise OptionError(f"thread policy {policy!r} (argument or {POLICY_ENV}): use "
+                                 f"one of {', '.join(POLICIES)}")
+        if probe_every < 1 or probes < 1 or not 0 < margin <= 1:
+            raise OptionError(f"ThreadPolicy(probe_every={probe_every}, probes={probes}, "
+                                 f"margin={margin}): give probe_every, probes >= 1 and "
+                                 f"0 < margin <= 1")
+        self.policy, self.probe_every, self.probes, self.margin = (
+            policy, probe_every, probes, margin)
+        self._full: int | None = None  # the pool's size, read on the first call
+        self.current: int | None = None
+        self._recent: dict[int, deque[float]] = {}
+        self._window = window
+        self._since_probe = 0
+        self._probing = 0  # calls of the running probe still to time
+        self.switches = 0
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` on the thread count the policy picks for it, timed for the next pick."""
+        import tvm
+
+        if self._full is None:  # the pool's size (what it reports may be another policy's)
+            size = os.environ.get("TVM_NUM_THREADS", "")
+            self._full = int(size) if size.isdigit() and int(size) > 0 else \
+                int(tvm.get_global_func("runtime.NumThreads")())
+            self.current = self._full
+            self._recent = {self._full: deque(maxlen=self._window),
+                            1: deque(maxlen=self._window)}
+        if self.policy == "fixed" or self._full == 1:
+            self._configure(self._full)
+            return call()
+        threads = self._pick()
+        self._configure(threads)
+        start = time.perf_counter()
+        out = call()
+        self._recent[threads].append(time.perf_counter() - start)
+        if self._probing:
+            self._probing -= 1
+            if not self._probing:
+                self._decide()
+        return out
+
+    @property
+    def threads(self) -> int | None:
+        """The thread count calls run on now (``None`` before the first call)."""
+        return self.current
+
+    def _other(self) -> int:
+        return 1 if self.current == self._full else self._full
+
+    def _pick(self) -> int:
+        if self._probing:
+            return self._other()
+        self._since_probe += 1
+        if self._since_probe > self.probe_every and len(self._recent[self.current]) >= 3:
+            self._since_probe = 0
+            self._recent[self._other()].clear()
+            self._probing = self.probes
+            return self._other()
+        return self.current
+
+    def _decide(self) -> None:
+        other = self._other()
+        mine, theirs = self._recent[self.current], self._recent[other]
+        if theirs and statistics.median(theirs) < self.margin * statistics.median(mine):
+            self.current = other
+            self.switches += 1
+            mine.clear()  # the old setting's figures: stale by the next probe
+
+    @staticmethod
+    def _configure(threads: int) -> None:
+        """Set before every call (0.25 us): TVM's pool belongs to the calling thread, and
+        another artifact's policy may have set it since."""
+        import tvm
+
+        tvm.get_global_func("runtime.config_threadpool")(_BIG_CORES, threads)
