@@ -224,10 +224,11 @@ def budget_rows(ratios: tuple[str, ...] = ("4x", "6x", "8x"), length: int = 128,
     the embedding tables stored at ``table_bits`` (per-row scales), no pruning. Each row:
     whether the budget is met, the Pearson on the held-out pairs and its difference to FP32,
     the build's SQNR, the stored bytes (``totals["weight_bytes"]``: the artifact's weights
-    file and constants, measured from the program) and the largest program-vs-reference
-    difference (0: bit-exact)."""
+    file and constants, measured from the program) beside the cost model's prediction, and the
+    largest program-vs-reference difference (0: bit-exact). A budget no assignment reaches is
+    a row with ``refused``: the solver's message, which names the smallest reachable size."""
     from pqcompile import compile as pq_compile
-    from pqcompile.budget import Budget
+    from pqcompile.budget import Budget, InfeasibleBudgetError
 
     model, corpus = minilm_l3(), lee_corpus()
     enc = tokenize(list(corpus.documents), length)
@@ -240,11 +241,17 @@ def budget_rows(ratios: tuple[str, ...] = ("4x", "6x", "8x"), length: int = 128,
     p32 = pair_pearson(encode(model, enc, batch), held)
     rows = []
     for ratio in ratios:
-        c = pq_compile(model, example, target="host", budget=Budget(weight_bytes=ratio),
-                       data=data, calibration_batches=calibration,
-                       sensitivity_batches=calibration, observer=observer,
-                       bit_options=[(8, 8), (4, 8), (2, 8)], keep_levels=(1.0,),
-                       pareto_points=0, table_bits=table_bits, residual_bits=residual_bits)
+        try:
+            c = pq_compile(model, example, target="host", budget=Budget(weight_bytes=ratio),
+                           data=data, calibration_batches=calibration,
+                           sensitivity_batches=calibration, observer=observer,
+                           bit_options=[(8, 8), (4, 8), (2, 8)], keep_levels=(1.0,),
+                           pareto_points=0, table_bits=table_bits,
+                           residual_bits=residual_bits)
+        except InfeasibleBudgetError as exc:
+            rows.append({"model": "minilm_l3", "mode": f"weight_bytes={ratio}",
+                         "table_bits": table_bits, "feasible": False, "refused": str(exc)})
+            continue
         program = encode(lambda i, m: c(i.numpy(), m.numpy()), enc, batch)
         reference = encode(lambda i, m: c.reference(i, m), enc, batch)
         p = pair_pearson(program, held)
@@ -258,6 +265,8 @@ def budget_rows(ratios: tuple[str, ...] = ("4x", "6x", "8x"), length: int = 128,
                                    if n.startswith("residual sums") and " kept at " in n), 8),
             "linear_weight_bits": {str(b): bits.count(b) for b in sorted(set(bits))},
             "feasible": c.totals["weight_bytes"] <= limit,
+            "stored_equals_predicted":
+                c.totals["weight_bytes"] == c.totals["predicted_weight_bytes"],
             "pearson": p, "pearson_delta": p - p32, "sqnr_db": c.fidelity["sqnr_db"],
             "weight_bytes": c.totals["weight_bytes"],
             "predicted_weight_bytes": c.totals["predicted_weight_bytes"],
@@ -271,8 +280,13 @@ if __name__ == "__main__":
     import json
     import sys
 
-    if sys.argv[1:2] == ["budgets"]:
-        for row in budget_rows(tuple(sys.argv[2:]) or ("4x", "6x", "8x")):
+    if sys.argv[1:2] == ["budgets"]:  # budgets 4x 6x 8x [--table-bits 2]
+        args = sys.argv[2:]
+        bits = 4
+        if "--table-bits" in args:
+            i = args.index("--table-bits")
+            bits, args = int(args[i + 1]), args[:i] + args[i + 2:]
+        for row in budget_rows(tuple(args) or ("4x", "6x", "8x"), table_bits=bits):
             print(json.dumps(row), flush=True)
         sys.exit()
     for row in fidelity_rows(*(int(a) for a in sys.argv[1:2])):

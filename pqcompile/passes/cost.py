@@ -16,9 +16,13 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
 * an unfolded inference batch norm: an integer per-channel affine map
   (:mod:`pqcompile.quant.affine`), per channel an int32 multiplier and shift and an int64
   offset (:data:`AFFINE_CHANNEL_WORDS`); it is no MAC layer (0 MACs, 0 BOPs);
-* everything else a float island reads -- norms' parameters, position tables and other
-  parameters read with ``get_attr``, a layer left in float -- is a float64 constant of the
-  island (:data:`ISLAND_BITS`).
+* everything else a float island reads -- norms' parameters, a layer left in float -- is a
+  float64 constant of the island (:data:`ISLAND_BITS`);
+* values computed from constants alone (a position-embedding lookup of ``position_ids``, a
+  parameter read with ``get_attr``) are stored by the ops that read them, as float64
+  constants of their islands, not by their modules; pointwise ops of one quantized tensor
+  store a 256-entry table; identical float islands are stored once
+  (:mod:`pqcompile.passes.stored`).
 
 Matmuls of two activations (attention's ``q @ k^T`` and ``probs @ v``, also inside
 ``scaled_dot_product_attention``) are integer products in the program, int8/uint8 operands and
@@ -66,6 +70,7 @@ from ..meta import (
 )
 from .base import Pass, PassInfo, PassResult
 from .layer_modules import OpaqueLeaf
+from .stored import StoredExtras, stored_extras
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -230,6 +235,7 @@ class CostAnalysis(Pass):
 
         quantized = any(BITS.has(n) for n in gm.graph.nodes)
         products = activation_products(gm) if quantized else set()
+        extras = program_extras(gm) if quantized else StoredExtras()
         for node in gm.graph.nodes:
             bits = BITS.find(node) or _FP32
             wbits, abits = (bits.weight, bits.activation) if BITS.has(node) or not quantized \
@@ -247,12 +253,14 @@ class CostAnalysis(Pass):
                     m = gm.get_submodule(owner)
                     params = sum(p.numel() for p in m.parameters())
                     fp32_bytes = params * 4.0
-                    wbytes = fp32_bytes if not quantized else 0.0 if folded_bn(gm, node) \
+                    wbytes = fp32_bytes if not quantized else 0.0 if folded_bn(gm, node) or \
+                        node.name in extras.folded or node.name in extras.shared \
                         else stored_bytes(m, BITS.find(node), EMBEDDING_BITS.find(node))
-                else:
+                else:  # quantized: stored by the ops that read it (extras.constants)
                     p = _attr(gm, node)
                     params, fp32_bytes = p.numel(), p.numel() * 4.0
-                    wbytes = p.numel() * ISLAND_BITS / 8 if quantized else fp32_bytes
+                    wbytes = 0.0 if quantized else fp32_bytes
+            wbytes += extras.node_bytes(node.name)
             macs = node_macs(gm, node)
             bops = macs * wbits * abits
             COST.set(node, NodeCost(macs, params, wbits, abits, bops, wbytes))
@@ -266,6 +274,15 @@ class CostAnalysis(Pass):
             weight_bytes=totals["weight_bytes"], fp32_bops=totals["macs"] * 32 * 32,
             fp32_weight_bytes=totals["fp32_weight_bytes"]))
         return PassResult(gm, False)
+
+
+def program_extras(gm: torch.fx.GraphModule) -> StoredExtras:
+    """:func:`~pqcompile.passes.stored.stored_extras` of a graph with bits: its layers are the
+    nodes with ``meta.BITS``."""
+    from ..assignment import Assignment
+
+    return stored_extras(gm, Assignment({n.name: BITS.get(n) for n in gm.graph.nodes
+                                         if BITS.has(n)}))
 
 
 def folded_bn(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -45,10 +45,16 @@ TABLE_OPTIONS = (8, 4, 2)  # the table widths the lowering takes (2 and 4 pack e
 
 
 def table_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The graph's ``nn.Embedding`` lookups the integer program gathers (no ``max_norm``)."""
+    """The graph's ``nn.Embedding`` lookups the integer program gathers (no ``max_norm``):
+    those of ids read from the inputs. A lookup of constant ids (BERT's ``position_ids``) is
+    computed once when the reference is built and stored by the op that reads it
+    (:mod:`pqcompile.passes.stored`): it has no table in the program."""
+    from .matmul import quantized_nodes
+
+    looked_up = quantized_nodes(gm)  # lookups of input-derived ids are quantized values
     out = []
     for n in gm.graph.nodes:
-        if n.op == "call_module":
+        if n.op == "call_module" and n.name in looked_up:
             m = gm.get_submodule(n.target)
             if isinstance(m, nn.Embedding) and m.max_norm is None:
                 out.append(n)

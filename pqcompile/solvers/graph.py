@@ -54,6 +54,7 @@ from ..passes.cost import (
     table_bytes,
 )
 from ..passes.layer_discovery import why_no_bits
+from ..passes.stored import stored_extras
 from ..presets import compute_layers, l1_scores
 from ..quant.matmul import PRODUCT_BITS
 from ..quant.plan import activation_sources
@@ -305,7 +306,8 @@ def _option_table(names, bit_options, layer_options, pin_first_last) -> dict[str
 class _Params:
     """Accumulates what the program stores beside the layers' weights, in 32-bit words, as an
     affine form of kept counts (:mod:`pqcompile.passes.cost`: per-channel words, int8 tables,
-    float64 island constants)."""
+    float64 island constants; :mod:`pqcompile.passes.stored`: constants folded into the ops
+    that read them, lookup tables, shared islands)."""
 
     def __init__(self) -> None:
         self.const, self.terms = 0, {}
@@ -331,9 +333,12 @@ class _Params:
         ones and their BOPs (integer activation products at 8 x 8 bits, float MACs at 32 x 32),
         and those of the integer products whose heads a decided group prunes (per kept head)."""
         macs, bops, seen, scaled = 0, 0, {nodes[n].target for n in layer_names}, {}
+        # folded constants, lookup tables, shared islands (pqcompile.passes.stored)
+        extras = stored_extras(gm, Assignment.uniform(sorted(layer_names), 8, 8))
         for n in gm.graph.nodes:
             if n.name in layer_names:
                 continue
+            self.add(1, extras.node_bytes(n.name) / 4)
             cost = COST.get(n)
             g = _scaling_group(n, counter) if cost.macs else None
             if g is not None:
@@ -345,6 +350,8 @@ class _Params:
             if n.op == "call_module" and n.target not in seen:
                 seen.add(n.target)
                 m = gm.get_submodule(n.target)
+                if n.name in extras.folded or n.name in extras.shared:
+                    continue  # computed once from constants, or another island's copy
                 if isinstance(m, nn.Embedding) and m.max_norm is None:
                     self.add(1, table_bytes(m.num_embeddings, m.embedding_dim,
                                             EMBEDDING_BITS.find(n)) / 4)
@@ -360,8 +367,6 @@ class _Params:
                                     words=island)
                 else:
                     self.add(cost.params, island)
-            elif n.op == "get_attr":
-                self.add(cost.params, island)
         return int(macs), int(bops), Affine(0, tuple(sorted(scaled.items())))
 
     def affine(self) -> Affine:
