@@ -16,7 +16,7 @@ _EXPORTS = {
                      "TraceError", "UnsupportedOpError"], ".errors"),
     "compile": ".api",
     **dict.fromkeys(["Budget", "BudgetError", "InfeasibleBudgetError"], ".budget"),
-    "trace": ".frontend",
+    "trace": ".frontend.tracer",
     **dict.fromkeys(["Pass", "PassContext", "PassInfo", "PassResult", "Pipeline",
                      "graph_pass"], ".passes"),
     **dict.fromkeys(["ToolchainError", "UnknownTargetError", "get_target", "list_targets",

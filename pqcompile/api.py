@@ -118,7 +118,7 @@ def compile(model: torch.nn.Module,
 
     ``frontend``: ``"fx"`` (torch.fx symbolic tracing, retried with the example inputs'
     shapes fixed when forward branches on shapes) or ``"export"`` (``torch.export``: the
-    ATen graph mapped back to module calls, :mod:`pqcompile.frontend_export`; for forward code
+    ATen graph mapped back to module calls, :mod:`pqcompile.frontend.torch_export`; for forward code
     fx cannot trace). ``pipeline``: the stages to run, a :class:`~pqcompile.passes.Pipeline`
     or a registered name (default ``"default"``: ``print(pqcompile.get_pipeline())`` lists
     them). ``passes``: the user's passes run inside compile at named stages,

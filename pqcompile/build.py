@@ -189,7 +189,7 @@ def compile_assignment(model: torch.nn.Module, example_inputs: Sequence[torch.Te
     embedding tables' stored bits (:func:`pqcompile.quant.tables.set_table_bits`)."""
     from .quant.tables import set_table_bits
 
-    from .frontend import check_model_and_inputs  # a dict of inputs by parameter name too
+    from .frontend.tracer import check_model_and_inputs  # a dict of inputs by parameter name too
 
     example_inputs = check_model_and_inputs(model, example_inputs)
     fp32 = set_table_bits(analysis(model, example_inputs, **trace_kwargs), table_bits)

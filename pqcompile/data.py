@@ -300,7 +300,7 @@ class NamedBatches:
     def convert(self, batch, index: int):
         if not isinstance(batch, Mapping):
             return batch
-        from .frontend import inputs_by_name
+        from .frontend.tracer import inputs_by_name
 
         inputs = inputs_by_name(self.model, batch, f"data batch {index} (a dict)",
                                 skip=LABEL_KEYS)

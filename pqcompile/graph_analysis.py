@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .frontend import trace
+from .frontend.tracer import trace
 from .passes import ChannelGroupAnalysis, CostAnalysis, Pipeline, ShapeAnalysis
 
 

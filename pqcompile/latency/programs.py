@@ -103,7 +103,7 @@ def _lowered(module: Any, shape: tuple[int, ...], spec: TargetSpec
     import torch
 
     from ..assignment import Assignment
-    from ..frontend import trace
+    from ..frontend.tracer import trace
     from ..lower import lower
     from ..presets import compute_layers
     from ..quant import build_reference

@@ -19,7 +19,7 @@ import torch
 from ..budget import Budget, UnsupportedBudgetError
 from ..data import LABEL_KEYS, NamedBatches
 from ..errors import DataError, ExampleInputError, NonFiniteWeightError, OptionError
-from ..frontend import check_example_inputs
+from ..frontend.tracer import check_example_inputs
 from ..latency import LatencyTable, check_where
 from ..meta import EXAMPLE_INPUTS
 from ..solvers import get_solver, list_solvers

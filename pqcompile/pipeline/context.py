@@ -21,7 +21,7 @@ from ..budget import Budget, BudgetError
 from ..data import positional_data
 from ..devices import resolve_device
 from ..errors import OptionError
-from ..frontend import FRONTENDS, check_leaf_modules, check_model_and_inputs
+from ..frontend.tracer import FRONTENDS, check_leaf_modules, check_model_and_inputs
 from ..objective import Objective
 from ..passes.base import PassContext
 from ..quant.residual import check_residual_bits

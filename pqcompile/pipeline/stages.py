@@ -25,7 +25,7 @@ from ..assignment import Assignment, check_graph_and_assignment
 from ..build import lower_program, package, quantize
 from ..candidates import public, solver_candidates
 from ..finetune import qat_finetune
-from ..frontend import trace
+from ..frontend.tracer import trace
 from ..latency import attach_latency, measure_latency
 from ..meta import (BITS, CHANNEL_GROUPS, CHANNEL_IMPORTANCE, COST, COST_TOTALS,
                     EXAMPLE_INPUTS, FOLDED_BN, KEEP_MASKS, KEPT_CHANNELS, LAYER_DISCOVERY,

@@ -39,7 +39,7 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from ..errors import UnsupportedOpError
 from ..passes.fold_bn import bn_scale
-from ..shape_trace import ShapeTracingMixin
+from ..frontend.shape_trace import ShapeTracingMixin
 
 
 class Slot(int):

@@ -13,7 +13,7 @@ program with an int32 ``matmul`` (:mod:`pqcompile.lower.matmul`): they agree bit
 two or more is such a product. :func:`activation_products` names them on an analyzed float
 graph, before any plan exists, so the cost model counts their MACs at :data:`PRODUCT_BITS` x
 :data:`PRODUCT_BITS` bits (a ``scaled_dot_product_attention`` whose pieces the reference
-builds as integer products, :func:`pqcompile.attention.sdpa_decomposable`, counts alike).
+builds as integer products, :func:`pqcompile.frontend.attention.sdpa_decomposable`, counts alike).
 
 >>> import torch
 >>> from pqcompile.meta import QParams
@@ -96,7 +96,7 @@ def activation_products(gm: torch.fx.GraphModule) -> set[str]:
     """Names of the nodes of an analyzed graph (``SHAPE`` set) that the integer program runs
     as integer activation x activation products: matmuls of two quantized tensors, and
     ``scaled_dot_product_attention`` calls the reference decomposes into two of them."""
-    from ..attention import sdpa_decomposable
+    from ..frontend.attention import sdpa_decomposable
 
     quantized = quantized_nodes(gm)
     is_q = lambda x: x.name in quantized  # noqa: E731

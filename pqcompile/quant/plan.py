@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assignment import Assignment
-from ..attention import AttentionSoftmax
+from ..frontend.attention import AttentionSoftmax
 from ..errors import UnsupportedOpError
 from ..meta import SHAPE
 from .affine import is_affine_norm

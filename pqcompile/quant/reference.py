@@ -34,7 +34,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..assignment import Assignment, check_graph_and_assignment
-from ..attention import decompose_sdpa
+from ..frontend.attention import decompose_sdpa
 from ..meta import (
     BITS,
     EMBEDDING_BITS,
@@ -424,8 +424,8 @@ def build_reference(gm: torch.fx.GraphModule, assignment: Assignment,
     ranges learned by :func:`pqcompile.finetune.qat_finetune`. The other tensors are calibrated.
 
     Each ``scaled_dot_product_attention`` call is decomposed first
-    (:func:`pqcompile.attention.decompose_sdpa`): its two products are integer, its softmax a
-    float op.
+    (:func:`pqcompile.frontend.attention.decompose_sdpa`): its two products are integer, its
+    softmax a float op.
 
     ``residual_bits`` (8..16): the width of integer sums (``add``) that no conv/linear layer
     reads, e.g. a transformer's residual stream before each LayerNorm (int16 above 8 bits):

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .meta import SHAPE
+from ..meta import SHAPE
 
 
 def unsupported_reason(m: nn.MultiheadAttention) -> str | None:

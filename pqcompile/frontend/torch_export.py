@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError, UnsupportedOpError
+from ..errors import TraceError, UnsupportedOpError
 
 _OPERATORS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
               "div": operator.truediv, "neg": operator.neg, "matmul": operator.matmul}
@@ -39,7 +39,7 @@ def export_graph(work: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
                  leaf_paths: set[str], leaf_types: tuple[type, ...]) -> torch.fx.GraphModule:
     """``work`` captured by ``torch.export`` and mapped back to module calls (module
     docstring); ``leaf_paths``/``leaf_types``: modules kept whole besides the torch.nn ones."""
-    from .frontend import _Tracer  # the same leaf rule as symbolic tracing
+    from .tracer import _Tracer  # the same leaf rule as symbolic tracing
 
     try:
         with torch.no_grad():

@@ -5,9 +5,10 @@ The user's model is deep-copied first and never touched. Code ``torch.fx`` canno
 module path and the user's source line, and names the two ways out: declare the module a leaf
 (``leaf_modules=``), or let pqcompile do it (``fallback="leaf"``), which keeps the untraceable
 submodules as opaque nodes (not pruned, not quantized). Code that only branches on tensor
-*shapes* is traced again with the example inputs' shapes fixed (:mod:`pqcompile.shape_trace`;
-``gm.meta["pqc.shape_specialized"]`` says so). ``nn.MultiheadAttention`` modules are
-traced as the layers they compute (:mod:`pqcompile.attention`), unless declared leaves.
+*shapes* is traced again with the example inputs' shapes fixed
+(:mod:`pqcompile.frontend.shape_trace`; ``gm.meta["pqc.shape_specialized"]`` says so).
+``nn.MultiheadAttention`` modules are traced as the layers they compute
+(:mod:`pqcompile.frontend.attention`), unless declared leaves.
 Convolutions and linear layers computed from a module's own parameters (``F.conv2d(x,
 self.weight, ...)`` in an overridden ``forward``, ``F.linear``), and ``nn.Conv1d``, become
 ``nn.Conv2d``/``nn.Linear`` layers of the traced graph (:mod:`pqcompile.passes.layer_discovery`;
@@ -33,10 +34,10 @@ import torch
 import torch.fx
 
 from .attention import decompose_attention
-from .errors import ExampleInputError, ModelError, OptionError, TraceError
-from .meta import EXAMPLE_INPUTS, LAYER_DISCOVERY, SOURCE_MODEL, ExampleInputs
-from .passes.base import TRACE_PROVIDES, mark_provided
-from .passes.layer_discovery import discover_layers
+from ..errors import ExampleInputError, ModelError, OptionError, TraceError
+from ..meta import EXAMPLE_INPUTS, LAYER_DISCOVERY, SOURCE_MODEL, ExampleInputs
+from ..passes.base import TRACE_PROVIDES, mark_provided
+from ..passes.layer_discovery import discover_layers
 from .shape_trace import ShapeTracingMixin, drop_default_arguments
 
 _FALLBACKS = (None, "leaf")
@@ -201,7 +202,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     retry, repeatedly. ``check``: run the traced graph on ``example_inputs`` and compare with
     the model's own output, so a wrong input shape is reported here with the failing node.
     ``frontend="export"``: capture with ``torch.export`` instead of symbolic tracing
-    (:mod:`pqcompile.frontend_export`), the same annotated graph for the passes.
+    (:mod:`pqcompile.frontend.torch_export`), the same annotated graph for the passes.
     """
     example_inputs = check_model_and_inputs(model, example_inputs)
     if frontend not in FRONTENDS:
@@ -222,7 +223,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch
         work = torch.nn.Sequential(work)
     specialized = False
     if frontend == "export":
-        from .frontend_export import export_graph
+        from .torch_export import export_graph
 
         gm, specialized = export_graph(work, example_inputs, leaf_paths, leaf_types), True
     while frontend == "fx":
