@@ -1,91 +1,14 @@
-"""The only module where annotation keys are spelled.
-
-Analysis passes write typed records into ``node.meta`` (per node) or ``graph_module.meta``
-(per graph); later passes read them back through the same key object, so a missing annotation
-fails with a message that names the node and the pass to run, never with a bare ``KeyError``.
-
->>> import torch
->>> from pqcompile import trace
->>> from pqcompile.passes import ShapeAnalysis
->>> gm = trace(torch.nn.Linear(4, 2), (torch.randn(1, 4),))
->>> gm = ShapeAnalysis()(gm).graph_module
->>> [tuple(SHAPE.get(n).shape) for n in gm.graph.nodes if n.op == "call_module"]
-[(1, 2)]
-"""
+"""The records annotations hold (:mod:`pqcompile.meta` spells the keys): bit widths, costs,
+example inputs, discovered layers, channel groups, quantization parameters and how the
+sensitivities were computed. Plain data, no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
-
-import torch.fx
-
-from .errors import MissingAnnotationError
-
-T = TypeVar("T")
-
-_ALL_KEYS: dict[str, "MetaKey[Any]"] = {}
+from typing import Any
 
 
-@dataclass(frozen=True)
-class MetaKey(Generic[T]):
-    """A typed annotation key.
-
-    ``scope`` is ``"node"`` (stored in ``node.meta``) or ``"graph"`` (stored in
-    ``GraphModule.meta``). ``provided_by`` names the pass that writes it, for error messages.
-    """
-
-    name: str
-    provided_by: str
-    doc: str
-    scope: str = "node"
-
-    def __post_init__(self) -> None:
-        if self.scope not in ("node", "graph"):
-            raise ValueError(f"MetaKey {self.name!r}: scope must be 'node' or 'graph'")
-        _ALL_KEYS[self.name] = self
-
-    def _store(self, owner: Any) -> dict:
-        if self.scope == "node":
-            if not isinstance(owner, torch.fx.Node):
-                raise TypeError(f"{self.name} is a node annotation; pass a torch.fx.Node")
-            return owner.meta
-        if not isinstance(owner, torch.fx.GraphModule):
-            raise TypeError(f"{self.name} is a graph annotation; pass a torch.fx.GraphModule")
-        return owner.meta
-
-    def has(self, owner: Any) -> bool:
-        return self.name in self._store(owner)
-
-    def get(self, owner: Any) -> T:
-        store = self._store(owner)
-        if self.name not in store:
-            where = f"node {owner.name!r} ({owner.op} {owner.target})" if self.scope == "node" \
-                else "the graph module"
-            raise MissingAnnotationError(
-                f"{where} has no {self.name} annotation: run {self.provided_by} first "
-                f"({self.doc})")
-        return store[self.name]
-
-    def find(self, owner: Any, default: T | None = None) -> T | None:
-        return self._store(owner).get(self.name, default)
-
-    def set(self, owner: Any, value: T) -> None:
-        self._store(owner)[self.name] = value
-
-    def clear(self, owner: Any) -> None:
-        self._store(owner).pop(self.name, None)
-
-    def __repr__(self) -> str:
-        return f"MetaKey({self.name!r})"
-
-
-def all_keys() -> dict[str, MetaKey[Any]]:
-    """Every annotation key defined so far, by name."""
-    return dict(_ALL_KEYS)
-
-
-# --- records -------------------------------------------------------------------------------
+# --- costs and inputs -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -142,28 +65,6 @@ class ExampleInputs:
     args: tuple = field(default_factory=tuple)
 
 
-# --- keys ------------------------------------------------------------------------------------
-
-EXAMPLE_INPUTS: MetaKey[ExampleInputs] = MetaKey(
-    "pqc.example_inputs", "pqcompile.trace", "the example inputs given at trace time", "graph")
-
-SOURCE_MODEL: MetaKey[str] = MetaKey(
-    "pqc.source_model", "pqcompile.trace", "class name of the traced model", "graph")
-
-# fx's own key, so the records interoperate with torch.fx tooling (ShapeProp writes it).
-SHAPE: MetaKey[Any] = MetaKey(
-    "tensor_meta", "ShapeAnalysis", "shape and dtype of the node's output")
-
-BITS: MetaKey[BitWidths] = MetaKey(
-    "pqc.bits", "a solver or set_bits", "weight and activation bit widths of a layer")
-
-COST: MetaKey[NodeCost] = MetaKey(
-    "pqc.cost", "CostAnalysis", "MACs, params, BOPs and bytes of the node")
-
-COST_TOTALS: MetaKey[CostTotals] = MetaKey(
-    "pqc.cost_totals", "CostAnalysis", "graph totals of MACs, BOPs and bytes", "graph")
-
-
 # --- layer discovery ---------------------------------------------------------------------------
 
 
@@ -184,11 +85,6 @@ class LayerDiscovery:
 
     layers: tuple[DiscoveredLayer, ...] = ()
     no_bits: dict[str, str] = field(default_factory=dict)
-
-
-LAYER_DISCOVERY: MetaKey[LayerDiscovery] = MetaKey(
-    "pqc.layer_discovery", "pqcompile.trace (passes.layer_discovery)",
-    "layers found by what nodes compute, and why others run in float", "graph")
 
 
 # --- channel groups ----------------------------------------------------------------------------
@@ -264,18 +160,6 @@ class KeptChannels:
     dim: int
     indices: Any
     original_size: int
-
-
-CHANNEL_GROUPS: MetaKey[tuple[ChannelGroup, ...]] = MetaKey(
-    "pqc.channel_groups", "ChannelGroupAnalysis",
-    "channels that must be pruned together, in a deterministic order", "graph")
-
-NODE_CHANNELS: MetaKey[NodeChannels] = MetaKey(
-    "pqc.node_channels", "ChannelGroupAnalysis",
-    "channel dims of the node's output and the groups governing its output and input")
-
-KEPT_CHANNELS: MetaKey[KeptChannels] = MetaKey(
-    "pqc.kept_channels", "PruneChannels", "original channel positions kept by pruning")
 
 
 # --- quantization ------------------------------------------------------------------------------
@@ -357,29 +241,6 @@ class FloatOp:
     precision: str = "float64"
 
 
-FOLDED_BN: MetaKey[str] = MetaKey(
-    "pqc.folded_bn", "FoldBatchNorm", "name of the batch-norm node folded into this layer")
-
-QPARAMS: MetaKey[QParams] = MetaKey(
-    "pqc.qparams", "build_reference", "scale, bits and signedness of the node's output tensor")
-
-WEIGHT_QUANT: MetaKey[WeightQuant] = MetaKey(
-    "pqc.weight_quant", "build_reference", "bits and per-channel scales of the layer's weight")
-
-REQUANT: MetaKey[Requant] = MetaKey(
-    "pqc.requant", "build_reference", "fixed-point multipliers and clamp bounds of an integer op")
-
-EMBEDDING_BITS: MetaKey[int] = MetaKey(
-    "pqc.embedding_bits", "pqcompile.quant.tables.set_table_bits",
-    "bits an nn.Embedding table is stored at (8, or 4/2: packed rows, a multiplier per row)")
-
-FUSED_ACTIVATION: MetaKey[str] = MetaKey(
-    "pqc.fused_activation", "build_reference", "name of the ReLU/ReLU6 node folded into the clamp")
-
-FLOAT_OPS: MetaKey[tuple[FloatOp, ...]] = MetaKey(
-    "pqc.float_ops", "build_reference", "ops that run in float in the quantized program", "graph")
-
-
 # --- sensitivity -------------------------------------------------------------------------------
 
 
@@ -398,29 +259,3 @@ class SensitivityInfo:
     channel_units: str | None
     bit_options: tuple[tuple[int, int], ...]
     data: bool
-
-
-SENSITIVITY: MetaKey[dict[tuple[int, int], float]] = MetaKey(
-    "pqc.sensitivity", "SensitivityAnalysis",
-    "cost of each (weight bits, activation bits) option of a conv/linear layer, >= 0")
-
-CHANNEL_IMPORTANCE: MetaKey[dict[int, Any]] = MetaKey(
-    "pqc.channel_importance", "SensitivityAnalysis",
-    "per-channel prune sensitivity (a float64 array) of every prunable group, by group id",
-    "graph")
-
-SENSITIVITY_INFO: MetaKey[SensitivityInfo] = MetaKey(
-    "pqc.sensitivity_info", "SensitivityAnalysis",
-    "criteria, units and bit options behind the sensitivity annotations", "graph")
-
-
-# --- compile pipeline ----------------------------------------------------------------------------
-
-KEEP_MASKS: MetaKey[dict[int, Any]] = MetaKey(
-    "pqc.keep_masks", "the compile pipeline's solve stage",
-    "the solver's keep-mask (1-D bool array, True = keep) of each channel group it prunes, by "
-    "group id; with the layers' pqc.bits, the assignment the later stages build", "graph")
-
-REFERENCE: MetaKey[bool] = MetaKey(
-    "pqc.integer_reference", "the compile pipeline's quantize stage",
-    "the graph is the calibrated integer-exact reference the lowering takes", "graph")
