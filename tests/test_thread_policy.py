@@ -1,16 +1,15 @@
 """The thread policy of host artifact calls (pqcompile/runtime/threads.py) on TVM's real pool.
 
-The calls here are TVM's own pool-size query plus a sleep whose length depends on the thread
-count TVM reports inside the call (4 ms at the pool's full size, 1 ms at one thread, or the
-reverse): the adaptive policy must move to the faster count after a probe and come back when
-the costs swap, ``fixed`` must never leave the full pool, and a real artifact must still equal
-its integer reference under either. The sleeps differ by 4x against a 0.9 margin, so a loaded
-machine does not flip the decisions; nothing here asserts how fast anything runs.
+The calls here ask TVM's pool how many threads it runs on and advance the policy's clock by a
+cost that depends on the answer (4 units at the pool's full size, 1 at one thread, or the
+reverse; a clock of its own, so a loaded machine cannot flip a decision): the adaptive policy
+must move to the faster count after a probe and come back when the costs swap, ``fixed`` must
+never leave the full pool, and a real artifact must still equal its integer reference on
+either count. Nothing here asserts how fast anything runs.
 """
 
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -33,23 +32,31 @@ def pool():
     return tvm.get_global_func("runtime.NumThreads")
 
 
-def make_call(pool, slow_at_full: list[bool], seen: list[int]):
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_call(pool, slow_at_full: list[bool], seen: list[int], clock: Clock):
     full = int(os.environ["TVM_NUM_THREADS"])
 
     def call():
-        n = int(pool())
+        n = int(pool())  # what the policy set TVM's pool to
         seen.append(n)
-        slow = (n == full) == slow_at_full[0]
-        time.sleep(0.004 if slow else 0.001)
+        clock.now += 4.0 if (n == full) == slow_at_full[0] else 1.0
         return n
     return call
 
 
 def test_adaptive_moves_to_the_faster_thread_count_and_back(pool):
     full = int(os.environ["TVM_NUM_THREADS"])
-    policy = ThreadPolicy("adaptive", probe_every=5, probes=3)
+    clock = Clock()
+    policy = ThreadPolicy("adaptive", probe_every=5, probes=3, clock=clock)
     slow_at_full, seen = [True], []
-    call = make_call(pool, slow_at_full, seen)
+    call = make_call(pool, slow_at_full, seen, clock)
     for _ in range(12):
         policy.run(call)
     # 5 calls on the full pool, then a probe of 3 on one thread, which wins
@@ -66,9 +73,10 @@ def test_adaptive_moves_to_the_faster_thread_count_and_back(pool):
 
 def test_adaptive_stays_when_the_other_count_is_not_faster(pool):
     full = int(os.environ["TVM_NUM_THREADS"])
-    policy = ThreadPolicy("adaptive", probe_every=4, probes=2)
+    clock = Clock()
+    policy = ThreadPolicy("adaptive", probe_every=4, probes=2, clock=clock)
     seen = []
-    call = make_call(pool, [False], seen)  # the full pool is the fast one
+    call = make_call(pool, [False], seen, clock)  # the full pool is the fast one
     for _ in range(30):
         policy.run(call)
     assert policy.switches == 0 and policy.threads == full
@@ -79,9 +87,10 @@ def test_adaptive_stays_when_the_other_count_is_not_faster(pool):
 def test_fixed_keeps_the_whole_pool(pool, monkeypatch):
     full = int(os.environ["TVM_NUM_THREADS"])
     monkeypatch.setenv(POLICY_ENV, "fixed")
-    policy = ThreadPolicy(probe_every=2)
+    clock = Clock()
+    policy = ThreadPolicy(probe_every=2, clock=clock)
     seen = []
-    call = make_call(pool, [True], seen)
+    call = make_call(pool, [True], seen, clock)
     for _ in range(12):
         policy.run(call)
     assert seen == [full] * 12 and policy.switches == 0

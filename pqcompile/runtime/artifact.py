@@ -67,7 +67,7 @@ from ._artifact_data import (
 )
 from ._artifact_relax import FLAT_SUFFIX, _flat_outputs, _with_flat_prepare
 from . import runner
-from .threads import ThreadPolicy
+from .threads import ThreadPolicy, thread_pool_defaults  # noqa: F401 (public here)
 from ..targets import TargetSpec, get_target, host_arch, run_python
 
 __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
@@ -76,24 +76,6 @@ FORMAT_VERSION = runner.FORMAT
 CALLING_CONVENTION = "inputs_then_params"
 LIBRARY, WEIGHTS, RUNNER = "lib.so", "weights.bin", "runner.py"
 _RUNNER_SOURCE = Path(runner.__file__)
-
-
-def thread_pool_defaults() -> None:
-    """TVM's thread pool as artifacts run it, for what the environment does not set: sized to
-    the CPUs this process may use (``TVM_NUM_THREADS``; TVM's default on x86 is half the
-    hardware threads, assuming hyper-threading, which leaves half the cores idle on machines
-    without it), its workers not pinned to cores (``TVM_BIND_THREADS=0``; pinned, a worker
-    whose core another process is using waits for that core at every parallel region: with a
-    second process busy on one of 2 cores, resnet18 took 18.4 ms a call pinned, 4.7 ms not,
-    3.4 ms on one thread). The pool reads both when it starts (the first parallel kernel run
-    in the process)."""
-    if "TVM_NUM_THREADS" not in os.environ:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        os.environ["TVM_NUM_THREADS"] = str(cores)
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 class Artifact:
@@ -118,9 +100,7 @@ class Artifact:
         self._params: list[Any] = []
         self._inputs: list[Any] = []  # TVM tensors each call copies its inputs into
         self._lock = threading.Lock()
-        #: how many of TVM's pool threads each host call uses (runtime/threads.py); replace it
-        #: with ``ThreadPolicy("fixed")`` for TVM's own behaviour
-        self.thread_policy = ThreadPolicy()
+        self.thread_policy = ThreadPolicy()  # threads per host call (runtime/threads.py)
 
     # --- making one ---------------------------------------------------------------------------
 
@@ -306,8 +286,8 @@ class Artifact:
             else:
                 for tensor, array in zip(self._inputs, arrays):
                     tensor.copyfrom(np.ascontiguousarray(array))
-            outputs = self.thread_policy.run(
-                lambda: runner.run(vm, self._manifest["entry"], self._inputs + params))
+            entry, args = self._manifest["entry"], self._inputs + params
+            outputs = self.thread_policy.run(lambda: runner.run(vm, entry, args))
         return self._shaped(outputs)
 
     def run_emulated(self, *inputs: np.ndarray, check_sample: bool = False,

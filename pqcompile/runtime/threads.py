@@ -14,7 +14,7 @@ slower calls in ``probe_every``; beside a busy process the call keeps the faster
 
 ``PQCOMPILE_THREAD_POLICY``: ``adaptive`` (the default) or ``fixed`` (every call on the whole
 pool, sized by ``TVM_NUM_THREADS``: TVM's own behaviour). The pool's size itself is set once,
-when it starts (:func:`pqcompile.runtime.artifact.thread_pool_defaults`).
+when it starts (:func:`thread_pool_defaults`).
 """
 
 from __future__ import annotations
@@ -33,17 +33,37 @@ POLICIES = ("adaptive", "fixed")
 _BIG_CORES = 1  # TVM's ThreadGroup::AffinityMode kBig: all cores, nthreads as given
 
 
+def thread_pool_defaults() -> None:
+    """TVM's thread pool as artifacts run it, for what the environment does not set: sized to
+    the CPUs this process may use (``TVM_NUM_THREADS``; TVM's default on x86 is half the
+    hardware threads, assuming hyper-threading, which leaves half the cores idle on machines
+    without it), its workers not pinned to cores (``TVM_BIND_THREADS=0``; pinned, a worker
+    whose core another process is using waits for that core at every parallel region: with a
+    second process busy on one of 2 cores, resnet18 took 18.4 ms a call pinned, 4.7 ms not,
+    3.4 ms on one thread). The pool reads both when it starts (the first parallel kernel run
+    in the process)."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(cores)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+
 class ThreadPolicy:
     """The thread count of each call of one artifact (see the module docstring).
 
     ``policy``: ``"adaptive"`` or ``"fixed"`` (default: ``PQCOMPILE_THREAD_POLICY``, else
     adaptive). ``probe_every``: calls at the current setting between two probes; ``probes``:
     calls a probe times at the other setting; ``margin``: the other setting must take at most
-    this fraction of the current one's median to be taken.
+    this fraction of the current one's median to be taken. ``clock``: what calls are timed
+    with (seconds).
     """
 
     def __init__(self, policy: str | None = None, *, probe_every: int = 32, probes: int = 3,
-                 margin: float = 0.9, window: int = 8) -> None:
+                 margin: float = 0.9, window: int = 8,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         policy = policy or os.environ.get(POLICY_ENV, "adaptive")
         if policy not in POLICIES:
             raise OptionError(f"thread policy {policy!r} (argument or {POLICY_ENV}): use "
@@ -57,7 +77,7 @@ class ThreadPolicy:
         self._full: int | None = None  # the pool's size, read on the first call
         self.current: int | None = None
         self._recent: dict[int, deque[float]] = {}
-        self._window = window
+        self._window, self._clock = window, clock
         self._since_probe = 0
         self._probing = 0  # calls of the running probe still to time
         self.switches = 0
@@ -78,9 +98,9 @@ class ThreadPolicy:
             return call()
         threads = self._pick()
         self._configure(threads)
-        start = time.perf_counter()
+        start = self._clock()
         out = call()
-        self._recent[threads].append(time.perf_counter() - start)
+        self._recent[threads].append(self._clock() - start)
         if self._probing:
             self._probing -= 1
             if not self._probing:
