@@ -149,7 +149,7 @@ def vit_rows(ratios: tuple[str, ...] = ("4x", "6x"), batch: int = 100,
              calibration: int = 8, test: int | None = None) -> list[dict]:
     """FP32, uniform int8 and weight-byte budgets on the test set (module docstring)."""
     from pqcompile import compile as pq_compile
-    from pqcompile.budget import Budget
+    from pqcompile.budget import Budget, InfeasibleBudgetError
     from pqcompile.build import analysis, compile_assignment
     from pqcompile.presets import uniform
 
@@ -165,11 +165,15 @@ def vit_rows(ratios: tuple[str, ...] = ("4x", "6x"), batch: int = 100,
                                           calibration=[b[0] for b in data],
                                           observer="percentile"))]
     for ratio in ratios:
-        builds.append((f"weight_bytes={ratio}", pq_compile(
-            model, example, target="host", budget=Budget(weight_bytes=ratio), data=data,
-            calibration_batches=calibration, sensitivity_batches=calibration,
-            observer="percentile", bit_options=[(8, 8), (4, 8), (2, 8)], keep_levels=(1.0,),
-            pareto_points=0)))
+        try:
+            builds.append((f"weight_bytes={ratio}", pq_compile(
+                model, example, target="host", budget=Budget(weight_bytes=ratio), data=data,
+                calibration_batches=calibration, sensitivity_batches=calibration,
+                observer="percentile", bit_options=[(8, 8), (4, 8), (2, 8)],
+                keep_levels=(1.0,), pareto_points=0)))
+        except InfeasibleBudgetError as exc:  # the message names the smallest reachable size
+            rows.append({"model": "vit_fashion_mnist", "mode": f"weight_bytes={ratio}",
+                         "feasible": False, "refused": str(exc)})
     for mode, c in builds:
         acc, program = accuracy(lambda b: c(b.numpy()), x, y, batch)
         _, reference = accuracy(lambda b: c.reference(b), x, y, batch)
@@ -179,6 +183,7 @@ def vit_rows(ratios: tuple[str, ...] = ("4x", "6x"), batch: int = 100,
             "accuracy_delta": acc - acc32,
             "linear_weight_bits": {str(b): bits.count(b) for b in sorted(set(bits))},
             "sqnr_db": c.fidelity["sqnr_db"], "weight_bytes": c.totals["weight_bytes"],
+            "predicted_weight_bytes": c.totals["predicted_weight_bytes"],
             "fp32_weight_bytes": c.totals["fp32_weight_bytes"],
             "weight_reduction": c.totals["fp32_weight_bytes"] / c.totals["weight_bytes"],
             "program_vs_reference": float(np.abs(program - reference).max())})

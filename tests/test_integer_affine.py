@@ -166,7 +166,8 @@ def test_costs_per_channel_words_and_no_macs():
     assert (cost.macs, cost.bops, cost.weight_bytes) == (0, 0, 128)
     stem = 8 * 3 * 9 + 8 * 12  # int8 weights + int32 bias, multiplier, shift
     conv = 6 * 8 * 9 + 6 * 12
-    assert COST_TOTALS.get(gm).weight_bytes == stem + conv + 128
+    table = 256  # stem(x) * 1.0: a pointwise op of one tensor, a 256-entry int8 table
+    assert COST_TOTALS.get(gm).weight_bytes == stem + conv + 128 + table
 
 
 def test_densenet121_has_no_float_norms_and_equals_the_reference():
