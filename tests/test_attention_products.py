@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 import pqcompile
-from pqcompile.frontend.tracer.attention import AttentionSoftmax, decompose_sdpa
+from pqcompile.frontend.attention import AttentionSoftmax, decompose_sdpa
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.errors import UnsupportedOpError
 from pqcompile.meta import CHANNEL_GROUPS, COST, QParams
