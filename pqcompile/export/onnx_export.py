@@ -85,7 +85,7 @@ from torch.fx.node import map_arg
 from ..errors import OptionError, UnsupportedOpError
 from ..meta import FLOAT_OPS, FUSED_ACTIVATION, QPARAMS, SHAPE, QParams
 from .onnx_emitters import EMITTERS, movement
-from ..quant.plan import is_split
+from ..quant.op_args import is_split
 from ..quant.qmodules import QConv2d, QLinear
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx"]

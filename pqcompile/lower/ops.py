@@ -31,7 +31,7 @@ from ..errors import UnsupportedOpError
 from ..meta import SHAPE, QParams
 from ..quant.affine import QAffine
 from ..quant.exact import MaskOp
-from ..quant.plan import is_split, split_dim
+from ..quant.op_args import is_split, split_dim
 from ..quant.qmodules import (
     Dequantize,
     FloatOp,

@@ -33,7 +33,7 @@ from tvm.relax import op as R
 
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
-from ..quant.plan import is_split
+from ..quant.op_args import is_split
 from .ops import EMITTERS, movement
 
 
