@@ -6,9 +6,9 @@ waits for the slowest part: when another process holds one of the cores, the thr
 it runs its part late (a scheduler time slice, milliseconds, behind the busy process) at every
 parallel region, and a 2-thread call gets slower than a 1-thread one. ONNX Runtime's pool gives
 work not yet started back to the caller instead of waiting for it; TVM's cannot. So the policy
-measures: it runs calls at its current thread count and, every ``probe_every`` calls, a few at
+measures: it runs calls at its current thread count and, every so many calls, a few at
 the other one (the whole pool or 1, set with TVM's ``runtime.config_threadpool``, which only
-changes how many parts a parallel loop is split into), and moves to the other when its probes'
+changes how many parts a parallel loop is split into; every 8 to 64 calls), and moves to the other when its probes'
 median beats the recent calls' median by ``margin``. On a quiet machine the probes cost a few
 slower calls in ``probe_every``; beside a busy process the call keeps the faster setting.
 
@@ -55,13 +55,16 @@ class ThreadPolicy:
     """The thread count of each call of one artifact (see the module docstring).
 
     ``policy``: ``"adaptive"`` or ``"fixed"`` (default: ``PQCOMPILE_THREAD_POLICY``, else
-    adaptive). ``probe_every``: calls at the current setting between two probes; ``probes``:
+    adaptive). ``probe_every``: calls at the current setting before a probe, doubled after
+    each probe that loses up to ``max_probe_every`` (a quiet machine pays for fewer and fewer
+    probes), back to ``probe_every`` after a switch; ``probes``:
     calls a probe times at the other setting; ``margin``: the other setting must take at most
     this fraction of the current one's median to be taken. ``clock``: what calls are timed
     with (seconds).
     """
 
-    def __init__(self, policy: str | None = None, *, probe_every: int = 32, probes: int = 3,
+    def __init__(self, policy: str | None = None, *, probe_every: int = 8,
+                 max_probe_every: int = 64, probes: int = 3,
                  margin: float = 0.9, window: int = 8,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         policy = policy or os.environ.get(POLICY_ENV, "adaptive")
@@ -74,6 +77,8 @@ class ThreadPolicy:
                                  f"0 < margin <= 1")
         self.policy, self.probe_every, self.probes, self.margin = (
             policy, probe_every, probes, margin)
+        self.max_probe_every = max(probe_every, max_probe_every)
+        self._interval = probe_every  # doubles after each probe that loses, up to the max
         self._full: int | None = None  # the pool's size, read on the first call
         self.current: int | None = None
         self._recent: dict[int, deque[float]] = {}
@@ -119,7 +124,7 @@ class ThreadPolicy:
         if self._probing:
             return self._other()
         self._since_probe += 1
-        if self._since_probe > self.probe_every and len(self._recent[self.current]) >= 3:
+        if self._since_probe > self._interval and len(self._recent[self.current]) >= 3:
             self._since_probe = 0
             self._recent[self._other()].clear()
             self._probing = self.probes
@@ -133,6 +138,9 @@ class ThreadPolicy:
             self.current = other
             self.switches += 1
             mine.clear()  # the old setting's figures: stale by the next probe
+            self._interval = self.probe_every
+        else:
+            self._interval = min(2 * self._interval, self.max_probe_every)
 
     @staticmethod
     def _configure(threads: int) -> None:
