@@ -104,7 +104,7 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
     """What ``gm`` (``SHAPE`` set) stores beyond its modules' parameters under ``assignment``
     (an :class:`~pqcompile.assignment.Assignment`; module docstring)."""
     from ..meta import SHAPE
-    from ..quant.reference import _broadcasts, _compact  # the reference's own rules
+    from ..quant.builder import _broadcasts, _compact  # the reference's own rules
 
     kinds = program_kinds(gm, assignment)
     const = {n.name for n in gm.graph.nodes if kinds.get(n.name) == "const"}
