@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
-from ..lower.ops import item_box, view_op
+from ..lower.movement import item_box, view_op
 from .onnx_affine import affine
 from .onnx_islands import splice_island
 from ..quant.lut import QLut, QMul

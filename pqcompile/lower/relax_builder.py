@@ -34,7 +34,8 @@ from tvm.relax import op as R
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
 from ..quant.op_args import is_split
-from .ops import EMITTERS, movement
+from .movement import movement
+from .ops import EMITTERS
 
 
 @dataclass
