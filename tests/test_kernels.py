@@ -267,7 +267,7 @@ def test_host_isa_matches_cpu_features():
     features = set(tvm.target.codegen.llvm_get_cpu_features(HOST))
     assert (K.isa_for(HOST).name == "vnni") == ({"avx512vnni", "avx512bw"} <= features)
     assert K.isa_for(resolve_target("arm-dotprod")).name == "sdot"
-    assert K.isa_for(resolve_target("arm")).name == "generic"
+    assert K.isa_for(resolve_target("arm")).name == "neon"
 
 
 @pytest.mark.parametrize("target", ["arm-dotprod", "arm"])

@@ -14,7 +14,10 @@ from typing import Any
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
 
-ISAS = ("vnni", "sdot", "generic")
+ISAS = ("vnni", "sdot", "neon", "generic")
+
+#: Accumulator registers a tile may hold (of 32 vector registers: the rest hold operands).
+MAX_ACCUMULATORS = 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,17 @@ class ConvShape:
 
 @dataclass(frozen=True)
 class Isa:
+    """An instruction-set flavour and its register tile.
+
+    - ``vnni`` (x86 AVX-512 VNNI): ``vpdpbusd``, 16 pixels a vector, 4 input channels a step;
+    - ``sdot`` (aarch64 ``+dotprod``): ``sdot``, 4 pixels, 4 channels;
+    - ``neon`` (aarch64 without dot products): the same 4-channel words as ``sdot``, each
+      step two widening multiplies (``smull``/``smull2``: 8 int16 products) and two pairwise
+      widening accumulates (``sadalp``: 4 int32 lanes each), so a vector's accumulator is two
+      registers of pair sums, added pairwise (``addp``) once before the epilogue;
+    - ``generic`` (any CPU): one channel a step, widening multiply-adds vectorized by LLVM.
+    """
+
     name: str
     lanes: int   # output pixels per vector
     mr: int      # output channels per register tile
@@ -52,25 +66,37 @@ class Isa:
     def __post_init__(self) -> None:
         # TVM places CPU buffers under 1 KiB on the stack (LLVM then keeps them in registers);
         # a larger accumulator tile would live in heap memory, reloaded on every step.
-        if self.mr * self.nr * self.lanes * 4 >= 1024:
+        if self.mr * self.nr * self.lanes * 4 * self.acc_width >= 1024:
             raise ValueError(f"a {self.mr}x{self.nr}x{self.lanes} int32 tile is 1 KiB or more")
 
     def offset(self, in_dtype: str) -> int:
         """What the kernel adds to each input byte (the dot product's operand type)."""
         if self.name == "vnni":
             return 128 if in_dtype == "int8" else 0
-        if self.name == "sdot":
+        if self.name in ("sdot", "neon"):
             return -128 if in_dtype == "uint8" else 0
         return 0
 
     @property
     def depth(self) -> int:
         """Input channels per dot-product step (and per interleaved scratch word)."""
-        return 4 if self.name in ("vnni", "sdot") else 1
+        return 4 if self.name in ("vnni", "sdot", "neon") else 1
 
     @property
     def packed_dtype(self) -> str | None:
-        return {"vnni": "uint8", "sdot": "int8"}.get(self.name)
+        return {"vnni": "uint8", "sdot": "int8", "neon": "int8"}.get(self.name)
+
+    @property
+    def acc_width(self) -> int:
+        """Accumulator registers per output vector (``neon``: two of pair sums)."""
+        return 2 if self.name == "neon" else 1
+
+    @property
+    def generic_lanes(self) -> int:
+        """Lanes of the ``generic`` kernels on this target (depthwise conv, max pool, and the
+        linear kernel where there is no 4-byte dot product): ``neon``'s 4 pixels are a word
+        each, the generic kernels' int32 lanes are 8 (two registers)."""
+        return 8 if self.name == "neon" else self.lanes
 
 
 def isa_for(target: Any) -> Isa:
@@ -88,9 +114,22 @@ def isa_for(target: Any) -> Isa:
         return Isa("vnni", 16, 4, 3)
     if "dotprod" in features:
         return Isa("sdot", 4, 4, 4)
+    if "neon" in features and "aarch64" in _triple(target, cpu):
+        return Isa("neon", 4, 3, 2)
     if "neon" in features or "avx512bw" in features:
         return Isa("generic", 16 if "avx512bw" in features else 8, 4, 2)
     return Isa("generic", 8, 4, 2)
+
+
+def _triple(target: Any, cpu: Any) -> str:
+    """The LLVM target triple ``target`` compiles for (the host's where it names none)."""
+    from tvm.target import codegen
+
+    for t in (target, cpu):
+        triple = t.attrs.get("mtriple") if t.attrs is not None else None
+        if triple:
+            return str(triple)
+    return str(codegen.llvm_get_system_triple())
 
 
 def grid_vectors(shape: ConvShape, lanes: int) -> int:
@@ -103,16 +142,23 @@ def grid_vectors(shape: ConvShape, lanes: int) -> int:
 def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     """The register tile for one layer: the fewest computed lanes (output channels padded to
     the tile, pixel vectors padded to the tile), weighted by the loads each dot product
-    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product)."""
+    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product; ``neon``'s pair of steps
+    is 6 instructions against 2 loads per operand, so its loads weigh a third), with at most
+    :data:`MAX_ACCUMULATORS` accumulator registers; ``neon`` also keeps both steps' operands
+    in registers (``4 NR`` input halves, ``2 MR`` weight words: with the ``2 MR NR``
+    accumulators at most 28 of the 32, else LLVM spills)."""
     nv = grid_vectors(shape, isa.lanes)
     o = shape.out_channels
+    load = 1 / 3 if isa.name == "neon" else 0.5
     best, best_cost = isa, None
     for mr in range(1, 9):
         for nr in range(1, 9):
-            if mr * nr * isa.lanes * 4 >= 1024 or mr * nr > 16:
+            if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
+                    or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
+                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28):
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
-            cost = lanes * (1.0 + 0.5 * (mr + nr) / (mr * nr))
+            cost = lanes * (1.0 + load * (mr + nr) / (mr * nr))
             if best_cost is None or cost < best_cost - 1e-9:
                 best, best_cost = Isa(isa.name, isa.lanes, mr, nr), cost
     return best

@@ -20,6 +20,8 @@ The inner step is one dot-product instruction per (output channel, pixel vector)
   of the bias at lowering time;
 - ``sdot`` (aarch64 ``+dotprod``, 4 pixels): ``sdot``, int8 x int8; an unsigned input is
   offset by -128 the same way;
+- ``neon`` (aarch64 without ``sdot``, 4 pixels): the ``sdot`` layout, each step two
+  ``smull`` and two ``sadalp`` (:func:`~pqcompile.lower.tir_macros.smull_pairs_macro`);
 - ``generic`` (any CPU): 4 widening multiply-adds per step, vectorized by LLVM.
 
 The weights are pre-packed once at lowering time (:func:`pack_weight`) as
@@ -49,7 +51,15 @@ from .kernel_types import (
     supported,
 )
 from .kernels_conv1x1 import conv1x1_kernel
-from .tir_macros import channel_macros, dot_macro, row_macro, tail_store_macro
+from .tir_macros import (
+    acc_macros,
+    channel_macros,
+    dot_macro,
+    dot_pair_macro,
+    dot_steps,
+    row_macro,
+    tail_store_macro,
+)
 
 def pack_weight(q: np.ndarray, isa: Isa) -> np.ndarray:
     """``[O, C, KH, KW]`` int8 -> ``[O/MR, C/D * KH * KW, MR, D]`` (zero-padded) int8, ``D``
@@ -117,6 +127,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
                       16 if cols >= 16 else 8 if cols >= 8 else 4)
     _dot = dot_macro(isa)
+    _dot2, P = dot_pair_macro(isa), dot_steps(isa)
+    _init, _finish = acc_macros(isa)
+    AW = isa.acc_width
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
     _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
     _tail = tail_store_macro(out_dt, L)
@@ -189,13 +202,23 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
             # 2. register-tiled direct convolution with the requantizing epilogue
             for ob_qb in T.parallel(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
-                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                acc = T.alloc_buffer((MR * NR * L * AW,), "int32", scope="global")
                 yv = T.alloc_buffer((L,), "int32", scope="global")
                 for r in T.unroll(MR):  # the accumulators start at the bias
                     for v in T.unroll(NR):
-                        acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(
-                            B[ob_qb // QB * MR + r], L)
-                for cb in range(CB):
+                        _init(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])
+                for cp in range(CB // P):  # P channel blocks a step (neon: 2)
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            for r in T.unroll(MR):
+                                for v in T.unroll(NR):
+                                    _dot2(acc, Xc, Wp, ob_qb // QB,
+                                          ((cp * P * KH + kh) * KW + kw), KH * KW, r,
+                                          (r * NR + v) * L,
+                                          (((kh % s) * s + kw % s) * CB + cp * P) * plane
+                                          + (kh // s) * Wq + kw // s
+                                          + ((ob_qb % QB) * NR + v) * L, plane)
+                for cb in range(CB // P * P, CB):  # the channel blocks left over
                     for kh in range(KH):
                         for kw in range(KW):
                             for r in T.unroll(MR):
@@ -205,6 +228,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                          (((kh % s) * s + kw % s) * CB + cb) * plane
                                          + (kh // s) * Wq + kw // s
                                          + ((ob_qb % QB) * NR + v) * L)
+                for r in T.unroll(MR):
+                    for v in T.unroll(NR):
+                        _finish(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])
                 kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
                 for r in T.unroll(MR):
                     _kload(kc, 3 * r, ob_qb // QB * MR + r, M, S)

@@ -5,7 +5,15 @@ pixels (see :func:`conv1x1_kernel`); the layout, tiles and epilogue are those of
 from __future__ import annotations
 
 from .kernel_types import KERNEL_ATTR, ConvShape, Isa
-from .tir_macros import channel_macros, dot_macro, row_macro, tail_store_macro
+from .tir_macros import (
+    acc_macros,
+    channel_macros,
+    dot_macro,
+    dot_pair_macro,
+    dot_steps,
+    row_macro,
+    tail_store_macro,
+)
 
 
 def conv1x1_kernel(shape: ConvShape, isa: Isa):
@@ -32,6 +40,9 @@ def conv1x1_kernel(shape: ConvShape, isa: Isa):
     pdt = isa.packed_dtype or in_dt
     _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
     _dot = dot_macro(isa)
+    _dot2, P = dot_pair_macro(isa), dot_steps(isa)
+    _init, _finish = acc_macros(isa)
+    AW = isa.acc_width
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
     _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
     _tail = tail_store_macro(out_dt, L)
@@ -62,17 +73,25 @@ def conv1x1_kernel(shape: ConvShape, isa: Isa):
                                     cb * D + e < C, T.Cast(pdt, T.Cast("int32", Xf[
                                         T.min(cb * D + e, C - 1) * NQ + p0(t) + j]) + off),
                                     T.Cast(pdt, off))
-                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
+                acc = T.alloc_buffer((MR * NR * L * AW,), "int32", scope="global")
                 yv = T.alloc_buffer((L,), "int32", scope="global")
                 kc = T.alloc_buffer((3 * MR,), "int64", scope="global")
                 for ob in range(t % NOC * OBC, T.min(t % NOC * OBC + OBC, OB)):
                     for r in T.unroll(MR):  # the accumulators start at the bias
                         for v in T.unroll(NR):
-                            acc[T.ramp((r * NR + v) * L, 1, L)] = T.broadcast(B[ob * MR + r], L)
-                    for cb in range(CB):
+                            _init(acc, (r * NR + v) * L, B[ob * MR + r])
+                    for cp in range(CB // P):  # P channel blocks a step (neon: 2)
+                        for r in T.unroll(MR):
+                            for v in T.unroll(NR):
+                                _dot2(acc, Xl, Wp, ob, cp * P, 1, r, (r * NR + v) * L,
+                                      cp * P * NRL + v * L, NRL)
+                    for cb in range(CB // P * P, CB):  # the channel blocks left over
                         for r in T.unroll(MR):
                             for v in T.unroll(NR):
                                 _dot(acc, Xl, Wp, ob, cb, r, (r * NR + v) * L, cb * NRL + v * L)
+                    for r in T.unroll(MR):
+                        for v in T.unroll(NR):
+                            _finish(acc, (r * NR + v) * L, B[ob * MR + r])
                     for r in T.unroll(MR):
                         _kload(kc, 3 * r, ob * MR + r, M, S)
                     for r in T.unroll(MR):

@@ -28,11 +28,13 @@ class LinearShape:
 
 
 def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
-    """Rows of the input x vectors of output features held in registers."""
+    """Rows of the input x vectors of output features held in registers (``neon``: the
+    generic kernel, one input a step)."""
+    name, lanes = ("generic", isa.generic_lanes) if isa.name == "neon" else (isa.name, isa.lanes)
     mr = max(1, min(4, shape.rows))
-    nv = -(-shape.out_features // isa.lanes)
-    nr = max(1, min(nv, 1020 // (mr * isa.lanes * 4), 8))
-    return Isa(isa.name, isa.lanes, mr, nr)
+    nv = -(-shape.out_features // lanes)
+    nr = max(1, min(nv, 1020 // (mr * lanes * 4), 8))
+    return Isa(name, lanes, mr, nr)
 
 
 def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:

@@ -33,7 +33,8 @@ from .tir_macros import channel_macros, dot4_macro, row_macro, splat
 def dw_isa(isa: Isa) -> Isa:
     """Depthwise convs use plain widening multiply-adds (one channel per plane, no dot
     product across channels): the planar generic packing at the instruction set's width."""
-    return Isa("generic", isa.lanes, 1, max(1, min(8, 1020 // (isa.lanes * 4))))
+    lanes = isa.generic_lanes
+    return Isa("generic", lanes, 1, max(1, min(8, 1020 // (lanes * 4))))
 
 
 def _dw_rows_layout(shape: ConvShape, L: int) -> tuple[int, int, int, int, int]:

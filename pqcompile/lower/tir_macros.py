@@ -221,11 +221,18 @@ def dot4_macro(name: str):
 def dot_macro(isa):
     """The conv kernels' step for an :class:`~pqcompile.lower.kernel_types.Isa`:
     ``dot(acc, Xc, Wp, ob, ks, r, a, x)``: ``acc[a:a+L]`` += the ``L`` pixels' interleaved input
-    words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]``."""
+    words at ``Xc[x]`` . output channel ``r``'s weight word ``Wp[ob, ks, r]`` (``neon``: the
+    pair sums of ``acc[2a:2a+2L]``, see :func:`acc_macros`)."""
     from tvm.script import tirx as T
 
     L = isa.lanes
-    if isa.name in ("vnni", "sdot"):
+    if isa.name == "neon":
+        _pairs = smull_pairs_macro()
+
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            _pairs(acc, 2 * a, Xc, x, 0, Wp, ob, ks, 0, r)
+    elif isa.name in ("vnni", "sdot"):
         _dot4 = dot4_macro(isa.name)
         u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
 
@@ -240,3 +247,102 @@ def dot_macro(isa):
                 acc[a + lane] = acc[a + lane] + T.Cast("int32", Xc[x + lane]) \
                     * T.Cast("int32", Wp[ob, ks, r, 0])
     return dot
+
+
+def smull_pairs_macro(steps: int = 1):
+    """``pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r)`` (aarch64 NEON without dot products):
+    ``acc[a:a+8]`` (int32) += the pair sums of the byte products of ``steps`` input vectors
+    ``Xc[4 (x + i dx) ...]`` (16 bytes: 4 pixels' 4-channel words) with the weight words
+    ``Wp[ob, ks + i dks, r]`` (each splat over its vector's 4 pixels).
+
+    Per 8 bytes (2 pixels): ``smull`` (int16 products of two int8: they fit), the next step's
+    ``smlal`` into the same int16 lanes (two products of an int8 input and a weight in
+    [-127, 127], the quantizer's narrow range, sum to at most 32512: no overflow), then
+    ``sadalp`` adds neighbouring int16 lanes into 4 int32 lanes: lane ``i`` of ``acc[a:a+4]``
+    holds pixel ``i // 2``'s channels ``2 (i % 2)``, ``2 (i % 2) + 1`` (pixels 0-1),
+    ``acc[a+4:a+8]`` pixels 2-3. Two steps are 32 multiply-accumulates in 6 instructions, one
+    step 16 in 4 (one ``sdot`` does 16). The halves are loaded as 8 bytes each (a 16-byte
+    load would need ``ext`` for its high half: the weights' splat has no high half for
+    ``smull2``)."""
+    from tvm.script import tirx as T
+
+    smull = "llvm.aarch64.neon.smull.v8i16"
+    saddlp = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+
+    def products(Xc, x, dx, Wp, ob, ks, dks, r, h):
+        out = None
+        for i in range(steps):
+            term = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(smull), Xc.vload([(x + i * dx) * 4 + 8 * h], "int8x8"),
+                splat(Wp.vload([ob, ks + i * dks, r, 0], "int8x4"), 2, "int8x8"),
+                dtype="int16x8")
+            out = term if out is None else out + term
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), out, dtype="int32x4")
+
+    @T.macro
+    def pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r):
+        acc[T.ramp(a, 1, 4)] = acc.vload([a], "int32x4") \
+            + products(Xc, x, dx, Wp, ob, ks, dks, r, 0)
+        acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") \
+            + products(Xc, x, dx, Wp, ob, ks, dks, r, 1)
+    return pairs
+
+
+def dot_steps(isa) -> int:
+    """Dot-product steps :func:`dot_pair_macro` takes at once (``neon``: 2)."""
+    return 2 if isa.name == "neon" else 1
+
+
+def dot_pair_macro(isa):
+    """``dot2(acc, Xc, Wp, ob, ks, dks, r, a, x, dx)``: :func:`dot_macro`'s step at ``(ks,
+    x)`` and, where :func:`dot_steps` is 2, the step at ``(ks + dks, x + dx)`` too (``neon``:
+    both products summed in int16 lanes before one ``sadalp``, see
+    :func:`smull_pairs_macro`)."""
+    from tvm.script import tirx as T
+
+    if dot_steps(isa) == 2:
+        _pairs = smull_pairs_macro(2)
+
+        @T.macro
+        def dot2(acc, Xc, Wp, ob, ks, dks, r, a, x, dx):
+            _pairs(acc, 2 * a, Xc, x, dx, Wp, ob, ks, dks, r)
+    else:
+        _dot = dot_macro(isa)
+
+        @T.macro
+        def dot2(acc, Xc, Wp, ob, ks, dks, r, a, x, dx):
+            _dot(acc, Xc, Wp, ob, ks, r, a, x)
+    return dot2
+
+
+def acc_macros(isa):
+    """``(init, finish)`` of an accumulator vector of ``isa`` (conv kernels): ``init(acc, a,
+    b)`` starts output vector ``a`` (``acc[a:a+L]``) at the bias ``b``; ``finish(acc, a, b)``
+    leaves its sums in ``acc[a:a+L]`` for the epilogue. For ``neon`` the vector's pair sums
+    (:func:`smull_pairs_macro`) are ``acc[2a:2a+8]``: ``init`` zeroes them, ``finish`` adds
+    neighbouring lanes (``addp``) and the bias. Finishing vectors in increasing ``a`` is
+    safe in place (vector ``a`` writes below the pair sums of every later vector)."""
+    from tvm.script import tirx as T
+
+    L = isa.lanes
+    if isa.name == "neon":
+        addp = "llvm.aarch64.neon.addp.v4i32"
+
+        @T.macro
+        def init(acc, a, b):
+            acc[T.ramp(2 * a, 1, 8)] = T.broadcast(T.int32(0), 8)
+
+        @T.macro
+        def finish(acc, a, b):
+            acc[T.ramp(a, 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(addp), acc.vload([2 * a], "int32x4"),
+                acc.vload([2 * a + 4], "int32x4"), dtype="int32x4") + T.broadcast(b, 4)
+    else:
+        @T.macro
+        def init(acc, a, b):
+            acc[T.ramp(a, 1, L)] = T.broadcast(b, L)
+
+        @T.macro
+        def finish(acc, a, b):
+            T.evaluate(0)
+    return init, finish
