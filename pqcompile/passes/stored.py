@@ -11,7 +11,7 @@ program does beyond "each module stores its parameters" change that count:
   reference is built (:func:`pqcompile.quant.plan.make_plan`: kind ``const``); its parameters
   are not stored. Each op that reads such a value stores the value itself as a constant of its
   float island, in float64 (integer tensors at their dtype), with the dims along which it
-  repeats reduced to 1 where the op broadcasts it (:func:`pqcompile.quant.reference._compact`).
+  repeats reduced to 1 where the op broadcasts it (:func:`pqcompile.quant.builder._compact`).
   BERT's positions: the first ``L`` rows of the table at 8 bytes an entry, not the table.
 * **Lookup tables.** A pointwise op of one quantized tensor (GELU, a division by a number, a
   sigmoid) runs as a table of :data:`LUT_ENTRIES` int8/uint8 codes (:mod:`pqcompile.quant.lut`).
