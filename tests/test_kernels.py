@@ -284,6 +284,15 @@ def test_kernels_on_aarch64(target, sysroot, tmp_path):
     _check(cases, run_vm(lib, inputs, sysroot=sysroot))
 
 
+def test_neon_pairs_only_narrow_range_weights():
+    """The neon kernels sum two weight x input products in int16: a -128 weight (outside the
+    quantizer's narrow range) could overflow it, so such a layer gets the generic kernels."""
+    neon = K.isa_for(resolve_target("arm"))
+    assert K.fit_isa(neon, np.array([[-127, 127]], np.int8)) == neon
+    assert K.fit_isa(neon, np.array([[-128, 5]], np.int8)).name == "generic"
+    assert (-128 * -127) * 2 <= np.iinfo(np.int16).max < (-128 * -128) * 2
+
+
 def test_tile_must_fit_the_stack():
     with pytest.raises(ValueError, match="1 KiB"):
         K.Isa("vnni", 16, 4, 4)

@@ -132,6 +132,15 @@ def _triple(target: Any, cpu: Any) -> str:
     return str(codegen.llvm_get_system_triple())
 
 
+def fit_isa(isa: Isa, q: Any) -> Isa:
+    """``isa`` for a conv layer of int8 weights ``q``: ``neon`` sums two products in int16
+    lanes, exact for weights in the quantizer's narrow range [-127, 127]; a layer with a -128
+    weight gets the ``generic`` kernels instead."""
+    if isa.name == "neon" and int(q.min()) < -127:
+        return Isa("generic", isa.generic_lanes, 4, 2)
+    return isa
+
+
 def grid_vectors(shape: ConvShape, lanes: int) -> int:
     """Pixel vectors of the output grid (output rows x padded input columns)."""
     oh, _ = shape.out_hw

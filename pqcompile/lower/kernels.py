@@ -46,6 +46,7 @@ from .kernel_types import (
     ConvShape,
     Isa,
     choose_tile,
+    fit_isa,
     grid_vectors,
     isa_for,
     supported,
@@ -270,5 +271,5 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
 
 
 __all__ = ["ISAS", "KERNEL_ATTR", "ConvShape", "Isa", "channel_params", "choose_tile",
-           "conv1x1_kernel", "conv2d_kernel", "grid_vectors", "isa_for", "pack_weight",
+           "conv1x1_kernel", "conv2d_kernel", "fit_isa", "grid_vectors", "isa_for", "pack_weight",
            "supported"]

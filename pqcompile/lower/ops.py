@@ -144,7 +144,7 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
         return None
     if depthwise:
         return _kernel_dwconv2d(lw, node, module, x, shape)
-    name, isa = node.name, kernels.choose_tile(shape, lw.isa)
+    name, isa = node.name, kernels.choose_tile(shape, kernels.fit_isa(lw.isa, q))
     wvar = _weight(lw, name, kernels.pack_weight(q, isa), module.wq.bits)
     bias, mult, shift = kernels.channel_params(q, module.bias.numpy(), module.mult.numpy(),
                                                module.shift.numpy(), shape, isa)
