@@ -194,7 +194,7 @@ def _sdpa_args(n: torch.fx.Node) -> dict | None:
 
 def sdpa_decomposable(n: torch.fx.Node) -> bool:
     """``n`` is a ``scaled_dot_product_attention`` call :func:`decompose_sdpa` rewrites: node
-    operands, no dropout, no grouped-query heads, a Python scale and causality flag, and an
+    operands, no dropout, a Python scale, causality flag and grouped-query flag, and an
     ``attn_mask`` that is ``None`` or a node."""
     a = _sdpa_args(n)
     if a is None:
@@ -202,7 +202,7 @@ def sdpa_decomposable(n: torch.fx.Node) -> bool:
     mask = a["attn_mask"]
     return all(isinstance(a[k], torch.fx.Node) for k in _SDPA_ARGS[:3]) and \
         not isinstance(a["dropout_p"], torch.fx.Node) and a["dropout_p"] == 0 and \
-        a["enable_gqa"] is False and isinstance(a["is_causal"], bool) and \
+        isinstance(a["enable_gqa"], bool) and isinstance(a["is_causal"], bool) and \
         (a["scale"] is None or isinstance(a["scale"], (int, float))) and \
         (mask is None or isinstance(mask, torch.fx.Node))
 
@@ -215,13 +215,29 @@ def _shape(n: torch.fx.Node, what: str) -> tuple[int, ...]:
     return tuple(int(d) for d in meta.shape)
 
 
+def _repeat_heads(g: torch.fx.Graph, t: torch.fx.Node, group: int, ndim: int, name: str,
+                  made: list) -> torch.fx.Node:
+    """``t`` (heads at dim -3) with each head repeated ``group`` times in a row, as
+    ``t.repeat_interleave(group, -3)``; the new nodes are appended to ``made``."""
+    sizes = [-1] * (ndim + 1)
+    sizes[-3] = group
+    u = g.create_node("call_method", "unsqueeze", (t, -3), {}, name=f"{name}_heads")
+    e = g.create_node("call_method", "expand", (u, *sizes), {}, name=f"{name}_groups")
+    f = g.create_node("call_method", "flatten", (e, -4, -3), {}, name=f"{name}_repeated")
+    made += [u, e, f]
+    return f
+
+
 _CARRIED = ("stack_trace", "nn_module_stack", "source_fn_stack")  # provenance, not results
 
 
 def decompose_sdpa(gm: torch.fx.GraphModule) -> list[str]:
     """Rewrite, in place, every :func:`sdpa_decomposable` call of ``gm`` (shapes recorded) as
     ``matmul(AttentionSoftmax(q @ k^T), v)`` (see the module doc); returns the calls' names.
-    Call it on a graph you own; shapes of the new nodes are not recorded."""
+    With ``enable_gqa=True`` and fewer key/value heads than query heads, each key/value head
+    is repeated for its group of query heads first (``unsqueeze``, ``expand``, ``flatten``:
+    what the call's ``repeat_interleave`` computes). Call it on a graph you own; shapes of the
+    new nodes are not recorded."""
     done = []
     for n in list(gm.graph.nodes):
         if not sdpa_decomposable(n):
@@ -240,13 +256,18 @@ def decompose_sdpa(gm: torch.fx.GraphModule) -> list[str]:
         gm.add_submodule(target, AttentionSoftmax(scale, causal, bool_mask))
         name, g = n.name, gm.graph
         provenance = {key: n.meta[key] for key in _CARRIED if key in n.meta}
+        extra = []
         with g.inserting_before(n):
+            if a["enable_gqa"] and q_shape[-3] != k_shape[-3]:
+                group = q_shape[-3] // k_shape[-3]
+                k = _repeat_heads(g, k, group, len(k_shape), f"{name}_key", extra)
+                v = _repeat_heads(g, v, group, len(k_shape), f"{name}_value", extra)
             kt = g.create_node("call_method", "transpose", (k, -2, -1), {}, name=f"{name}_key_t")
             scores = g.create_node("call_function", torch.matmul, (q, kt), {},
                                    name=f"{name}_scores")
             probs = g.create_node("call_module", target, (scores,) if mask is None
                                   else (scores, mask), {}, name=f"{name}_probs")
-        for x in (kt, scores, probs):
+        for x in (*extra, kt, scores, probs):
             x.meta.update(provenance)
         n.target, n.args, n.kwargs = torch.matmul, (probs, v), {}  # the call becomes the last op
         done.append(name)

@@ -196,6 +196,8 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
         return matmul_macs(a, b) if a is not None and b is not None else 0
     if node.target is F.scaled_dot_product_attention:
         q, k, v = (_tensor_meta_shape(x) for x in node.args[:3])
+        if len(q) >= 3 and q[-3] != k[-3]:  # grouped-query heads: k and v repeated per group
+            k, v = (tuple(t[:-3]) + (q[-3],) + tuple(t[-2:]) for t in (k, v))
         return matmul_macs(q, tuple(k[:-2]) + (k[-1], k[-2])) + matmul_macs(
             tuple(q[:-1]) + (k[-2],), v)
     return 0
