@@ -14,15 +14,15 @@ import, not to hide the dependency inside a function. Function-level imports are
 optional or heavy dependencies imported on first use (TVM, onnx, matplotlib, a solver only one
 code path needs); they are listed by :func:`function_level_imports` but not part of the rule.
 
-A second rule keeps modules small: no file in pqcompile/ is longer than :data:`MAX_LINES` lines
-(split by concept instead).
+A second rule keeps modules small: every file in pqcompile/ is under 400 lines (at most
+:data:`MAX_LINES`; split by concept instead).
 """
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pqcompile"
-MAX_LINES = 400
+MAX_LINES = 399
 
 #: Cycles not yet removed, each with why it is still here. The test fails when a cycle is not
 #: in this list, and when one in it is gone (then delete its line).

@@ -2,8 +2,7 @@
 
 The model is walked from full precision (the highest option of every layer, every channel
 kept) towards the budget, one move at a time, choosing each move by the Fisher information
-metric (FIT) it costs and by how far the model still is from the target. The algorithm as
-implemented:
+metric (FIT) it costs and by how far the model still is from the target. As implemented:
 
 1. **Empirical Fisher, variance-stopped** (:class:`~pqcompile.criteria.FisherTrace`, on the
    BN-folded FP32 graph): per mini-batch ``N * grad^2`` per weight and bias and per layer input
