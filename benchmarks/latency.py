@@ -33,7 +33,9 @@ reported, not timed, and the run exits 1.
 Each figure is the median of ``--repeat`` calls after ``--warmup`` calls, timed once every variant
 of a model is built and checked, in ``--rounds`` interleaved rounds (so noise on a shared
 machine falls on every variant alike, not on whichever ran during it). Each round of a variant
-starts after a 0.1 s pause (the previous backend's spinning threads go to sleep) with
+starts once no thread of the process runs (``timing.quiesce``: the previous backend's
+spinning pool goes to sleep first; a fixed 0.1 s pause left TVM's spinning and slowed ONNX
+Runtime's mobilenet_v2 2.9x) with
 ``--round-warmup`` untimed calls: after the pause the first few calls of every backend are up
 to 2x slower (its threads wake, the core clocks up), and with a few timed calls a round they
 would set the median. Ratios are against the fastest whole-model peer (torch and ONNX

@@ -81,6 +81,7 @@ def child(directory: Path, rounds: int, calls: int, threads: int) -> dict[str, A
 
     import peers
     from neighbour import BusyNeighbour
+    from timing import quiesce
     from pqcompile.runtime.artifact import Artifact, thread_pool_defaults
 
     thread_pool_defaults()
@@ -95,7 +96,7 @@ def child(directory: Path, rounds: int, calls: int, threads: int) -> dict[str, A
         per_round: dict[str, list[list[float]]] = {k: [] for k in fns}
         for _ in range(rounds):
             for key, fn in fns.items():
-                time.sleep(0.1)
+                quiesce()  # the other backend's spinning pool sleeps first
                 fn()
                 fn()
                 ts = []

@@ -6,6 +6,7 @@ whole run, so noise on a shared machine falls on all of them alike), with the pa
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -28,9 +29,30 @@ MIN_MATCHED = 0.5
 TIMING_KEYS = ("ms", "min_ms", "max_ms", "times_ms", "calls_per_round")
 
 
+def _process_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def quiesce(window_s: float = 0.02, idle_fraction: float = 0.05, limit_s: float = 5.0) -> float:
+    """Sleep until no thread of this process runs: the previous backend's worker threads spin
+    after their last task (TVM's pool: up to 300,000 ``sched_yield`` rounds, ~0.2-0.5 s here;
+    ONNX Runtime's: a few ms) and, on two cores, a spinning pool takes the core the next
+    backend's second thread needs (ONNX Runtime's mobilenet_v2 ran 2.9x slower after a fixed
+    0.1 s pause). Returns the seconds waited: once a ``window_s`` sleep costs the process less
+    than ``idle_fraction`` of a core, or after ``limit_s``."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        c0 = _process_cpu_s()
+        time.sleep(window_s)
+        if _process_cpu_s() - c0 < idle_fraction * window_s:
+            break
+    return time.perf_counter() - start
+
+
 def timings(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, Any]:
     """Median, min and max of ``repeat`` calls after ``warmup`` calls, in ms, and every call."""
-    time.sleep(0.2)  # let the previous backend's spinning worker threads go to sleep
+    quiesce()  # the previous backend's spinning worker threads go to sleep first
     for _ in range(warmup):
         fn()
     times = []
@@ -115,7 +137,7 @@ class Bench:
         times: dict[int, list[float]] = {id(row): [] for row, _ in self.timed}
         for _ in range(rounds):
             for row, call in self.timed:
-                time.sleep(0.1)  # let the previous backend's spinning worker threads sleep
+                quiesce()  # the previous backend's spinning worker threads sleep first
                 for _ in range(self.args.round_warmup):  # then wake its own (and the core)
                     call()
                 for _ in range(per):
