@@ -467,6 +467,19 @@ def copy(saved, tmp_path):
     return Path(shutil.copytree(saved, tmp_path / "artifact"))
 
 
+@pytest.mark.parametrize("lowered, built", [("arm", "host"), ("arm-dotprod", "arm")])
+def test_program_lowered_for_another_instruction_set(compiled, lowered, built):
+    """A program with one target's kernels, built for a target without those instructions, is
+    refused before LLVM sees it (an x86 LLVM aborts the process on NEON intrinsics)."""
+    from pqcompile.lower import lower
+    from pqcompile.runtime.artifact import Artifact
+
+    program, params, _ = lower(compiled.reference, target=lowered)
+    with pytest.raises(ValueError, match=rf"lowered with '\w+' kernels, which target "
+                                         rf"'{built}'.*retarget\('{built}'\)"):
+        Artifact.build(program, params, built)
+
+
 def load_fails(directory, match):
     with unchanged(artifact=directory):
         with pytest.raises(ArtifactError, match=match) as info:

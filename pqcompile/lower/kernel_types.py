@@ -175,3 +175,27 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
 
 def supported(shape: ConvShape) -> bool:
     return shape.stride in (1, 2) and all(k >= 1 for k in shape.kernel)
+
+
+#: the module attribute :func:`pqcompile.lower.lower` sets to the kernels' instruction set
+KERNEL_ISA_ATTR = "pqcompile_kernel_isa"
+#: the instruction sets a target must have to run kernels of each flavour ("generic": any)
+_RUNS_ON = {"vnni": {"vnni"}, "sdot": {"sdot"}, "neon": {"neon", "sdot"}}
+
+
+def check_kernel_isa(mod: Any, target: Any, target_name: str) -> None:
+    """Raise ``ValueError`` when ``mod``'s kernels (lowered for one instruction set) cannot run
+    on ``target`` (a ``tvm.target.Target``): LLVM would otherwise abort the whole process on
+    an instruction the target lacks (NEON ``smull`` in an x86 build)."""
+    attrs = mod.attrs
+    lowered = str(attrs[KERNEL_ISA_ATTR]) if attrs is not None and KERNEL_ISA_ATTR in attrs \
+        else None
+    if lowered is None or lowered not in _RUNS_ON:
+        return
+    has = isa_for(target).name
+    if has not in _RUNS_ON[lowered]:
+        raise ValueError(
+            f"this module was lowered with {lowered!r} kernels, which target {target_name!r} "
+            f"({has!r} kernels) cannot run; lower the reference for this target "
+            f"(pqcompile.lower.lower(reference, target={target_name!r}), or "
+            f"compiled.retarget({target_name!r}))")

@@ -34,6 +34,7 @@ from tvm.relax import op as R
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
 from ..quant.op_args import is_split
+from .kernel_types import KERNEL_ISA_ATTR
 from .movement import movement
 from .ops import EMITTERS
 
@@ -155,6 +156,8 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main", *, target: Any = N
             bb.emit(R.assert_op(ok, [], message))
         bb.emit_func_output(out, params=list(inputs.values()) + lw.param_vars)
     mod = bb.get()
+    if isa is not None:  # Artifact.build refuses a target without these instructions
+        mod = mod.with_attr(KERNEL_ISA_ATTR, isa.name)
     weight_bytes = {name: lw.params[f"{name}.weight"].nbytes for name in lw.storage}
     report = LoweringReport(
         float_ops=FLOAT_OPS.get(ref), inputs=tuple((n.name, lw.shape(n)) for n in placeholders),

@@ -136,6 +136,7 @@ class Artifact:
 
         from .. import __version__  # here: pqcompile/__init__ may import this module first
         from ..lower.build import pipeline
+        from ..lower.kernel_types import check_kernel_isa
 
         spec = get_target(target)
         if not isinstance(mod, tvm.IRModule):
@@ -165,6 +166,7 @@ class Artifact:
         validate_params(params, func.params[n_inputs:], n_inputs)
 
         tvm_target = spec.tvm_target()
+        check_kernel_isa(mod, tvm_target, spec.name)
         prepare = None
         if prepare_params:
             from tvm import relax
