@@ -26,6 +26,7 @@ the tuning data). Models:
 
     python benchmarks/fidelity.py [--models mobilenet_v2 resnet20_fashion] [--budgets 16 32 48]
         [--modes data-free data] [--steps 300] [--out benchmarks/results]
+        [--weight-rounding gptq [--gptq act_order=true clip=mse skip_bits=8]]
     python benchmarks/fidelity.py --transformers [--tokens 128]   # paraphrase-MiniLM-L3-v2
 """
 
@@ -167,6 +168,7 @@ def measure(case: Case, fp32: np.ndarray, mode: str, budget: float, steps: int,
             kwargs["finetune"] = {**case.finetune, "max_batches": steps}
     else:
         kwargs.pop("sensitivity_batches", None)
+        kwargs.pop("weight_rounding", None)  # GPTQ needs data
     t = time.perf_counter()
     c = compile(case.model, (case.example,), target="host", budget=f"bops={budget:g}x",
                 pareto_points=0, progress=True, **kwargs)
@@ -195,7 +197,8 @@ def measure(case: Case, fp32: np.ndarray, mode: str, budget: float, steps: int,
             "bits_histogram": _histogram(bits),
             "kept_channels": [sum(int(r["kept_channels"]) for r in c.layers),
                               sum(int(r["total_channels"]) for r in c.layers)],
-            "calibration": c.calibration}
+            "calibration": c.calibration,
+            "notes": [n for n in c.artifact.manifest["extra"].get("notes", []) if "GPTQ" in n]}
 
 
 def _histogram(bits: dict[str, list[int]]) -> dict[str, int]:
@@ -233,6 +236,10 @@ def main(argv=None) -> int:
                     help="crops per tuning batch (sensitivity, calibration, QAT), mobilenet_v2")
     ap.add_argument("--sensitivity-batches", type=int, default=None,
                     help="compile's sensitivity_batches with data (default: compile's)")
+    ap.add_argument("--weight-rounding", default="nearest", choices=["nearest", "gptq"],
+                    help="compile's weight_rounding with data (GPTQ on the calibration crops)")
+    ap.add_argument("--gptq", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="GPTQ options, e.g. act_order=true clip=mse skip_bits=8 damp=0.01")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in the output file and add these")
@@ -247,6 +254,9 @@ def main(argv=None) -> int:
         options["bit_options"] = [tuple(int(b) for b in o.split("/")) for o in args.bit_options]
     if args.sensitivity_batches:
         options["sensitivity_batches"] = args.sensitivity_batches
+    if args.weight_rounding != "nearest" or args.gptq:
+        options["weight_rounding"] = {"method": args.weight_rounding,
+                                      **dict(_option(kv) for kv in args.gptq)}
     qat = dict(_option(kv) for kv in args.finetune)
     out = Path(args.out) / "fidelity.json"
     rows: list[dict[str, Any]] = []

@@ -10,7 +10,7 @@ passes inserted at named stages):
    ``weight_error`` / ``magnitude`` without data; FIT ``fisher`` with data);
 3. a solver (``ilp`` by default) picks bits per layer and kept channels per group under the
    budget; the groups keep their most important channels;
-4. optional QAT fine-tuning on ``data``;
+4. optional GPTQ weight rounding (``weight_rounding="gptq"``) and QAT fine-tuning on ``data``;
 5. prune, fold, calibration and quantization, integer lowering and the TVM build
    (:mod:`pqcompile.pipeline.stages`).
 
@@ -56,6 +56,7 @@ def compile(model: torch.nn.Module,
             latency_rpc: Any = None, leaf_modules: Iterable[str | type] = (),
             progress: bool = False, loss: Any = None, table_bits: Any = None,
             residual_bits: int | str = 8, device: Any = None, frontend: str = "fx",
+            weight_rounding: str | Mapping[str, Any] = "nearest",
             pipeline: Pipeline | str | None = None,
             passes: Mapping[str, Pass | Sequence[Pass]] | None = None) -> Compiled | None:
     """Compress ``model`` to ``budget`` and build it for ``target`` (module docstring).
@@ -116,6 +117,12 @@ def compile(model: torch.nn.Module,
     ``"auto"``, the better of 8 and 16 by fidelity on the calibration batches
     (:mod:`pqcompile.quant.residual`); the report says which.
 
+    ``weight_rounding``: how the assigned weights meet their grid: ``"nearest"`` (default),
+    or ``"gptq"`` (needs ``data``): GPTQ's second-order rounding on the calibration batches,
+    after the solver and before fine-tuning, which then starts from the rounded weights
+    (:mod:`pqcompile.quant.gptq`; a dict ``{"method": "gptq", "act_order": True,
+    "clip": "mse", "skip_bits": [8], ...}`` sets its options).
+
     ``frontend``: ``"fx"`` (torch.fx symbolic tracing, retried with the example inputs'
     shapes fixed when forward branches on shapes) or ``"export"`` (``torch.export``: the
     ATen graph mapped back to module calls, :mod:`pqcompile.frontend.torch_export`; for forward code
@@ -145,6 +152,6 @@ def compile(model: torch.nn.Module,
                      latency_table=latency_table, latency_rpc=latency_rpc,
                      leaf_modules=leaf_modules, progress=progress, loss=loss,
                      table_bits=table_bits, residual_bits=residual_bits, device=device,
-                     frontend=frontend)
+                     frontend=frontend, weight_rounding=weight_rounding)
     ctx = compile_context(model, example_inputs, **arguments)
     return run_pipeline(resolve_pipeline(pipeline, passes), ctx)

@@ -20,10 +20,11 @@ import torch
 from ..budget import Budget, BudgetError
 from ..data import positional_data
 from ..devices import resolve_device
-from ..errors import OptionError
+from ..errors import DataError, OptionError
 from ..frontend.tracer import FRONTENDS, check_leaf_modules, check_model_and_inputs
 from ..objective import Objective
 from ..passes.base import PassContext
+from ..quant.gptq import check_weight_rounding
 from ..quant.residual import check_residual_bits
 from ..targets import get_target
 from .checks import (
@@ -51,7 +52,8 @@ class CompileContext(PassContext):
     ``notes``, ``limits`` (solve), ``assignment`` (read from the graph's annotations after the
     solve stage and any pass after it), ``prepared`` the pruned, folded float graph,
     ``reference`` the integer-exact reference, ``program`` ``(mod, params, report)``
-    (lower), ``compiled`` (build).
+    (lower), ``compiled`` (build), ``rounding`` (GPTQ's per-layer results, weight-rounding;
+    ``weight_rounding`` is checked into ``None`` for nearest rounding or the GPTQ options).
     """
 
     model: Any = None
@@ -86,6 +88,7 @@ class CompileContext(PassContext):
     table_bits: Any = None
     residual_bits: Any = 8
     device: Any = None
+    weight_rounding: Any = "nearest"
     objective: Any = None
     # products of the stages
     fp32: Any = None
@@ -100,6 +103,7 @@ class CompileContext(PassContext):
     sensitivity: dict[str, float] = field(default_factory=dict)
     assignment: Any = None
     finetuned: bool = False
+    rounding: Any = None
     reference_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None
     calibrated_on: str = ""
@@ -120,7 +124,8 @@ _ARGUMENTS = ("target", "budget", "data", "validation", "solver", "solver_option
               "criterion", "channel_criterion", "bit_options", "keep_levels", "multiple",
               "calibration_batches", "sensitivity_batches", "observer", "seed",
               "pareto_points", "tune", "latency_table", "latency_rpc", "leaf_modules",
-              "frontend", "progress", "loss", "table_bits", "residual_bits", "device")
+              "frontend", "progress", "loss", "table_bits", "residual_bits", "device",
+              "weight_rounding")
 
 
 def compile_context(model: torch.nn.Module, example_inputs: Any = None,
@@ -160,6 +165,11 @@ def compile_context(model: torch.nn.Module, example_inputs: Any = None,
     check_finetune(ctx.finetune)
     ctx.objective = Objective.resolve(ctx.loss)  # OptionError: unknown name, not callable
     check_data(ctx.data, ctx.finetune, ctx.chosen)
+    ctx.weight_rounding = check_weight_rounding(ctx.weight_rounding)  # None: nearest
+    if ctx.weight_rounding is not None and ctx.data is None:
+        raise DataError("weight_rounding='gptq' needs data=: GPTQ rounds each layer against "
+                        "its inputs on the calibration batches; pass data= (a DataLoader of "
+                        "(inputs, target) batches) or weight_rounding='nearest'")
     ctx.bit_options = check_bit_options(ctx.bit_options,
                                         getattr(ctx.chosen, "default_bit_options", None))
     ctx.keep_levels = check_keep_levels(ctx.keep_levels)

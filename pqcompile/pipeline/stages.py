@@ -4,7 +4,8 @@ with the :class:`~pqcompile.pipeline.context.CompileContext` as its pass context
 trace (a source pass: it makes the graph) -> shapes -> groups -> costs (the FP32 analysis)
 -> sensitivity (criterion scores and the solver's problem) -> latency (the measured table,
 for latency budgets) -> solve (the solver; its bits and keep-masks become the graph's
-``pqc.bits`` / ``pqc.keep_masks`` annotations) -> fine-tune (QAT, with ``finetune=``) ->
+``pqc.bits`` / ``pqc.keep_masks`` annotations) -> weight-rounding (GPTQ, with
+``weight_rounding="gptq"``: :mod:`.rounding`) -> fine-tune (QAT, with ``finetune=``) ->
 prune -> fold (batch norms; bits written, costs again) -> quantize (calibration, the
 integer-exact reference) -> lower (the integer Relax program) -> build (the artifact).
 
@@ -223,8 +224,8 @@ class Prune(Stage):
                     invalidates=(CHANNEL_GROUPS, NODE_CHANNELS, COST, COST_TOTALS,
                                  SENSITIVITY, CHANNEL_IMPORTANCE))
 
-    def applies(self, ctx):
-        return ctx.finetune is None  # fine-tuning prunes and folds (its graph comes out so)
+    def applies(self, ctx):  # fine-tuning and GPTQ prune and fold (their graphs come out so)
+        return ctx.finetune is None and ctx.weight_rounding is None
 
     def stage(self, gm, ctx):
         ctx.assignment = assignment = graph_assignment(gm)
@@ -247,8 +248,8 @@ class Fold(Stage):
     info = PassInfo("fold", requires=(EXAMPLE_INPUTS, BITS),
                     provides=(FOLDED_BN, SHAPE, COST, COST_TOTALS))
 
-    def applies(self, ctx):
-        return ctx.finetune is None  # fine-tuning prunes and folds (its graph comes out so)
+    def applies(self, ctx):  # fine-tuning and GPTQ prune and fold (their graphs come out so)
+        return ctx.finetune is None and ctx.weight_rounding is None
 
     def stage(self, gm, ctx):
         ctx.assignment = assignment = graph_assignment(gm)
@@ -374,7 +375,9 @@ def _length(data: Any) -> int:
 
 def default_stages() -> list[Stage]:
     """Fresh instances of the default pipeline's stages, in order."""
+    from .rounding import RoundWeights  # it subclasses Stage: imported once this module is
+
     return [Trace(), Analysis("shapes", ShapeAnalysis()),
             Analysis("groups", ChannelGroupAnalysis()), Analysis("costs", CostAnalysis()),
-            Sensitivity(), Latency(), Solve(), FineTune(), Prune(), Fold(), Quantize(), Lower(),
-            Build()]
+            Sensitivity(), Latency(), Solve(), RoundWeights(), FineTune(), Prune(), Fold(),
+            Quantize(), Lower(), Build()]
