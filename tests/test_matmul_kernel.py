@@ -1,0 +1,65 @@
+"""The x86 kernel of integer activation x activation products (pqcompile.lower.matmul_kernel).
+
+Each combination of operand types (int8 / uint8 on either side: the packs' offsets and their
+row / column corrections), a depth that is no multiple of 4, batch dims, and a product whose
+columns are no whole vector (TVM's ``matmul`` then): the host program equals the integer
+reference bit for bit, and the lowering says which ran on the kernel.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pqcompile.build import analysis, compile_assignment
+from pqcompile.lower import lower
+from pqcompile.lower import matmul_kernel as mk
+from pqcompile.presets import uniform
+
+
+class Product(nn.Module):
+    """``a @ b``, each operand made non-negative (uint8, as attention's probabilities) by a
+    softmax or left signed (int8)."""
+
+    def __init__(self, pos_a: bool, pos_b: bool) -> None:
+        super().__init__()
+        self.pos_a, self.pos_b = pos_a, pos_b
+
+    def forward(self, x, y):
+        return (x.softmax(-1) if self.pos_a else x) @ (y.softmax(-1) if self.pos_b else y)
+
+
+@pytest.mark.parametrize("pos_a,pos_b,depth,cols,kernel", [
+    (False, False, 20, 48, True), (True, False, 128, 32, True), (False, True, 7, 16, True),
+    (True, True, 33, 64, True), (False, False, 16, 20, False)])
+def test_product_kernel_equals_reference(pos_a, pos_b, depth, cols, kernel):
+    g = torch.Generator().manual_seed(depth)
+
+    def draw():
+        return (3 * torch.randn(2, 3, 8, depth, generator=g),
+                torch.randn(2, 3, depth, cols, generator=g))
+
+    model, example = Product(pos_a, pos_b), draw()
+    c = compile_assignment(model, example, uniform(analysis(model, example), 8), target="host",
+                           calibration=[draw() for _ in range(3)])
+    kernels = lower(c.reference, target="host")[2].kernels
+    tile = mk.tile(mk.ProductShape(6, 8, depth, cols, "int8", "int8", "int8", -1, 1, 1, 1))
+    assert kernels == ({"matmul": f"product vnni {tile[0]}x{tile[1] * 16}"} if kernel else {})
+    module = c.reference.get_submodule("matmul")
+    assert (module.a.signed, module.b.signed) == (not pos_a, not pos_b)
+    for _ in range(2):
+        x, y = draw()
+        with torch.no_grad():
+            want = c.reference(x, y).numpy()
+        np.testing.assert_array_equal(c(x.numpy(), y.numpy()), want)
+
+
+def test_tiles_divide_the_output_and_fit_the_stack():
+    shape = mk.ProductShape(12, 128, 128, 32, "uint8", "int8", "int8", -127, 127, 1 << 30, 40)
+    assert mk.tile(shape) == (4, 2)  # probs @ v: 2 vectors of 16 columns, 8 accumulators
+    qk = mk.ProductShape(12, 128, 32, 128, "int8", "int8", "int8", -127, 127, 1 << 30, 40)
+    mr, nr = mk.tile(qk)
+    assert 128 % mr == 0 and 8 % nr == 0 and mr * nr == 8
+    assert mk.tile(mk.ProductShape(1, 5, 4, 20, "int8", "int8", "int8", -1, 1, 1, 1)) is None
+    assert not mk.supported(mk.ProductShape(1, 4, 70000, 16, "int8", "int8", "int8", -1, 1, 1,
+                                            40))  # offset sums past int32
