@@ -141,10 +141,37 @@ def fit_isa(isa: Isa, q: Any) -> Isa:
     return isa
 
 
-def grid_vectors(shape: ConvShape, lanes: int) -> int:
-    """Pixel vectors of the output grid (output rows x padded input columns)."""
-    oh, _ = shape.out_hw
+#: Grid vectors over output vectors from which a conv reads an im2col copy (:func:`im2col`).
+IM2COL_RATIO = 1.1
+#: The largest im2col copy (bytes).
+IM2COL_BYTES = 1 << 20
+
+
+def im2col(shape: ConvShape, isa: Isa) -> bool:
+    """Whether the conv kernel for ``shape`` on ``isa`` computes from an im2col copy of the
+    packed input (each tap's 4-channel words of the output pixels, contiguous) rather than
+    from the padded grid (output rows x padded input columns: ``KW - 1`` junk columns per
+    row computed and dropped). On small maps the junk is a large share of the lanes (3x3 on
+    a 4x4 map: a third, on 2x2 half), and the copy is cheap next to the multiplies. Only
+    for the aarch64 dot-product layouts (``sdot``, ``neon``) and convs with a pack."""
+    if isa.name not in ("sdot", "neon") or (shape.kernel == (1, 1) and shape.stride == 1
+                                            and shape.padding == (0, 0)):
+        return False
+    oh, ow = shape.out_hw
     wq = -(-(shape.width + 2 * shape.padding[1]) // shape.stride)
+    tight = -(-(oh * ow) // isa.lanes)
+    size = shape.kernel[0] * shape.kernel[1] * -(-shape.channels // 4) * tight * isa.lanes * 4
+    return -(-(oh * wq) // isa.lanes) >= IM2COL_RATIO * tight and size <= IM2COL_BYTES \
+        and ow <= 32  # a row is one vector copy
+
+
+def grid_vectors(shape: ConvShape, lanes: int, isa: Isa | None = None) -> int:
+    """Pixel vectors of the output grid (output rows x padded input columns), or of the
+    output pixels where the kernel reads an im2col copy (:func:`im2col` for ``isa``)."""
+    oh, ow = shape.out_hw
+    wq = -(-(shape.width + 2 * shape.padding[1]) // shape.stride)
+    if isa is not None and im2col(shape, isa):
+        wq = ow
     return -(-(oh * wq) // lanes)
 
 
@@ -156,18 +183,21 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     :data:`MAX_ACCUMULATORS` accumulator registers; ``neon`` also keeps both steps' operands
     in registers (``4 NR`` input halves, ``2 MR`` weight words: with the ``2 MR NR``
     accumulators at most 28 of the 32, else LLVM spills)."""
-    nv = grid_vectors(shape, isa.lanes)
+    nv = grid_vectors(shape, isa.lanes, isa)
     o = shape.out_channels
     load = 1 / 3 if isa.name == "neon" else 0.5
     best, best_cost = isa, None
     for mr in range(1, 9):
         for nr in range(1, 9):
+            if isa.name == "sdot" and mr % 4:  # indexed sdot: 4 channels a weight load
+                continue
             if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
                     or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
                     or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28):
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
-            cost = lanes * (1.0 + load * (mr + nr) / (mr * nr))
+            loads = mr // 4 + nr if isa.name == "sdot" else mr + nr
+            cost = lanes * (1.0 + load * loads / (mr * nr))
             if best_cost is None or cost < best_cost - 1e-9:
                 best, best_cost = Isa(isa.name, isa.lanes, mr, nr), cost
     return best

@@ -48,6 +48,7 @@ from .kernel_types import (
     choose_tile,
     fit_isa,
     grid_vectors,
+    im2col,
     isa_for,
     supported,
 )
@@ -111,7 +112,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     KS = CB * KH * KW                       # dot-product steps
     Wq = -(-(W + 2 * PW) // s)              # grid columns per phase
     Hq = -(-(H + 2 * PH) // s)              # rows per phase
-    NQ = OH * Wq                            # output grid positions
+    cols = pad is None and im2col(shape, isa)  # the kernel reads an im2col copy
+    NQ = OH * (OW if cols else Wq)          # output grid positions
     NV = -(-NQ // L)                        # pixel vectors
     NR = min(isa.nr, NV)
     QB = -(-NV // NR)                       # pixel tiles
@@ -119,14 +121,19 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     phases = s * s
     # Junk lanes of the last tile read past the last plane: slack so they stay in bounds.
     scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L
+    # the im2col copy after the padded planes: [tap][CB][NQ2] words, NQ2 the pixels of the
+    # tiles (junk lanes of the last tile read inside the plane)
+    NQ2, base = QB * NR * L, scratch
+    if cols:
+        scratch += KH * KW * CB * NQ2
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
     pad_value = off if pad is None else pad  # a zero input, offset
-    direct = Wq == OW  # 1x1 convs: no junk columns
+    direct = cols or Wq == OW  # 1x1 convs, im2col: no junk columns
     flat = s == 1 and PH == 0 and PW == 0
-    cols = H * W if flat else W // s  # columns a row copy moves
+    moved = H * W if flat else W // s  # columns a row copy moves
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
-                      16 if cols >= 16 else 8 if cols >= 8 else 4)
+                      16 if moved >= 16 else 8 if moved >= 8 else 4)
     _dot = dot_macro(isa)
     _dot2, P = dot_pair_macro(isa), dot_steps(isa)
     _init, _finish = acc_macros(isa)
@@ -135,6 +142,13 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
     _tail = tail_store_macro(out_dt, L)
     SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
+
+    def xat(kh, kw, cb, p):  # the word of tap (kh, kw), channel block cb, grid position p
+        if cols:
+            return base + ((kh * KW + kw) * CB + cb) * NQ2 + p
+        return (((kh % s) * s + kw % s) * CB + cb) * plane + (kh // s) * Wq + kw // s + p
+
+    DX = NQ2 if cols else plane  # words from one channel block to the next
 
     def row(ob_qb, v):  # the grid row of a vector's first lane
         return ((ob_qb % QB) * NR + v) * L // Wq
@@ -190,8 +204,16 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                             (pci % Hq) * s + pci // (CB * Hq) // s - PH,
                                             j * s + pci // (CB * Hq) % s - PW]) + off),
                                         T.Cast(pdt, pad_value))
-            for i in T.serial((scratch - phases * CB * plane) * D):
+            for i in T.serial((base - phases * CB * plane) * D):
                 Xc[phases * CB * plane * D + i] = T.Cast(pdt, pad_value)
+            if cols:  # each tap's words of the output pixels, a row a vector copy
+                Xw = T.decl_buffer((scratch,), "int32", data=Xc.data)
+                for tc in T.parallel(KH * KW * CB):
+                    for oh in range(OH):
+                        Xw[T.ramp(base + tc * NQ2 + oh * OW, 1, OW)] = Xw.vload([
+                            (((tc // CB // KW % s) * s + tc // CB % KW % s) * CB + tc % CB)
+                            * plane + (oh + tc // CB // KW // s) * Wq + tc // CB % KW // s],
+                            f"int32x{OW}")
 
     @T.prim_func(s_tir=True)
     def kernel(Xc: T.Buffer((scratch * D,), pdt), Wp: T.Buffer((OB, KS, MR, D), "int8"),
@@ -216,9 +238,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                     _dot2(acc, Xc, Wp, ob_qb // QB,
                                           ((cp * P * KH + kh) * KW + kw), KH * KW, r,
                                           (r * NR + v) * L,
-                                          (((kh % s) * s + kw % s) * CB + cp * P) * plane
-                                          + (kh // s) * Wq + kw // s
-                                          + ((ob_qb % QB) * NR + v) * L, plane)
+                                          xat(kh, kw, cp * P, ((ob_qb % QB) * NR + v) * L), DX)
                 for cb in range(CB // P * P, CB):  # the channel blocks left over
                     for kh in range(KH):
                         for kw in range(KW):
@@ -226,9 +246,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                 for v in T.unroll(NR):
                                     _dot(acc, Xc, Wp, ob_qb // QB, ((cb * KH + kh) * KW + kw), r,
                                          (r * NR + v) * L,
-                                         (((kh % s) * s + kw % s) * CB + cb) * plane
-                                         + (kh // s) * Wq + kw // s
-                                         + ((ob_qb % QB) * NR + v) * L)
+                                         xat(kh, kw, cb, ((ob_qb % QB) * NR + v) * L))
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         _finish(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])

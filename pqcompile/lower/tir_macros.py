@@ -198,6 +198,20 @@ def splat(word, n: int, dtype: str):
     return T.reinterpret(T.broadcast(T.reinterpret(word, dtype="int32"), n), dtype=dtype)
 
 
+def quad_lane(words, q):
+    """Word ``q`` (0-3, an expression that is constant once the kernel's loops are
+    unrolled) of the 16 bytes ``words`` (4 output channels' 4-byte weight words, one load)
+    splat over the vector: LLVM selects the indexed ``sdot v.4s, x.16b, w.4b[q]``, so a
+    tile's 4 channels cost one 16-byte weight load instead of 4 ``ld1r`` (each with its own
+    address arithmetic: ``ld1r`` has no offset form)."""
+    from tvm.script import tirx as T
+
+    w32 = T.reinterpret(words, dtype="int32x4")
+    lanes = [T.reinterpret(T.Shuffle([w32], [i] * 4), dtype="int8x16") for i in range(4)]
+    return T.Select(q == 0, lanes[0], T.Select(q == 1, lanes[1],
+                                               T.Select(q == 2, lanes[2], lanes[3])))
+
+
 def dot4_macro(name: str):
     """``dot4(acc, a, u, w)``: ``acc[a:a+L]`` (int32 lanes) += the dot product of each lane's
     4 bytes of ``u`` and of ``w``: ``vpdpbusd`` (``u`` uint8x64, ``w`` int8x64) or ``sdot``
@@ -232,6 +246,13 @@ def dot_macro(isa):
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
             _pairs(acc, 2 * a, Xc, x, 0, Wp, ob, ks, 0, r)
+    elif isa.name == "sdot" and isa.mr % 4 == 0:
+        _dot4 = dot4_macro(isa.name)
+
+        @T.macro
+        def dot(acc, Xc, Wp, ob, ks, r, a, x):
+            _dot4(acc, a, Xc.vload([x * 4], "int8x16"),
+                  quad_lane(Wp.vload([ob, ks, r - r % 4, 0], "int8x16"), r % 4))
     elif isa.name in ("vnni", "sdot"):
         _dot4 = dot4_macro(isa.name)
         u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
