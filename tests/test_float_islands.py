@@ -161,7 +161,8 @@ def test_maxvit_program_equals_reference():
     c = pqcompile.compile(model, (x,), target="host", budget="bops=8x")
     ops = [op for _, op in c.float_ops]
     # (its GELUs on 8-bit tensors are tables, not islands)
-    assert "BatchNorm2d" not in ops and {"LayerNorm", "softmax", "einsum"} <= set(ops)
+    # (its softmaxes of one 8-bit tensor run in fixed point, pqcompile.quant.softmax)
+    assert "BatchNorm2d" not in ops and {"LayerNorm", "einsum"} <= set(ops)
     step = c.lowering.outputs[0].scale
     for _ in range(2):
         x = torch.randn(1, 3, 32, 32, generator=g)

@@ -12,6 +12,7 @@ from onnx import TensorProto
 from ..lower.movement import item_box, view_op
 from .onnx_affine import affine
 from .onnx_islands import splice_island
+from .onnx_softmax import EMITTERS as SOFTMAX_EMITTERS
 from ..quant.lut import QLut, QMul
 from ..quant.matmul import QMatMul
 from ..quant.affine import QAffine
@@ -184,6 +185,7 @@ EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: co
             QLinear: linear, QAdd: add, QCat: cat, QSumPool: sum_pool, QMaxPool: max_pool,
             QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
             QLut: lut, QMul: mul, QAffine: affine, QMatMul: matmul}
+EMITTERS.update(SOFTMAX_EMITTERS)  # fixed-point softmax in int64 ops (onnx_softmax)
 
 
 def getitem(ex: _Export, node, x: str) -> str:

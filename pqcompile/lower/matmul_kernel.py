@@ -91,7 +91,8 @@ def supported(shape: ProductShape) -> bool:
 def product_kernel(shape: ProductShape):
     """``(pack_a, pack_b, kernel)`` TIR functions (see the module doc):
     ``pack_a(A) -> (Ap, Ra)``, ``pack_b(B) -> (Bp, Cb)`` (``Ra``/``Cb``: each row's and
-    column's share of the offsets' correction, int32), ``kernel(Ap, Ra, Bp, Cb) -> C`` (``C`` flat: ``[Bt * M * N]``)."""
+    column's share of the offsets' correction, int32), ``kernel(Ap, Ra, Bp, Cb) -> C``
+    (``C`` flat: ``[Bt * M * N]``)."""
     from tvm.script import tirx as T
 
     Bt, M, K, N = shape.batch, shape.rows, shape.depth, shape.cols

@@ -51,6 +51,7 @@ from .float_islands import island_key, translate_island
 from .lut import EMITTERS as LUT_EMITTERS
 from .matmul import EMITTERS as MATMUL_EMITTERS
 from .packing import emit_unpack, group, is_packed, pack
+from .softmax import EMITTERS as SOFTMAX_EMITTERS
 from .table_lookup import packed_embedding
 from .tir_macros import NARROW_MIN_SHIFT
 
@@ -370,5 +371,6 @@ EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: co
 EMITTERS.update(LUT_EMITTERS)  # table lookups and products (pqcompile.lower.lut)
 EMITTERS.update(MATMUL_EMITTERS)  # activation x activation products (pqcompile.lower.matmul)
 EMITTERS[QPackedEmbedding] = packed_embedding  # pqcompile.lower.table_lookup
+EMITTERS.update(SOFTMAX_EMITTERS)  # fixed-point softmax (pqcompile.lower.softmax)
 
 

@@ -1,0 +1,90 @@
+"""Softmax over the last dim of an 8-bit tensor in fixed point (pqcompile.quant.softmax).
+
+* the fixed-point codes against the float64 softmax quantized the same way: at most one step
+  apart, and equal on all but a small fraction of codes (rows from flat to single spikes);
+* a model with a softmax builds with no float op: the host program and ONNX Runtime on the
+  exported model (int64 ONNX ops) both equal the integer reference bit for bit;
+* a softmax over another dim, or of a wider input, stays a float island.
+"""
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from pqcompile.build import analysis, compile_assignment
+from pqcompile.export.onnx_export import export_onnx
+from pqcompile.meta import QParams
+from pqcompile.presets import uniform
+from pqcompile.quant import integer_outputs
+from pqcompile.quant.softmax import QSoftmax, make_softmax
+
+
+def float_codes(q: torch.Tensor, inp: QParams, out: QParams) -> torch.Tensor:
+    """The float64 island's codes: ``clamp(floor(softmax(s q) / s_out + 0.5), 0, 255)``."""
+    p = torch.softmax(q.to(torch.float64) * inp.scale, dim=-1)
+    return torch.floor(p / out.scale + 0.5).clamp(0, 255)
+
+
+def test_fixed_point_codes_match_the_float_softmax():
+    g = torch.Generator().manual_seed(0)
+    total = differ = 0
+    for in_scale, spread, length in ((0.007, 40, 128), (0.05, 60, 16), (0.2, 127, 7),
+                                     (0.02, 3, 64)):
+        inp = QParams(in_scale, 8, True)
+        q = (torch.randn(64, length, generator=g) * spread).round().clamp(-127, 127)
+        p_max = torch.softmax(q * in_scale, -1).max().item()
+        out = QParams(p_max / 255, 8, False)
+        module = make_softmax(inp, out, 0, 255)
+        assert isinstance(module, QSoftmax)
+        got, want = module(q), float_codes(q, inp, out)
+        assert got.min() >= 0 and got.max() <= 255 and got.max() >= 250
+        assert (got - want).abs().max() <= 1
+        total, differ = total + got.numel(), differ + int((got != want).sum())
+    assert differ / total < 0.01, differ / total
+    assert make_softmax(QParams(0.01, 12, True), QParams(1 / 255, 8, False), 0, 255) is None
+
+
+class Attend(nn.Module):
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.dim = nn.Linear(16, 32), nn.Linear(32, 8), dim
+
+    def forward(self, x):
+        return self.b(torch.softmax(self.a(x), self.dim))
+
+
+def build(model):
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: torch.randn(2, 12, 16, generator=g)  # noqa: E731
+    example = draw()
+    c = compile_assignment(model, (example,), uniform(analysis(model, (example,)), 8),
+                           target="host", calibration=[draw() for _ in range(3)])
+    return c, draw
+
+
+def test_softmax_model_program_and_onnx_equal_reference():
+    c, draw = build(Attend())
+    assert list(c.float_ops) == []  # the softmax too
+    assert any(isinstance(m, QSoftmax) for m in c.reference.modules())
+    session = ort.InferenceSession(export_onnx(c).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    scale = c.lowering.outputs[0].scale
+    for _ in range(2):
+        x = draw()
+        with torch.no_grad():
+            want = c.reference(x).numpy()
+        np.testing.assert_array_equal(c(x.numpy()), want)
+        got = session.run(None, {name: x.numpy()})[0]
+        codes = integer_outputs(c.reference, x)[0].numpy()
+        np.testing.assert_array_equal(np.round(got / scale), codes)
+
+
+def test_softmax_over_another_dim_stays_a_float_island():
+    c, draw = build(Attend(dim=1))
+    assert [op for _, op in c.float_ops] == ["softmax"]
+    x = draw()
+    with torch.no_grad():
+        np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
