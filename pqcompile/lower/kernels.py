@@ -138,8 +138,9 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     _dot2, P = dot_pair_macro(isa), dot_steps(isa)
     _init, _finish = acc_macros(isa)
     AW = isa.acc_width
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L)
-    _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L)  # for partial vectors
+    arm = isa.name in ("sdot", "neon")  # the NEON epilogue
+    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L, arm)
+    _, _kstore32 = channel_macros("int32", lo, hi, shape.narrow, L, arm)  # partial vectors
     _tail = tail_store_macro(out_dt, L)
     SEG = -(-(L - 1) // Wq) + 1  # grid rows a vector's lanes span
 

@@ -175,12 +175,13 @@ def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str,
 def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
     name = node.name
     q = module.weight.numpy()
-    wvar = _weight(lw, name, kernels_planar.pack_dw_weight(q, shape, lw.isa), module.wq.bits)
+    isa = kernels_planar.fit_dw_isa(lw.isa, q)
+    wvar = _weight(lw, name, kernels_planar.pack_dw_weight(q, shape, isa), module.wq.bits)
     pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
              (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
-    lw.kernels[name] = (f"dwconv2d {kernels_planar.dw_schedule(shape, lw.isa)} "
-                        f"{kernels_planar.dw_isa(lw.isa).lanes} lanes")
-    return _call_kernel(lw, name, "dw", kernels_planar.dwconv2d_kernel(shape, lw.isa),
+    lw.kernels[name] = (f"dwconv2d {kernels_planar.dw_schedule(shape, isa)} "
+                        f"{kernels_planar.dw_isa(isa).lanes} lanes")
+    return _call_kernel(lw, name, "dw", kernels_planar.dwconv2d_kernel(shape, isa),
                         shape.in_dtype, x, [wvar, *pvars],
                         (1, shape.out_channels, *shape.out_hw), shape.out_dtype)
 

@@ -116,7 +116,28 @@ def requant_terms(shift, narrow: bool = False):
     return T.int64(1) << T.Cast("int64", shift - 1), T.Cast("int64", shift)
 
 
-def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: int = 0):
+def _neon_requant(acc, a, m, sh, lo: int, hi: int):
+    """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON:
+    ``smull`` (the exact int64 products of two lanes), ``srshl`` by ``-sh`` (the rounding
+    right shift: ``(x + 2^(sh-1)) >> sh`` exactly, so :func:`requant_macro`'s integers),
+    ``sqxtn`` (saturating to int32 keeps the clamp's result), ``smin``/``smax``. ``m`` is the
+    int32 multiplier, ``sh`` the negated shift (int64)."""
+    from tvm.script import tirx as T
+
+    def intrin(name, dtype, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
+                                       *args, dtype=dtype)
+
+    halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
+        "srshl.v2i64", "int64x2", intrin("smull.v2i64", "int64x2",
+                                         acc.vload([a + 2 * h], "int32x2"), T.broadcast(m, 2)),
+        T.broadcast(sh, 2))) for h in range(2)]
+    return T.max(T.min(T.Shuffle(halves, [0, 1, 2, 3]), T.broadcast(T.int32(hi), 4)),
+                 T.broadcast(T.int32(lo), 4))
+
+
+def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: int = 0,
+                   neon: bool = False):
     """``(load, store)``: :func:`requant_macro` with a channel's constants read once per
     tile: ``load(K, j, ch, M, S)`` puts multiplier, rounding term and shift (int64) in
     ``K[j:j+3]`` (a small stack array, so registers), ``store(dst, i, acc, a, K, j, n)``
@@ -127,11 +148,33 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
     ``narrow`` with ``lanes`` 16 (AVX-512): the 32-bit epilogue written on whole vectors, so
     that each half of the lanes is one ``vpmuldq`` (the even lanes as they are, the odd ones
     shifted down) and one blend gathers the high halves (LLVM lowers the per-lane form to
-    widening moves, two multiplies and narrowing moves: 13 instructions a vector, this 9)."""
+    widening moves, two multiplies and narrowing moves: 13 instructions a vector, this 9).
+
+    ``neon`` (aarch64): every 4 lanes by :func:`_neon_requant` (``K[j + 2]`` holds the negated
+    shift); LLVM's lowering of the int64 form multiplies lane by lane in scalar registers."""
     from tvm.script import tirx as T
 
     _requant = requant_macro(out_dt, lo, hi, narrow)
     term_dt = "int32" if narrow else "int64"
+
+    if neon:
+        @T.macro
+        def load(K, j, ch, M, S):
+            K[j] = T.Cast("int64", M[ch])
+            K[j + 1] = T.int64(0)
+            K[j + 2] = T.Cast("int64", 0 - S[ch])
+
+        def store_neon(dst, i, acc, a, K, j, n):
+            groups = [_neon_requant(acc, a + 4 * g, T.Cast("int32", K[j]), K[j + 2], lo, hi)
+                      for g in range(-(-n // 4))]
+            whole = groups[0] if len(groups) == 1 else T.Shuffle(
+                groups, list(range(4 * len(groups))))
+            return T.Shuffle([T.Cast(f"{out_dt}x{4 * len(groups)}", whole)], list(range(n)))
+
+        @T.macro
+        def store(dst, i, acc, a, K, j, n):
+            dst[T.ramp(i, 1, n)] = store_neon(dst, i, acc, a, K, j, n)
+        return load, store
 
     @T.macro
     def load(K, j, ch, M, S):
