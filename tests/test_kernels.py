@@ -221,7 +221,26 @@ def test_dw_cases_cover_every_schedule():
                 for c, h, k, st, p, a, b in DW}
     assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
-    assert "rows" in schedules(K.Isa("sdot", 4, 4, 4))
+    for arm in (K.Isa("sdot", 4, 4, 4), K.Isa("neon", 4, 3, 2)):
+        assert schedules(arm) == {"grid", "rows-neon"}
+
+
+def test_conv_cases_cover_im2col():
+    """On aarch64 the conv cases run both from the padded grid and from an im2col copy."""
+    def im2col(isa):
+        return {K.im2col(K.ConvShape(c, h, h + 1, o, (k, k), st, (p, p), a, b, 0, 0), isa)
+                for c, h, o, k, st, p, a, b, _ in CONV if (k, st, p) != (1, 1, 0)}
+    for arm in (K.Isa("sdot", 4, 4, 4), K.Isa("neon", 4, 3, 2)):
+        assert im2col(arm) == {False, True}
+    assert im2col(K.Isa("vnni", 16, 4, 3)) == {False}
+
+
+def test_neon_depthwise_only_narrow_range_weights():
+    """rows-neon sums two weight x input products in int16 lanes: a depthwise layer with a
+    -128 weight gets the generic kernels."""
+    for arm in (K.Isa("sdot", 4, 4, 4), K.Isa("neon", 4, 3, 2)):
+        assert KP.fit_dw_isa(arm, np.array([[-127, 127]], np.int8)) == arm
+        assert KP.fit_dw_isa(arm, np.array([[-128, 5]], np.int8)).name == "generic"
 
 
 @pytest.mark.parametrize("isa", HOST_ISAS, ids=lambda i: i.name)
@@ -281,6 +300,8 @@ def test_kernels_on_aarch64(target, sysroot, tmp_path):
                           text=True, check=True).stdout
     sdots = sum("\tsdot\t" in line for line in text.splitlines())
     assert (sdots > 0) == (isa.name == "sdot")  # the dot-product instruction is really used
+    indexed = sum("\tsdot\t" in line and ".4b[" in line for line in text.splitlines())
+    assert (indexed > 0) == (isa.name == "sdot")  # one weight load for 4 output channels
     _check(cases, run_vm(lib, inputs, sysroot=sysroot))
 
 

@@ -4,14 +4,18 @@ One kernel computes a whole quantized conv layer: ``int8/uint8`` input (NCHW) ->
 accumulators -> bias, fixed-point requantization, clamp -> ``int8/uint8`` output (NCHW), the
 same arithmetic as :func:`pqcompile.lower.ops.requant` (so the integers are the reference's).
 
-Layout (direct convolution, no im2col): the kernel first copies the input into a padded,
+Layout (direct convolution; im2col on small aarch64 maps only): the kernel first copies the
+input into a padded,
 channel-interleaved scratch buffer ``[phase][C/4][rows][cols][4]`` (4 channels of a pixel in one
 32-bit word; stride-2 convs are split into 4 stride-1 "phases" of even/odd rows and columns),
 so that for any kernel tap the 4-channel words of 16 consecutive output pixels are one
 contiguous 64-byte vector. The output is computed on a ``rows x cols`` grid (a few junk columns
 per row: the pad) in blocks of ``MR`` output channels x ``NR`` vectors of ``L`` pixels held in
 registers, and each vector is stored straight into NCHW: one masked store per grid row its
-lanes span, of the lanes that are output columns.
+lanes span, of the lanes that are output columns. On aarch64, where those junk columns are
+10% of the lanes or more (small maps, :func:`~pqcompile.lower.kernel_types.im2col`), the pack
+also writes an im2col copy (each tap's words of the output pixels, contiguous) after the
+padded planes, and the kernel reads that instead.
 
 The inner step is one dot-product instruction per (output channel, pixel vector):
 
@@ -290,5 +294,5 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
 
 
 __all__ = ["ISAS", "KERNEL_ATTR", "ConvShape", "Isa", "channel_params", "choose_tile",
-           "conv1x1_kernel", "conv2d_kernel", "fit_isa", "grid_vectors", "isa_for", "pack_weight",
-           "supported"]
+           "conv1x1_kernel", "conv2d_kernel", "fit_isa", "grid_vectors", "im2col", "isa_for",
+           "pack_weight", "supported"]

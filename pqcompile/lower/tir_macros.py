@@ -8,6 +8,12 @@ build time on the dtypes and sizes it is given.
 
 from __future__ import annotations
 
+from .tir_neon import neon_requant, quad_lane, smull_pairs_macro, splat
+
+__all__ = ["acc_macros", "channel_macros", "dot4_macro", "dot_macro", "dot_pair_macro",
+           "dot_steps", "neon_requant", "quad_lane", "requant_macro", "requant_terms",
+           "row_macro", "smull_pairs_macro", "splat", "tail_store_macro"]
+
 
 def row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: int,
                CH: int = 16):
@@ -116,26 +122,6 @@ def requant_terms(shift, narrow: bool = False):
     return T.int64(1) << T.Cast("int64", shift - 1), T.Cast("int64", shift)
 
 
-def _neon_requant(acc, a, m, sh, lo: int, hi: int):
-    """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON:
-    ``smull`` (the exact int64 products of two lanes), ``srshl`` by ``-sh`` (the rounding
-    right shift: ``(x + 2^(sh-1)) >> sh`` exactly, so :func:`requant_macro`'s integers),
-    ``sqxtn`` (saturating to int32 keeps the clamp's result), ``smin``/``smax``. ``m`` is the
-    int32 multiplier, ``sh`` the negated shift (int64)."""
-    from tvm.script import tirx as T
-
-    def intrin(name, dtype, *args):
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
-                                       *args, dtype=dtype)
-
-    halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
-        "srshl.v2i64", "int64x2", intrin("smull.v2i64", "int64x2",
-                                         acc.vload([a + 2 * h], "int32x2"), T.broadcast(m, 2)),
-        T.broadcast(sh, 2))) for h in range(2)]
-    return T.max(T.min(T.Shuffle(halves, [0, 1, 2, 3]), T.broadcast(T.int32(hi), 4)),
-                 T.broadcast(T.int32(lo), 4))
-
-
 def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: int = 0,
                    neon: bool = False):
     """``(load, store)``: :func:`requant_macro` with a channel's constants read once per
@@ -150,8 +136,9 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
     shifted down) and one blend gathers the high halves (LLVM lowers the per-lane form to
     widening moves, two multiplies and narrowing moves: 13 instructions a vector, this 9).
 
-    ``neon`` (aarch64): every 4 lanes by :func:`_neon_requant` (``K[j + 2]`` holds the negated
-    shift); LLVM's lowering of the int64 form multiplies lane by lane in scalar registers."""
+    ``neon`` (aarch64): every 4 lanes by :func:`~pqcompile.lower.tir_neon.neon_requant`
+    (``K[j + 2]`` holds the negated shift); LLVM's lowering of the int64 form multiplies lane
+    by lane in scalar registers."""
     from tvm.script import tirx as T
 
     _requant = requant_macro(out_dt, lo, hi, narrow)
@@ -165,7 +152,7 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
             K[j + 2] = T.Cast("int64", 0 - S[ch])
 
         def store_neon(dst, i, acc, a, K, j, n):
-            groups = [_neon_requant(acc, a + 4 * g, T.Cast("int32", K[j]), K[j + 2], lo, hi)
+            groups = [neon_requant(acc, a + 4 * g, T.Cast("int32", K[j]), K[j + 2], lo, hi)
                       for g in range(-(-n // 4))]
             whole = groups[0] if len(groups) == 1 else T.Shuffle(
                 groups, list(range(4 * len(groups))))
@@ -233,28 +220,6 @@ def tail_store_macro(out_dt: str, lanes: int):
     return store
 
 
-def splat(word, n: int, dtype: str):
-    """``n`` copies of a 4-byte ``word`` (an ``int8x4`` / ``uint8x4`` load) as one vector of
-    ``dtype`` (``n * 4`` bytes): the broadcast operand of a 4-byte dot product."""
-    from tvm.script import tirx as T
-
-    return T.reinterpret(T.broadcast(T.reinterpret(word, dtype="int32"), n), dtype=dtype)
-
-
-def quad_lane(words, q):
-    """Word ``q`` (0-3, an expression that is constant once the kernel's loops are
-    unrolled) of the 16 bytes ``words`` (4 output channels' 4-byte weight words, one load)
-    splat over the vector: LLVM selects the indexed ``sdot v.4s, x.16b, w.4b[q]``, so a
-    tile's 4 channels cost one 16-byte weight load instead of 4 ``ld1r`` (each with its own
-    address arithmetic: ``ld1r`` has no offset form)."""
-    from tvm.script import tirx as T
-
-    w32 = T.reinterpret(words, dtype="int32x4")
-    lanes = [T.reinterpret(T.Shuffle([w32], [i] * 4), dtype="int8x16") for i in range(4)]
-    return T.Select(q == 0, lanes[0], T.Select(q == 1, lanes[1],
-                                               T.Select(q == 2, lanes[2], lanes[3])))
-
-
 def dot4_macro(name: str):
     """``dot4(acc, a, u, w)``: ``acc[a:a+L]`` (int32 lanes) += the dot product of each lane's
     4 bytes of ``u`` and of ``w``: ``vpdpbusd`` (``u`` uint8x64, ``w`` int8x64) or ``sdot``
@@ -311,45 +276,6 @@ def dot_macro(isa):
                 acc[a + lane] = acc[a + lane] + T.Cast("int32", Xc[x + lane]) \
                     * T.Cast("int32", Wp[ob, ks, r, 0])
     return dot
-
-
-def smull_pairs_macro(steps: int = 1):
-    """``pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r)`` (aarch64 NEON without dot products):
-    ``acc[a:a+8]`` (int32) += the pair sums of the byte products of ``steps`` input vectors
-    ``Xc[4 (x + i dx) ...]`` (16 bytes: 4 pixels' 4-channel words) with the weight words
-    ``Wp[ob, ks + i dks, r]`` (each splat over its vector's 4 pixels).
-
-    Per 8 bytes (2 pixels): ``smull`` (int16 products of two int8: they fit), the next step's
-    ``smlal`` into the same int16 lanes (two products of an int8 input and a weight in
-    [-127, 127], the quantizer's narrow range, sum to at most 32512: no overflow), then
-    ``sadalp`` adds neighbouring int16 lanes into 4 int32 lanes: lane ``i`` of ``acc[a:a+4]``
-    holds pixel ``i // 2``'s channels ``2 (i % 2)``, ``2 (i % 2) + 1`` (pixels 0-1),
-    ``acc[a+4:a+8]`` pixels 2-3. Two steps are 32 multiply-accumulates in 6 instructions, one
-    step 16 in 4 (one ``sdot`` does 16). The halves are loaded as 8 bytes each (a 16-byte
-    load would need ``ext`` for its high half: the weights' splat has no high half for
-    ``smull2``)."""
-    from tvm.script import tirx as T
-
-    smull = "llvm.aarch64.neon.smull.v8i16"
-    saddlp = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
-
-    def products(Xc, x, dx, Wp, ob, ks, dks, r, h):
-        out = None
-        for i in range(steps):
-            term = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(smull), Xc.vload([(x + i * dx) * 4 + 8 * h], "int8x8"),
-                splat(Wp.vload([ob, ks + i * dks, r, 0], "int8x4"), 2, "int8x8"),
-                dtype="int16x8")
-            out = term if out is None else out + term
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), out, dtype="int32x4")
-
-    @T.macro
-    def pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r):
-        acc[T.ramp(a, 1, 4)] = acc.vload([a], "int32x4") \
-            + products(Xc, x, dx, Wp, ob, ks, dks, r, 0)
-        acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") \
-            + products(Xc, x, dx, Wp, ob, ks, dks, r, 1)
-    return pairs
 
 
 def dot_steps(isa) -> int:

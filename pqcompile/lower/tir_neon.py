@@ -1,0 +1,88 @@
+"""TIR expression builders for aarch64 NEON used by the kernels' macros
+(:mod:`~pqcompile.lower.tir_macros`): the broadcast weight word, the indexed ``sdot`` operand,
+the ``smull``/``sadalp`` pair step of the ``neon`` conv kernels and the NEON requantization.
+"""
+
+from __future__ import annotations
+
+
+def splat(word, n: int, dtype: str):
+    """``n`` copies of a 4-byte ``word`` (an ``int8x4`` / ``uint8x4`` load) as one vector of
+    ``dtype`` (``n * 4`` bytes): the broadcast operand of a 4-byte dot product."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.broadcast(T.reinterpret(word, dtype="int32"), n), dtype=dtype)
+
+
+def quad_lane(words, q):
+    """Word ``q`` (0-3, an expression that is constant once the kernel's loops are
+    unrolled) of the 16 bytes ``words`` (4 output channels' 4-byte weight words, one load)
+    splat over the vector: LLVM selects the indexed ``sdot v.4s, x.16b, w.4b[q]``, so a
+    tile's 4 channels cost one 16-byte weight load instead of 4 ``ld1r`` (each with its own
+    address arithmetic: ``ld1r`` has no offset form)."""
+    from tvm.script import tirx as T
+
+    w32 = T.reinterpret(words, dtype="int32x4")
+    lanes = [T.reinterpret(T.Shuffle([w32], [i] * 4), dtype="int8x16") for i in range(4)]
+    return T.Select(q == 0, lanes[0], T.Select(q == 1, lanes[1],
+                                               T.Select(q == 2, lanes[2], lanes[3])))
+
+
+def neon_requant(acc, a, m, sh, lo: int, hi: int):
+    """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON:
+    ``smull`` (the exact int64 products of two lanes), ``srshl`` by ``-sh`` (the rounding
+    right shift: ``(x + 2^(sh-1)) >> sh`` exactly, so the integers of
+    :func:`~pqcompile.lower.tir_macros.requant_macro`), ``sqxtn`` (saturating to int32 keeps
+    the clamp's result), ``smin``/``smax``. ``m`` is the int32 multiplier, ``sh`` the negated
+    shift (int64)."""
+    from tvm.script import tirx as T
+
+    def intrin(name, dtype, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
+                                       *args, dtype=dtype)
+
+    halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
+        "srshl.v2i64", "int64x2", intrin("smull.v2i64", "int64x2",
+                                         acc.vload([a + 2 * h], "int32x2"), T.broadcast(m, 2)),
+        T.broadcast(sh, 2))) for h in range(2)]
+    return T.max(T.min(T.Shuffle(halves, [0, 1, 2, 3]), T.broadcast(T.int32(hi), 4)),
+                 T.broadcast(T.int32(lo), 4))
+
+
+def smull_pairs_macro(steps: int = 1):
+    """``pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r)`` (aarch64 NEON without dot products):
+    ``acc[a:a+8]`` (int32) += the pair sums of the byte products of ``steps`` input vectors
+    ``Xc[4 (x + i dx) ...]`` (16 bytes: 4 pixels' 4-channel words) with the weight words
+    ``Wp[ob, ks + i dks, r]`` (each splat over its vector's 4 pixels).
+
+    Per 8 bytes (2 pixels): ``smull`` (int16 products of two int8: they fit), the next step's
+    ``smlal`` into the same int16 lanes (two products of an int8 input and a weight in
+    [-127, 127], the quantizer's narrow range, sum to at most 32512: no overflow), then
+    ``sadalp`` adds neighbouring int16 lanes into 4 int32 lanes: lane ``i`` of ``acc[a:a+4]``
+    holds pixel ``i // 2``'s channels ``2 (i % 2)``, ``2 (i % 2) + 1`` (pixels 0-1),
+    ``acc[a+4:a+8]`` pixels 2-3. Two steps are 32 multiply-accumulates in 6 instructions, one
+    step 16 in 4 (one ``sdot`` does 16). The halves are loaded as 8 bytes each (a 16-byte
+    load would need ``ext`` for its high half: the weights' splat has no high half for
+    ``smull2``)."""
+    from tvm.script import tirx as T
+
+    smull = "llvm.aarch64.neon.smull.v8i16"
+    saddlp = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+
+    def products(Xc, x, dx, Wp, ob, ks, dks, r, h):
+        out = None
+        for i in range(steps):
+            term = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(smull), Xc.vload([(x + i * dx) * 4 + 8 * h], "int8x8"),
+                splat(Wp.vload([ob, ks + i * dks, r, 0], "int8x4"), 2, "int8x8"),
+                dtype="int16x8")
+            out = term if out is None else out + term
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), out, dtype="int32x4")
+
+    @T.macro
+    def pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r):
+        acc[T.ramp(a, 1, 4)] = acc.vload([a], "int32x4") \
+            + products(Xc, x, dx, Wp, ob, ks, dks, r, 0)
+        acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") \
+            + products(Xc, x, dx, Wp, ob, ks, dks, r, 1)
+    return pairs
