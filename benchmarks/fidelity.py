@@ -8,6 +8,8 @@ model, the built program runs on held-out real inputs, and the row records
   ImageNet photos; the real Fashion-MNIST test images), beside FP32's;
 * ``worst_lsb``: the largest difference, in output steps, between the program's outputs and
   the integer reference's (``compiled.reference``) on the same inputs (0 = bit-exact);
+* ``agreement_labelled``: the agreement on the held-out inputs that have a true label alone
+  (the 20 labelled ImageNet photos' crops for mobilenet_v2), a column beside ``agreement``;
 * ``agreement_clear``: a second figure, never a replacement of ``agreement``: the agreement on
   the held-out inputs whose FP32 top-1 logit leads the runner-up by more than ``CLEAR_MARGIN``
   (1.0) logits (``held_out_clear`` of them). Many held-out crops are near-ties (an interior photo
@@ -187,6 +189,7 @@ def measure(case: Case, fp32: np.ndarray, mode: str, budget: float, steps: int,
             "bop_reduction": c.totals["bop_reduction"],
             "agreement": float((top1 == fp32_top1).mean()),
             "agreement_clear": float((top1 == fp32_top1)[clear].mean()),
+            "agreement_labelled": float((top1 == fp32_top1)[labelled].mean()),
             "held_out_clear": int(clear.sum()),
             "reference_agreement": float((ref.argmax(1) == fp32_top1).mean()),
             "held_out": int(len(top1)),
@@ -213,7 +216,8 @@ def print_row(row: dict[str, Any]) -> None:
     print(f"{row['model']:17s} {row['mode']:9s} {row['budget']:4g}x "
           f"(got {row['bop_reduction']:5.1f}x) steps {row['finetune_steps']:4d}  "
           f"agree {row['agreement']:7.2%} (ref {row['reference_agreement']:7.2%}, "
-          f"margin>{CLEAR_MARGIN:g}: {row.get('agreement_clear', float('nan')):7.2%}) "
+          f"margin>{CLEAR_MARGIN:g}: {row.get('agreement_clear', float('nan')):7.2%}, "
+          f"labelled: {row.get('agreement_labelled', float('nan')):7.2%}) "
           f"task {row['task']:7.2%}  worst {row['worst_lsb']:.0f} LSB  "
           f"{row['compile_seconds']:.0f} s  bits {row['bits_histogram']}", flush=True)
 
