@@ -45,9 +45,10 @@ from ..quant.qmodules import (
     Quantize,
 )
 from ..quant.tables import QPackedEmbedding
-from . import kernels, kernels_linear, kernels_planar
+from . import kernels, kernels_lanes, kernels_linear, kernels_planar
 from .affine import affine
 from .float_islands import island_key, translate_island
+from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
 from .lut import EMITTERS as LUT_EMITTERS
 from .matmul import EMITTERS as MATMUL_EMITTERS
 from .packing import emit_unpack, group, is_packed, pack
@@ -146,13 +147,19 @@ def kernel_conv2d(lw: Lowering, node, module: QConv2d, x) -> relax.Expr | None:
     if depthwise:
         return _kernel_dwconv2d(lw, node, module, x, shape)
     name, isa = node.name, kernels.choose_tile(shape, kernels.fit_isa(lw.isa, q))
-    wvar = _weight(lw, name, kernels.pack_weight(q, isa), module.wq.bits)
-    bias, mult, shift = kernels.channel_params(q, module.bias.numpy(), module.mult.numpy(),
-                                               module.shift.numpy(), shape, isa)
+    lanes = kernels_lanes.channel_lanes(shape, lw.isa)  # small maps: channels in the lanes
+    if lanes:
+        isa = kernels_lanes.lanes_tile(shape)
+    wvar = _weight(lw, name, kernels_lanes.pack_lanes_weight(q) if lanes
+                   else kernels.pack_weight(q, isa), module.wq.bits)
+    bias, mult, shift = (kernels_lanes.lanes_params if lanes else kernels.channel_params)(
+        q, module.bias.numpy(), module.mult.numpy(), module.shift.numpy(), shape, isa)
     pvars = [lw.param(f"{name}.{k}", v) for k, v in
              (("bias", bias), ("mult", mult), ("shift", shift))]
-    lw.kernels[name] = f"conv2d {isa.name} {isa.mr}x{isa.nr * isa.lanes}"
-    return _call_kernel(lw, name, "conv", kernels.conv2d_kernel(shape, isa),
+    lw.kernels[name] = f"conv2d {isa.name} {'lanes ' if lanes else ''}" \
+        f"{isa.mr}x{isa.nr * isa.lanes}"
+    return _call_kernel(lw, name, "conv", (kernels_lanes.conv2d_lanes_kernel if lanes
+                                           else kernels.conv2d_kernel)(shape, isa),
                         isa.packed_dtype or shape.in_dtype, x, [wvar, *pvars],
                         (1, shape.out_channels, *shape.out_hw), shape.out_dtype)
 
@@ -373,5 +380,6 @@ EMITTERS.update(LUT_EMITTERS)  # table lookups and products (pqcompile.lower.lut
 EMITTERS.update(MATMUL_EMITTERS)  # activation x activation products (pqcompile.lower.matmul)
 EMITTERS[QPackedEmbedding] = packed_embedding  # pqcompile.lower.table_lookup
 EMITTERS.update(SOFTMAX_EMITTERS)  # fixed-point softmax (pqcompile.lower.softmax)
+EMITTERS.update(LAYER_NORM_EMITTERS)  # fixed-point layer norm (pqcompile.lower.layernorm)
 
 
