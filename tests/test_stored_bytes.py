@@ -134,3 +134,45 @@ def test_kernel_padding_is_the_residual():
     predicted = CNN_BYTES + _linear(8, 10)
     assert c.totals["predicted_weight_bytes"] == _solver_bytes(gm, a) == predicted
     assert c.totals["weight_bytes"] - predicted == 6 * 8 + 6 * 3 * 4
+
+
+class Attention(nn.Module):
+    """One head of self-attention with no mask: ``softmax(q k^T / 4)`` over the last dim of one
+    8-bit tensor (a fixed-point softmax, or a float island over ``dim=1``), then ``@ v``."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-2, -1) / 4
+        return self.o(torch.softmax(scores, self.dim) @ self.v(x))
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_integer_softmax_table_is_predicted_and_stored(dim):
+    from pqcompile.quant.softmax import QSoftmax
+
+    model = Attention(dim)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 16, generator=g)
+    gm = analysis(model, (x,))
+    a = uniform(gm, 8)
+    c = compile_assignment(model, (x,), a, calibration=[torch.randn(2, 12, 16, generator=g)])
+    integer = any(isinstance(m, QSoftmax) for m in c.reference.modules())
+    assert integer == (dim == -1)
+    assert [op for _, op in c.float_ops] == ([] if integer else ["softmax"])
+    hand = (4 * _linear(16, 16)
+            + 256  # the division by 4: a 256-entry int8 table
+            + (256 * 4 if integer else 0))  # the softmax: 256 int32 exponentials (no island
+    #                                         constants over dim 1)
+    assert c.totals["weight_bytes"] == hand
+    assert c.totals["predicted_weight_bytes"] == hand
+    assert _solver_bytes(gm, a) == hand
+    tables = {k: a for k, a in c.artifact.params.items() if k.endswith("softmax.table")}
+    assert [(a.dtype, a.shape) for a in tables.values()] == \
+        ([(np.dtype("int32"), (256,))] if integer else [])  # in the weights file
+    y = torch.randn(2, 12, 16, generator=g)
+    np.testing.assert_array_equal(c(y.numpy()), c.reference(y).numpy())

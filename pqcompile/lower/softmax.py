@@ -1,9 +1,9 @@
 """Relax emitter of the fixed-point softmax (:class:`pqcompile.quant.softmax.QSoftmax`).
 
 The reference's int64 arithmetic, op for op: the row max of the codes, the table of
-exponentials indexed by its distance to each code (int32 constants: at most ``2^20``), the
-row sum, one floor division per row for the reciprocal, then a multiply, rounding shift and
-clamp per element. TVM fuses the elementwise ops around the two reductions; nothing runs in
+exponentials indexed by its distance to each code (an int32 parameter of the program, entries
+at most ``2^20``: 1 KiB in the weights file), the row sum, one floor division per row for the
+reciprocal, then a multiply, rounding shift and clamp per element. TVM fuses the elementwise ops around the two reductions; nothing runs in
 float.
 """
 
@@ -27,7 +27,9 @@ def _i64(value: int) -> relax.Expr:
 
 def softmax(lw: Lowering, node, module: QSoftmax, q) -> relax.Expr:
     bb = lw.bb
-    table = relax.const(module.table.numpy().astype(np.int32), "int32")
+    # a parameter of the program (the weights file: what totals["weight_bytes"] measures),
+    # int32 as the stored-bytes prediction counts it (quant.softmax.TABLE_BYTES)
+    table = lw.param(f"{node.name}.table", module.table.numpy().astype(np.int32))
     qi = bb.emit(R.astype(q, "int32"))
     d = bb.emit(R.subtract(R.max(qi, axis=-1, keepdims=True), qi))
     e = bb.emit(R.astype(R.take(table, d, axis=0), "int64"))

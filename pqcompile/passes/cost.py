@@ -21,7 +21,8 @@ chose) is costed as the integer program stores and runs it (:mod:`pqcompile.lowe
 * values computed from constants alone (a position-embedding lookup of ``position_ids``, a
   parameter read with ``get_attr``) are stored by the ops that read them, as float64
   constants of their islands, not by their modules; pointwise ops of one quantized tensor
-  store a 256-entry table; identical float islands are stored once
+  store a 256-entry table, a fixed-point softmax 256 int32 exponentials; identical float
+  islands are stored once
   (:mod:`pqcompile.passes.stored`).
 
 Matmuls of two activations (attention's ``q @ k^T`` and ``probs @ v``, also inside

@@ -14,14 +14,16 @@ program does beyond "each module stores its parameters" change that count:
   repeats reduced to 1 where the op broadcasts it (:func:`pqcompile.quant.builder._compact`).
   BERT's positions: the first ``L`` rows of the table at 8 bytes an entry, not the table.
 * **Lookup tables.** A pointwise op of one quantized tensor (GELU, a division by a number, a
-  sigmoid) runs as a table of :data:`LUT_ENTRIES` int8/uint8 codes (:mod:`pqcompile.quant.lut`).
+  sigmoid) runs as a table of :data:`LUT_ENTRIES` int8/uint8 codes (:mod:`pqcompile.quant.lut`);
+  a softmax over the last dim of one 8-bit tensor runs in fixed point with a table of 256 int32
+  exponentials (:data:`~pqcompile.quant.softmax.TABLE_BYTES`, :mod:`pqcompile.quant.softmax`).
 * **Shared islands.** Float islands with the same code, input shapes and constant values are one
   function with one copy of its constants (:func:`pqcompile.lower.float_islands.island_key`);
   layer norms that still hold their initial weights share one.
 
-What this cannot see, and so leaves out: a pointwise op whose input is wider than 8 bits or whose
-function is not finite on its input codes (calibration decides; it stays a float island, no
-table), an island that falls back to float32 (constants at 4 bytes), and pruning of channels a
+What this cannot see, and so leaves out: a pointwise op or softmax whose input is wider than 8
+bits (a residual sum widened by ``residual_bits``) or a pointwise function not finite on its
+input codes (calibration decides; it stays a float island, no table), an island that falls back to float32 (constants at 4 bytes), and pruning of channels a
 folded constant carries (the solvers hold it whole).
 """
 
@@ -54,22 +56,32 @@ class StoredExtras:
         return self.constants.get(name, 0.0) + self.tables.get(name, 0.0)
 
 
-def program_kinds(gm: torch.fx.GraphModule, assignment) -> dict[str, str]:
-    """Each node's kind in the integer program (:func:`pqcompile.quant.plan.make_plan`) under
-    ``assignment``; a graph the plan refuses (the build names why) gets ``const`` and ``float``
-    from its structure alone."""
+def program_plan(gm: torch.fx.GraphModule, assignment):
+    """The integer program's plan (:func:`pqcompile.quant.plan.make_plan`) under
+    ``assignment``, or ``None`` for a graph the plan refuses (the build names why)."""
     from ..errors import PQCompileError
     from ..quant.plan import make_plan
 
     try:
-        return dict(make_plan(gm, assignment).kind)
+        return make_plan(gm, assignment)
     except (PQCompileError, ValueError, KeyError):
-        kinds: dict[str, str] = {}
-        for n in gm.graph.nodes:
-            depends = n.op == "placeholder" or any(kinds[a.name] != "const"
-                                                   for a in n.all_input_nodes)
-            kinds[n.name] = "float" if depends else "const"
-        return kinds
+        return None
+
+
+def program_kinds(gm: torch.fx.GraphModule, assignment) -> dict[str, str]:
+    """Each node's kind in the integer program under ``assignment``; a graph the plan refuses
+    gets ``const`` and ``float`` from its structure alone."""
+    plan = program_plan(gm, assignment)
+    return dict(plan.kind) if plan is not None else _structural_kinds(gm)
+
+
+def _structural_kinds(gm: torch.fx.GraphModule) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        depends = n.op == "placeholder" or any(kinds[a.name] != "const"
+                                               for a in n.all_input_nodes)
+        kinds[n.name] = "float" if depends else "const"
+    return kinds
 
 
 class _Constants(torch.fx.Interpreter):
@@ -105,8 +117,10 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
     (an :class:`~pqcompile.assignment.Assignment`; module docstring)."""
     from ..meta import SHAPE
     from ..quant.builder import _broadcasts, _compact  # the reference's own rules
+    from ..quant.softmax import TABLE_BYTES, integer_softmax
 
-    kinds = program_kinds(gm, assignment)
+    plan = program_plan(gm, assignment)
+    kinds = dict(plan.kind) if plan is not None else _structural_kinds(gm)
     const = {n.name for n in gm.graph.nodes if kinds.get(n.name) == "const"}
     readers = [n for n in gm.graph.nodes if n.name not in const and n.op != "output" and any(
         a.name in const for a in n.all_input_nodes)]
@@ -118,6 +132,9 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
         kind = kinds.get(n.name)
         if kind == "lut":
             tables[n.name] = float(LUT_ENTRIES)
+            continue
+        if plan is not None and integer_softmax(gm, plan, n):
+            tables[n.name] = float(TABLE_BYTES)
             continue
         if kind not in ("float", "mask", "inlined") or n.name in const:
             continue

@@ -68,17 +68,18 @@ def norm_terms(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndar
 
 
 def channel_params(k: float, s: float, s_in: float, s_out: float, span: int, *,
-                   where: str = "") -> tuple[int, int, int]:
+                   where: str = "", bound: int = 1 << 16) -> tuple[int, int, int]:
     """``(m, sh, b)`` of one channel computing ``q * k * s_in / s_out + s / s_out``.
 
     ``span`` bounds the output's magnitude (``max(|lo|, |hi|)``): an offset beyond what the
     product can reach saturates the clamp whatever its exact value, so it is capped there; a
     shift whose offset would not fit :data:`_OFFSET_BITS` is lowered (fewer mantissa bits).
+    ``bound``: ``|q_in| < bound`` (at most ``2^22``: the product stays under ``2^53``).
     """
     M = s_in * k / s_out
     mag, sh = quantize_multiplier(abs(M), where=where)
     B = s / s_out
-    reach = span + 1 + abs(M) * (1 << (_PRODUCT_BITS - 31))  # |q_in| < 2^16
+    reach = span + 1 + abs(M) * bound
     B = max(-reach, min(reach, B))
     while sh > 1 and abs(B) * 2.0 ** sh > 2.0 ** _OFFSET_BITS:
         sh -= 1

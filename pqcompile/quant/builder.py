@@ -60,7 +60,7 @@ from .qmodules import (
 )
 from .qmodules import FloatOp as FloatOpModule
 from .qparams import quantize_layer
-from .softmax import make_softmax, softmax_input
+from .softmax import integer_softmax, make_softmax, softmax_input
 from .tables import packed_lookup
 
 
@@ -301,9 +301,8 @@ class _Builder:
     def float(self, n):
         if any(a.name in self.plan.inlined for a in n.all_input_nodes):
             return self.region(n)
-        x = softmax_input(self.gm, n)  # a softmax of one 8-bit tensor: in fixed point
-        if x is not None and x.name in self.plan.root:
-            out = self.qp[n.name]
+        if integer_softmax(self.gm, self.plan, n):  # one 8-bit tensor's: in fixed point
+            x, out = softmax_input(self.gm, n), self.qp[n.name]
             module = make_softmax(self.qparams(x.name), out, *self.bounds(n, out))
             if module is not None:
                 return self.emit(n, module, (self.env[x.name],), meta={QPARAMS: out})

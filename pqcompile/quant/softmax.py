@@ -27,11 +27,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from ..meta import SHAPE, QParams
 from .qmodules import QModule
 
+if TYPE_CHECKING:
+    from .plan import Plan
+
 EXP_BITS = 20  # E[0] = 2^20
 G_BITS = 46  # G in [2^46, 2^47)
+TABLE_BYTES = 256 * 4  # the program stores E as a parameter of 256 int32 (entries <= 2^20)
 _FUNCTIONS = (F.softmax, torch.softmax)
 
 
@@ -59,6 +65,21 @@ def softmax_input(gm: torch.fx.GraphModule, n: torch.fx.Node) -> torch.fx.Node |
     if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
         return None
     return x
+
+
+def integer_softmax(gm: torch.fx.GraphModule, plan: Plan, n: torch.fx.Node) -> bool:
+    """Whether the reference computes ``n`` as a :class:`QSoftmax` under ``plan``: a float
+    node that is a softmax over the last dim (:func:`softmax_input`) of one quantized tensor of
+    at most 8 bits, into an unsigned output, with no region inlined into it (a mask bias
+    computed from an integer input keeps the softmax a float island). The builder and the
+    stored-bytes prediction (:mod:`pqcompile.passes.stored`: :data:`TABLE_BYTES` a softmax)
+    both ask this."""
+    if plan.kind.get(n.name) != "float" or any(a.name in plan.inlined
+                                                for a in n.all_input_nodes):
+        return False
+    x = softmax_input(gm, n)
+    return x is not None and x.name in plan.root and \
+        plan.bits.get(plan.root[x.name], 8) <= 8 and not plan.signed.get(n.name, True)
 
 
 class QSoftmax(QModule):
