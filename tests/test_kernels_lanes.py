@@ -25,7 +25,10 @@ CASES = [(5, 7, 7, 19, 3, 1, 1, "uint8", "uint8"),
          (12, 5, 11, 40, 3, 1, 0, "int8", "uint8"),
          (7, 6, 6, 16, 5, 1, 2, "uint8", "int8"),
          (16, 14, 14, 33, 3, 1, 1, "uint8", "uint8"),
-         (9, 15, 13, 48, 3, 2, 1, "uint8", "int8")]
+         (9, 15, 13, 48, 3, 2, 1, "uint8", "int8"),
+         # 1x1 convs, which the direct kernel reads unpacked: packed here
+         (40, 7, 7, 48, 1, 1, 0, "int8", "uint8"),
+         (22, 5, 9, 20, 1, 1, 0, "uint8", "int8")]
 
 
 def _bounds(dtype):
@@ -101,6 +104,12 @@ def test_chosen_for_the_small_maps_of_resnet18():
     stem = K.ConvShape(3, 224, 224, 64, (7, 7), 2, (3, 3), "int8", "uint8", 0, 255, True)
     assert not KL.channel_lanes(stem, vnni)
     assert not KL.channel_lanes(shape(512, 7, 512, 1), K.Isa("sdot", 4, 4, 4))
+    # mobilenet_v2's 1x1 convs on 7x7 maps that reduce many channels (960 -> 160, 320), not
+    # those that expand few (96 -> 576 on 14x14: the pack and the transpose cost more)
+    one = [KL.channel_lanes(K.ConvShape(c, h, h, o, (1, 1), 1, (0, 0), "uint8", "uint8", 0,
+                                        255, True), vnni)
+           for c, h, o in [(960, 7, 160), (960, 7, 320), (96, 14, 576), (32, 112, 16)]]
+    assert one == [True, True, False, False]
     # 7 pixels (a whole 7-pixel row) x 2 channel vectors: 14 of the 15 accumulators
     assert (KL.lanes_tile(shape(512, 7, 512, 1)).mr, KL.lanes_tile(shape(512, 7, 512, 1)).nr) \
         == (7, 2)

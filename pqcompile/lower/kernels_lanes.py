@@ -11,7 +11,8 @@ x ``NR`` channel vectors; the pixels past the row's end (its last tile) read gri
 inside the scratch and are not stored.
 
 The input pack is the direct kernel's (the same padded, channel-interleaved, phase-split
-scratch), the weights are packed once as ``[O/16][C/4 * KH * KW][16][4]`` (the linear
+scratch; a 1x1 conv, which the direct kernel reads unpacked, gets its channel-interleaving
+copy), the weights are packed once as ``[O/16][C/4 * KH * KW][16][4]`` (the linear
 kernel's layout: :func:`~pqcompile.lower.kernels_linear.pack_linear_weight`), and the
 epilogue is :func:`~pqcompile.lower.tir_macros.requant_macro`'s with per-lane constants, its
 bytes written to the NCHW output channel by channel (a small transpose per tile). Same
@@ -32,9 +33,17 @@ from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
 
 #: Accumulator vectors of a tile (the tile stays under the 1 KiB TVM keeps on the stack).
 MAX_TILE = 15
-#: Each output byte's share of the epilogue's transpose, in dot-product lanes (measured:
-#: a scalar byte store and its extract cost about a 16-lane ``vpdpbusd``).
-STORE_LANES = 16
+#: Each output byte's share of the epilogue's transpose, in dot-product lanes, and each
+#: input byte's share of the pack a 1x1 conv needs here (the direct 1x1 kernel reads the
+#: NCHW input as it is): fitted to single-threaded timings of both kernels on 14 layers of
+#: resnet18 and mobilenet_v2 (1x1 and 3x3, 56x56 to 7x7), which they then all rank right.
+STORE_LANES = 12
+PACK_LANES = 1
+
+
+def _packless(shape: ConvShape) -> bool:
+    """The direct kernel's 1x1 conv, which has no pack."""
+    return shape.kernel == (1, 1) and shape.stride == 1 and shape.padding == (0, 0)
 
 
 def lanes_tile(shape: ConvShape) -> Isa:
@@ -64,7 +73,10 @@ def _cost(shape: ConvShape, tile: Isa, lanes: bool) -> float:
     if lanes:
         ov = -(-shape.out_channels // 16)
         computed = oh * -(-ow // tile.mr) * tile.mr * -(-ov // tile.nr) * tile.nr * 16
-        return computed * (1 + load) * steps + STORE_LANES * shape.out_channels * oh * ow
+        packed = PACK_LANES * shape.channels * shape.height * shape.width \
+            if _packless(shape) else 0
+        return computed * (1 + load) * steps + STORE_LANES * shape.out_channels * oh * ow \
+            + packed
     nv = grid_vectors(shape, tile.lanes, tile)
     computed = -(-shape.out_channels // tile.mr) * tile.mr * -(-nv // tile.nr) * tile.nr \
         * tile.lanes
@@ -72,10 +84,9 @@ def _cost(shape: ConvShape, tile: Isa, lanes: bool) -> float:
 
 
 def channel_lanes(shape: ConvShape, isa: Isa) -> bool:
-    """Whether a conv on ``isa`` runs on this kernel: VNNI, a layer with a pack (not the
-    packless 1x1), and fewer weighted lanes than the direct kernel's best tile."""
-    if isa.name != "vnni" or (shape.kernel == (1, 1) and shape.stride == 1
-                              and shape.padding == (0, 0)):
+    """Whether a conv on ``isa`` runs on this kernel: VNNI, and fewer weighted lanes than
+    the direct kernel's best tile (a 1x1 conv's pack counted: the direct one has none)."""
+    if isa.name != "vnni":
         return False
     return _cost(shape, lanes_tile(shape), True) < _cost(shape, choose_tile(shape, isa), False)
 
@@ -105,8 +116,11 @@ def conv2d_lanes_kernel(shape: ConvShape, isa: Isa):
     ``isa`` a :func:`lanes_tile`."""
     from tvm.script import tirx as T
 
-    # the direct kernel's pack; its scratch's slack covers a whole tile of junk pixels
-    pack, _, scratch_bytes = conv2d_kernel(shape, Isa("vnni", 16, 1, 1))
+    # the direct kernel's pack (a 1x1 conv's too: given the pad value, one a zero input
+    # gets, it packs); its scratch's slack covers a whole tile of junk pixels
+    direct = Isa("vnni", 16, 1, 1)
+    pack, _, scratch_bytes = conv2d_kernel(
+        shape, direct, pad=direct.offset(shape.in_dtype) if _packless(shape) else None)
     C, OC = shape.channels, shape.out_channels
     KH, KW = shape.kernel
     PH, PW = shape.padding
@@ -179,5 +193,5 @@ def conv2d_lanes_kernel(shape: ConvShape, isa: Isa):
     return pack, kernel, scratch_bytes
 
 
-__all__ = ["MAX_TILE", "channel_lanes", "conv2d_lanes_kernel", "lanes_params", "lanes_tile",
+__all__ = ["MAX_TILE", "PACK_LANES", "STORE_LANES", "channel_lanes", "conv2d_lanes_kernel", "lanes_params", "lanes_tile",
            "pack_lanes_weight"]
