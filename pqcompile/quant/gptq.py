@@ -48,7 +48,7 @@ from .plan import make_plan
 from .qparams import REL_SCALE_FLOOR, quantize_weight, weight_qmax
 
 __all__ = ["ROUNDINGS", "GptqOptions", "LayerRounding", "check_weight_rounding", "gptq_round",
-           "gptq_rows", "layer_hessian", "stored_mismatches"]
+           "gptq_rows", "layer_hessian", "round_layer", "stored_mismatches"]
 
 ROUNDINGS = ("nearest", "gptq")
 
