@@ -193,5 +193,5 @@ def conv2d_lanes_kernel(shape: ConvShape, isa: Isa):
     return pack, kernel, scratch_bytes
 
 
-__all__ = ["MAX_TILE", "PACK_LANES", "STORE_LANES", "channel_lanes", "conv2d_lanes_kernel", "lanes_params", "lanes_tile",
-           "pack_lanes_weight"]
+__all__ = ["MAX_TILE", "PACK_LANES", "STORE_LANES", "channel_lanes", "conv2d_lanes_kernel",
+           "lanes_params", "lanes_tile", "pack_lanes_weight"]
