@@ -12,6 +12,7 @@ from onnx import TensorProto
 from ..lower.movement import item_box, view_op
 from .onnx_affine import affine
 from .onnx_islands import splice_island
+from .onnx_layernorm import EMITTERS as LAYER_NORM_EMITTERS
 from .onnx_softmax import EMITTERS as SOFTMAX_EMITTERS
 from ..quant.lut import QLut, QMul
 from ..quant.matmul import QMatMul
@@ -186,6 +187,7 @@ EMITTERS = {Quantize: quantize_input, Dequantize: dequantize_output, QConv2d: co
             QClip: clip, FloatOp: float_op, QEmbedding: embedding, QPad: pad, QGather: gather,
             QLut: lut, QMul: mul, QAffine: affine, QMatMul: matmul}
 EMITTERS.update(SOFTMAX_EMITTERS)  # fixed-point softmax in int64 ops (onnx_softmax)
+EMITTERS.update(LAYER_NORM_EMITTERS)  # fixed-point layer norm in int64 ops (onnx_layernorm)
 
 
 def getitem(ex: _Export, node, x: str) -> str:

@@ -4,7 +4,13 @@ The reference's int64 arithmetic, op for op: the row sums of the codes and their
 exponent ``e`` as a count of the powers of 4 at most ``W``, the integer square root by the same
 Newton steps, the reciprocal, then per element the normalized value and the per-channel affine
 map (int32 multiplier and shift, int64 offset: parameters of the program, in the weights file).
-Nothing runs in float; TVM fuses the elementwise ops around the reductions.
+Nothing runs in float.
+
+Not used yet: the builder keeps layer norms as float islands. Built as written here (one Relax
+op per step), TVM took over ten minutes to compile a two-norm test model: the fused elementwise
+kernels inline the per-row Newton chain, whose steps each read the previous one twice. The
+per-row part (``W`` to ``e`` and ``R``) needs its own TIR function (a loop over rows with
+scalar locals) before the builder can emit :class:`QLayerNorm`.
 """
 
 from __future__ import annotations

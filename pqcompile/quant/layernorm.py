@@ -57,7 +57,7 @@ def integer_layer_norm(gm: torch.fx.GraphModule, plan: Plan, n: torch.fx.Node) -
     """Whether the reference computes ``n`` as a :class:`QLayerNorm` under ``plan``: a float
     node calling an ``nn.LayerNorm`` over the last dim (one normalized dim of at most
     :data:`MAX_DIM`, weight and bias) on one quantized tensor of at most 16 bits, with no region
-    inlined into it. The builder and the stored-bytes prediction both ask this."""
+    inlined into it. (Not asked by the builder yet: see :mod:`pqcompile.lower.layernorm`.)"""
     if plan.kind.get(n.name) != "float" or n.op != "call_module" or len(n.args) != 1 or \
             n.kwargs or not isinstance(n.args[0], torch.fx.Node):
         return False
