@@ -160,7 +160,10 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
 
         @T.macro
         def store(dst, i, acc, a, K, j, n):
-            dst[T.ramp(i, 1, n)] = store_neon(dst, i, acc, a, K, j, n)
+            if n == 1:  # a one-pixel tail (49 = 12 x 4 + 1 outputs of a 7x7 map): no ramp
+                dst[i] = store_neon(dst, i, acc, a, K, j, n)
+            else:
+                dst[T.ramp(i, 1, n)] = store_neon(dst, i, acc, a, K, j, n)
         return load, store
 
     @T.macro

@@ -121,6 +121,10 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
 
     plan = program_plan(gm, assignment)
     kinds = dict(plan.kind) if plan is not None else _structural_kinds(gm)
+    # bits the plan refuses (activations not tied) have no program: their softmax tables are
+    # counted as at 8/8, as the solver's problem counts them
+    softmax_plan = plan if plan is not None else program_plan(
+        gm, type(assignment).uniform(sorted(assignment.bits), 8, 8))
     const = {n.name for n in gm.graph.nodes if kinds.get(n.name) == "const"}
     readers = [n for n in gm.graph.nodes if n.name not in const and n.op != "output" and any(
         a.name in const for a in n.all_input_nodes)]
@@ -133,7 +137,7 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
         if kind == "lut":
             tables[n.name] = float(LUT_ENTRIES)
             continue
-        if plan is not None and integer_softmax(gm, plan, n):
+        if softmax_plan is not None and integer_softmax(gm, softmax_plan, n):
             tables[n.name] = float(TABLE_BYTES)
             continue
         if kind not in ("float", "mask", "inlined") or n.name in const:
