@@ -30,7 +30,7 @@ import functools
 from dataclasses import dataclass
 
 from .kernel_types import KERNEL_ATTR
-from .tir_macros import NARROW_MIN_SHIFT, dot4_macro, requant_macro, splat
+from .tir_macros import NARROW_MIN_SHIFT, dot4_macro, requant_macro, requant_terms, splat
 
 LANES = 16  # int32 lanes of an AVX-512 vector
 DEPTH = 4  # bytes per lane of one vpdpbusd
@@ -103,13 +103,10 @@ def product_kernel(shape: ProductShape):
     MB, NB = M // mr, NV // nr
     a_dt, b_dt, out_dt = shape.a_dtype, shape.b_dtype, shape.out_dtype
     _dot4 = dot4_macro("vnni")
-    _store = requant_macro(out_dt, shape.lo, shape.hi, narrow=shape.shift >= NARROW_MIN_SHIFT)
-    if shape.shift >= NARROW_MIN_SHIFT:
-        m_c, r_c, sh_c = (T.int64(shape.mult), T.int32(1 << (shape.shift - NARROW_MIN_SHIFT)),
-                          T.int32(shape.shift - 32))
-    else:
-        m_c, r_c, sh_c = (T.int64(shape.mult), T.int64(1 << (shape.shift - 1)),
-                          T.int64(shape.shift))
+    narrow = shape.shift >= NARROW_MIN_SHIFT
+    _store = requant_macro(out_dt, shape.lo, shape.hi, narrow=narrow)
+    m_c = T.int64(shape.mult)
+    r_c, sh_c = requant_terms(T.int32(shape.shift), narrow)
     corr = -K * oa * ob  # the constant term, added to each row's correction
 
     @T.prim_func(s_tir=True)
