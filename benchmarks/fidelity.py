@@ -204,6 +204,43 @@ def measure(case: Case, fp32: np.ndarray, mode: str, budget: float, steps: int,
             "notes": [n for n in c.artifact.manifest["extra"].get("notes", []) if "GPTQ" in n]}
 
 
+def ort_int8_rows(case: Case, fp32: np.ndarray, *, calibration_batches: int = 8,
+                  methods: tuple[str, ...] = ("MinMax", "Percentile")) -> list[dict[str, Any]]:
+    """The peer on the same footing: ONNX Runtime static int8 (QDQ, per-channel int8 weights,
+    uint8 activations; ``peers.ort_int8``) of the FP32 model, calibrated on the same inputs
+    compile calibrates on with data (the first ``calibration_batches`` tuning batches), one row
+    per calibration method, measured on the same held-out inputs (16x BOPs: 8/8 everywhere)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod
+
+    import peers
+
+    fp32_top1, clear = fp32.argmax(1), top1_margin(fp32) > CLEAR_MARGIN
+    labelled = case.labels >= 0
+    calibration = [x for _, (x, _) in zip(range(calibration_batches),
+                                          case.data(calibration_batches))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = peers.export_onnx(case.model.eval(), case.example[:1], Path(tmp) / "fp32.onnx")
+        for method in methods:
+            q = peers.ort_int8(path, tmp, calibration,
+                               calibrate_method=getattr(CalibrationMethod, method))
+            run = peers.ort_runner(peers.ort_session(q, 2))
+            top1 = np.concatenate([run(x[None].numpy()) for x in case.held_out]).argmax(1)
+            same = top1 == fp32_top1
+            rows.append({"model": case.name, "mode": f"ort-int8 ({method})", "budget": 16.0,
+                         "finetune_steps": 0, "bop_reduction": 16.0,
+                         "agreement": float(same.mean()),
+                         "agreement_clear": float(same[clear].mean()),
+                         "agreement_labelled": float(same[labelled].mean()),
+                         "held_out_clear": int(clear.sum()), "held_out": int(len(top1)),
+                         "task": float((top1[labelled] == case.labels[labelled]).mean()),
+                         "labelled": int(labelled.sum()), "worst_lsb": float("nan"),
+                         "calibration": f"{calibration_batches} batches of data (ORT {method})"})
+    return rows
+
+
 def _histogram(bits: dict[str, list[int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for w, a in bits.values():
@@ -215,18 +252,20 @@ def _histogram(bits: dict[str, list[int]]) -> dict[str, int]:
 def print_row(row: dict[str, Any]) -> None:
     print(f"{row['model']:17s} {row['mode']:9s} {row['budget']:4g}x "
           f"(got {row['bop_reduction']:5.1f}x) steps {row['finetune_steps']:4d}  "
-          f"agree {row['agreement']:7.2%} (ref {row['reference_agreement']:7.2%}, "
+          f"agree {row['agreement']:7.2%} "
+          f"(ref {row.get('reference_agreement', float('nan')):7.2%}, "
           f"margin>{CLEAR_MARGIN:g}: {row.get('agreement_clear', float('nan')):7.2%}, "
           f"labelled: {row.get('agreement_labelled', float('nan')):7.2%}) "
           f"task {row['task']:7.2%}  worst {row['worst_lsb']:.0f} LSB  "
-          f"{row['compile_seconds']:.0f} s  bits {row['bits_histogram']}", flush=True)
+          f"{row.get('compile_seconds', float('nan')):.0f} s  "
+          f"bits {row.get('bits_histogram', {'8/8': 'all'})}", flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--budgets", type=float, nargs="+", default=[16, 32, 48])
-    ap.add_argument("--modes", nargs="+", default=["data-free", "data"],
+    ap.add_argument("--modes", nargs="*", default=["data-free", "data"],
                     choices=["data-free", "data"])
     ap.add_argument("--steps", type=int, default=300, help="QAT steps with data")
     ap.add_argument("--observer", default=None, help="compile's activation observer")
@@ -244,6 +283,8 @@ def main(argv=None) -> int:
                     help="compile's weight_rounding with data (GPTQ on the calibration crops)")
     ap.add_argument("--gptq", nargs="+", default=[], metavar="KEY=VALUE",
                     help="GPTQ options, e.g. act_order=true clip=mse skip_bits=8 damp=0.01")
+    ap.add_argument("--peer", action="store_true",
+                    help="also ONNX Runtime static int8 calibrated on the same tuning inputs")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in the output file and add these")
@@ -286,6 +327,12 @@ def main(argv=None) -> int:
             fp32[name]["crop_batch"] = args.crop_batch
         print(f"{name}: FP32 task top-1 {fp32[name]['task']:.2%} on {labelled.sum()} labelled "
               f"of {len(top1)} held-out inputs", flush=True)
+        if args.peer:
+            for row in ort_int8_rows(case, logits):
+                rows.append(row)
+                print_row(row)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1))
         for mode in args.modes:
             for budget in args.budgets:
                 rows.append(measure(case, logits, mode, budget, args.steps, options))
@@ -342,7 +389,7 @@ def print_table(rows: list[dict[str, Any]], fp32: dict[str, Any]) -> None:
         print(f"| {r['model']} | {mode} | {r['bop_reduction']:.1f}x | "
               f"{r['finetune_steps']} | {r['agreement']:.1%} of {r['held_out']} | "
               f"{r['task']:.1%} ({fp32[r['model']]['task']:.1%}) | "
-              f"{r['worst_lsb']:.0f} LSB |")
+              f"{'(peer)' if r['mode'].startswith('ort') else format(r['worst_lsb'], '.0f') + ' LSB'} |")
 
 
 if __name__ == "__main__":

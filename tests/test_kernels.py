@@ -4,7 +4,7 @@ Each kernel (conv, depthwise conv, linear) is checked against an int64 numpy/tor
 of the same arithmetic (accumulate, add bias, ``(acc * m + 2^(s-1)) >> s``, clamp) on shapes
 that hit the edge cases (channels not a multiple of the dot-product depth or the tile, stride 2
 phases, pads, output grids smaller than a vector, signed and unsigned inputs), for every
-instruction set: on this host (AVX-512 VNNI where the CPU has it, the generic path always),
+instruction set: on this host (AVX-512 VNNI where the CPU has it, AVX2, the generic path),
 and on aarch64 (SDOT and plain NEON) under qemu-aarch64. Whole models compiled for the host
 and for an AVX2-only x86 target match their integer references exactly.
 """
@@ -24,11 +24,14 @@ from pqcompile.lower import kernels_linear as KL
 from pqcompile.lower import kernels_planar as KP
 from pqcompile.lower.build import resolve_target
 from pqcompile.lower.tir_macros import NARROW_MIN_SHIFT
-from pqcompile.targets import get_target, run_vm
+from pqcompile.targets import TargetSpec, get_target, run_vm
 
 HOST = resolve_target("host")
-HOST_ISAS = [K.isa_for(HOST)] + ([] if K.isa_for(HOST).name == "generic"
-                                 else [K.Isa("generic", 16, 4, 2)])
+_HOST_ISA = K.isa_for(HOST)
+#: the host's kernels, the AVX2 ones where the host has AVX-512 VNNI (every such CPU has AVX2),
+#: and the generic ones at the width the host's fallback uses (``fit_isa``)
+HOST_ISAS = [_HOST_ISA] + ([K.Isa("avx2", 8, 4, 2)] if _HOST_ISA.name == "vnni" else []) \
+    + ([] if _HOST_ISA.name == "generic" else [K.Isa("generic", _HOST_ISA.generic_lanes, 4, 2)])
 
 
 def _bounds(dtype):
@@ -61,6 +64,14 @@ def _input(rng, shape, dtype):
     return rng.integers(lo, hi + 1, shape).astype(dtype)
 
 
+def _extremes(rng, a):
+    """``a``'s shape and dtype, each element its dtype's lowest or highest kernel value (int8
+    weights and inputs: -127 or 127; uint8 inputs: 0 or 255, which the int8 dot products see
+    as -128 or 127): the largest int16 pair sums of the AVX2 and NEON steps."""
+    lo, hi = _bounds(a.dtype.name)
+    return rng.choice(np.array([lo, hi], a.dtype), a.shape)
+
+
 class Case:
     """One kernel instance: its Relax functions, inputs and expected integers."""
 
@@ -73,6 +84,8 @@ class Case:
         if kind == "linear":
             x = _input(rng, (p["rows"], p["k"]), in_dt)
             wt = rng.integers(-127, 128, (p["k"], p["n"])).astype(np.int8)
+            if p.get("extreme"):
+                x, wt = _extremes(rng, x), _extremes(rng, wt)
             b, m, s = _channel_data(rng, p["n"], seed)
             shape = KL.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
             isa = KL.linear_tile(shape, isa)
@@ -99,6 +112,8 @@ class Case:
             o = c if kind == "dw" else o
             x = _input(rng, (1, c, h, w_), in_dt)
             w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
+            if p.get("extreme"):
+                x, w = _extremes(rng, x), _extremes(rng, w)
             b, m, s = _channel_data(rng, o, seed)
             self.narrow = _narrow(s)
             shape = K.ConvShape(c, h, w_, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi,
@@ -195,6 +210,13 @@ def _cases(isa):
                  out_dtype=a) for i, (c, h, k, st, pad, a) in enumerate(POOL)]
     out += [Case("linear", isa, 200 + i, rows=r, k=kk, n=n, in_dtype=a, out_dtype=b)
             for i, (r, kk, n, a, b) in enumerate(LINEAR)]
+    # every product at its extreme: a dot product that saturated its int16 pair sums (as
+    # vpmaddubsw on unsigned inputs would: 2 x 255 x 127 > 32767) fails these
+    out += [Case("conv", isa, 400 + i, c=16, h=6, o=8, k=3, stride=1, pad=1, in_dtype=a,
+                 out_dtype="uint8", tile=None, extreme=True)
+            for i, a in enumerate(("uint8", "int8"))]
+    out += [Case("linear", isa, 410 + i, rows=2, k=32, n=16, in_dtype=a, out_dtype="int8",
+                 extreme=True) for i, a in enumerate(("uint8", "int8"))]
     return out
 
 
@@ -305,6 +327,19 @@ def test_kernels_on_aarch64(target, sysroot, tmp_path):
     _check(cases, run_vm(lib, inputs, sysroot=sysroot))
 
 
+def test_avx2_dot_products_only_narrow_range_weights():
+    """The AVX2 step gives each weight its input's sign (``vpsignb``), which leaves -128 at
+    -128: a layer with a -128 weight (outside the quantizer's narrow range) gets the generic
+    kernels, conv and linear alike."""
+    avx2 = K.isa_for(resolve_target(TargetSpec.from_tvm(
+        {"kind": "llvm", "mcpu": "haswell"}, name="avx2-isa")))
+    assert avx2.name == "avx2" and avx2.offset("uint8") == -128 and avx2.packed_dtype == "int8"
+    assert K.fit_isa(avx2, np.array([[-127, 127]], np.int8)) == avx2
+    assert K.fit_isa(avx2, np.array([[-128, 5]], np.int8)).name == "generic"
+    # |input| <= 128 and |weight| <= 127: a pair of products fits int16
+    assert 2 * 128 * 127 <= np.iinfo(np.int16).max < 2 * 255 * 127
+
+
 def test_neon_pairs_only_narrow_range_weights():
     """The neon kernels sum two weight x input products in int16: a -128 weight (outside the
     quantizer's narrow range) could overflow it, so such a layer gets the generic kernels."""
@@ -319,21 +354,23 @@ def test_tile_must_fit_the_stack():
         K.Isa("vnni", 16, 4, 4)
 
 
-@pytest.mark.parametrize("target", ["host", "avx2"])
+@pytest.mark.parametrize("target", ["host", "avx2", "x86-64"])
 def test_whole_model_matches_reference(target):
     """mobilenet_v2 at mixed 4/8-bit weights, pruned: stride-2 stem, depthwise, pointwise
     convs with signed and unsigned inputs, the classifier; the artifact's outputs are the
-    reference's (dequantized) integers exactly, with VNNI kernels on this host and with the
-    generic kernels of an AVX2-only x86 target."""
+    reference's (dequantized) integers exactly, with this host's kernels, with the AVX2
+    kernels of an AVX2-only x86 target (Haswell) and with the generic kernels of the baseline
+    x86-64 (SSE2)."""
     import torchvision
 
     from pqcompile import presets
     from pqcompile.build import analysis, compile_assignment
-    from pqcompile.targets import TargetSpec
 
-    if target == "avx2":
-        target = TargetSpec.from_tvm({"kind": "llvm", "mcpu": "haswell", "num-cores": 2},
-                                     name="avx2-test")
+    expected_isa = {"host": HOST_ISAS[0].name, "avx2": "avx2", "x86-64": "generic"}[target]
+    if target != "host":
+        target = TargetSpec.from_tvm({"kind": "llvm", "num-cores": 2,
+                                      "mcpu": "haswell" if target == "avx2" else "x86-64"},
+                                     name=f"{target}-test")
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
     g = torch.Generator().manual_seed(1)
@@ -345,8 +382,7 @@ def test_whole_model_matches_reference(target):
     kinds = {k.split()[0] for k in compiled.lowering.kernels.values()}
     assert kinds == {"conv2d", "dwconv2d", "linear"}  # mobilenet_v2 has no max pool
     isa = K.isa_for(resolve_target(target))
-    assert isa.name == ("vnni" if target == "host" and HOST_ISAS[0].name == "vnni"
-                        else "generic")
+    assert isa.name == expected_isa
     assert all(isa.name in k or k.startswith(("dwconv2d", "maxpool2d"))
                for k in compiled.lowering.kernels.values())
     # 4-bit weights stay packed in weights.bin and are unpacked once at load

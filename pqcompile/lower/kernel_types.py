@@ -14,7 +14,7 @@ from typing import Any
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
 
-ISAS = ("vnni", "sdot", "neon", "generic")
+ISAS = ("vnni", "avx2", "sdot", "neon", "generic")
 
 #: Accumulator registers a tile may hold (of 32 vector registers: the rest hold operands).
 MAX_ACCUMULATORS = 16
@@ -55,6 +55,10 @@ class Isa:
       step two widening multiplies (``smull``/``smull2``: 8 int16 products) and two pairwise
       widening accumulates (``sadalp``: 4 int32 lanes each), so a vector's accumulator is two
       registers of pair sums, added pairwise (``addp``) once before the epilogue;
+    - ``avx2`` (x86 with AVX2, without AVX-512 VNNI): the ``sdot`` words and signs (int8 x
+      int8, 8 pixels a 256-bit vector), each step four exact instructions
+      (:func:`~pqcompile.lower.tir_macros.dot4_macro`: ``vpsignb``, ``vpmaddubsw``,
+      ``vpmaddwd``, ``vpaddd``), for weights in the narrow range [-127, 127];
     - ``generic`` (any CPU): one channel a step, widening multiply-adds vectorized by LLVM.
     """
 
@@ -73,18 +77,18 @@ class Isa:
         """What the kernel adds to each input byte (the dot product's operand type)."""
         if self.name == "vnni":
             return 128 if in_dtype == "int8" else 0
-        if self.name in ("sdot", "neon"):
+        if self.name in ("sdot", "neon", "avx2"):
             return -128 if in_dtype == "uint8" else 0
         return 0
 
     @property
     def depth(self) -> int:
         """Input channels per dot-product step (and per interleaved scratch word)."""
-        return 4 if self.name in ("vnni", "sdot", "neon") else 1
+        return 4 if self.name in ("vnni", "sdot", "neon", "avx2") else 1
 
     @property
     def packed_dtype(self) -> str | None:
-        return {"vnni": "uint8", "sdot": "int8", "neon": "int8"}.get(self.name)
+        return {"vnni": "uint8", "sdot": "int8", "neon": "int8", "avx2": "int8"}.get(self.name)
 
     @property
     def acc_width(self) -> int:
@@ -116,6 +120,8 @@ def isa_for(target: Any) -> Isa:
         return Isa("sdot", 4, 4, 4)
     if "neon" in features and "aarch64" in _triple(target, cpu):
         return Isa("neon", 4, 3, 2)
+    if "avx2" in features:
+        return Isa("avx2", 8, 4, 2)
     if "neon" in features or "avx512bw" in features:
         return Isa("generic", 16 if "avx512bw" in features else 8, 4, 2)
     return Isa("generic", 8, 4, 2)
@@ -135,8 +141,9 @@ def _triple(target: Any, cpu: Any) -> str:
 def fit_isa(isa: Isa, q: Any) -> Isa:
     """``isa`` for a conv layer of int8 weights ``q``: ``neon`` sums two products in int16
     lanes, exact for weights in the quantizer's narrow range [-127, 127]; a layer with a -128
-    weight gets the ``generic`` kernels instead."""
-    if isa.name == "neon" and int(q.min()) < -127:
+    weight gets the ``generic`` kernels instead; so does ``avx2`` (each weight takes its
+    input's sign by ``vpsignb``, which cannot negate -128)."""
+    if isa.name in ("neon", "avx2") and int(q.min()) < -127:
         return Isa("generic", isa.generic_lanes, 4, 2)
     return isa
 
@@ -182,10 +189,12 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     is 6 instructions against 2 loads per operand, so its loads weigh a third), with at most
     :data:`MAX_ACCUMULATORS` accumulator registers; ``neon`` also keeps both steps' operands
     in registers (``4 NR`` input halves, ``2 MR`` weight words: with the ``2 MR NR``
-    accumulators at most 28 of the 32, else LLVM spills)."""
+    accumulators at most 28 of the 32, else LLVM spills); ``avx2`` has 16 registers: ``MR NR``
+    accumulators, each pixel vector and its magnitudes, and 4 temporaries (its step is 4
+    instructions: loads weigh a quarter)."""
     nv = grid_vectors(shape, isa.lanes, isa)
     o = shape.out_channels
-    load = 1 / 3 if isa.name == "neon" else 0.5
+    load = {"neon": 1 / 3, "avx2": 1 / 4}.get(isa.name, 0.5)
     best, best_cost = isa, None
     for mr in range(1, 9):
         for nr in range(1, 9):
@@ -193,7 +202,8 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
                 continue
             if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
                     or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
-                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28):
+                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28) \
+                    or (isa.name == "avx2" and mr * nr + 2 * nr + 4 > 16):
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
             loads = mr // 4 + nr if isa.name == "sdot" else mr + nr

@@ -203,7 +203,7 @@ def _kernel_linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
     rows = int(np.prod(in_shape[:-1]))
     shape = kernels_linear.LinearShape(rows, wt.shape[0], wt.shape[1], str(x.ty.dtype),
                                        module.out.dtype, module.lo, module.hi)
-    isa = kernels_linear.linear_tile(shape, lw.isa)
+    isa = kernels_linear.linear_tile(shape, kernels.fit_isa(lw.isa, wt))
     wvar = _weight(lw, name, kernels_linear.pack_linear_weight(wt, isa), module.wq.bits)
     bias, mult, shift = kernels_linear.linear_params(
         wt, module.bias.numpy(), module.mult.numpy(), module.shift.numpy(), shape, isa)

@@ -226,9 +226,12 @@ def tail_store_macro(out_dt: str, lanes: int):
 def dot4_macro(name: str):
     """``dot4(acc, a, u, w)``: ``acc[a:a+L]`` (int32 lanes) += the dot product of each lane's
     4 bytes of ``u`` and of ``w``: ``vpdpbusd`` (``u`` uint8x64, ``w`` int8x64) or ``sdot``
-    (both int8x16). Every kernel's dot-product instruction."""
+    (both int8x16), or on AVX2 the exact four-instruction sequence of
+    :func:`_avx2_dot4_macro` (both int8x32). Every kernel's dot-product instruction."""
     from tvm.script import tirx as T
 
+    if name == "avx2":
+        return _avx2_dot4_macro()
     intrinsics = {"vnni": ("llvm.x86.avx512.vpdpbusd.512", 16),
                   "sdot": ("llvm.aarch64.neon.sdot.v4i32.v16i8", 4)}
     if name not in intrinsics:
@@ -240,6 +243,33 @@ def dot4_macro(name: str):
         acc[T.ramp(a, 1, lanes)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id(intrinsic), acc.vload([a], f"int32x{lanes}"), u, w,
             dtype=f"int32x{lanes}")
+    return dot4
+
+
+def _avx2_dot4_macro():
+    """``dot4`` on AVX2 (no dot-product instruction), ``u`` and ``w`` int8x32, exact: ``w``'s
+    bytes take the signs of ``u``'s (``vpsignb``), ``u``'s bytes their magnitudes (``vpsignb``
+    of ``u`` by itself: -128 becomes the unsigned byte 128), ``vpmaddubsw`` multiplies the
+    magnitudes (unsigned) by the signed weights and sums neighbouring pairs in int16 lanes,
+    ``vpmaddwd`` by ones sums neighbouring pairs of those into int32 lanes. A pair of products
+    is at most 2 x 128 x 127 = 32512 in magnitude, so ``vpmaddubsw``'s saturation never binds,
+    given weights in the quantizer's narrow range [-127, 127] (a -128 weight would change
+    sign wrongly: such layers get the ``generic`` kernels, see
+    :func:`~pqcompile.lower.kernel_types.fit_isa`). Four instructions per 32 multiply-adds
+    (``vpdpbusd`` does 64 in one)."""
+    from tvm.script import tirx as T
+
+    def intrin(name, dtype, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx2.{name}"),
+                                       *args, dtype=dtype)
+
+    @T.macro
+    def dot4(acc, a, u, w):
+        acc[T.ramp(a, 1, 8)] = acc.vload([a], "int32x8") + intrin(
+            "pmadd.wd", "int32x8",
+            intrin("pmadd.ub.sw", "int16x16", intrin("psign.b", "int8x32", u, u),
+                   intrin("psign.b", "int8x32", w, u)),
+            T.broadcast(T.int16(1), 16))
     return dot4
 
 
@@ -264,9 +294,10 @@ def dot_macro(isa):
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
             _dot4(acc, a, Xc.vload([x * 4], "int8x16"),
                   quad_lane(Wp.vload([ob, ks, r - r % 4, 0], "int8x16"), r % 4))
-    elif isa.name in ("vnni", "sdot"):
+    elif isa.name in ("vnni", "sdot", "avx2"):
         _dot4 = dot4_macro(isa.name)
-        u_dt, w_dt = ("uint8x64", "int8x64") if isa.name == "vnni" else ("int8x16", "int8x16")
+        u_dt = "uint8x64" if isa.name == "vnni" else f"int8x{4 * L}"
+        w_dt = f"int8x{4 * L}"
 
         @T.macro
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
