@@ -199,6 +199,11 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     # weight 0), else one tap per shuffle (contiguous loads instead where R = 0 and the
     # stride is 1). Junk lanes (i >= U) read lane 0's bytes and are not stored.
     off = [i if R == 0 else (i // OW) * Wp + i % OW if i < U else 0 for i in range(L)]
+    if R == 1 and (L - 1) * s + KW <= N:
+        # one output row a vector: the junk lanes read on past the row, so that a stride-1
+        # tap is one plain load (repeating lane 0 made LLVM insert a byte with SSE4a's
+        # ``insertq``, microcoded on recent AMD cores: 7x7 planes ran 20x slower)
+        off = list(range(L))
     taps = [[kw if kw < KW else 4 * g for kw in range(4 * g, 4 * g + 4)] for g in range(G)]
 
     def picked(Xb, base, pattern):

@@ -40,6 +40,10 @@ def _host_spec() -> TargetSpec:
         cores = os.cpu_count() or 1
     # TVM 0.27 rejects mcpu="native": ask LLVM which CPU this is instead.
     config = {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": cores}
+    if "sse4a" in set(codegen.llvm_get_cpu_features(tvm.target.Target(config))):
+        # AMD's SSE4a byte inserts (insertq/extrq) are microcoded on recent cores: LLVM picked
+        # them for a shuffle that repeats one byte, and a depthwise kernel ran 20x slower
+        config["mattr"] = ["-sse4a"]
     arch = host_arch()
     return TargetSpec(
         name="host", description=f"this machine: {arch} {config['mcpu']}, {cores} cores",
