@@ -85,6 +85,8 @@ from peers import tvm_fp32  # noqa: E402
 from pqcompile import presets  # noqa: E402
 from pqcompile.assignment import Assignment  # noqa: E402
 from pqcompile.build import analysis, compile_assignment, prepare  # noqa: E402
+from pqcompile.lower.kernel_types import isa_for  # noqa: E402
+from pqcompile.targets import get_target  # noqa: E402
 from neighbour import BusyNeighbour, neighbour_core  # noqa: E402
 from timing import (  # noqa: E402,F401  (check: the agreement bar, used by the tests too)
     FP32_REL_TOL,
@@ -339,6 +341,8 @@ def machine(threads: int) -> dict[str, Any]:
         flags = []
     return {"cpu": cpu, "arch": platform.machine(), "logical_cpus": os.cpu_count(),
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
+            "host_target": str(get_target("host").tvm_target()),
+            "kernel_isa": isa_for(get_target("host").tvm_target()).name,
             "threads": threads, "torch_threads": torch.get_num_threads(),
             "ort_intra_op_threads": threads, "tvm_threads": peers.tvm_threads(),
             "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS", "1 (TVM's default)"),
@@ -416,7 +420,8 @@ def main(argv=None) -> int:
                                           "int_min_cosine": INT8_MIN_COSINE,
                                           "int_matched": MIN_MATCHED}},
             "load_average_start": os.getloadavg()}
-    print(f"{info['machine']['cpu']}, {args.threads} threads (torch "
+    print(f"{info['machine']['cpu']} ({info['machine']['kernel_isa']} kernels), "
+          f"{args.threads} threads (torch "
           f"{info['machine']['torch_threads']}, TVM {info['machine']['tvm_threads']}, ORT "
           f"{args.threads}); load average {info['load_average_start'][0]:.2f}", flush=True)
     t0 = time.perf_counter()
