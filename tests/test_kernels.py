@@ -31,7 +31,13 @@ _HOST_ISA = K.isa_for(HOST)
 #: the host's kernels, the AVX2 ones where the host has AVX-512 VNNI (every such CPU has AVX2),
 #: and the generic ones at the width the host's fallback uses (``fit_isa``)
 HOST_ISAS = [_HOST_ISA] + ([K.Isa("avx2", 8, 4, 2)] if _HOST_ISA.name == "vnni" else []) \
+    + ([K.Isa("avx2u", 8, 4, 2)] if _HOST_ISA.name in ("vnni", "avx2") else []) \
     + ([] if _HOST_ISA.name == "generic" else [K.Isa("generic", _HOST_ISA.generic_lanes, 4, 2)])
+
+
+def _wmax(isa):
+    """The largest weight magnitude the kernels of ``isa`` take (``avx2u``: 7-bit weights)."""
+    return K.AVX2U_MAX_WEIGHT if isa.name == "avx2u" else 127
 
 
 def _bounds(dtype):
@@ -64,11 +70,12 @@ def _input(rng, shape, dtype):
     return rng.integers(lo, hi + 1, shape).astype(dtype)
 
 
-def _extremes(rng, a):
+def _extremes(rng, a, wmax=None):
     """``a``'s shape and dtype, each element its dtype's lowest or highest kernel value (int8
-    weights and inputs: -127 or 127; uint8 inputs: 0 or 255, which the int8 dot products see
-    as -128 or 127): the largest int16 pair sums of the AVX2 and NEON steps."""
-    lo, hi = _bounds(a.dtype.name)
+    weights and inputs: -127 or 127, weights +-``wmax`` where given; uint8 inputs: 0 or 255,
+    which the int8 dot products see as -128 or 127): the largest int16 pair sums of the AVX2
+    and NEON steps."""
+    lo, hi = _bounds(a.dtype.name) if wmax is None else (-wmax, wmax)
     return rng.choice(np.array([lo, hi], a.dtype), a.shape)
 
 
@@ -83,9 +90,9 @@ class Case:
         self.narrow = None
         if kind == "linear":
             x = _input(rng, (p["rows"], p["k"]), in_dt)
-            wt = rng.integers(-127, 128, (p["k"], p["n"])).astype(np.int8)
+            wt = rng.integers(-_wmax(isa), _wmax(isa) + 1, (p["k"], p["n"])).astype(np.int8)
             if p.get("extreme"):
-                x, wt = _extremes(rng, x), _extremes(rng, wt)
+                x, wt = _extremes(rng, x), _extremes(rng, wt, _wmax(isa))
             b, m, s = _channel_data(rng, p["n"], seed)
             shape = KL.LinearShape(p["rows"], p["k"], p["n"], in_dt, out_dt, lo, hi)
             isa = KL.linear_tile(shape, isa)
@@ -111,9 +118,9 @@ class Case:
             groups = c if kind == "dw" else 1
             o = c if kind == "dw" else o
             x = _input(rng, (1, c, h, w_), in_dt)
-            w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
+            w = rng.integers(-_wmax(isa), _wmax(isa) + 1, (o, c // groups, k, k)).astype(np.int8)
             if p.get("extreme"):
-                x, w = _extremes(rng, x), _extremes(rng, w)
+                x, w = _extremes(rng, x), _extremes(rng, w, _wmax(isa))
             b, m, s = _channel_data(rng, o, seed)
             self.narrow = _narrow(s)
             shape = K.ConvShape(c, h, w_, o, (k, k), st, (pad, pad), in_dt, out_dt, lo, hi,
@@ -338,6 +345,12 @@ def test_avx2_dot_products_only_narrow_range_weights():
     assert K.fit_isa(avx2, np.array([[-128, 5]], np.int8)).name == "generic"
     # |input| <= 128 and |weight| <= 127: a pair of products fits int16
     assert 2 * 128 * 127 <= np.iinfo(np.int16).max < 2 * 255 * 127
+    # 7-bit weights (and fewer): unsigned inputs straight into vpmaddubsw
+    for q in ([[-64, 64]], [[-63, 7]], [[0, 0]]):
+        fit = K.fit_isa(avx2, np.array(q, np.int8))
+        assert fit.name == "avx2u" and fit.offset("int8") == 128 and fit.packed_dtype == "uint8"
+    assert K.fit_isa(avx2, np.array([[-65, 3]], np.int8)) == avx2
+    assert 2 * 255 * 64 <= np.iinfo(np.int16).max < 2 * 255 * 65
 
 
 def test_neon_pairs_only_narrow_range_weights():

@@ -11,10 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 #: Function attribute marking our kernels (also ``tirx.is_scheduled``: tuning leaves them).
 KERNEL_ATTR = "pqcompile.kernel"
 
-ISAS = ("vnni", "avx2", "sdot", "neon", "generic")
+ISAS = ("vnni", "avx2", "avx2u", "sdot", "neon", "generic")
+
+#: The largest weight magnitude of the ``avx2u`` kernels: an unsigned input byte times such a
+#: weight, twice, fits ``vpmaddubsw``'s int16 lanes (2 x 255 x 64 = 32640). Weights of 7 bits
+#: or fewer (the quantizer's narrow range, [-63, 63] at 7 bits) always do.
+AVX2U_MAX_WEIGHT = 64
 
 #: Accumulator registers a tile may hold (of 32 vector registers: the rest hold operands).
 MAX_ACCUMULATORS = 16
@@ -59,6 +66,10 @@ class Isa:
       int8, 8 pixels a 256-bit vector), each step four exact instructions
       (:func:`~pqcompile.lower.tir_macros.dot4_macro`: ``vpsignb``, ``vpmaddubsw``,
       ``vpmaddwd``, ``vpaddd``), for weights in the narrow range [-127, 127];
+    - ``avx2u`` (the same CPUs, a layer whose weights are within +-64: 7 bits or fewer): the
+      ``vnni`` words and signs (uint8 x int8, signed inputs offset by +128), each step three
+      instructions (``vpmaddubsw``, ``vpmaddwd`` by ones, ``vpaddd``): no pair of products can
+      saturate (2 x 255 x 64 = 32640), so sub-8-bit weights run faster here, not only smaller;
     - ``generic`` (any CPU): one channel a step, widening multiply-adds vectorized by LLVM.
     """
 
@@ -75,7 +86,7 @@ class Isa:
 
     def offset(self, in_dtype: str) -> int:
         """What the kernel adds to each input byte (the dot product's operand type)."""
-        if self.name == "vnni":
+        if self.name in ("vnni", "avx2u"):
             return 128 if in_dtype == "int8" else 0
         if self.name in ("sdot", "neon", "avx2"):
             return -128 if in_dtype == "uint8" else 0
@@ -84,11 +95,12 @@ class Isa:
     @property
     def depth(self) -> int:
         """Input channels per dot-product step (and per interleaved scratch word)."""
-        return 4 if self.name in ("vnni", "sdot", "neon", "avx2") else 1
+        return 4 if self.name in ("vnni", "sdot", "neon", "avx2", "avx2u") else 1
 
     @property
     def packed_dtype(self) -> str | None:
-        return {"vnni": "uint8", "sdot": "int8", "neon": "int8", "avx2": "int8"}.get(self.name)
+        return {"vnni": "uint8", "sdot": "int8", "neon": "int8", "avx2": "int8",
+                "avx2u": "uint8"}.get(self.name)
 
     @property
     def acc_width(self) -> int:
@@ -142,9 +154,13 @@ def fit_isa(isa: Isa, q: Any) -> Isa:
     """``isa`` for a conv layer of int8 weights ``q``: ``neon`` sums two products in int16
     lanes, exact for weights in the quantizer's narrow range [-127, 127]; a layer with a -128
     weight gets the ``generic`` kernels instead; so does ``avx2`` (each weight takes its
-    input's sign by ``vpsignb``, which cannot negate -128)."""
+    input's sign by ``vpsignb``, which cannot negate -128). On ``avx2``, a layer whose weights
+    are within +-:data:`AVX2U_MAX_WEIGHT` gets the three-instruction ``avx2u`` kernels."""
     if isa.name in ("neon", "avx2") and int(q.min()) < -127:
         return Isa("generic", isa.generic_lanes, 4, 2)
+    if isa.name == "avx2" and int(np.abs(np.asarray(q, np.int64)).max(initial=0)) \
+            <= AVX2U_MAX_WEIGHT:
+        return Isa("avx2u", isa.lanes, isa.mr, isa.nr)
     return isa
 
 
@@ -194,7 +210,7 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     instructions: loads weigh a quarter)."""
     nv = grid_vectors(shape, isa.lanes, isa)
     o = shape.out_channels
-    load = {"neon": 1 / 3, "avx2": 1 / 4}.get(isa.name, 0.5)
+    load = {"neon": 1 / 3, "avx2": 1 / 4, "avx2u": 1 / 3}.get(isa.name, 0.5)
     best, best_cost = isa, None
     for mr in range(1, 9):
         for nr in range(1, 9):
@@ -203,7 +219,8 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
             if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
                     or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
                     or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28) \
-                    or (isa.name == "avx2" and mr * nr + 2 * nr + 4 > 16):
+                    or (isa.name == "avx2" and mr * nr + 2 * nr + 4 > 16) \
+                    or (isa.name == "avx2u" and mr * nr + nr + 3 > 16):
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
             loads = mr // 4 + nr if isa.name == "sdot" else mr + nr

@@ -138,9 +138,9 @@ def _linear_dot_macro(isa: Isa):
     from tvm.script import tirx as T
 
     L = isa.lanes
-    if isa.name in ("vnni", "sdot", "avx2"):  # vpdpbusd: the inputs unsigned, the weights signed
+    if isa.name in ("vnni", "sdot", "avx2", "avx2u"):  # a 4-byte dot product a lane
         _dot4 = dot4_macro(isa.name)
-        x_dt, w_dt = ("uint8" if isa.name == "vnni" else "int8"), f"int8x{4 * L}"
+        x_dt, w_dt = isa.packed_dtype, f"int8x{4 * L}"
 
         @T.macro
         def dot(acc, a, Wv, nv, kb, Xp, x):

@@ -230,8 +230,8 @@ def dot4_macro(name: str):
     :func:`_avx2_dot4_macro` (both int8x32). Every kernel's dot-product instruction."""
     from tvm.script import tirx as T
 
-    if name == "avx2":
-        return _avx2_dot4_macro()
+    if name in ("avx2", "avx2u"):
+        return _avx2_dot4_macro(signed=name == "avx2")
     intrinsics = {"vnni": ("llvm.x86.avx512.vpdpbusd.512", 16),
                   "sdot": ("llvm.aarch64.neon.sdot.v4i32.v16i8", 4)}
     if name not in intrinsics:
@@ -246,7 +246,7 @@ def dot4_macro(name: str):
     return dot4
 
 
-def _avx2_dot4_macro():
+def _avx2_dot4_macro(signed: bool = True):
     """``dot4`` on AVX2 (no dot-product instruction), ``u`` and ``w`` int8x32, exact: ``w``'s
     bytes take the signs of ``u``'s (``vpsignb``), ``u``'s bytes their magnitudes (``vpsignb``
     of ``u`` by itself: -128 becomes the unsigned byte 128), ``vpmaddubsw`` multiplies the
@@ -256,12 +256,24 @@ def _avx2_dot4_macro():
     given weights in the quantizer's narrow range [-127, 127] (a -128 weight would change
     sign wrongly: such layers get the ``generic`` kernels, see
     :func:`~pqcompile.lower.kernel_types.fit_isa`). Four instructions per 32 multiply-adds
-    (``vpdpbusd`` does 64 in one)."""
+    (``vpdpbusd`` does 64 in one).
+
+    ``signed=False`` (``avx2u``): ``u`` uint8x32 as it is, the weights within +-64 (7 bits or
+    fewer), so a pair of products is at most 2 x 255 x 64 = 32640: ``vpmaddubsw`` straight
+    away, three instructions per 32 multiply-adds."""
     from tvm.script import tirx as T
 
     def intrin(name, dtype, *args):
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx2.{name}"),
                                        *args, dtype=dtype)
+
+    if not signed:
+        @T.macro
+        def dot4u(acc, a, u, w):
+            acc[T.ramp(a, 1, 8)] = acc.vload([a], "int32x8") + intrin(
+                "pmadd.wd", "int32x8", intrin("pmadd.ub.sw", "int16x16", u, w),
+                T.broadcast(T.int16(1), 16))
+        return dot4u
 
     @T.macro
     def dot4(acc, a, u, w):
@@ -294,9 +306,9 @@ def dot_macro(isa):
         def dot(acc, Xc, Wp, ob, ks, r, a, x):
             _dot4(acc, a, Xc.vload([x * 4], "int8x16"),
                   quad_lane(Wp.vload([ob, ks, r - r % 4, 0], "int8x16"), r % 4))
-    elif isa.name in ("vnni", "sdot", "avx2"):
+    elif isa.name in ("vnni", "sdot", "avx2", "avx2u"):
         _dot4 = dot4_macro(isa.name)
-        u_dt = "uint8x64" if isa.name == "vnni" else f"int8x{4 * L}"
+        u_dt = f"{isa.packed_dtype}x{4 * L}"
         w_dt = f"int8x{4 * L}"
 
         @T.macro
