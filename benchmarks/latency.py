@@ -19,6 +19,12 @@ Pruned architecture (kernels compared without pruning helping either side): the 
   FFN channels pruned.)
 ``--int8-only`` builds and times only the head-to-head: ONNX Runtime int8 and pqcompile int8,
 whole and on the pruned architecture (whose float graph then comes from ``build.prepare``).
+``--w7`` adds, for the whole model, ONNX Runtime int8 with 7-bit weights (``reduce_range``)
+and pqcompile uniform 7/8: on x86 with AVX2 but no VNNI, ONNX Runtime's uint8 x int8 products
+go through ``vpmaddubsw``, whose int16 pair sums can saturate at 8-bit weights (ONNX
+Runtime's documentation advises ``reduce_range`` then); pqcompile's 8-bit kernels there are
+exact (one instruction more per step), and at 7 bits both sides are exact with the same
+instructions.
 
 Weights are random (latency does not depend on their values; BatchNorm statistics are set on
 random batches so activations keep a sane scale, ``peers.make_model``); calibration uses two
@@ -164,6 +170,12 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     b.add("pqcompile int8", "pqcompile", "int", pq("int8", presets.uniform(gm, 8)), ref,
           exact=integer_reference("int8"))
+    if args.w7:  # 7-bit weights on both sides: exact vpmaddubsw products on AVX2
+        b.add("ORT int8 (QDQ static, 7-bit weights)", "ort-w7", "int",
+              lambda: peers.ort_runner(peers.ort_session(
+                  peers.ort_int8(onnx_path, tmp, calib, reduce_range=True), threads)), ref)
+        b.add("pqcompile 7/8", "pqcompile", "int", pq("w7", presets.uniform(gm, 7, 8)), ref,
+              exact=integer_reference("w7"))
     # checked against its own pruned float graph, gated on matching its integer reference
     # (its float agreement, 4-bit weights on a random model, is recorded, not gated)
     pref: list[np.ndarray] = []
@@ -267,7 +279,9 @@ def summarize(name: str, rows: list[dict[str, Any]], builds: dict[str, Any] | No
 #: the head-to-head pairs: (pqcompile's int8 build, ONNX Runtime int8 on the same architecture)
 HEAD_TO_HEAD = {"whole model": ("pqcompile int8", "ORT int8 (QDQ static)"),
                 "pruned architecture": ("pqcompile int8 (pruned)",
-                                        "ORT int8 (QDQ static) (pruned)")}
+                                        "ORT int8 (QDQ static) (pruned)"),
+                "whole model, 7-bit weights": ("pqcompile 7/8",
+                                               "ORT int8 (QDQ static, 7-bit weights)")}
 
 
 def versus_ort(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -379,6 +393,10 @@ def main(argv=None) -> int:
     ap.add_argument("--int8-only", action="store_true",
                     help="only ORT int8 and pqcompile int8, whole and on the pruned "
                          "architecture (the head-to-head; a shorter run)")
+    ap.add_argument("--w7", action="store_true",
+                    help="also 7-bit weights on both sides: ONNX Runtime's reduce_range, "
+                         "pqcompile uniform 7/8 (on AVX2 without VNNI, ORT's default uint8 x "
+                         "int8 products may saturate vpmaddubsw; at 7 bits neither side can)")
     ap.add_argument("--repeat", type=int, default=None, help="timed calls per variant (50)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (5)")
     ap.add_argument("--rounds", type=int, default=None,

@@ -122,7 +122,8 @@ def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def ort_int8(fp32_path: str | Path, out_dir: str | Path,
-             calibration: Iterable[torch.Tensor], *, calibrate_method=None) -> Path:
+             calibration: Iterable[torch.Tensor], *, calibrate_method=None,
+             reduce_range: bool = False) -> Path:
     """Static QDQ int8 model of the fp32 ONNX file (written to ``out_dir``); the calibration
     batches are fed one image (or token sequence) at a time (the model's batch is fixed to 1)."""
     from onnxruntime.quantization import (
@@ -151,13 +152,15 @@ def ort_int8(fp32_path: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     pre = out_dir / (Path(fp32_path).stem + ".pre.onnx")
     method = CalibrationMethod.MinMax if calibrate_method is None else calibrate_method
-    suffix = "" if calibrate_method is None else f".{method.name}"
+    suffix = ("" if calibrate_method is None else f".{method.name}") \
+        + (".w7" if reduce_range else "")
     out = out_dir / (Path(fp32_path).stem + f"{suffix}.int8.onnx")
     if not pre.is_file():
         quant_pre_process(str(fp32_path), str(pre))
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method)
+                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    reduce_range=reduce_range)
     return out
 
 
