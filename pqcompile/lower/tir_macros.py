@@ -131,7 +131,8 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
     where the stores may alias them, and added to the accumulators at the end, which LLVM
     widens to two 64-bit adds, they cost a third of the epilogue.)
 
-    ``narrow`` with ``lanes`` 16 (AVX-512): the 32-bit epilogue written on whole vectors, so
+    ``narrow`` with ``lanes`` 16 (AVX-512) or 8 (AVX2): the 32-bit epilogue written on whole
+    vectors, so
     that each half of the lanes is one ``vpmuldq`` (the even lanes as they are, the odd ones
     shifted down) and one blend gathers the high halves (LLVM lowers the per-lane form to
     widening moves, two multiplies and narrowing moves: 13 instructions a vector, this 9).
@@ -172,24 +173,26 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
         K[j + 1] = T.Cast("int64", requant_terms(S[ch], narrow)[0])
         K[j + 2] = T.Cast("int64", requant_terms(S[ch], narrow)[1])
 
-    if narrow and lanes == 16:
-        def b64(v):
-            return T.broadcast(T.int64(v), 8)
+    if narrow and lanes in (8, 16):
+        L, H = lanes, lanes // 2
 
-        def high(acc, a, m):  # hi32(acc[a + l] * m) for the 16 lanes, int32x16
-            x = T.reinterpret(acc.vload([a], "int32x16"), dtype="int64x8")
+        def b64(v):
+            return T.broadcast(T.int64(v), H)
+
+        def high(acc, a, m):  # hi32(acc[a + l] * m) for the L lanes, int32xL
+            x = T.reinterpret(acc.vload([a], f"int32x{L}"), dtype=f"int64x{H}")
             return T.Shuffle(
-                [T.reinterpret((((x << b64(32)) >> b64(32)) * T.broadcast(m, 8)) >> b64(32),
-                               dtype="int32x16"),
-                 T.reinterpret((x >> b64(32)) * T.broadcast(m, 8), dtype="int32x16")],
-                [e if e % 2 == 0 else 16 + e for e in range(16)])
+                [T.reinterpret((((x << b64(32)) >> b64(32)) * T.broadcast(m, H)) >> b64(32),
+                               dtype=f"int32x{L}"),
+                 T.reinterpret((x >> b64(32)) * T.broadcast(m, H), dtype=f"int32x{L}")],
+                [e if e % 2 == 0 else L + e for e in range(L)])
 
         @T.macro
         def store(dst, i, acc, a, K, j, n):
-            dst[T.ramp(i, 1, n)] = T.Shuffle([T.Cast(f"{out_dt}x16", T.max(T.min(
-                (high(acc, a, K[j]) + T.broadcast(T.Cast("int32", K[j + 1]), 16))
-                >> T.broadcast(T.Cast("int32", K[j + 2]), 16),
-                T.broadcast(T.int32(hi), 16)), T.broadcast(T.int32(lo), 16)))], list(range(n)))
+            dst[T.ramp(i, 1, n)] = T.Shuffle([T.Cast(f"{out_dt}x{L}", T.max(T.min(
+                (high(acc, a, K[j]) + T.broadcast(T.Cast("int32", K[j + 1]), L))
+                >> T.broadcast(T.Cast("int32", K[j + 2]), L),
+                T.broadcast(T.int32(hi), L)), T.broadcast(T.int32(lo), L)))], list(range(n)))
     else:
         @T.macro
         def store(dst, i, acc, a, K, j, n):
