@@ -331,9 +331,11 @@ def print_table(name: str, result: dict[str, Any], args: argparse.Namespace,
                 print(f"  {r['label']:36s} {'--':>9s}  not timed: {r.get('error')}")
                 continue
             pr = f"{r['x_fastest_pruned_peer']:21.2f}" if "x_fastest_pruned_peer" in r else ""
-            paired = r.get("paired_x_fastest_pruned_peer", r["paired_x_fastest_peer"])
-            print(f"  {r['label']:36s} {r['ms']:9.2f}  {r['x_fastest_peer']:14.2f}  "
-                  f"{pr or ' ' * 21}  {paired:7.2f}")
+            paired = r.get("paired_x_fastest_pruned_peer", r.get("paired_x_fastest_peer"))
+            # no ratio where every peer of the architecture failed its check
+            fastest = f"{r['x_fastest_peer']:14.2f}" if "x_fastest_peer" in r else f"{'--':>14s}"
+            print(f"  {r['label']:36s} {r['ms']:9.2f}  {fastest}  "
+                  f"{pr or ' ' * 21}  {'--' if paired is None else format(paired, '7.2f'):>7s}")
     print(f"  fastest peer: {result['fastest_peer']}; on the pruned architecture: "
           f"{result['fastest_pruned_peer']}")
     for label, t in result.get("pqcompile", {}).items():
