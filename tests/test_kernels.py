@@ -213,6 +213,9 @@ def _cases(isa):
                 out_dtype=b, tile=t) for i, (c, h, o, k, st, pad, a, b, t) in enumerate(CONV)]
     out += [Case("dw", isa, 100 + i, c=c, h=h, o=c, k=k, stride=st, pad=pad, in_dtype=a,
                  out_dtype=b) for i, (c, h, k, st, pad, a, b) in enumerate(DW)]
+    # a 7x7 plane, one output row a vector at 8 lanes: its junk lane reads on past the row
+    out += [Case("dw", isa, 150, c=6, h=7, o=6, k=3, stride=1, pad=1, in_dtype="uint8",
+                 out_dtype="uint8", w=7)]
     out += [Case("pool", isa, 300 + i, c=c, h=h, k=k, stride=st, pad=pad, in_dtype=a,
                  out_dtype=a) for i, (c, h, k, st, pad, a) in enumerate(POOL)]
     out += [Case("linear", isa, 200 + i, rows=r, k=kk, n=n, in_dtype=a, out_dtype=b)
