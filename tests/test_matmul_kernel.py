@@ -14,6 +14,8 @@ from torch import nn
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.lower import lower
 from pqcompile.lower import matmul_kernel as mk
+from pqcompile.lower.build import resolve_target
+from pqcompile.lower.kernel_types import isa_for
 from pqcompile.presets import uniform
 
 
@@ -44,7 +46,10 @@ def test_product_kernel_equals_reference(pos_a, pos_b, depth, cols, kernel):
                            calibration=[draw() for _ in range(3)])
     kernels = lower(c.reference, target="host")[2].kernels
     tile = mk.tile(mk.ProductShape(6, 8, depth, cols, "int8", "int8", "int8", -1, 1, 1, 1))
-    assert kernels == ({"matmul": f"product vnni {tile[0]}x{tile[1] * 16}"} if kernel else {})
+    # the kernel is AVX-512 VNNI's: elsewhere the product is TVM's matmul, equally exact
+    vnni = isa_for(resolve_target("host")).name == "vnni"
+    assert kernels == ({"matmul": f"product vnni {tile[0]}x{tile[1] * 16}"}
+                       if kernel and vnni else {})
     module = c.reference.get_submodule("matmul")
     assert (module.a.signed, module.b.signed) == (not pos_a, not pos_b)
     for _ in range(2):

@@ -57,8 +57,9 @@ _SIMD_FEATURE_BITS = {
 # LLVM features giving int8 dot products (4 x int8 -> int32 per lane) / int8 matrix multiply.
 _DOTPROD_FEATURES = ("dotprod", "avxvnni", "avx512vnni")
 _I8MM_FEATURES = ("i8mm",)
-# LLVM features whose int8 conv kernels vectorize over pixels, not channels (x86 AVX-512).
-_PIXEL_VECTOR_FEATURES = ("avx512f",)
+# LLVM features whose int8 conv kernels vectorize over pixels, not channels (x86 AVX-512, and
+# AVX2: its kernels take the sdot layout's 4-channel words, pqcompile.lower.kernel_types).
+_PIXEL_VECTOR_FEATURES = ("avx512f", "avx2")
 _MAX_CHANNEL_MULTIPLE = 16
 
 
@@ -66,12 +67,12 @@ def default_channel_multiple(simd_bits: int, pixel_vectors: bool) -> int:
     """The granule pruning rounds kept channels to, from the SIMD width.
 
     ``pixel_vectors``: the target's int8 conv kernels vectorize over output pixels (int8 dot
-    products: Arm ``sdot``, x86 VNNI; and x86 AVX-512), taking input channels as 4-channel
+    products: Arm ``sdot``, x86 VNNI; and x86 AVX-512 and AVX2), taking input channels as 4-channel
     words (4 int8 per dot-product step) and output channels in tiles of 4
     (:mod:`pqcompile.lower.kernels`): a kept count off a multiple of 4 is zero-padded to it and
     costs as much, and a coarser granule saves nothing. Elsewhere the widening multiply-adds
     accumulate one int32 per vector lane, ``simd_bits / 32`` channels a register (4 on 128-bit
-    NEON/SSE, 8 on AVX2), clamped to 1..16: 1 without SIMD (scalar code pads nothing), at
+    NEON/SSE, 8 on 256-bit vectors), clamped to 1..16: 1 without SIMD (scalar code pads nothing), at
     most 16 so wide vector units (RISC-V ``zvl1024b``) do not forbid pruning small layers.
 
     >>> default_channel_multiple(128, False), default_channel_multiple(256, False)
