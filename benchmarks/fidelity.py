@@ -389,7 +389,13 @@ def print_table(rows: list[dict[str, Any]], fp32: dict[str, Any]) -> None:
         print(f"| {r['model']} | {mode} | {r['bop_reduction']:.1f}x | "
               f"{r['finetune_steps']} | {r['agreement']:.1%} of {r['held_out']} | "
               f"{r['task']:.1%} ({fp32[r['model']]['task']:.1%}) | "
-              f"{'(peer)' if r['mode'].startswith('ort') else format(r['worst_lsb'], '.0f') + ' LSB'} |")
+              f"{_vs_reference(r)} |")
+
+
+def _vs_reference(row: dict[str, Any]) -> str:
+    """The table's last column: the program's worst distance to its reference (none for the
+    peer's rows)."""
+    return "(peer)" if row["mode"].startswith("ort") else f"{row['worst_lsb']:.0f} LSB"
 
 
 if __name__ == "__main__":

@@ -355,10 +355,10 @@ def machine(threads: int) -> dict[str, Any]:
                       if line.startswith("flags")), [])
     except OSError:
         flags = []
+    host = get_target("host").tvm_target()
     return {"cpu": cpu, "arch": platform.machine(), "logical_cpus": os.cpu_count(),
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
-            "host_target": str(get_target("host").tvm_target()),
-            "kernel_isa": isa_for(get_target("host").tvm_target()).name,
+            "host_target": str(host), "kernel_isa": isa_for(host).name,
             "threads": threads, "torch_threads": torch.get_num_threads(),
             "ort_intra_op_threads": threads, "tvm_threads": peers.tvm_threads(),
             "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS", "1 (TVM's default)"),

@@ -85,17 +85,18 @@ class Isa:
             raise ValueError(f"a {self.mr}x{self.nr}x{self.lanes} int32 tile is 1 KiB or more")
 
     def offset(self, in_dtype: str) -> int:
-        """What the kernel adds to each input byte (the dot product's operand type)."""
-        if self.name in ("vnni", "avx2u"):
-            return 128 if in_dtype == "int8" else 0
-        if self.name in ("sdot", "neon", "avx2"):
-            return -128 if in_dtype == "uint8" else 0
-        return 0
+        """What the kernel adds to each input byte (the dot product's operand type): +128 to
+        an int8 input packed as uint8, -128 to a uint8 input packed as int8."""
+        packed = self.packed_dtype
+        if packed is None or packed == in_dtype:
+            return 0
+        return 128 if packed == "uint8" else -128
 
     @property
     def depth(self) -> int:
-        """Input channels per dot-product step (and per interleaved scratch word)."""
-        return 4 if self.name in ("vnni", "sdot", "neon", "avx2", "avx2u") else 1
+        """Input channels per dot-product step (and per interleaved scratch word): 4 where
+        the inputs are packed in 4-channel words."""
+        return 1 if self.packed_dtype is None else 4
 
     @property
     def packed_dtype(self) -> str | None:

@@ -294,6 +294,6 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     return pack, kernel, scratch * D
 
 
-__all__ = ["AVX2U_MAX_WEIGHT", "ISAS", "KERNEL_ATTR", "ConvShape", "Isa", "channel_params", "choose_tile",
-           "conv1x1_kernel", "conv2d_kernel", "fit_isa", "grid_vectors", "im2col", "isa_for",
+__all__ = ["AVX2U_MAX_WEIGHT", "ISAS", "KERNEL_ATTR", "ConvShape", "Isa", "channel_params",
+           "choose_tile", "conv1x1_kernel", "conv2d_kernel", "fit_isa", "grid_vectors", "im2col", "isa_for",
            "pack_weight", "supported"]

@@ -270,21 +270,15 @@ def _avx2_dot4_macro(signed: bool = True):
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx2.{name}"),
                                        *args, dtype=dtype)
 
-    if not signed:
-        @T.macro
-        def dot4u(acc, a, u, w):
-            acc[T.ramp(a, 1, 8)] = acc.vload([a], "int32x8") + intrin(
-                "pmadd.wd", "int32x8", intrin("pmadd.ub.sw", "int16x16", u, w),
-                T.broadcast(T.int16(1), 16))
-        return dot4u
+    def pairs(u, w):  # int16x16: the pair sums of (unsigned) |u| x (signed) w
+        if signed:
+            u, w = intrin("psign.b", "int8x32", u, u), intrin("psign.b", "int8x32", w, u)
+        return intrin("pmadd.ub.sw", "int16x16", u, w)
 
     @T.macro
     def dot4(acc, a, u, w):
         acc[T.ramp(a, 1, 8)] = acc.vload([a], "int32x8") + intrin(
-            "pmadd.wd", "int32x8",
-            intrin("pmadd.ub.sw", "int16x16", intrin("psign.b", "int8x32", u, u),
-                   intrin("psign.b", "int8x32", w, u)),
-            T.broadcast(T.int16(1), 16))
+            "pmadd.wd", "int32x8", pairs(u, w), T.broadcast(T.int16(1), 16))
     return dot4
 
 
