@@ -2,11 +2,11 @@
 
 For resnet18 and mobilenet_v2 (torchvision, random weights, batch 1), for each aarch64 target
 (``arm``: +neon, Cortex-A72 class; ``arm-dotprod``: +dotprod, Cortex-A76 class), the variants
-below are counted under qemu-aarch64 with QEMU's TCG instruction-count plugin
+below are counted under qemu-aarch64 with pqcompile's TCG instruction-count plugin
 (:func:`pqcompile.targets.insn_count.count_instructions` and, for ONNX Runtime,
-:func:`pqcompile.targets.ort_insn_count.count_onnx_instructions`: two processes calling the
-model ``--runs`` times, single-threaded; the difference over the difference in calls is exact
-to the instruction here). Every process runs on the qemu CPU model of the target
+:func:`pqcompile.targets.ort_insn_count.count_onnx_instructions`: one process calling the
+model ``--runs[1]`` times, single-threaded, marks around each call; the mean of calls
+``runs[0] + 1`` to ``runs[1]``). Every process runs on the qemu CPU model of the target
 (``-cpu cortex-a72`` / ``cortex-a76``): ONNX Runtime picks its kernels from the CPU's features
 (sdot on the A76 class), pqcompile's and TVM's code is fixed at compile time.
 
@@ -28,8 +28,8 @@ Prints instructions per inference, how many times fewer than ONNX Runtime int8 o
 architecture (whole or pruned) and than TVM fp32 each variant executes, and writes JSON
 (default ``benchmarks/results/insn_count.json``). Needs the aarch64 sysroot, ONNX Runtime for it
 and the plugin (``bash scripts/setup.sh``). Emulation runs at ~2e8 guest instructions/s; every
-count costs two process start-ups (~12 s each for TVM, ~3 s for ONNX Runtime) plus
-``runs[0] + runs[1]`` inferences.
+count costs one process start-up (~12 s for TVM, ~3 s for ONNX Runtime) plus ``runs[1]``
+inferences.
 
     nice -n 10 python benchmarks/insn_count.py [--models resnet18 mobilenet_v2] [--size 224]
         [--targets arm arm-dotprod] [--runs 1 2]
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "size": args.size, "batch": 1, "targets": args.targets, "runs": args.runs,
-        "counter": "qemu-aarch64 -plugin libinsn.so,inline=on (QEMU tests/plugin/insn.c)",
+        "counter": "qemu-aarch64 -plugin libpqcount.so (scripts/qemu_plugin/pqcount.c): "
+                   "marks around each call in one process",
         "numpy": np.__version__, "onnxruntime_host_quantizer": onnxruntime.__version__,
         "onnxruntime_aarch64": "1.18.1", "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {args.out}")

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Build QEMU's TCG instruction-count plugin (libinsn.so) for the installed qemu-user.
+# Build pqcompile's TCG instruction-count plugin (libpqcount.so) for the installed qemu-user.
 #
 # Usage:  scripts/build_insn_plugin.sh [DEST]
 #         DEST defaults to ${PQCOMPILE_CACHE:-$HOME/.cache/pqcompile}/qemu-plugin
 #
 # Result (what pqcompile.targets.insn_count expects):
-#   DEST/libinsn.so   tests/plugin/insn.c of the qemu source package qemu-user was built from
-#   DEST/src/         the two source files it was built from (insn.c, qemu-plugin.h)
-#   DEST/.complete    stamp written last; when it names the installed qemu-user the script
-#                     does nothing (about 0.1 s)
-# Check:  qemu-aarch64 -plugin DEST/libinsn.so,inline=on -d plugin PROGRAM  prints "insns: N"
+#   DEST/libpqcount.so  scripts/qemu_plugin/pqcount.c, built against the qemu-plugin.h of the
+#                       qemu source package qemu-user was built from
+#   DEST/src/           the two source files it was built from (pqcount.c, qemu-plugin.h)
+#   DEST/.complete      stamp written last; when it names the installed qemu-user and the
+#                       plugin source's hash the script does nothing (about 0.1 s)
+# Check:  qemu-aarch64 -plugin DEST/libpqcount.so -d plugin PROGRAM  prints "insns: N" (and a
+#         "mark: N" line per lseek(-1, 0x5051434d, SEEK_SET) the program makes)
 #
 # Recipe (Debian host, root or passwordless sudo; needs only the Debian mirror):
 #   1. apt-get install -y gcc pkg-config libglib2.0-dev xz-utils (only what is missing)
 #   2. without deb-src entries, write /etc/apt/sources.list.d/pqcompile-deb-src.sources: the
 #      Debian entries of the configured sources with "Types: deb-src"; apt-get update
 #   3. apt-get source --download-only qemu=<source version of the installed qemu-user>
-#      (~24 MB), extract tests/plugin/insn.c and include/qemu/qemu-plugin.h from the .orig
-#      tarball (or the whole unpacked package when a Debian patch changes them; none does in
-#      1:7.2+dfsg-7+deb12u18)
-#   4. gcc -O2 -fPIC -shared $(pkg-config --cflags glib-2.0) -I include/qemu insn.c \
-#          -o libinsn.so $(pkg-config --libs glib-2.0)
-#   5. smoke test: count a tiny static aarch64 program under qemu-aarch64 with the plugin
+#      (~24 MB), extract include/qemu/qemu-plugin.h from the .orig tarball (or the whole
+#      unpacked package when a Debian patch changes it; none does in 1:7.2+dfsg-7+deb12u18)
+#   4. gcc -O2 -fPIC -shared $(pkg-config --cflags glib-2.0) -I include/qemu pqcount.c \
+#          -o libpqcount.so $(pkg-config --libs glib-2.0)
+#   5. smoke test: count a tiny static aarch64 program with two marks under qemu-aarch64
 # The plugin API is versioned per QEMU release (QEMU_PLUGIN_VERSION): the stamp records the
 # qemu-user version, so upgrading qemu-user rebuilds the plugin. Takes about 10 s.
 #
@@ -29,7 +30,9 @@
 set -euo pipefail
 
 DEST="${1:-${PQCOMPILE_CACHE:-$HOME/.cache/pqcompile}/qemu-plugin}"
-FILES=(tests/plugin/insn.c include/qemu/qemu-plugin.h)
+FILES=(include/qemu/qemu-plugin.h)
+PLUGIN_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/qemu_plugin/pqcount.c"
+[ -f "$PLUGIN_SRC" ] || { printf '[insn-plugin] error: %s is missing\n' "$PLUGIN_SRC" >&2; exit 1; }
 SRC_LIST=/etc/apt/sources.list.d/pqcompile-deb-src.sources
 # "command or file:Debian package"
 HOST_TOOLS=(
@@ -55,10 +58,10 @@ install_host_tools
 # The source package qemu-user was built from; "+bN" binary rebuilds share their source.
 SRC_VERSION="$(dpkg-query -W -f='${source:Version}' qemu-user)"
 BIN_VERSION="$(dpkg-query -W -f='${Version}' qemu-user)"
-STAMP="v1 qemu-user=$BIN_VERSION source=$SRC_VERSION"
-if [ -f "$DEST/.complete" ] && [ -f "$DEST/libinsn.so" ] \
+STAMP="v2 qemu-user=$BIN_VERSION source=$SRC_VERSION plugin=$(sha256sum "$PLUGIN_SRC" | cut -c1-16)"
+if [ -f "$DEST/.complete" ] && [ -f "$DEST/libpqcount.so" ] \
         && [ "$(cat "$DEST/.complete")" = "$STAMP" ]; then
-    log "up to date: $DEST/libinsn.so (qemu-user $BIN_VERSION)"
+    log "up to date: $DEST/libpqcount.so (qemu-user $BIN_VERSION)"
     exit 0
 fi
 
@@ -158,28 +161,38 @@ for f in "${FILES[@]}"; do
     [ -f "$WORK/src/$f" ] || die "$f is not in the qemu $SRC_VERSION source package"
 done
 
-log "building libinsn.so with gcc and glib-2.0 headers"
+log "building libpqcount.so with gcc and glib-2.0 headers"
 PARTIAL="$DEST.partial"
 rm -rf "$PARTIAL"
 mkdir -p "$PARTIAL/src"
-cp "$WORK/src/tests/plugin/insn.c" "$WORK/src/include/qemu/qemu-plugin.h" "$PARTIAL/src/"
+cp "$PLUGIN_SRC" "$WORK/src/include/qemu/qemu-plugin.h" "$PARTIAL/src/"
 # shellcheck disable=SC2046  # pkg-config prints several words on purpose
 gcc -O2 -fPIC -shared -Wall -Wno-unused-parameter $(pkg-config --cflags glib-2.0) \
-    -I "$PARTIAL/src" "$PARTIAL/src/insn.c" -o "$PARTIAL/libinsn.so" \
+    -I "$PARTIAL/src" "$PARTIAL/src/pqcount.c" -o "$PARTIAL/libpqcount.so" \
     $(pkg-config --libs glib-2.0)
 
-log "smoke test: counting a tiny aarch64 program under qemu-aarch64"
+log "smoke test: counting a tiny aarch64 program with two marks under qemu-aarch64"
 cat > "$WORK/loop.c" <<'EOF'
-int main(void) { volatile long s = 0; for (long i = 0; i < 1000; i++) s += i; return 0; }
+#include <unistd.h>
+int main(void) {
+    volatile long s = 0;
+    lseek(-1, 0x5051434d, SEEK_SET);
+    for (long i = 0; i < 1000; i++) s += i;
+    lseek(-1, 0x5051434d, SEEK_SET);
+    return 0;
+}
 EOF
 aarch64-linux-gnu-gcc -O1 -static "$WORK/loop.c" -o "$WORK/loop"
-out="$(qemu-aarch64 -plugin "$PARTIAL/libinsn.so,inline=on" -d plugin "$WORK/loop" 2>&1)" \
+out="$(qemu-aarch64 -plugin "$PARTIAL/libpqcount.so" -d plugin "$WORK/loop" 2>&1)" \
     || die "qemu-aarch64 did not run the plugin: $out"
 grep -qE '^insns: [1-9][0-9]*$' <<<"$out" \
     || die "qemu-aarch64 -plugin printed no instruction count: $out"
-log "smoke test: ${out}"
+mapfile -t marks < <(sed -n 's/^mark: //p' <<<"$out")
+[ "${#marks[@]}" -eq 2 ] && [ $((marks[1] - marks[0])) -ge 1000 ] \
+    || die "the plugin did not record the program's two marks 1000+ instructions apart: $out"
+log "smoke test: $(tr '\n' ' ' <<<"$out")(the loop: $((marks[1] - marks[0])) instructions)"
 
 printf '%s' "$STAMP" > "$PARTIAL/.complete"
 rm -rf "$DEST"
 mv "$PARTIAL" "$DEST"
-log "done: $DEST/libinsn.so"
+log "done: $DEST/libpqcount.so"

@@ -1,20 +1,25 @@
 """Count the guest instructions one inference of an artifact executes, under qemu-user.
 
-The counter is QEMU's TCG plugin ``tests/plugin/insn.c`` (``libinsn.so``), built for the
-installed qemu-user by ``scripts/build_insn_plugin.sh`` into ``$PQCOMPILE_CACHE/qemu-plugin``
-(default cache ``~/.cache/pqcompile``; ``PQCOMPILE_INSN_PLUGIN`` points at another build).
-The artifact runs in the sysroot's Python with the TVM runtime, exactly like its ``runner.py``
-(see :mod:`pqcompile.targets.emulator`), on its reference sample inputs.
+The counter is pqcompile's TCG plugin ``scripts/qemu_plugin/pqcount.c`` (``libpqcount.so``),
+built for the installed qemu-user by ``scripts/build_insn_plugin.sh`` into
+``$PQCOMPILE_CACHE/qemu-plugin`` (default cache ``~/.cache/pqcompile``;
+``PQCOMPILE_INSN_PLUGIN`` points at another build). It counts every guest instruction and
+records the count whenever the guest makes a marker system call. The artifact runs in the
+sysroot's Python with the TVM runtime, exactly like its ``runner.py`` (see
+:mod:`pqcompile.targets.emulator`), on its reference sample inputs.
 
-A process that imports numpy and tvm and loads the library executes ~2.5e9 instructions before
-the first inference (~12 s under qemu). So the entry function runs ``n1`` times in one process
-and ``n2`` times in another, and the per-inference count is ``(count2 - count1) / (n2 - n1)``:
-the start-up work, and the first call's one-time work, cancel. To keep the count reproducible
-the guest runs one thread (``TVM_NUM_THREADS=1``: the plugin sums all threads, and idle workers
-spin), with Python's hash seed fixed, bytecode read from a cache no counted run writes, the
-garbage collector off during the calls and address space randomization off (``setarch -R``)
-where the kernel allows it. Measured: two counts of one artifact give the same per-inference
-number to the instruction; the raw process totals differ by ~1e3 (the temporary paths).
+One process marks twice (the cost of a mark), then calls the entry function ``runs[1]``
+times with a mark after each call: the count of call ``i`` is the difference of its marks
+less one mark's cost, and the per-inference count is the mean over calls ``runs[0] + 1`` to
+``runs[1]`` (call 1, which does one-time work, left out by the default ``runs=(1, 3)``).
+Start-up (~2.5e9 instructions: importing numpy and tvm, loading the library) never enters.
+Two processes' totals are not used: their start-up differs by up to ~10^7 instructions with
+the command line and the paths (measured), which swamped small models' differences. The
+guest runs one thread (``TVM_NUM_THREADS=1``: the counter is shared, and idle workers spin),
+with Python's hash seed fixed, bytecode cached between processes, the garbage collector off
+during the calls and address space randomization off (``setarch -R``) where the kernel
+allows it. Measured: a 32x32 two-conv int8 model's calls after the first count 1,397,661 to
+1,399,086 instructions (0.1%) in every process, whatever its paths and bytecode cache.
 
 Usage (an aarch64 artifact directory; ``tests/test_insn_count.py`` runs it under QEMU)::
 
@@ -44,14 +49,27 @@ __all__ = ["PLUGIN_SCRIPT", "GuestProgram", "InsnCount", "InstructionCountError"
 PLUGIN_SCRIPT = "scripts/build_insn_plugin.sh"
 SETUP_SCRIPT = "scripts/setup.sh"
 _COUNT_LINE = re.compile(r"^insns: (\d+)$", re.MULTILINE)
+_MARK_LINE = re.compile(r"^mark: (\d+)$", re.MULTILINE)
 # Single-threaded, reproducible guest: forwarded on top of the emulator's clean environment.
 _GUEST_ENV = {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "PYTHONHASHSEED": "0"}
 
+# The marker system call of scripts/qemu_plugin/pqcount.c: lseek(-1, PQCOUNT_MAGIC, SEEK_SET),
+# which fails with EBADF and records the instruction count. Guest scripts start with this.
+MARK_MAGIC = 0x5051434D
+MARK_PRELUDE = f'''\
+import os as _os
+def mark():
+    try:
+        _os.lseek(-1, {MARK_MAGIC:#x}, 0)
+    except OSError:
+        pass
+'''
+
 # Runs in the sysroot's Python: imports the artifact's own runner.py (numpy and tvm only).
 # ml_dtypes (bfloat16/float8 for numpy) is blocked unless the artifact uses such a dtype: its
 # extension's start-up is ~7e9 guest instructions, three quarters of an otherwise idle process.
-_GUEST_SCRIPT = '''\
+_GUEST_SCRIPT = MARK_PRELUDE + '''\
 import gc, json, sys
 from pathlib import Path
 import numpy as np
@@ -81,9 +99,12 @@ entry = vm[manifest["entry"]]
 args = runner.to_tensors(arrays) + runner.prepare(vm, manifest, runner.to_tensors(params))
 gc.collect()
 gc.disable()
+mark()
+mark()
 for _ in range(runs):
     out = entry(*args)
     del out
+    mark()
 gc.enable()
 print("ran", runs)
 '''
@@ -95,10 +116,12 @@ class InstructionCountError(EmulatorError):
 
 @dataclass(frozen=True)
 class InsnCount:
-    """Guest instructions per inference, and the raw counts it was computed from.
+    """Guest instructions per inference, and the counts it was computed from.
 
-    ``totals[i]`` is everything process ``i`` executed (start-up included) with the entry
-    function called ``runs[i]`` times; ``per_inference`` is the slope between the two.
+    ``calls[i]`` is what call ``i + 1`` of the entry function executed (one process, marks
+    around each call); ``per_inference`` is the mean of calls ``runs[0] + 1`` to ``runs[1]``.
+    ``totals[i]`` is what the process had executed when call ``runs[i]`` returned (start-up
+    included).
     """
 
     per_inference: float
@@ -106,29 +129,37 @@ class InsnCount:
     totals: tuple[int, int]
     arch: str
     target: str
+    calls: tuple[int, ...] = ()
 
     @property
     def startup(self) -> float:
-        """Instructions of a process outside the calls: imports, loading, the first call's
-        one-time work (what the subtraction removes)."""
+        """Instructions of the process outside the counted calls: imports, loading, the
+        first calls' one-time work."""
         return self.totals[0] - self.runs[0] * self.per_inference
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
         return {"per_inference": self.per_inference, "runs": list(self.runs),
-                "totals": list(self.totals), "startup": self.startup, "arch": self.arch,
-                "target": self.target}
+                "calls": list(self.calls), "totals": list(self.totals),
+                "startup": self.startup, "arch": self.arch, "target": self.target}
 
     def __str__(self) -> str:
+        counted = self.calls[self.runs[0]:self.runs[1]]
+        spread = (f", calls {min(counted):,} to {max(counted):,}"
+                  if counted and min(counted) != max(counted) else "")
         return (f"{self.per_inference:,.0f} guest instructions per inference ({self.arch}, "
-                f"target {self.target!r}; {self.totals[0]:,} in a process with {self.runs[0]} "
-                f"call(s), {self.totals[1]:,} with {self.runs[1]})")
+                f"target {self.target!r}; calls {self.runs[0] + 1} to {self.runs[1]} of one "
+                f"process{spread}; {self.totals[1]:,} in the process up to call "
+                f"{self.runs[1]})")
 
 
 def default_plugin_path() -> Path:
-    """Where ``scripts/build_insn_plugin.sh`` puts ``libinsn.so`` by default."""
-    cache = os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile"
-    return Path(cache) / "qemu-plugin" / "libinsn.so"
+    """Where ``scripts/build_insn_plugin.sh`` puts ``libpqcount.so`` by default."""
+    return _cache_dir() / "qemu-plugin" / "libpqcount.so"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
 
 
 def find_plugin() -> Path:
@@ -139,9 +170,9 @@ def find_plugin() -> Path:
     path = Path(os.environ.get("PQCOMPILE_INSN_PLUGIN") or default_plugin_path())
     if not path.is_file():
         raise InstructionCountError(
-            f"QEMU's instruction-count plugin is not at {path}. Build it with `bash "
+            f"pqcompile's QEMU instruction-count plugin is not at {path}. Build it with `bash "
             f"{SETUP_SCRIPT}` (or just `bash {PLUGIN_SCRIPT}`: needs root for apt-get, ~10 s) "
-            f"from the pqcompile source tree, or point PQCOMPILE_INSN_PLUGIN at a libinsn.so "
+            f"from the pqcompile source tree, or point PQCOMPILE_INSN_PLUGIN at a libpqcount.so "
             f"built for the installed qemu-user")
     return path.resolve()
 
@@ -160,27 +191,14 @@ def _no_aslr_prefix() -> list[str]:
     return prefix if ok else []
 
 
-def _pycache(sysroot: Sysroot, flavour: str = "", site: Path | None = None
-             ) -> tuple[Path, str, bool]:
-    """The bytecode cache the counted processes read (``PYTHONPYCACHEPREFIX``), the stamp that
-    says it was filled for this sysroot, and whether it was.
-
-    Counted processes never write bytecode: a module compiled in one of the two processes but
-    read from its ``.pyc`` in the other would add ~10^8 instructions to the difference. They
-    read it from a cache of their own, filled once per sysroot by an uncounted run. A guest
-    with other packages on its path (``site``, a directory with a ``.complete`` stamp, e.g.
-    ONNX Runtime's) has a cache of its own, named by ``flavour``.
-    """
-    cache = Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
-    path = cache / "qemu-plugin" / f"pycache-{sysroot.arch}{flavour}"
-    stamp = path / ".filled"
-    built = (sysroot.path / ".complete").read_text(encoding="utf-8", errors="replace")
-    want = f"{sysroot.path}\n{built}"
-    if site is not None:
-        extra = (site / ".complete").read_text(encoding="utf-8", errors="replace")
-        want += f"\n{site}\n{extra}"
-    filled = stamp.is_file() and stamp.read_text(encoding="utf-8", errors="replace") == want
-    return path, want, filled
+def _pycache(sysroot: Sysroot, flavour: str = "") -> Path:
+    """The bytecode cache of the counted processes (``PYTHONPYCACHEPREFIX``): one per sysroot
+    architecture and ``flavour`` (a guest with other packages on its path, e.g. ONNX
+    Runtime's). Compiling numpy's and tvm's modules under qemu takes a minute; the first count
+    writes the cache (Python replaces ``.pyc`` files atomically and checks them against their
+    sources, so concurrent counts and rebuilt sysroots are safe). Bytecode compiled or read
+    during start-up does not change the counts: the calls are counted between marks."""
+    return _cache_dir() / "guest-pycache" / f"{sysroot.arch}{flavour}"
 
 
 @dataclass(frozen=True)
@@ -220,22 +238,30 @@ def _run_guest(guest: GuestProgram, runs: int, sysroot: Sysroot, timeout: float,
             f"command: {' '.join(command)}\nstderr:\n{proc.stderr[-6000:]}")
 
 
-def _count_once(guest: GuestProgram, runs: int, sysroot: Sysroot, plugin: Path,
-                pycache: Path, timeout: float, work: Path, prefix: Sequence[str]) -> int:
-    """Guest instructions of one process calling the entry function ``runs`` times."""
+def _count_marks(guest: GuestProgram, runs: int, sysroot: Sysroot, plugin: Path,
+                 timeout: float, work: Path, prefix: Sequence[str],
+                 pycache: Path) -> list[int]:
+    """The instruction counts at the marks of one process calling the entry ``runs`` times:
+    two marks before the first call, then one after each."""
     log = work / f"insns-{runs}.log"
     log.unlink(missing_ok=True)
-    env = {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache)}
     _run_guest(guest, runs, sysroot, timeout, work,
-               ["-plugin", f"{plugin},inline=on", "-d", "plugin", "-D", str(log)], env, prefix)
+               ["-plugin", str(plugin), "-d", "plugin", "-D", str(log)], env, prefix)
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    found = _COUNT_LINE.findall(text)
-    if len(found) != 1:
+    totals = _COUNT_LINE.findall(text)
+    marks = [int(m) for m in _MARK_LINE.findall(text)]
+    if len(totals) != 1:
         raise InstructionCountError(
-            f"qemu printed {len(found)} instruction counts, not 1, to {log} (is {plugin} "
+            f"qemu printed {len(totals)} instruction counts, not 1, to {log} (is {plugin} "
             f"built for the installed qemu-user? rebuild it with `bash {PLUGIN_SCRIPT}`); "
             f"log:\n{text[-2000:]}")
-    return int(found[0])
+    if len(marks) != runs + 2:
+        raise InstructionCountError(
+            f"the counted process made {len(marks)} marks, not {runs + 2} (two, then one per "
+            f"call): its script must call mark() twice and then after each call; is {plugin} "
+            f"pqcompile's plugin (scripts/qemu_plugin/pqcount.c)?")
+    return marks
 
 
 def check_runs(runs: Sequence[int]) -> tuple[int, int]:
@@ -270,25 +296,23 @@ def save_inputs(inputs: Sequence[Any], work: Path) -> list[str]:
 
 def count_guest(make_guest: Callable[[Path], GuestProgram], runs: tuple[int, int],
                 sysroot: Sysroot, timeout: float, *, flavour: str = "",
-                site: Path | None = None) -> tuple[int, int]:
-    """The two process totals of a guest (``make_guest(work)``, given the scratch directory
-    its files go in) calling its entry ``runs[0]`` and ``runs[1]`` times, counted with the
-    plugin; the first count of a sysroot (and ``flavour``/``site``, see :func:`_pycache`)
-    fills the bytecode cache with an uncounted run first."""
+                arch: str | None = None, target: str = "") -> InsnCount:
+    """Count a guest (``make_guest(work)``, given the scratch directory its files go in) whose
+    script calls ``mark()`` (:data:`MARK_PRELUDE`) twice and then after each of its calls:
+    one process making ``runs[1]`` calls, counted with the plugin."""
+    n1, n2 = check_runs(runs)
     plugin = find_plugin()
+    pycache = _pycache(sysroot, flavour)
+    pycache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pqcompile-insns-") as tmp:
         work = Path(tmp)
-        guest = make_guest(work)
-        pycache, stamp, filled = _pycache(sysroot, flavour, site)
-        if not filled:  # one uncounted run writes the bytecode the counted ones read
-            pycache.mkdir(parents=True, exist_ok=True)
-            _run_guest(guest, 1, sysroot, timeout, work, [],
-                       {**_GUEST_ENV, "PYTHONPYCACHEPREFIX": str(pycache)})
-            (pycache / ".filled").write_text(stamp, encoding="utf-8")
-        prefix = _no_aslr_prefix()
-        first, second = (_count_once(guest, n, sysroot, plugin, pycache, timeout, work, prefix)
-                         for n in runs)
-    return first, second
+        marks = _count_marks(make_guest(work), n2, sysroot, plugin, timeout, work,
+                             _no_aslr_prefix(), pycache)
+    cost = marks[1] - marks[0]  # one mark: the lseek call and its caught OSError
+    calls = tuple(after - before - cost for before, after in zip(marks[1:], marks[2:]))
+    return InsnCount(per_inference=sum(calls[n1:n2]) / (n2 - n1), runs=(n1, n2),
+                     totals=(marks[1 + n1], marks[1 + n2]), arch=arch or sysroot.arch,
+                     target=target, calls=calls)
 
 
 def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
@@ -296,15 +320,15 @@ def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
                        timeout: float = DEFAULT_TIMEOUT_S, cpu: str | None = None) -> InsnCount:
     """Guest instructions per inference of ``artifact`` (a directory or an ``Artifact``).
 
-    Two processes run under ``qemu-<arch> -plugin libinsn.so`` one after the other, calling the
-    entry function ``runs[0]`` and ``runs[1]`` times on the reference sample inputs (or on
-    ``inputs``, numpy arrays), single-threaded; the result is the difference of their counts
-    over the difference of the calls. With ``runs[0] >= 1`` the first call's one-time work
-    cancels too. ``timeout`` applies to each process. The artifact must be for another
+    One process runs under ``qemu-<arch> -plugin libpqcount.so``, single-threaded, calling the
+    entry function ``runs[1]`` times on the reference sample inputs (or on ``inputs``, numpy
+    arrays) with a mark around each call; the result is the mean count of calls
+    ``runs[0] + 1`` to ``runs[1]`` (``runs[0] >= 1`` leaves out the first call's one-time
+    work). ``timeout`` applies to the process. The artifact must be for another
     architecture than this machine's: it runs under qemu-user, in the sysroot of
     :func:`pqcompile.targets.find_sysroot` (or ``sysroot``), on qemu's default CPU model or
-    ``cpu`` (``qemu-aarch64 -cpu help`` lists them). The first count for a sysroot also fills
-    a bytecode cache (one uncounted run, ~30 s).
+    ``cpu`` (``qemu-aarch64 -cpu help`` lists them). The first count for a sysroot also
+    writes a bytecode cache (~1 min more).
 
     Raises :class:`InstructionCountError` (a ``pqcompile.targets.EmulatorError``) when the
     plugin or the sysroot is missing or a run fails, and
@@ -335,6 +359,5 @@ def count_instructions(artifact: Any, *, runs: tuple[int, int] = (1, 3),
         args = (str(path), *save_inputs(inputs or (), work))
         return GuestProgram(_GUEST_SCRIPT, args, {}, cpu)
 
-    totals = count_guest(make_guest, (n1, n2), sysroot, timeout)
-    return InsnCount(per_inference=(totals[1] - totals[0]) / (n2 - n1), runs=(n1, n2),
-                     totals=totals, arch=art.arch, target=art.target.name)
+    return count_guest(make_guest, (n1, n2), sysroot, timeout, arch=art.arch,
+                       target=art.target.name)

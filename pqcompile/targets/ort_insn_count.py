@@ -3,10 +3,10 @@
 The peer pqcompile's aarch64 builds are counted against: the ``.onnx`` file (fp32, or int8 QDQ
 made on the host with ``onnxruntime.quantization``) runs in ONNX Runtime 1.18.1 for aarch64,
 in the sysroot's CPython, counted exactly like an artifact by
-:func:`pqcompile.targets.insn_count.count_instructions`: two processes calling
-``InferenceSession.run`` ``runs[0]`` and ``runs[1]`` times, the difference of QEMU's insn-plugin
-counts over the difference of the calls, so start-up (importing onnxruntime, building the
-session, the first run's one-time work) cancels. The session is ORT's CPU provider with every
+:func:`pqcompile.targets.insn_count.count_instructions`: one process calling
+``InferenceSession.run`` ``runs[1]`` times with a mark around each call, the mean count of
+calls ``runs[0] + 1`` to ``runs[1]``, so start-up (importing onnxruntime, building the
+session, the first run's one-time work) never enters. The session is ORT's CPU provider with every
 graph optimization, one intra-op thread (no thread pool to spin) and sequential execution.
 
 ONNX Runtime picks its int8 kernels at run time from the CPU's features (MLAS reads the
@@ -35,6 +35,7 @@ from typing import Any
 
 from .emulator import DEFAULT_TIMEOUT_S, Sysroot
 from .insn_count import (
+    MARK_PRELUDE,
     GuestProgram,
     InsnCount,
     InstructionCountError,
@@ -51,7 +52,7 @@ __all__ = ["ORT_SCRIPT", "count_onnx_instructions", "default_ort_path", "find_or
 ORT_SCRIPT = "scripts/build_aarch64_ort.sh"
 
 # Runs in the sysroot's Python with only the ONNX Runtime site on its path.
-_ORT_GUEST_SCRIPT = '''\
+_ORT_GUEST_SCRIPT = MARK_PRELUDE + '''\
 import gc, sys
 import numpy as np
 import onnxruntime as ort
@@ -69,9 +70,12 @@ if len(names) != len(inputs):
 feeds = {name: np.load(path, allow_pickle=False) for name, path in zip(names, inputs)}
 gc.collect()
 gc.disable()
+mark()
+mark()
 for _ in range(runs):
     out = session.run(None, feeds)
     del out
+    mark()
 gc.enable()
 print("ran", runs, "onnxruntime", ort.__version__)
 '''
@@ -137,8 +141,7 @@ def count_onnx_instructions(model: str | os.PathLike, inputs: Sequence[Any], *,
     Counted as :func:`pqcompile.targets.insn_count.count_instructions` counts an artifact;
     ``threads`` intra-op threads (keep 1: the plugin sums every thread, and idle pool workers
     spin), on qemu's CPU model ``cpu`` (default ``max``). The result's ``target`` reads
-    ``onnxruntime`` plus the CPU model. The first count also fills a bytecode cache for the
-    ONNX Runtime guest (one uncounted run, ~30 s).
+    ``onnxruntime`` plus the CPU model.
 
     Raises :class:`InstructionCountError` when the plugin, the sysroot or the aarch64 ONNX
     Runtime is missing or a run fails (e.g. an op ONNX Runtime 1.18 does not know), and
@@ -158,7 +161,5 @@ def count_onnx_instructions(model: str | os.PathLike, inputs: Sequence[Any], *,
         args = (str(path), str(int(threads)), *save_inputs(inputs, work))
         return GuestProgram(_ORT_GUEST_SCRIPT, args, {"PYTHONPATH": str(ort / "site")}, cpu)
 
-    totals = count_guest(make_guest, (n1, n2), sysroot, timeout, flavour="-ort", site=ort)
-    return InsnCount(per_inference=(totals[1] - totals[0]) / (n2 - n1), runs=(n1, n2),
-                     totals=totals, arch="aarch64",
-                     target=f"onnxruntime ({cpu or 'max'})")
+    return count_guest(make_guest, (n1, n2), sysroot, timeout, flavour="-ort",
+                       arch="aarch64", target=f"onnxruntime ({cpu or 'max'})")
