@@ -80,11 +80,16 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHES)}")
 
 
+def cache_dir() -> Path:
+    """pqcompile's cache of emulation tools (sysroots, the counting plugin, the aarch64 ONNX
+    Runtime, guest bytecode): ``PQCOMPILE_CACHE``, default ``~/.cache/pqcompile``."""
+    return Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
+
+
 def default_sysroot_path(arch: str = "aarch64") -> Path:
     """Where the sysroot for ``arch`` is looked for when no environment variable says."""
     _check_arch(arch)
-    cache = os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile"
-    return Path(cache) / f"{arch}-sysroot"
+    return cache_dir() / f"{arch}-sysroot"
 
 
 def find_sysroot(arch: str = "aarch64") -> Sysroot:

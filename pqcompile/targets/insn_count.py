@@ -36,11 +36,12 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from .base import host_arch
-from .emulator import DEFAULT_TIMEOUT_S, EmulatorError, Sysroot, _python_command
+from .emulator import DEFAULT_TIMEOUT_S, EmulatorError, Sysroot, _python_command, cache_dir
 
 __all__ = ["PLUGIN_SCRIPT", "GuestProgram", "InsnCount", "InstructionCountError", "check_runs",
            "count_guest", "count_instructions", "default_plugin_path", "find_plugin",
@@ -155,11 +156,7 @@ class InsnCount:
 
 def default_plugin_path() -> Path:
     """Where ``scripts/build_insn_plugin.sh`` puts ``libpqcount.so`` by default."""
-    return _cache_dir() / "qemu-plugin" / "libpqcount.so"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile")
+    return cache_dir() / "qemu-plugin" / "libpqcount.so"
 
 
 def find_plugin() -> Path:
@@ -198,7 +195,7 @@ def _pycache(sysroot: Sysroot, flavour: str = "") -> Path:
     writes the cache (Python replaces ``.pyc`` files atomically and checks them against their
     sources, so concurrent counts and rebuilt sysroots are safe). Bytecode compiled or read
     during start-up does not change the counts: the calls are counted between marks."""
-    return _cache_dir() / "guest-pycache" / f"{sysroot.arch}{flavour}"
+    return cache_dir() / "guest-pycache" / f"{sysroot.arch}{flavour}"
 
 
 @dataclass(frozen=True)
@@ -309,7 +306,7 @@ def count_guest(make_guest: Callable[[Path], GuestProgram], runs: tuple[int, int
         marks = _count_marks(make_guest(work), n2, sysroot, plugin, timeout, work,
                              _no_aslr_prefix(), pycache)
     cost = marks[1] - marks[0]  # one mark: the lseek call and its caught OSError
-    calls = tuple(after - before - cost for before, after in zip(marks[1:], marks[2:]))
+    calls = tuple(after - before - cost for before, after in pairwise(marks[1:]))
     return InsnCount(per_inference=sum(calls[n1:n2]) / (n2 - n1), runs=(n1, n2),
                      totals=(marks[1 + n1], marks[1 + n2]), arch=arch or sysroot.arch,
                      target=target, calls=calls)

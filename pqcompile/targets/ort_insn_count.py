@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .emulator import DEFAULT_TIMEOUT_S, Sysroot
+from .emulator import DEFAULT_TIMEOUT_S, Sysroot, cache_dir
 from .insn_count import (
     MARK_PRELUDE,
     GuestProgram,
@@ -83,8 +83,7 @@ print("ran", runs, "onnxruntime", ort.__version__)
 
 def default_ort_path() -> Path:
     """Where ``scripts/build_aarch64_ort.sh`` installs ONNX Runtime by default."""
-    cache = os.environ.get("PQCOMPILE_CACHE") or Path.home() / ".cache" / "pqcompile"
-    return Path(cache) / "aarch64-ort"
+    return cache_dir() / "aarch64-ort"
 
 
 def find_ort_site() -> Path:
