@@ -219,13 +219,15 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
                 continue
             if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
                     or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
-                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr + 2 * mr > 28) \
+                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr > 24) \
                     or (isa.name == "avx2" and mr * nr + 2 * nr + 4 > 16) \
                     or (isa.name == "avx2u" and mr * nr + nr + 3 > 16):
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
             loads = mr // 4 + nr if isa.name == "sdot" else mr + nr
             cost = lanes * (1.0 + load * loads / (mr * nr))
+            if isa.name == "neon":  # a pair of steps: see the doc
+                cost = lanes * (6 * mr * nr + 2.5 * mr + 3 * nr + 4) / (6 * mr * nr)
             if best_cost is None or cost < best_cost - 1e-9:
                 best, best_cost = Isa(isa.name, isa.lanes, mr, nr), cost
     return best

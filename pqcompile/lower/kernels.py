@@ -78,6 +78,13 @@ def pack_weight(q: np.ndarray, isa: Isa) -> np.ndarray:
     w[:o, :c] = q
     # [ob, mr, cb, d, kh, kw] -> [ob, cb, kh, kw, mr, d]
     w = w.reshape(ob, isa.mr, cb, d, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    if dot_steps(isa) == 2 and cb >= 2:
+        # the kernel steps two channel blocks at once: [cb/2][kh][kw][2] (the odd block last)
+        even = cb // 2 * 2
+        pairs = w[:, :even].reshape(ob, cb // 2, 2, kh * kw, isa.mr, d).transpose(
+            0, 1, 3, 2, 4, 5)
+        w = np.concatenate([pairs.reshape(ob, even * kh * kw, isa.mr, d),
+                            w[:, even:].reshape(ob, (cb - even) * kh * kw, isa.mr, d)], axis=1)
     return np.ascontiguousarray(w.reshape(ob, cb * kh * kw, isa.mr, d))
 
 
@@ -242,17 +249,34 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                             for r in T.unroll(MR):
                                 for v in T.unroll(NR):
                                     _dot2(acc, Xc, Wp, ob_qb // QB,
-                                          ((cp * P * KH + kh) * KW + kw), KH * KW, r,
+                                          ((cp * KH + kh) * KW + kw) * P, 1, r,
                                           (r * NR + v) * L,
                                           xat(kh, kw, cp * P, ((ob_qb % QB) * NR + v) * L), DX)
-                for cb in range(CB // P * P, CB):  # the channel blocks left over
+                if P == 2 and CB % 2 == 1:  # the odd channel block: two taps of a row a step
                     for kh in range(KH):
-                        for kw in range(KW):
+                        for jw in range(KW // 2):
                             for r in T.unroll(MR):
                                 for v in T.unroll(NR):
-                                    _dot(acc, Xc, Wp, ob_qb // QB, ((cb * KH + kh) * KW + kw), r,
-                                         (r * NR + v) * L,
-                                         xat(kh, kw, cb, ((ob_qb % QB) * NR + v) * L))
+                                    _dot2(acc, Xc, Wp, ob_qb // QB,
+                                          ((CB - 1) * KH + kh) * KW + 2 * jw, 1, r,
+                                          (r * NR + v) * L,
+                                          xat(kh, 2 * jw, CB - 1, ((ob_qb % QB) * NR + v) * L),
+                                          xat(0, 1, 0, 0) - xat(0, 0, 0, 0))
+                        if KW % 2 == 1:
+                            for r in T.unroll(MR):
+                                for v in T.unroll(NR):
+                                    _dot(acc, Xc, Wp, ob_qb // QB,
+                                         ((CB - 1) * KH + kh) * KW + KW - 1, r, (r * NR + v) * L,
+                                         xat(kh, KW - 1, CB - 1, ((ob_qb % QB) * NR + v) * L))
+                else:
+                    for cb in range(CB // P * P, CB):  # the channel blocks left over
+                        for kh in range(KH):
+                            for kw in range(KW):
+                                for r in T.unroll(MR):
+                                    for v in T.unroll(NR):
+                                        _dot(acc, Xc, Wp, ob_qb // QB,
+                                             ((cb * KH + kh) * KW + kw), r, (r * NR + v) * L,
+                                             xat(kh, kw, cb, ((ob_qb % QB) * NR + v) * L))
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         _finish(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])

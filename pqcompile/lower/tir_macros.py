@@ -334,7 +334,7 @@ def dot_pair_macro(isa):
     from tvm.script import tirx as T
 
     if dot_steps(isa) == 2:
-        _pairs = smull_pairs_macro(2)
+        _pairs = smull_pairs_macro(2, isa.mr)
 
         @T.macro
         def dot2(acc, Xc, Wp, ob, ks, dks, r, a, x, dx):

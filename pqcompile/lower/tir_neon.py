@@ -49,11 +49,33 @@ def neon_requant(acc, a, m, sh, lo: int, hi: int):
                  T.broadcast(T.int32(lo), 4))
 
 
-def smull_pairs_macro(steps: int = 1):
+def pair_word(Wp, ob, ks, mr: int, i):
+    """Weight word ``i`` (an expression that is constant once the kernel's loops are
+    unrolled; ``0 <= i < 2 mr``) of the pair of steps ``ks``, ``ks + 1`` (``Wp[ob, ks, :]``
+    then ``Wp[ob, ks + 1, :]``: ``2 mr`` contiguous 4-byte words) splat over int8x8. The
+    words are read 4 at a time (16 bytes, the last 2 words 8 bytes) and each is broadcast
+    from its lane (``dup v.2s, v.s[j]``): a tile's ``2 mr`` splats cost ``mr / 2`` loads
+    and ``2 mr`` dups, where ``ld1r`` (no offset form) needs an address for each."""
+    from tvm.script import tirx as T
+
+    out = None
+    for w in reversed(range(2 * mr)):
+        g = w // 4 * 4
+        n = 4 if g + 4 <= 2 * mr else 2
+        start = [ob, ks, g, 0] if g < mr else [ob, ks + 1, g - mr, 0]
+        chunk = T.reinterpret(Wp.vload(start, f"int8x{4 * n}"), dtype=f"int32x{n}")
+        lane = T.reinterpret(T.Shuffle([chunk], [w - g] * 2), dtype="int8x8")
+        out = lane if out is None else T.Select(i == w, lane, out)
+    return out
+
+
+def smull_pairs_macro(steps: int = 1, mr: int | None = None):
     """``pairs(acc, a, Xc, x, dx, Wp, ob, ks, dks, r)`` (aarch64 NEON without dot products):
     ``acc[a:a+8]`` (int32) += the pair sums of the byte products of ``steps`` input vectors
     ``Xc[4 (x + i dx) ...]`` (16 bytes: 4 pixels' 4-channel words) with the weight words
-    ``Wp[ob, ks + i dks, r]`` (each splat over its vector's 4 pixels).
+    ``Wp[ob, ks + i dks, r]`` (each splat over its vector's 4 pixels). With ``mr`` (the
+    tile's output channels, ``steps`` 2), ``dks`` must be 1 and the weights are read by
+    :func:`pair_word`.
 
     Per 8 bytes (2 pixels): ``smull`` (int16 products of two int8: they fit), the next step's
     ``smlal`` into the same int16 lanes (two products of an int8 input and a weight in
@@ -69,13 +91,17 @@ def smull_pairs_macro(steps: int = 1):
     smull = "llvm.aarch64.neon.smull.v8i16"
     saddlp = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
 
+    def weight(Wp, ob, ks, dks, r, i):
+        if mr is not None:
+            return pair_word(Wp, ob, ks, mr, r + i * mr)
+        return splat(Wp.vload([ob, ks + i * dks, r, 0], "int8x4"), 2, "int8x8")
+
     def products(Xc, x, dx, Wp, ob, ks, dks, r, h):
         out = None
         for i in range(steps):
             term = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(smull), Xc.vload([(x + i * dx) * 4 + 8 * h], "int8x8"),
-                splat(Wp.vload([ob, ks + i * dks, r, 0], "int8x4"), 2, "int8x8"),
-                dtype="int16x8")
+                weight(Wp, ob, ks, dks, r, i), dtype="int16x8")
             out = term if out is None else out + term
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), out, dtype="int32x4")
 
