@@ -196,6 +196,8 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (4, 16, 3, 1, 1, "int8", "uint8"),
       # narrow rows: several rows per vector (fewer where the plane has fewer)
       (4, 13, 3, 2, 1, "uint8", "int8"), (3, 3, 7, 2, 3, "uint8", "uint8"),
+      # one output row a vector at stride 2 (rows-neon: its taps read past the row's half)
+      (3, 19, 3, 2, 1, "uint8", "int8"),
       # 100-pixel rows: tiles of 7 (stride 1) and 4 (stride 2) rows, the last one overlapping
       (2, 99, 3, 1, 1, "uint8", "uint8"), (2, 99, 3, 2, 1, "uint8", "int8"),
       # rows of 256 pixels: a row's tile would be 1 KiB, so the grid

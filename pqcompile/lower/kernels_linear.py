@@ -28,13 +28,14 @@ class LinearShape:
 
 
 def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
-    """Rows of the input x vectors of output features held in registers (``neon``: the
-    generic kernel, one input a step)."""
-    name, lanes = ("generic", isa.generic_lanes) if isa.name == "neon" else (isa.name, isa.lanes)
+    """Rows of the input x vectors of output features held in registers (``neon``: at most
+    16 accumulator registers, two a vector of 4 features)."""
     mr = max(1, min(4, shape.rows))
-    nv = -(-shape.out_features // lanes)
-    nr = max(1, min(nv, 1020 // (mr * lanes * 4), 8))
-    return Isa(name, lanes, mr, nr)
+    nv = -(-shape.out_features // isa.lanes)
+    if isa.name == "neon":
+        return Isa("neon", isa.lanes, mr, max(1, min(nv, 8 // mr)))
+    nr = max(1, min(nv, 1020 // (mr * isa.lanes * 4), 8))
+    return Isa(isa.name, isa.lanes, mr, nr)
 
 
 def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
@@ -80,7 +81,10 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
     scratch = MB * MR * KB * D
-    _dot = _linear_dot_macro(isa)
+    neon = isa.name == "neon"
+    AW = isa.acc_width
+    _dot = None if neon else _linear_dot_macro(isa)
+    _pair2, _pair1 = (_linear_pair_macro(2), _linear_pair_macro(1)) if neon else (None, None)
     # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
     # lane, and TVM 0.27's bound analysis drops its clamp)
     _store = requant_macro(out_dt, lo, hi)
@@ -103,18 +107,42 @@ def linear_kernel(shape: LinearShape, isa: Isa):
         with T.sblock("root"):
             Yg = T.alloc_buffer((MB * MR * Ng,), out_dt)
             for mb_nb in T.parallel(MB * NB):
-                acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
-                for r in T.unroll(MR):  # the accumulators start at the bias
-                    for v in T.unroll(NR):
-                        for lane in T.vectorized(L):
-                            acc[(r * NR + v) * L + lane] = B[
-                                T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1)]
-                for kb in range(KB):
-                    for r in T.unroll(MR):
+                acc = T.alloc_buffer((MR * NR * L * AW,), "int32", scope="global")
+                if neon:  # pair sums from zero; the bias is added when they are summed
+                    for i in T.unroll(MR * NR * 2):
+                        acc[T.ramp(4 * i, 1, 4)] = T.broadcast(T.int32(0), 4)
+                    for kp in range(KB // 2):
+                        for r in T.unroll(MR):
+                            for v in T.unroll(NR):
+                                _pair2(acc, 2 * (r * NR + v) * L, Wv,
+                                       T.min((mb_nb % NB) * NR + v, NV - 1), 2 * kp, Xp,
+                                       ((mb_nb // NB * MR + r) * KB + 2 * kp) * D)
+                    for kb in range(KB // 2 * 2, KB):
+                        for r in T.unroll(MR):
+                            for v in T.unroll(NR):
+                                _pair1(acc, 2 * (r * NR + v) * L, Wv,
+                                       T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
+                                       ((mb_nb // NB * MR + r) * KB + kb) * D)
+                    for r in T.unroll(MR):  # in place: vector a writes below every later one
                         for v in T.unroll(NR):
-                            _dot(acc, (r * NR + v) * L, Wv,
-                                 T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
-                                 ((mb_nb // NB * MR + r) * KB + kb) * D)
+                            acc[T.ramp((r * NR + v) * L, 1, 4)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
+                                acc.vload([2 * (r * NR + v) * L], "int32x4"),
+                                acc.vload([2 * (r * NR + v) * L + 4], "int32x4"),
+                                dtype="int32x4") + B.vload(
+                                    [T.min((mb_nb % NB) * NR + v, NV - 1) * L], "int32x4")
+                else:
+                    for r in T.unroll(MR):  # the accumulators start at the bias
+                        for v in T.unroll(NR):
+                            for lane in T.vectorized(L):
+                                acc[(r * NR + v) * L + lane] = B[
+                                    T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1)]
+                    for kb in range(KB):
+                        for r in T.unroll(MR):
+                            for v in T.unroll(NR):
+                                _dot(acc, (r * NR + v) * L, Wv,
+                                     T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
+                                     ((mb_nb // NB * MR + r) * KB + kb) * D)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         for lane in T.vectorized(L):
@@ -153,3 +181,39 @@ def _linear_dot_macro(isa: Isa):
                 acc[a + lane] = acc[a + lane] + T.Cast("int32", Wv[nv, kb, lane, 0]) \
                     * T.Cast("int32", Xp[x])
     return dot
+
+
+def _linear_pair_macro(steps: int):
+    """``pair(acc, a, Wv, nv, kb, Xp, x)`` (aarch64 NEON without dot products):
+    ``acc[a:a+4]`` (features 0-1 of vector ``nv``, two pair sums each) and ``acc[a+4:a+8]``
+    (features 2-3) += the products of ``steps`` (1 or 2) 4-input words ``Wv[nv, kb + i]``
+    with the row's input word ``Xp[x + 4 i]`` splat: ``smull``, the second step's ``smlal``
+    into the same int16 lanes (products of int8 inputs and weights in [-127, 127] sum to at
+    most 32512 in two), ``sadalp`` (see :func:`~pqcompile.lower.tir_neon.smull_pairs_macro`,
+    whose roles of inputs and weights are swapped here). The row's two words are one 8-byte
+    load, each broadcast from its lane."""
+    from tvm.script import tirx as T
+
+    def intrin(name, dtype, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
+                                       *args, dtype=dtype)
+
+    def word(Xp, x, i):
+        if steps == 1:
+            return splat(Xp.vload([x], "int8x4"), 2, "int8x8")
+        pair = T.reinterpret(Xp.vload([x], f"int8x{4 * steps}"), dtype=f"int32x{steps}")
+        return T.reinterpret(T.Shuffle([pair], [i, i]), dtype="int8x8")
+
+    def half(Wv, nv, kb, Xp, x, h):
+        out = None
+        for i in range(steps):
+            term = intrin("smull.v8i16", "int16x8", Wv.vload([nv, kb + i, 2 * h, 0], "int8x8"),
+                          word(Xp, x, i))
+            out = term if out is None else out + term
+        return intrin("saddlp.v4i32.v8i16", "int32x4", out)
+
+    @T.macro
+    def pair(acc, a, Wv, nv, kb, Xp, x):
+        acc[T.ramp(a, 1, 4)] = acc.vload([a], "int32x4") + half(Wv, nv, kb, Xp, x, 0)
+        acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") + half(Wv, nv, kb, Xp, x, 1)
+    return pair

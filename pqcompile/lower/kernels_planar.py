@@ -42,19 +42,29 @@ def dw_isa(isa: Isa) -> Isa:
     return Isa("generic", lanes, 1, max(1, min(8, 1020 // (lanes * 4))))
 
 
-def _dw_rows_layout(shape: ConvShape, L: int) -> tuple[int, int, int, int, int]:
+def _row_stride(shape: ConvShape, split: bool) -> int:
+    """Bytes of one padded input row in the row schedules' buffer: ``W + 2 PW``, or where the
+    row is split into its even and odd columns (``rows-neon`` at stride 2), twice the even
+    half's."""
+    wp = shape.width + 2 * shape.padding[1]
+    return 2 * -(-wp // 2) if split else wp
+
+
+def _dw_rows_layout(shape: ConvShape, L: int, split: bool = False
+                    ) -> tuple[int, int, int, int, int]:
     """``(R, V, N, RT, RB)`` of the row schedules: ``R`` output rows per vector (0 where a row
     is at least ``L`` pixels: a tile is then ``RT`` rows of ``V`` vectors each, as many rows
     as keep its input rows under 1 KiB; else as many whole rows as fit in ``L`` lanes, and a
     tile is the channel's plane in ``V`` vectors), ``N`` the bytes one vector's taps span (a
     power of two, at least ``4 L``), ``RB`` the bytes of the tile's padded input rows plus
-    ``N``."""
+    ``N``. ``split``: the rows are held as their even then odd columns
+    (:func:`_row_stride`), so a stride-2 tap reads consecutive bytes of one half."""
     oh, ow = shape.out_hw
     s, (kh, kw) = shape.stride, shape.kernel
-    wp = shape.width + 2 * shape.padding[1]
+    wp = _row_stride(shape, split)
     r = 0 if ow >= L else min(L // ow, oh)
     v = -(-ow // L) if r == 0 else -(-oh // r)
-    span = (max(r, 1) - 1) * s * wp + (min(ow, L) - 1) * s + kw
+    span = (max(r, 1) - 1) * s * wp + (min(ow, L) - 1) * (1 if split else s) + kw
     n = max(4 * L, 1 << (span - 1).bit_length())
     if r:
         return r, v, n, oh, (shape.height + 2 * shape.padding[0]) * wp + n
@@ -75,7 +85,7 @@ def dw_schedule(shape: ConvShape, isa: Isa) -> str:
     """``"rows-vnni"``, ``"rows-neon"``, ``"rows"`` or ``"grid"`` for a depthwise conv (see
     the module doc)."""
     if isa.name in ("sdot", "neon"):
-        r, v, n, _, rb = _dw_rows_layout(shape, 16)
+        r, v, n, _, rb = _dw_rows_layout(shape, 16, shape.stride == 2)
         if v * 16 * 4 < 1024 and rb < 1024 and n <= 128:
             return "rows-neon"
     L = dw_isa(isa).lanes
@@ -182,8 +192,10 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     # rows-neon: the row buffer holds signed bytes (uint8 offset by -128, pads too)
     bdt, boff = ("int8", -128 if in_dt == "uint8" else 0) if neon else (in_dt, 0)
     L = isa.lanes
-    Wp = W + 2 * PW
-    R, V, N, RT, RB = _dw_rows_layout(shape, L)
+    split = neon and s == 2  # each buffered row: its even columns, then its odd ones
+    Wp = _row_stride(shape, split)
+    Wh = Wp // 2  # the even half
+    R, V, N, RT, RB = _dw_rows_layout(shape, L, split)
     NT = -(-OH // RT) if R == 0 else 1  # tiles per channel (the last one may overlap)
     RIN = (RT - 1) * s + KH if R == 0 else H + 2 * PH  # input rows a tile copies
     U = L if R == 0 else R * OW  # the lanes a vector stores
@@ -198,7 +210,8 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     # picks the bytes: for rows-vnni 4 taps per pixel (a missing tap repeats tap 0, its
     # weight 0), else one tap per shuffle (contiguous loads instead where R = 0 and the
     # stride is 1). Junk lanes (i >= U) read lane 0's bytes and are not stored.
-    off = [i if R == 0 else (i // OW) * Wp + i % OW if i < U else 0 for i in range(L)]
+    off = [i if R == 0 else (i // OW) * Wp * (s if split else 1) + i % OW if i < U else 0
+           for i in range(L)]
     if R == 1 and (L - 1) * s + KW <= N:
         # one output row a vector: the junk lanes read on past the row, so that a stride-1
         # tap is one plain load (repeating lane 0 made LLVM insert a byte with SSE4a's
@@ -211,6 +224,11 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
                           Xb.vload([base + N // 2], f"{bdt}x{N // 2}")], pattern)
 
     def tap(Xb, o, v, kh, kw):  # rows-neon: the 16 signed input bytes tap (kh, kw) reads
+        if split:  # column x * 2 + kw is byte x + kw // 2 of the half kw % 2
+            base = first(o, v, kh) + kw % 2 * Wh + kw // 2
+            if R <= 1:
+                return Xb.vload([base], "int8x16")
+            return picked(Xb, base, off)
         if s == 1 and R == 0:
             return Xb.vload([first(o, v, kh) + kw], "int8x16")
         return picked(Xb, first(o, v, kh) + kw, [off[i] * s for i in range(L)])
@@ -241,7 +259,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
 
     def first(o, v, kh):  # output row o's vector v's first input byte in the row buffer
         if R == 0:
-            return (o * s + kh) * Wp + T.min(v * L, OW - L) * s
+            return (o * s + kh) * Wp + T.min(v * L, OW - L) * (1 if split else s)
         return (T.min(v * R, OH - R) * s + kh) * Wp
 
     def out(t, o, v):  # the vector's first output pixel in the channel's plane
@@ -253,6 +271,36 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
 
     def word(Wd, c, w):  # the 4 tap weights Wd[c, w:w+4], one per byte of every lane
         return splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
+
+    # split rows: input column i goes to byte (PW + i) // 2 of half (PW + i) % 2; CW columns
+    # a step (one load, its even and odd bytes: LLVM's uzp1/uzp2), the rest one by one
+    CW = 32 if W >= 32 else 16 if W >= 16 else 8
+    flip = T.broadcast(T.uint8(128), CW // 2)
+
+    def fixed(v):  # in_dt bytes -> the buffer's signed bytes (uint8 offset by -128: a xor)
+        if not boff:
+            return v
+        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CW // 2}"), flip),
+                             dtype=f"int8x{CW // 2}")
+
+    @T.macro
+    def _fill_split(Xb, Xf, r, ih, c):
+        if 0 <= ih and ih < H:  # the pad columns, then the row's columns into its halves
+            for j in T.unroll(PW):
+                Xb[r * Wp + j % 2 * Wh + j // 2] = T.Cast(bdt, boff)
+            for j in T.unroll(Wp - PW - W):
+                Xb[r * Wp + (PW + W + j) % 2 * Wh + (PW + W + j) // 2] = T.Cast(bdt, boff)
+            for k in range(W // CW):
+                for h in T.unroll(2):
+                    Xb[T.ramp(r * Wp + (PW + h) % 2 * Wh + (PW + k * CW + h) // 2, 1, CW // 2)] \
+                        = fixed(T.Shuffle([Xf.vload([(c * H + ih) * W + k * CW], f"{in_dt}x{CW}")],
+                                          [2 * i + h for i in range(CW // 2)]))
+            for i in range(W // CW * CW, W):
+                Xb[r * Wp + (PW + i) % 2 * Wh + (PW + i) // 2] = T.Cast(
+                    bdt, T.Cast("int32", Xf[(c * H + ih) * W + i]) + boff)
+        else:
+            for j in range(Wp):
+                Xb[r * Wp + j] = T.Cast(bdt, boff)
 
     @T.macro
     def _fill(Xb, Xf, r, ih, c):  # row buffer row r <- input row ih of channel c (or pad)
@@ -280,7 +328,10 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
                 kc = T.alloc_buffer((3,), "int64", scope="global")
                 _kload(kc, 0, t // NT, M, S)
                 for r in range(RIN):
-                    _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
+                    if split:
+                        _fill_split(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
+                    else:
+                        _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
                 for o in range(RT if R == 0 else 1):
                     for v in T.unroll(V):  # the accumulators start at the bias
                         acc[T.ramp(v * L, 1, L)] = T.broadcast(bias(B, Wd, t // NT), L)
