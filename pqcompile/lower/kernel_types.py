@@ -202,16 +202,20 @@ def grid_vectors(shape: ConvShape, lanes: int, isa: Isa | None = None) -> int:
 def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     """The register tile for one layer: the fewest computed lanes (output channels padded to
     the tile, pixel vectors padded to the tile), weighted by the loads each dot product
-    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product; ``neon``'s pair of steps
-    is 6 instructions against 2 loads per operand, so its loads weigh a third), with at most
-    :data:`MAX_ACCUMULATORS` accumulator registers; ``neon`` also keeps both steps' operands
-    in registers (``4 NR`` input halves, ``2 MR`` weight words: with the ``2 MR NR``
-    accumulators at most 28 of the 32, else LLVM spills); ``avx2`` has 16 registers: ``MR NR``
-    accumulators, each pixel vector and its magnitudes, and 4 temporaries (its step is 4
-    instructions: loads weigh a quarter)."""
+    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product), with at most
+    :data:`MAX_ACCUMULATORS` accumulator registers. ``neon`` counts the instructions of a
+    pair of steps: ``6 MR NR`` multiplies and pair sums, ``2.5 MR`` for the weights (a
+    16-byte load per 4 words, a ``dup`` each), ``3 NR`` input loads, 4 for the loop; it
+    keeps both steps' input halves in registers (``4 NR``) beside the ``2 MR NR``
+    accumulators: at most 24 of the 32 (16 for a stride-2 grid, whose phase addresses cost
+    registers: a 4x2 tile spilled there), the weights are broadcast just before use.
+    ``avx2`` has 16 registers: ``MR NR`` accumulators, each pixel vector and its
+    magnitudes, and 4 temporaries (its step is 4 instructions: loads weigh a quarter)."""
     nv = grid_vectors(shape, isa.lanes, isa)
     o = shape.out_channels
     load = {"neon": 1 / 3, "avx2": 1 / 4, "avx2u": 1 / 3}.get(isa.name, 0.5)
+    # stride-2 phases cost neon registers for their addresses: measured, a 4x2 tile spills
+    neon_regs = 16 if shape.stride == 2 and not im2col(shape, isa) else 24
     best, best_cost = isa, None
     for mr in range(1, 9):
         for nr in range(1, 9):
@@ -219,7 +223,7 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
                 continue
             if mr * nr * isa.lanes * 4 * isa.acc_width >= 1024 \
                     or mr * nr * isa.acc_width > MAX_ACCUMULATORS \
-                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr > 24) \
+                    or (isa.name == "neon" and 2 * mr * nr + 4 * nr > neon_regs) \
                     or (isa.name == "avx2" and mr * nr + 2 * nr + 4 > 16) \
                     or (isa.name == "avx2u" and mr * nr + nr + 3 > 16):
                 continue

@@ -130,6 +130,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     NR = min(isa.nr, NV)
     QB = -(-NV // NR)                       # pixel tiles
     plane = Hq * Wq                         # grid positions per (phase, channel block)
+    if isa.name == "neon":  # whole 8-byte words apart: the next block's loads take offsets
+        plane += plane % 2
     phases = s * s
     # Junk lanes of the last tile read past the last plane: slack so they stay in bounds.
     scratch = phases * CB * plane + QB * NR * L + (KH // s + 1) * Wq + KW + L
@@ -193,14 +195,14 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                     if (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0 \
                             or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H:
                         for e in range(Wq * D):
-                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
                     else:
                         for e in range((PW - pci // (CB * Hq) % s + s - 1) // s * D):
-                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
                         for e in range((W + PW - pci // (CB * Hq) % s + s - 1) // s * D, Wq * D):
-                            Xc[pci * Wq * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
                         if (pci % (CB * Hq) // Hq) * D + D <= C:
-                            _row(Xc, Xf, pci * Wq * D,
+                            _row(Xc, Xf, ((pci // Hq) * plane + pci % Hq * Wq) * D,
                                  (((pci % (CB * Hq) // Hq) * D) * H
                                   + (pci % Hq) * s + pci // (CB * Hq) // s - PH) * W
                                  + pci // (CB * Hq) % s - PW,
@@ -210,7 +212,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                             for j in range((PW - pci // (CB * Hq) % s + s - 1) // s,
                                            (W + PW - pci // (CB * Hq) % s + s - 1) // s):
                                 for t in T.unroll(D):
-                                    Xc[(pci * Wq + j) * D + t] = T.if_then_else(
+                                    Xc[((pci // Hq) * plane + pci % Hq * Wq + j) * D
+                                       + t] = T.if_then_else(
                                         (pci % (CB * Hq) // Hq) * D + t < C,
                                         T.Cast(pdt, T.Cast("int32", X[
                                             0, T.min((pci % (CB * Hq) // Hq) * D + t, C - 1),
@@ -244,14 +247,19 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                     for v in T.unroll(NR):
                         _init(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])
                 for cp in range(CB // P):  # P channel blocks a step (neon: 2)
-                    for kh in range(KH):
-                        for kw in range(KW):
-                            for r in T.unroll(MR):
-                                for v in T.unroll(NR):
-                                    _dot2(acc, Xc, Wp, ob_qb // QB,
-                                          ((cp * KH + kh) * KW + kw) * P, 1, r,
-                                          (r * NR + v) * L,
-                                          xat(kh, kw, cp * P, ((ob_qb % QB) * NR + v) * L), DX)
+                    # the taps phase by phase (stride 2: a phase's taps are a plain grid,
+                    # so their words and weights advance by constant steps)
+                    for ph in T.unroll(s):
+                        for pw in T.unroll(s):
+                            for kh2 in range((KH - ph + s - 1) // s):
+                                for kw2 in range((KW - pw + s - 1) // s):
+                                    for r in T.unroll(MR):
+                                        for v in T.unroll(NR):
+                                            _dot2(acc, Xc, Wp, ob_qb // QB,
+                                                  ((cp * KH + kh2 * s + ph) * KW + kw2 * s + pw)
+                                                  * P, 1, r, (r * NR + v) * L,
+                                                  xat(kh2 * s + ph, kw2 * s + pw, cp * P,
+                                                      ((ob_qb % QB) * NR + v) * L), DX)
                 if P == 2 and CB % 2 == 1:  # the odd channel block: two taps of a row a step
                     for kh in range(KH):
                         for jw in range(KW // 2):
