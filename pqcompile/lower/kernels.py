@@ -164,6 +164,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
         return (((kh % s) * s + kw % s) * CB + cb) * plane + (kh // s) * Wq + kw // s + p
 
     DX = NQ2 if cols else plane  # words from one channel block to the next
+    SP = 1 if cols else s  # the grid's phases (an im2col copy has none)
 
     def row(ob_qb, v):  # the grid row of a vector's first lane
         return ((ob_qb % QB) * NR + v) * L // Wq
@@ -249,33 +250,37 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                 for cp in range(CB // P):  # P channel blocks a step (neon: 2)
                     # the taps phase by phase (stride 2: a phase's taps are a plain grid,
                     # so their words and weights advance by constant steps)
-                    for ph in T.unroll(s):
-                        for pw in T.unroll(s):
-                            for kh2 in range((KH - ph + s - 1) // s):
-                                for kw2 in range((KW - pw + s - 1) // s):
+                    for ph in T.unroll(SP):
+                        for pw in T.unroll(SP):
+                            for kh2 in range((KH - ph + SP - 1) // SP):
+                                for kw2 in range((KW - pw + SP - 1) // SP):
                                     for r in T.unroll(MR):
                                         for v in T.unroll(NR):
                                             _dot2(acc, Xc, Wp, ob_qb // QB,
-                                                  ((cp * KH + kh2 * s + ph) * KW + kw2 * s + pw)
-                                                  * P, 1, r, (r * NR + v) * L,
-                                                  xat(kh2 * s + ph, kw2 * s + pw, cp * P,
+                                                  ((cp * KH + kh2 * SP + ph) * KW + kw2 * SP
+                                                   + pw) * P, 1, r, (r * NR + v) * L,
+                                                  xat(kh2 * SP + ph, kw2 * SP + pw, cp * P,
                                                       ((ob_qb % QB) * NR + v) * L), DX)
                 if P == 2 and CB % 2 == 1:  # the odd channel block: two taps of a row a step
-                    for kh in range(KH):
-                        for jw in range(KW // 2):
-                            for r in T.unroll(MR):
-                                for v in T.unroll(NR):
-                                    _dot2(acc, Xc, Wp, ob_qb // QB,
-                                          ((CB - 1) * KH + kh) * KW + 2 * jw, 1, r,
-                                          (r * NR + v) * L,
-                                          xat(kh, 2 * jw, CB - 1, ((ob_qb % QB) * NR + v) * L),
-                                          xat(0, 1, 0, 0) - xat(0, 0, 0, 0))
-                        if KW % 2 == 1:
-                            for r in T.unroll(MR):
-                                for v in T.unroll(NR):
-                                    _dot(acc, Xc, Wp, ob_qb // QB,
-                                         ((CB - 1) * KH + kh) * KW + KW - 1, r, (r * NR + v) * L,
-                                         xat(kh, KW - 1, CB - 1, ((ob_qb % QB) * NR + v) * L))
+                    for ph in T.unroll(SP):  # rows phase by phase, as above
+                        for kh2 in range((KH - ph + SP - 1) // SP):
+                            for jw in range(KW // 2):
+                                for r in T.unroll(MR):
+                                    for v in T.unroll(NR):
+                                        _dot2(acc, Xc, Wp, ob_qb // QB,
+                                              ((CB - 1) * KH + kh2 * SP + ph) * KW + 2 * jw, 1,
+                                              r, (r * NR + v) * L,
+                                              xat(kh2 * SP + ph, 2 * jw, CB - 1,
+                                                  ((ob_qb % QB) * NR + v) * L),
+                                              xat(0, 1, 0, 0) - xat(0, 0, 0, 0))
+                            if KW % 2 == 1:
+                                for r in T.unroll(MR):
+                                    for v in T.unroll(NR):
+                                        _dot(acc, Xc, Wp, ob_qb // QB,
+                                             ((CB - 1) * KH + kh2 * SP + ph) * KW + KW - 1, r,
+                                             (r * NR + v) * L,
+                                             xat(kh2 * SP + ph, KW - 1, CB - 1,
+                                                 ((ob_qb % QB) * NR + v) * L))
                 else:
                     for cb in range(CB // P * P, CB):  # the channel blocks left over
                         for kh in range(KH):
