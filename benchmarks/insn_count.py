@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS),
                     help="aarch64 targets (pqcompile names); every peer is counted for each")
     ap.add_argument("--runs", type=int, nargs=2, default=[1, 2], metavar=("N1", "N2"),
-                    help="calls in the two counted processes (default 1 2)")
+                    help="the counted process makes N2 calls; the result is the mean of "
+                         "calls N1+1 to N2 (default 1 2)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per process")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
