@@ -336,6 +336,9 @@ def test_kernels_on_aarch64(target, sysroot, tmp_path):
     assert (sdots > 0) == (isa.name == "sdot")  # the dot-product instruction is really used
     indexed = sum("\tsdot\t" in line and ".4b[" in line for line in text.splitlines())
     assert (indexed > 0) == (isa.name == "sdot")  # one weight load for 4 output channels
+    if isa.name == "neon":  # pair sums, and weight words broadcast from a loaded vector's lane
+        assert sum("\tsadalp\t" in line for line in text.splitlines()) > 0
+        assert sum("\tdup\t" in line and ".s[" in line for line in text.splitlines()) > 0
     _check(cases, run_vm(lib, inputs, sysroot=sysroot))
 
 
