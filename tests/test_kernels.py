@@ -131,7 +131,8 @@ class Case:
             self.expected = _requant(acc, b, m, s, lo, hi, out_dt, 1)
             if kind == "dw":
                 self.pack, self.kernel, scratch = KP.dwconv2d_kernel(shape, isa)
-                self.params = [KP.pack_dw_weight(w, shape, isa), b, m, s]
+                self.params = [KP.pack_dw_weight(w, shape, isa),
+                               *KP.pack_dw_params(w, b, m, s, shape, isa)]
                 isa = KP.dw_isa(isa)
             else:
                 isa = K.choose_tile(shape, isa) if p.get("tile") is None else \
@@ -198,6 +199,10 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
       (4, 13, 3, 2, 1, "uint8", "int8"), (3, 3, 7, 2, 3, "uint8", "uint8"),
       # one output row a vector at stride 2 (rows-neon: its taps read past the row's half)
       (3, 19, 3, 2, 1, "uint8", "int8"),
+      # planes of at most 8 outputs (rows-neon-group: several channels a vector; the last
+      # group part full): 2x2 at strides 1 and 2, 1x1
+      (5, 2, 3, 1, 1, "uint8", "int8"), (7, 4, 3, 2, 1, "int8", "uint8"),
+      (17, 1, 3, 1, 1, "uint8", "uint8"),
       # 100-pixel rows: tiles of 7 (stride 1) and 4 (stride 2) rows, the last one overlapping
       (2, 99, 3, 1, 1, "uint8", "uint8"), (2, 99, 3, 2, 1, "uint8", "int8"),
       # rows of 256 pixels: a row's tile would be 1 KiB, so the grid
@@ -256,7 +261,7 @@ def test_dw_cases_cover_every_schedule():
     assert schedules(K.Isa("vnni", 16, 4, 3)) == {"grid", "rows", "rows-vnni"}
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
     for arm in (K.Isa("sdot", 4, 4, 4), K.Isa("neon", 4, 3, 2)):
-        assert schedules(arm) == {"grid", "rows-neon"}
+        assert schedules(arm) == {"grid", "rows-neon", "rows-neon-group"}
 
 
 def test_conv_cases_cover_im2col():

@@ -72,6 +72,24 @@ def _dw_rows_layout(shape: ConvShape, L: int, split: bool = False
     return r, v, n, rt, ((rt - 1) * s + kh) * wp + n
 
 
+#: The most buffer bytes a ``rows-neon-group`` vector's taps may span (two 64-byte halves).
+GROUP_SPAN = 128
+
+
+def _dw_group_layout(shape: ConvShape) -> tuple[int, int, int, int] | None:
+    """``(G, U, PL, N)`` of the ``rows-neon-group`` schedule, or None where it does not apply:
+    output planes of ``U`` <= 8 pixels, ``G`` >= 2 channels a 16-lane vector (each channel's
+    padded input plane ``PL`` bytes of the row buffer, all of them within ``GROUP_SPAN``),
+    ``N`` the bytes one vector's taps span."""
+    oh, ow = shape.out_hw
+    u = oh * ow
+    pl = (shape.height + 2 * shape.padding[0]) * _row_stride(shape, shape.stride == 2)
+    g = min(16 // u, GROUP_SPAN // pl) if u <= 8 else 0
+    if g < 2:
+        return None
+    return g, u, pl, max(64, 1 << (g * pl - 1).bit_length())
+
+
 def fit_dw_isa(isa: Isa, q: np.ndarray) -> Isa:
     """``isa`` for a depthwise conv of int8 weights ``q``: ``rows-neon`` sums two products in
     int16 lanes, exact for weights in the quantizer's narrow range [-127, 127]; a layer with
@@ -85,6 +103,8 @@ def dw_schedule(shape: ConvShape, isa: Isa) -> str:
     """``"rows-vnni"``, ``"rows-neon"``, ``"rows"`` or ``"grid"`` for a depthwise conv (see
     the module doc)."""
     if isa.name in ("sdot", "neon"):
+        if _dw_group_layout(shape) is not None:
+            return "rows-neon-group"
         r, v, n, _, rb = _dw_rows_layout(shape, 16, shape.stride == 2)
         if v * 16 * 4 < 1024 and rb < 1024 and n <= 128:
             return "rows-neon"
@@ -104,12 +124,44 @@ def pack_dw_weight(q: np.ndarray, shape: ConvShape, isa: Isa) -> np.ndarray:
     ``rows-vnni`` ``[C, KH * G * 4]`` (each kernel row's taps in ``G`` <= 2 words of 4,
     zero-padded)."""
     c, _, kh, kw = q.shape
-    if dw_schedule(shape, isa) != "rows-vnni":
+    schedule = dw_schedule(shape, isa)
+    if schedule == "rows-neon-group":  # [C/G][taps][16 lanes]: lane i is channel i // U's
+        g, u, _, _ = _dw_group_layout(shape)
+        cg = -(-c // g)
+        w = np.zeros((cg * g, kh * kw), np.int8)
+        w[:c] = q.reshape(c, kh * kw)
+        out = np.zeros((cg, kh * kw, 16), np.int8)
+        out[:, :, :g * u] = np.repeat(w.reshape(cg, g, kh * kw), u, axis=1).transpose(0, 2, 1)
+        return out
+    if schedule != "rows-vnni":
         return np.ascontiguousarray(q.reshape(c, kh * kw))
     g = -(-kw // 4)
     w = np.zeros((c, kh, g * 4), np.int8)
     w[:, :, :kw] = q.reshape(c, kh, kw)
     return w.reshape(c, kh * g * 4)
+
+
+def pack_dw_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray,
+                   shape: ConvShape, isa: Isa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The depthwise kernel's bias, multipliers and shifts (int32): per channel, or for
+    ``rows-neon-group`` per lane (``[C/G][16]``; the bias less a uint8 input's -128 offset
+    times the channel's weight sum, which the other schedules take out in the kernel)."""
+    b, m, sh = (np.asarray(a, np.int64) for a in (bias, mult, shift))
+    if dw_schedule(shape, isa) != "rows-neon-group":
+        return b.astype(np.int32), m.astype(np.int32), sh.astype(np.int32)
+    g, u, _, _ = _dw_group_layout(shape)
+    c = q.shape[0]
+    cg = -(-c // g)
+    if shape.in_dtype == "uint8":
+        b = b + 128 * q.reshape(c, -1).astype(np.int64).sum(axis=1)
+    out = []
+    for a, fill in ((b, 0), (m, 0), (sh, 40)):  # pads: a zero multiplier, any valid shift
+        lanes = np.full((cg, 16), fill, np.int64)
+        full = np.full(cg * g, fill, np.int64)
+        full[:c] = a
+        lanes[:, :g * u] = np.repeat(full.reshape(cg, g), u, axis=1)
+        out.append(lanes.reshape(-1).astype(np.int32))
+    return out[0], out[1], out[2]
 
 
 @functools.cache  # built once per shape: TVMScript parsing is slow
@@ -122,6 +174,8 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     from tvm.script import tirx as T
 
     schedule = dw_schedule(shape, isa)
+    if schedule == "rows-neon-group":
+        return None, _dw_rows_group(shape), 0
     isa = Isa("generic", 16, 1, 1) if schedule == "rows-neon" else dw_isa(isa)
     if schedule != "grid":  # no pack: each tile copies the input rows it reads
         return None, _dw_rows(shape, isa, schedule), 0
@@ -174,6 +228,64 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
     return pack, kernel, scratch
 
 
+def _row_fill(shape: ConvShape, bdt: str, boff: int, split: bool):
+    """``fill(Xb, Xf, r, ih, c)``: row ``r`` of a row schedule's buffer (``_row_stride``
+    bytes a row) <- input row ``ih`` of channel ``c`` as ``bdt`` bytes (plus ``boff``), zero
+    pads around it, or all pad where ``ih`` is outside the image. ``split``: the row is held
+    as its even then its odd padded columns."""
+    from tvm.script import tirx as T
+
+    C, H, W = shape.channels, shape.height, shape.width
+    PW = shape.padding[1]
+    in_dt = shape.in_dtype
+    Wp = _row_stride(shape, split)
+    Wh = Wp // 2
+    _row = row_macro(1, 1, 0, C * H * W, in_dt, bdt, boff,
+                     16 if W >= 16 else 8 if W >= 8 else 4)
+    # split rows: input column i goes to byte (PW + i) // 2 of half (PW + i) % 2; CW columns
+    # a step (one load, its even and odd bytes: LLVM's uzp1/uzp2), the rest one by one
+    CW = 32 if W >= 32 else 16 if W >= 16 else 8
+    flip = T.broadcast(T.uint8(128), CW // 2)
+
+    def fixed(v):  # in_dt bytes -> the buffer's signed bytes (uint8 offset by -128: a xor)
+        if not boff:
+            return v
+        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CW // 2}"), flip),
+                             dtype=f"int8x{CW // 2}")
+
+    @T.macro
+    def fill_split(Xb, Xf, r, ih, c):
+        if 0 <= ih and ih < H:  # the pad columns, then the row's columns into its halves
+            for j in T.unroll(PW):
+                Xb[r * Wp + j % 2 * Wh + j // 2] = T.Cast(bdt, boff)
+            for j in T.unroll(Wp - PW - W):
+                Xb[r * Wp + (PW + W + j) % 2 * Wh + (PW + W + j) // 2] = T.Cast(bdt, boff)
+            for k in range(W // CW):
+                for h in T.unroll(2):
+                    Xb[T.ramp(r * Wp + (PW + h) % 2 * Wh + (PW + k * CW + h) // 2, 1, CW // 2)] \
+                        = fixed(T.Shuffle([Xf.vload([(c * H + ih) * W + k * CW], f"{in_dt}x{CW}")],
+                                          [2 * i + h for i in range(CW // 2)]))
+            for i in range(W // CW * CW, W):
+                Xb[r * Wp + (PW + i) % 2 * Wh + (PW + i) // 2] = T.Cast(
+                    bdt, T.Cast("int32", Xf[(c * H + ih) * W + i]) + boff)
+        else:
+            for j in range(Wp):
+                Xb[r * Wp + j] = T.Cast(bdt, boff)
+
+    @T.macro
+    def fill(Xb, Xf, r, ih, c):
+        if 0 <= ih and ih < H:
+            for j in range(PW):
+                Xb[r * Wp + j] = T.Cast(bdt, boff)
+                Xb[r * Wp + PW + W + j] = T.Cast(bdt, boff)
+            _row(Xb, Xf, r * Wp + PW, (c * H + ih) * W, 0, W)
+        else:
+            for j in range(Wp):
+                Xb[r * Wp + j] = T.Cast(bdt, boff)
+
+    return fill_split if split else fill
+
+
 def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     """The ``rows`` / ``rows-vnni`` / ``rows-neon`` depthwise kernel (see the module doc):
     ``kernel(X, Wd, B,
@@ -202,8 +314,6 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     G = -(-KW // 4)
     WK = KH * G * 4 if vnni else KH * KW
     _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L, neon)
-    _row = row_macro(1, 1, 0, C * H * W, in_dt, bdt, boff,
-                      16 if W >= 16 else 8 if W >= 8 else 4)
     # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
     # rows; tap kw reads it at off[i] * s + kw past the vector's first input byte: one load
     # of N bytes (two of N/2: a shuffle may not have more lanes than its inputs), a shuffle
@@ -272,46 +382,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
     def word(Wd, c, w):  # the 4 tap weights Wd[c, w:w+4], one per byte of every lane
         return splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
 
-    # split rows: input column i goes to byte (PW + i) // 2 of half (PW + i) % 2; CW columns
-    # a step (one load, its even and odd bytes: LLVM's uzp1/uzp2), the rest one by one
-    CW = 32 if W >= 32 else 16 if W >= 16 else 8
-    flip = T.broadcast(T.uint8(128), CW // 2)
-
-    def fixed(v):  # in_dt bytes -> the buffer's signed bytes (uint8 offset by -128: a xor)
-        if not boff:
-            return v
-        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CW // 2}"), flip),
-                             dtype=f"int8x{CW // 2}")
-
-    @T.macro
-    def _fill_split(Xb, Xf, r, ih, c):
-        if 0 <= ih and ih < H:  # the pad columns, then the row's columns into its halves
-            for j in T.unroll(PW):
-                Xb[r * Wp + j % 2 * Wh + j // 2] = T.Cast(bdt, boff)
-            for j in T.unroll(Wp - PW - W):
-                Xb[r * Wp + (PW + W + j) % 2 * Wh + (PW + W + j) // 2] = T.Cast(bdt, boff)
-            for k in range(W // CW):
-                for h in T.unroll(2):
-                    Xb[T.ramp(r * Wp + (PW + h) % 2 * Wh + (PW + k * CW + h) // 2, 1, CW // 2)] \
-                        = fixed(T.Shuffle([Xf.vload([(c * H + ih) * W + k * CW], f"{in_dt}x{CW}")],
-                                          [2 * i + h for i in range(CW // 2)]))
-            for i in range(W // CW * CW, W):
-                Xb[r * Wp + (PW + i) % 2 * Wh + (PW + i) // 2] = T.Cast(
-                    bdt, T.Cast("int32", Xf[(c * H + ih) * W + i]) + boff)
-        else:
-            for j in range(Wp):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
-
-    @T.macro
-    def _fill(Xb, Xf, r, ih, c):  # row buffer row r <- input row ih of channel c (or pad)
-        if 0 <= ih and ih < H:
-            for j in range(PW):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
-                Xb[r * Wp + PW + W + j] = T.Cast(bdt, boff)
-            _row(Xb, Xf, r * Wp + PW, (c * H + ih) * W, 0, W)
-        else:
-            for j in range(Wp):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
+    _fill = _row_fill(shape, bdt, boff, split)
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((1, C, H, W), in_dt), Wd: T.Buffer((C, WK), "int8"),
@@ -328,10 +399,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
                 kc = T.alloc_buffer((3,), "int64", scope="global")
                 _kload(kc, 0, t // NT, M, S)
                 for r in range(RIN):
-                    if split:
-                        _fill_split(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
-                    else:
-                        _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
+                    _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
                 for o in range(RT if R == 0 else 1):
                     for v in T.unroll(V):  # the accumulators start at the bias
                         acc[T.ramp(v * L, 1, L)] = T.broadcast(bias(B, Wd, t // NT), L)
@@ -421,3 +489,93 @@ def maxpool2d_kernel(shape: ConvShape, isa: Isa):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
 
     return pack, kernel, scratch
+
+
+def _dw_rows_group(shape: ConvShape):
+    """The ``rows-neon-group`` depthwise kernel: ``kernel(X, Wg, B, M, S, Y)`` for output
+    planes of at most 8 pixels, ``G`` channels a 16-lane vector (lane ``i``: channel ``i //
+    U``, pixel ``i % U``), so that a 2x2 plane fills a vector with 4 channels instead of 4 of
+    its 16 lanes. Each tile copies its channels' padded planes into a row buffer (as
+    ``rows-neon``, stride-2 rows split into even and odd columns), each tap is one byte
+    shuffle of it times the tap's weight vector (``[C/G][taps][16]``,
+    :func:`pack_dw_weight`), two taps summed in int16 lanes as in ``rows-neon``; the
+    epilogue takes per-lane constants (:func:`pack_dw_params`), and the tile's ``G U``
+    outputs, consecutive in NCHW, are one store."""
+    from tvm.script import tirx as T
+
+    C, H, W = shape.channels, shape.height, shape.width
+    KH, KW = shape.kernel
+    PH = shape.padding[0]
+    s = shape.stride
+    OH, OW = shape.out_hw
+    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
+    G, U, PL, N = _dw_group_layout(shape)
+    CG = -(-C // G)
+    split = s == 2
+    Wp = _row_stride(shape, split)
+    Wh = Wp // 2
+    RIN = H + 2 * PH
+    bdt, boff = "int8", -128 if in_dt == "uint8" else 0
+    _fill = _row_fill(shape, bdt, boff, split)
+    # lane i's first byte in the buffer (junk lanes past G U: byte 0, weight 0)
+    goff = [i // U * PL + i % U // OW * s * Wp + i % U % OW * (1 if split else s)
+            if i < G * U else 0 for i in range(16)]
+
+    def tap_at(kh, kw):  # the byte of tap (kh, kw) for a lane's first byte
+        return kh * Wp + (kw % 2 * Wh + kw // 2 if split else kw)
+
+    def taps_sum(Xb, Wg, t):
+        ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
+        total = None
+        for i in range(0, len(ks), 2):  # two products summed in int16 lanes
+            pair = None
+            for kh, kw in ks[i:i + 2]:
+                x = T.Shuffle([Xb.vload([tap_at(kh, kw)], f"int8x{N // 2}"),
+                               Xb.vload([tap_at(kh, kw) + N // 2], f"int8x{N // 2}")], goff)
+                term = T.Cast("int16x16", x) * T.Cast(
+                    "int16x16", Wg.vload([t, kh * KW + kw, 0], "int8x16"))
+                pair = term if pair is None else pair + term
+            wide = T.Cast("int32x16", pair)
+            total = wide if total is None else total + wide
+        return total
+
+    def intrin(name, dtype, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
+                                       *args, dtype=dtype)
+
+    def requant(acc, M, S, t):  # int32x16: clamp((acc * m + 2^(sh-1)) >> sh) lane by lane
+        halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
+            "srshl.v2i64", "int64x2",
+            intrin("smull.v2i64", "int64x2", acc.vload([2 * h], "int32x2"),
+                   M.vload([t * 16 + 2 * h], "int32x2")),
+            T.Cast("int64x2", T.broadcast(T.int32(0), 2) - S.vload([t * 16 + 2 * h], "int32x2"))))
+            for h in range(8)]
+        return T.max(T.min(T.Shuffle(halves, list(range(16))), T.broadcast(T.int32(hi), 16)),
+                     T.broadcast(T.int32(lo), 16))
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wg: T.Buffer((CG, KH * KW, 16), "int8"),
+               B: T.Buffer((CG * 16,), "int32"), M: T.Buffer((CG * 16,), "int32"),
+               S: T.Buffer((CG * 16,), "int32"), Y: T.Buffer((1, C, OH, OW), out_dt)):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "dwconv2d"})
+        with T.sblock("root"):
+            Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
+            Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
+            for t in T.parallel(CG):
+                # under 1 KiB each, so stack arrays (GROUP_SPAN bounds the buffer)
+                Xb = T.alloc_buffer((G * PL + N,), bdt, scope="global")
+                acc = T.alloc_buffer((16,), "int32", scope="global")
+                yv = T.alloc_buffer((16,), "int32", scope="global")
+                for g in range(G):
+                    for r in range(RIN):
+                        _fill(Xb, Xf, g * RIN + r, r - PH, T.min(t * G + g, C - 1))
+                acc[T.ramp(0, 1, 16)] = B.vload([t * 16], "int32x16") + taps_sum(Xb, Wg, t)
+                if t * G + G <= C:
+                    Yf[T.ramp(t * G * U, 1, G * U)] = T.Shuffle(
+                        [T.Cast(f"{out_dt}x16", requant(acc, M, S, t))], list(range(G * U)))
+                else:  # the last channels
+                    yv[T.ramp(0, 1, 16)] = requant(acc, M, S, t)
+                    for i in range((C - t * G) * U):
+                        Yf[t * G * U + i] = T.Cast(out_dt, yv[i])
+
+    return kernel

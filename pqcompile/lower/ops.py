@@ -184,8 +184,9 @@ def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Exp
     q = module.weight.numpy()
     isa = kernels_planar.fit_dw_isa(lw.isa, q)
     wvar = _weight(lw, name, kernels_planar.pack_dw_weight(q, shape, isa), module.wq.bits)
-    pvars = [lw.param(f"{name}.{k}", v.numpy().astype(np.int32)) for k, v in
-             (("bias", module.bias), ("mult", module.mult), ("shift", module.shift))]
+    params = kernels_planar.pack_dw_params(q, module.bias.numpy(), module.mult.numpy(),
+                                           module.shift.numpy(), shape, isa)
+    pvars = [lw.param(f"{name}.{k}", v) for k, v in zip(("bias", "mult", "shift"), params)]
     lw.kernels[name] = (f"dwconv2d {kernels_planar.dw_schedule(shape, isa)} "
                         f"{kernels_planar.dw_isa(isa).lanes} lanes")
     return _call_kernel(lw, name, "dw", kernels_planar.dwconv2d_kernel(shape, isa),
