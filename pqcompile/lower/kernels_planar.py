@@ -296,7 +296,7 @@ def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
 
     C, H, W = shape.channels, shape.height, shape.width
     KH, KW = shape.kernel
-    PH, PW = shape.padding
+    PH = shape.padding[0]
     s = shape.stride
     OH, OW = shape.out_hw
     in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
