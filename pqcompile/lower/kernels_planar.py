@@ -18,10 +18,16 @@ The depthwise conv has three schedules (:func:`dw_schedule`):
   signed bytes (a uint8 input offset by -128, its contribution added to the bias in the
   kernel); each pair of taps is two ``smull``/``smlal`` into 16 int16 lanes (two products of
   a byte and a weight in [-127, 127] fit) and four ``saddw`` into the int32 accumulators:
-  32 multiply-accumulates in 8 instructions (the generic kernels: 8 in ~6);
+  32 multiply-accumulates in 8 instructions (the generic kernels: 8 in ~6); at stride 2
+  each buffered row is held as its even then its odd columns, so a tap is one plain load;
+- ``rows-neon-group`` (aarch64, output planes of at most 8 pixels): ``rows-neon`` with
+  several channels a vector (lane ``i``: channel ``i // U``, pixel ``i % U``), per-lane
+  weights and requantization constants (:func:`pack_dw_weight`, :func:`pack_dw_params`);
 - ``grid`` (where the row schedules' stack buffers would reach 1 KiB): a tile is ``NR``
   vectors of the channel's output grid (output rows x padded input columns, a few junk
   columns per row), copied out to NCHW at the end.
+
+The row schedules' kernels are in :mod:`~pqcompile.lower.kernels_dw_rows`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import numpy as np
 
 from .kernel_types import KERNEL_ATTR, ConvShape, Isa
 from .kernels import conv2d_kernel
-from .tir_macros import channel_macros, dot4_macro, row_macro, splat
+from .kernels_dw_rows import dw_group_layout, dw_rows_group_kernel, dw_rows_kernel, dw_rows_layout
+from .tir_macros import channel_macros
 
 
 def dw_isa(isa: Isa) -> Isa:
@@ -40,54 +47,6 @@ def dw_isa(isa: Isa) -> Isa:
     product across channels): the planar generic packing at the instruction set's width."""
     lanes = isa.generic_lanes
     return Isa("generic", lanes, 1, max(1, min(8, 1020 // (lanes * 4))))
-
-
-def _row_stride(shape: ConvShape, split: bool) -> int:
-    """Bytes of one padded input row in the row schedules' buffer: ``W + 2 PW``, or where the
-    row is split into its even and odd columns (``rows-neon`` at stride 2), twice the even
-    half's."""
-    wp = shape.width + 2 * shape.padding[1]
-    return 2 * -(-wp // 2) if split else wp
-
-
-def _dw_rows_layout(shape: ConvShape, L: int, split: bool = False
-                    ) -> tuple[int, int, int, int, int]:
-    """``(R, V, N, RT, RB)`` of the row schedules: ``R`` output rows per vector (0 where a row
-    is at least ``L`` pixels: a tile is then ``RT`` rows of ``V`` vectors each, as many rows
-    as keep its input rows under 1 KiB; else as many whole rows as fit in ``L`` lanes, and a
-    tile is the channel's plane in ``V`` vectors), ``N`` the bytes one vector's taps span (a
-    power of two, at least ``4 L``), ``RB`` the bytes of the tile's padded input rows plus
-    ``N``. ``split``: the rows are held as their even then odd columns
-    (:func:`_row_stride`), so a stride-2 tap reads consecutive bytes of one half."""
-    oh, ow = shape.out_hw
-    s, (kh, kw) = shape.stride, shape.kernel
-    wp = _row_stride(shape, split)
-    r = 0 if ow >= L else min(L // ow, oh)
-    v = -(-ow // L) if r == 0 else -(-oh // r)
-    span = (max(r, 1) - 1) * s * wp + (min(ow, L) - 1) * (1 if split else s) + kw
-    n = max(4 * L, 1 << (span - 1).bit_length())
-    if r:
-        return r, v, n, oh, (shape.height + 2 * shape.padding[0]) * wp + n
-    rt = max(1, min(oh, ((1023 - n) // wp - kh) // s + 1))
-    return r, v, n, rt, ((rt - 1) * s + kh) * wp + n
-
-
-#: The most buffer bytes a ``rows-neon-group`` vector's taps may span (two 64-byte halves).
-GROUP_SPAN = 128
-
-
-def _dw_group_layout(shape: ConvShape) -> tuple[int, int, int, int] | None:
-    """``(G, U, PL, N)`` of the ``rows-neon-group`` schedule, or None where it does not apply:
-    output planes of ``U`` <= 8 pixels, ``G`` >= 2 channels a 16-lane vector (each channel's
-    padded input plane ``PL`` bytes of the row buffer, all of them within ``GROUP_SPAN``),
-    ``N`` the bytes one vector's taps span."""
-    oh, ow = shape.out_hw
-    u = oh * ow
-    pl = (shape.height + 2 * shape.padding[0]) * _row_stride(shape, shape.stride == 2)
-    g = min(16 // u, GROUP_SPAN // pl) if u <= 8 else 0
-    if g < 2:
-        return None
-    return g, u, pl, max(64, 1 << (g * pl - 1).bit_length())
 
 
 def fit_dw_isa(isa: Isa, q: np.ndarray) -> Isa:
@@ -103,13 +62,13 @@ def dw_schedule(shape: ConvShape, isa: Isa) -> str:
     """``"rows-vnni"``, ``"rows-neon"``, ``"rows"`` or ``"grid"`` for a depthwise conv (see
     the module doc)."""
     if isa.name in ("sdot", "neon"):
-        if _dw_group_layout(shape) is not None:
+        if dw_group_layout(shape) is not None:
             return "rows-neon-group"
-        r, v, n, _, rb = _dw_rows_layout(shape, 16, shape.stride == 2)
+        r, v, n, _, rb = dw_rows_layout(shape, 16, shape.stride == 2)
         if v * 16 * 4 < 1024 and rb < 1024 and n <= 128:
             return "rows-neon"
     L = dw_isa(isa).lanes
-    r, v, n, _, rb = _dw_rows_layout(shape, L)
+    r, v, n, _, rb = dw_rows_layout(shape, L)
     # accumulators or input rows of 1 KiB or more (TVM would put them on the heap); taps
     # spanning more than two vectors
     if v * L * 4 >= 1024 or rb >= 1024 or n > 128:
@@ -126,7 +85,7 @@ def pack_dw_weight(q: np.ndarray, shape: ConvShape, isa: Isa) -> np.ndarray:
     c, _, kh, kw = q.shape
     schedule = dw_schedule(shape, isa)
     if schedule == "rows-neon-group":  # [C/G][taps][16 lanes]: lane i is channel i // U's
-        g, u, _, _ = _dw_group_layout(shape)
+        g, u, _, _ = dw_group_layout(shape)
         cg = -(-c // g)
         w = np.zeros((cg * g, kh * kw), np.int8)
         w[:c] = q.reshape(c, kh * kw)
@@ -149,7 +108,7 @@ def pack_dw_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
     b, m, sh = (np.asarray(a, np.int64) for a in (bias, mult, shift))
     if dw_schedule(shape, isa) != "rows-neon-group":
         return b.astype(np.int32), m.astype(np.int32), sh.astype(np.int32)
-    g, u, _, _ = _dw_group_layout(shape)
+    g, u, _, _ = dw_group_layout(shape)
     c = q.shape[0]
     cg = -(-c // g)
     if shape.in_dtype == "uint8":
@@ -175,10 +134,10 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
 
     schedule = dw_schedule(shape, isa)
     if schedule == "rows-neon-group":
-        return None, _dw_rows_group(shape), 0
+        return None, dw_rows_group_kernel(shape), 0
     isa = Isa("generic", 16, 1, 1) if schedule == "rows-neon" else dw_isa(isa)
     if schedule != "grid":  # no pack: each tile copies the input rows it reads
-        return None, _dw_rows(shape, isa, schedule), 0
+        return None, dw_rows_kernel(shape, isa, schedule), 0
     pack, _, scratch = conv2d_kernel(shape, isa)
     C, H, W = shape.channels, shape.height, shape.width
     KH, KW = shape.kernel
@@ -226,218 +185,6 @@ def dwconv2d_kernel(shape: ConvShape, isa: Isa):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
 
     return pack, kernel, scratch
-
-
-def _row_fill(shape: ConvShape, bdt: str, boff: int, split: bool):
-    """``fill(Xb, Xf, r, ih, c)``: row ``r`` of a row schedule's buffer (``_row_stride``
-    bytes a row) <- input row ``ih`` of channel ``c`` as ``bdt`` bytes (plus ``boff``), zero
-    pads around it, or all pad where ``ih`` is outside the image. ``split``: the row is held
-    as its even then its odd padded columns."""
-    from tvm.script import tirx as T
-
-    C, H, W = shape.channels, shape.height, shape.width
-    PW = shape.padding[1]
-    in_dt = shape.in_dtype
-    Wp = _row_stride(shape, split)
-    Wh = Wp // 2
-    _row = row_macro(1, 1, 0, C * H * W, in_dt, bdt, boff,
-                     16 if W >= 16 else 8 if W >= 8 else 4)
-    # split rows: input column i goes to byte (PW + i) // 2 of half (PW + i) % 2; CW columns
-    # a step (one load, its even and odd bytes: LLVM's uzp1/uzp2), the rest one by one
-    CW = 32 if W >= 32 else 16 if W >= 16 else 8
-    flip = T.broadcast(T.uint8(128), CW // 2)
-
-    def fixed(v):  # in_dt bytes -> the buffer's signed bytes (uint8 offset by -128: a xor)
-        if not boff:
-            return v
-        return T.reinterpret(T.bitwise_xor(T.reinterpret(v, dtype=f"uint8x{CW // 2}"), flip),
-                             dtype=f"int8x{CW // 2}")
-
-    @T.macro
-    def fill_split(Xb, Xf, r, ih, c):
-        if 0 <= ih and ih < H:  # the pad columns, then the row's columns into its halves
-            for j in T.unroll(PW):
-                Xb[r * Wp + j % 2 * Wh + j // 2] = T.Cast(bdt, boff)
-            for j in T.unroll(Wp - PW - W):
-                Xb[r * Wp + (PW + W + j) % 2 * Wh + (PW + W + j) // 2] = T.Cast(bdt, boff)
-            for k in range(W // CW):
-                for h in T.unroll(2):
-                    Xb[T.ramp(r * Wp + (PW + h) % 2 * Wh + (PW + k * CW + h) // 2, 1, CW // 2)] \
-                        = fixed(T.Shuffle([Xf.vload([(c * H + ih) * W + k * CW], f"{in_dt}x{CW}")],
-                                          [2 * i + h for i in range(CW // 2)]))
-            for i in range(W // CW * CW, W):
-                Xb[r * Wp + (PW + i) % 2 * Wh + (PW + i) // 2] = T.Cast(
-                    bdt, T.Cast("int32", Xf[(c * H + ih) * W + i]) + boff)
-        else:
-            for j in range(Wp):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
-
-    @T.macro
-    def fill(Xb, Xf, r, ih, c):
-        if 0 <= ih and ih < H:
-            for j in range(PW):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
-                Xb[r * Wp + PW + W + j] = T.Cast(bdt, boff)
-            _row(Xb, Xf, r * Wp + PW, (c * H + ih) * W, 0, W)
-        else:
-            for j in range(Wp):
-                Xb[r * Wp + j] = T.Cast(bdt, boff)
-
-    return fill_split if split else fill
-
-
-def _dw_rows(shape: ConvShape, isa: Isa, mode: str):
-    """The ``rows`` / ``rows-vnni`` / ``rows-neon`` depthwise kernel (see the module doc):
-    ``kernel(X, Wd, B,
-    M, S, Y)`` on the NCHW input. Each tile first copies the input rows it reads into a
-    padded row buffer on the stack (``[rows][W + 2 PW]``, zero pads; no stride phases: a
-    stride-2 tap's pixels are every other byte of one load, picked by the shuffle)."""
-    from tvm.script import tirx as T
-
-    C, H, W = shape.channels, shape.height, shape.width
-    KH, KW = shape.kernel
-    PH = shape.padding[0]
-    s = shape.stride
-    OH, OW = shape.out_hw
-    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
-    vnni, neon = mode == "rows-vnni", mode == "rows-neon"
-    # rows-neon: the row buffer holds signed bytes (uint8 offset by -128, pads too)
-    bdt, boff = ("int8", -128 if in_dt == "uint8" else 0) if neon else (in_dt, 0)
-    L = isa.lanes
-    split = neon and s == 2  # each buffered row: its even columns, then its odd ones
-    Wp = _row_stride(shape, split)
-    Wh = Wp // 2  # the even half
-    R, V, N, RT, RB = _dw_rows_layout(shape, L, split)
-    NT = -(-OH // RT) if R == 0 else 1  # tiles per channel (the last one may overlap)
-    RIN = (RT - 1) * s + KH if R == 0 else H + 2 * PH  # input rows a tile copies
-    U = L if R == 0 else R * OW  # the lanes a vector stores
-    G = -(-KW // 4)
-    WK = KH * G * 4 if vnni else KH * KW
-    _kload, _kstore = channel_macros(out_dt, lo, hi, shape.narrow, L, neon)
-    # Lane i of a vector is column i of its row (R = 0), or pixel (i // OW, i % OW) of its R
-    # rows; tap kw reads it at off[i] * s + kw past the vector's first input byte: one load
-    # of N bytes (two of N/2: a shuffle may not have more lanes than its inputs), a shuffle
-    # picks the bytes: for rows-vnni 4 taps per pixel (a missing tap repeats tap 0, its
-    # weight 0), else one tap per shuffle (contiguous loads instead where R = 0 and the
-    # stride is 1). Junk lanes (i >= U) read lane 0's bytes and are not stored.
-    off = [i if R == 0 else (i // OW) * Wp * (s if split else 1) + i % OW if i < U else 0
-           for i in range(L)]
-    if R == 1 and (L - 1) * s + KW <= N:
-        # one output row a vector: the junk lanes read on past the row, so that a stride-1
-        # tap is one plain load (repeating lane 0 made LLVM insert a byte with SSE4a's
-        # ``insertq``, microcoded on recent AMD cores: 7x7 planes ran 20x slower)
-        off = list(range(L))
-    taps = [[kw if kw < KW else 4 * g for kw in range(4 * g, 4 * g + 4)] for g in range(G)]
-
-    def picked(Xb, base, pattern):
-        return T.Shuffle([Xb.vload([base], f"{bdt}x{N // 2}"),
-                          Xb.vload([base + N // 2], f"{bdt}x{N // 2}")], pattern)
-
-    def tap(Xb, o, v, kh, kw):  # rows-neon: the 16 signed input bytes tap (kh, kw) reads
-        if split:  # column x * 2 + kw is byte x + kw // 2 of the half kw % 2
-            base = first(o, v, kh) + kw % 2 * Wh + kw // 2
-            if R <= 1:
-                return Xb.vload([base], "int8x16")
-            return picked(Xb, base, off)
-        if s == 1 and R == 0:
-            return Xb.vload([first(o, v, kh) + kw], "int8x16")
-        return picked(Xb, first(o, v, kh) + kw, [off[i] * s for i in range(L)])
-
-    def taps_sum(Xb, Wd, c, o, v):  # rows-neon: the int32x16 sum of every tap's products
-        ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
-        total = None
-        for i in range(0, len(ks), 2):  # two products summed in int16 lanes
-            pair = None
-            for kh, kw in ks[i:i + 2]:
-                term = T.Cast("int16x16", tap(Xb, o, v, kh, kw)) * T.broadcast(
-                    T.Cast("int16", Wd[c, kh * KW + kw]), 16)
-                pair = term if pair is None else pair + term
-            wide = T.Cast("int32x16", pair)
-            total = wide if total is None else total + wide
-        return total
-
-    def bias(B, Wd, c):  # the bias, plus the input offset's contribution (rows-neon)
-        if boff == 0:
-            return B[c]
-        out = B[c]
-        for k in range(KH * KW):
-            out = out - boff * T.Cast("int32", Wd[c, k])
-        return out
-
-    def row0(t):  # the tile's first output row
-        return T.min(t % NT * RT, OH - RT)
-
-    def first(o, v, kh):  # output row o's vector v's first input byte in the row buffer
-        if R == 0:
-            return (o * s + kh) * Wp + T.min(v * L, OW - L) * (1 if split else s)
-        return (T.min(v * R, OH - R) * s + kh) * Wp
-
-    def out(t, o, v):  # the vector's first output pixel in the channel's plane
-        if R == 0:
-            return (row0(t) + o) * OW + T.min(v * L, OW - L)
-        return T.min(v * R, OH - R) * OW
-
-    _dot4 = dot4_macro("vnni")
-
-    def word(Wd, c, w):  # the 4 tap weights Wd[c, w:w+4], one per byte of every lane
-        return splat(Wd.vload([c, w], "int8x4"), 16, "int8x64")
-
-    _fill = _row_fill(shape, bdt, boff, split)
-
-    @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wd: T.Buffer((C, WK), "int8"),
-               B: T.Buffer((C,), "int32"), M: T.Buffer((C,), "int32"),
-               S: T.Buffer((C,), "int32"), Y: T.Buffer((1, C, OH, OW), out_dt)):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "dwconv2d"})
-        with T.sblock("root"):
-            Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
-            Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
-            for t in T.parallel(C * NT):
-                # under 1 KiB each, so stack arrays (dw_schedule checks)
-                acc = T.alloc_buffer((V * L,), "int32", scope="global")
-                Xb = T.alloc_buffer((RB,), bdt, scope="global")
-                kc = T.alloc_buffer((3,), "int64", scope="global")
-                _kload(kc, 0, t // NT, M, S)
-                for r in range(RIN):
-                    _fill(Xb, Xf, r, (row0(t) * s if R == 0 else 0) + r - PH, t // NT)
-                for o in range(RT if R == 0 else 1):
-                    for v in T.unroll(V):  # the accumulators start at the bias
-                        acc[T.ramp(v * L, 1, L)] = T.broadcast(bias(B, Wd, t // NT), L)
-                    if neon:
-                        for v in T.unroll(V):
-                            acc[T.ramp(v * L, 1, L)] = acc.vload([v * L], "int32x16") \
-                                + taps_sum(Xb, Wd, t // NT, o, v)
-                    for kh in T.unroll(0 if neon else KH):
-                        for v in T.unroll(V):
-                            if vnni:
-                                _dot4(acc, v * L, picked(
-                                    Xb, first(o, v, kh),
-                                    [off[i] * s + taps[0][j] for i in range(L) for j in range(4)]),
-                                    word(Wd, t // NT, kh * G * 4))
-                                if G > 1:
-                                    _dot4(acc, v * L, picked(
-                                        Xb, first(o, v, kh),
-                                        [off[i] * s + taps[G - 1][j] for i in range(L)
-                                         for j in range(4)]),
-                                        word(Wd, t // NT, (kh * G + G - 1) * 4))
-                            elif s == 1 and R == 0:
-                                for kw in T.unroll(KW):
-                                    for lane in T.vectorized(L):
-                                        acc[v * L + lane] = acc[v * L + lane] + T.Cast(
-                                            "int32", Xb[first(o, v, kh) + kw + lane]) \
-                                            * T.Cast("int32", Wd[t // NT, kh * KW + kw])
-                            else:
-                                for kw in range(KW):  # LLVM unrolls it (kw a known offset)
-                                    acc[T.ramp(v * L, 1, L)] = acc.vload([v * L], f"int32x{L}") \
-                                        + T.Cast(f"int32x{L}", picked(
-                                            Xb, first(o, v, kh) + kw,
-                                            [off[i] * s for i in range(L)])) \
-                                        * T.broadcast(T.Cast("int32", Wd[t // NT, kh * KW + kw]),
-                                                      L)
-                    for v in T.unroll(V):
-                        _kstore(Yf, t // NT * OH * OW + out(t, o, v), acc, v * L, kc, 0, U)
-
-    return kernel
 
 
 @functools.cache  # built once per shape: TVMScript parsing is slow
@@ -489,93 +236,3 @@ def maxpool2d_kernel(shape: ConvShape, isa: Isa):
                     Y[0, c_oh // OH, c_oh % OH, ow] = Yg[c_oh // OH * grid + c_oh % OH * Wq + ow]
 
     return pack, kernel, scratch
-
-
-def _dw_rows_group(shape: ConvShape):
-    """The ``rows-neon-group`` depthwise kernel: ``kernel(X, Wg, B, M, S, Y)`` for output
-    planes of at most 8 pixels, ``G`` channels a 16-lane vector (lane ``i``: channel ``i //
-    U``, pixel ``i % U``), so that a 2x2 plane fills a vector with 4 channels instead of 4 of
-    its 16 lanes. Each tile copies its channels' padded planes into a row buffer (as
-    ``rows-neon``, stride-2 rows split into even and odd columns), each tap is one byte
-    shuffle of it times the tap's weight vector (``[C/G][taps][16]``,
-    :func:`pack_dw_weight`), two taps summed in int16 lanes as in ``rows-neon``; the
-    epilogue takes per-lane constants (:func:`pack_dw_params`), and the tile's ``G U``
-    outputs, consecutive in NCHW, are one store."""
-    from tvm.script import tirx as T
-
-    C, H, W = shape.channels, shape.height, shape.width
-    KH, KW = shape.kernel
-    PH = shape.padding[0]
-    s = shape.stride
-    OH, OW = shape.out_hw
-    in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
-    G, U, PL, N = _dw_group_layout(shape)
-    CG = -(-C // G)
-    split = s == 2
-    Wp = _row_stride(shape, split)
-    Wh = Wp // 2
-    RIN = H + 2 * PH
-    bdt, boff = "int8", -128 if in_dt == "uint8" else 0
-    _fill = _row_fill(shape, bdt, boff, split)
-    # lane i's first byte in the buffer (junk lanes past G U: byte 0, weight 0)
-    goff = [i // U * PL + i % U // OW * s * Wp + i % U % OW * (1 if split else s)
-            if i < G * U else 0 for i in range(16)]
-
-    def tap_at(kh, kw):  # the byte of tap (kh, kw) for a lane's first byte
-        return kh * Wp + (kw % 2 * Wh + kw // 2 if split else kw)
-
-    def taps_sum(Xb, Wg, t):
-        ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
-        total = None
-        for i in range(0, len(ks), 2):  # two products summed in int16 lanes
-            pair = None
-            for kh, kw in ks[i:i + 2]:
-                x = T.Shuffle([Xb.vload([tap_at(kh, kw)], f"int8x{N // 2}"),
-                               Xb.vload([tap_at(kh, kw) + N // 2], f"int8x{N // 2}")], goff)
-                term = T.Cast("int16x16", x) * T.Cast(
-                    "int16x16", Wg.vload([t, kh * KW + kw, 0], "int8x16"))
-                pair = term if pair is None else pair + term
-            wide = T.Cast("int32x16", pair)
-            total = wide if total is None else total + wide
-        return total
-
-    def intrin(name, dtype, *args):
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
-                                       *args, dtype=dtype)
-
-    def requant(acc, M, S, t):  # int32x16: clamp((acc * m + 2^(sh-1)) >> sh) lane by lane
-        halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
-            "srshl.v2i64", "int64x2",
-            intrin("smull.v2i64", "int64x2", acc.vload([2 * h], "int32x2"),
-                   M.vload([t * 16 + 2 * h], "int32x2")),
-            T.Cast("int64x2", T.broadcast(T.int32(0), 2) - S.vload([t * 16 + 2 * h], "int32x2"))))
-            for h in range(8)]
-        return T.max(T.min(T.Shuffle(halves, list(range(16))), T.broadcast(T.int32(hi), 16)),
-                     T.broadcast(T.int32(lo), 16))
-
-    @T.prim_func(s_tir=True)
-    def kernel(X: T.Buffer((1, C, H, W), in_dt), Wg: T.Buffer((CG, KH * KW, 16), "int8"),
-               B: T.Buffer((CG * 16,), "int32"), M: T.Buffer((CG * 16,), "int32"),
-               S: T.Buffer((CG * 16,), "int32"), Y: T.Buffer((1, C, OH, OW), out_dt)):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "dwconv2d"})
-        with T.sblock("root"):
-            Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
-            Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
-            for t in T.parallel(CG):
-                # under 1 KiB each, so stack arrays (GROUP_SPAN bounds the buffer)
-                Xb = T.alloc_buffer((G * PL + N,), bdt, scope="global")
-                acc = T.alloc_buffer((16,), "int32", scope="global")
-                yv = T.alloc_buffer((16,), "int32", scope="global")
-                for g in range(G):
-                    for r in range(RIN):
-                        _fill(Xb, Xf, g * RIN + r, r - PH, T.min(t * G + g, C - 1))
-                acc[T.ramp(0, 1, 16)] = B.vload([t * 16], "int32x16") + taps_sum(Xb, Wg, t)
-                if t * G + G <= C:
-                    Yf[T.ramp(t * G * U, 1, G * U)] = T.Shuffle(
-                        [T.Cast(f"{out_dt}x16", requant(acc, M, S, t))], list(range(G * U)))
-                else:  # the last channels
-                    yv[T.ramp(0, 1, 16)] = requant(acc, M, S, t)
-                    for i in range((C - t * G) * U):
-                        Yf[t * G * U + i] = T.Cast(out_dt, yv[i])
-
-    return kernel
