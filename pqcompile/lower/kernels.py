@@ -198,12 +198,15 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                     if (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0 \
                             or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H:
                         for e in range(Wq * D):
-                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(
+                                pdt, pad_value)
                     else:
                         for e in range((PW - pci // (CB * Hq) % s + s - 1) // s * D):
-                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(
+                                pdt, pad_value)
                         for e in range((W + PW - pci // (CB * Hq) % s + s - 1) // s * D, Wq * D):
-                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(pdt, pad_value)
+                            Xc[((pci // Hq) * plane + pci % Hq * Wq) * D + e] = T.Cast(
+                                pdt, pad_value)
                         if (pci % (CB * Hq) // Hq) * D + D <= C:
                             _row(Xc, Xf, ((pci // Hq) * plane + pci % Hq * Wq) * D,
                                  (((pci % (CB * Hq) // Hq) * D) * H
