@@ -110,15 +110,7 @@ def build(mod: tvm.IRModule, target: Any = "host", *, opt_level: int | None = No
         config = dict(tgt.export())
         config["opt-level"] = opt_level
         tgt = tvm.target.Target({k: v for k, v in config.items() if k != "tag" or v})
-    return compile_vm(mod, tgt, pipeline(tgt, schedule=schedule, report=report))
-
-
-def compile_vm(mod: tvm.IRModule, target: Any, relax_pipeline: Any) -> relax.VMExecutable:
-    """``mod`` built for the Relax VM in its ``compiled`` mode: the VM's program becomes one
-    TIR function calling the kernels in order (the default bytecode interpreter dispatched
-    each instruction through the runtime: ~4.7 K aarch64 instructions a kernel call, 0.47 M of
-    mobilenet_v2's 7.1 M at 64x64 on ``arm-dotprod``; compiled, 0.23 M)."""
-    return relax.build(mod, target, relax_pipeline=relax_pipeline, exec_mode="compiled")
+    return tvm.compile(mod, tgt, relax_pipeline=pipeline(tgt, schedule=schedule, report=report))
 
 
 def _tensors(arrays: Sequence[Any]) -> list:

@@ -135,7 +135,7 @@ class Artifact:
         import tvm_ffi
 
         from .. import __version__  # here: pqcompile/__init__ may import this module first
-        from ..lower.build import compile_vm, pipeline
+        from ..lower.build import pipeline
         from ..lower.kernel_types import check_kernel_isa
 
         spec = get_target(target)
@@ -182,7 +182,7 @@ class Artifact:
             from ..tuning import apply
 
             mod, scheduled = apply(mod, spec)
-        executable = compile_vm(mod, tvm_target, pipeline(tvm_target))
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
         with tempfile.TemporaryDirectory(prefix="pqcompile-export-") as tmp:
             library = spec.export(executable, Path(tmp) / LIBRARY).read_bytes()
         weights, param_entries = pack_arrays(list(params.items()))
