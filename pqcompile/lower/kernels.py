@@ -266,7 +266,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                                    + pw) * P, 1, r, (r * NR + v) * L,
                                                   xat(kh2 * SP + ph, kw2 * SP + pw, cp * P,
                                                       ((ob_qb % QB) * NR + v) * L), DX)
-                if P == 2 and CB % 2 == 1:  # the odd channel block: two taps of a row a step
+                # the channel block left over (P = 2, CB odd): two taps of a row a step
+                if P == 2 and CB % 2 == 1:
                     for ph in T.unroll(SP):  # rows phase by phase, as above
                         for kh2 in range((KH - ph + SP - 1) // SP):
                             for jw in range(KW // 2):
@@ -286,15 +287,6 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                              (r * NR + v) * L,
                                              xat(kh2 * SP + ph, KW - 1, CB - 1,
                                                  ((ob_qb % QB) * NR + v) * L))
-                else:
-                    for cb in range(CB // P * P, CB):  # the channel blocks left over
-                        for kh in range(KH):
-                            for kw in range(KW):
-                                for r in T.unroll(MR):
-                                    for v in T.unroll(NR):
-                                        _dot(acc, Xc, Wp, ob_qb // QB,
-                                             ((cb * KH + kh) * KW + kw), r, (r * NR + v) * L,
-                                             xat(kh, kw, cb, ((ob_qb % QB) * NR + v) * L))
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         _finish(acc, (r * NR + v) * L, B[ob_qb // QB * MR + r])

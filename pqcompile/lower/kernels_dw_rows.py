@@ -7,9 +7,28 @@ from __future__ import annotations
 
 from .kernel_types import KERNEL_ATTR, ConvShape, Isa
 from .tir_macros import channel_macros, dot4_macro, row_macro, splat
+from .tir_neon import neon_requant_lanes
 
 __all__ = ["GROUP_SPAN", "dw_group_layout", "dw_rows_group_kernel", "dw_rows_kernel",
-           "dw_rows_layout", "row_fill", "row_stride"]
+           "dw_rows_layout", "row_fill", "row_stride", "tap_pairs_sum"]
+
+
+def tap_pairs_sum(KH: int, KW: int, product):
+    """The int32x16 sum over every tap of ``product(kh, kw)`` (an int16x16 of byte x weight
+    products), two taps summed in int16 lanes before each widening (two products of a byte
+    and a weight in [-127, 127] fit): the ``rows-neon`` kernels' taps."""
+    from tvm.script import tirx as T
+
+    ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
+    total = None
+    for i in range(0, len(ks), 2):
+        pair = None
+        for kh, kw in ks[i:i + 2]:
+            term = product(kh, kw)
+            pair = term if pair is None else pair + term
+        wide = T.Cast("int32x16", pair)
+        total = wide if total is None else total + wide
+    return total
 
 def row_stride(shape: ConvShape, split: bool) -> int:
     """Bytes of one padded input row in the row schedules' buffer: ``W + 2 PW``, or where the
@@ -175,17 +194,9 @@ def dw_rows_kernel(shape: ConvShape, isa: Isa, mode: str):
         return picked(Xb, first(o, v, kh) + kw, [off[i] * s for i in range(L)])
 
     def taps_sum(Xb, Wd, c, o, v):  # rows-neon: the int32x16 sum of every tap's products
-        ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
-        total = None
-        for i in range(0, len(ks), 2):  # two products summed in int16 lanes
-            pair = None
-            for kh, kw in ks[i:i + 2]:
-                term = T.Cast("int16x16", tap(Xb, o, v, kh, kw)) * T.broadcast(
-                    T.Cast("int16", Wd[c, kh * KW + kw]), 16)
-                pair = term if pair is None else pair + term
-            wide = T.Cast("int32x16", pair)
-            total = wide if total is None else total + wide
-        return total
+        return tap_pairs_sum(KH, KW, lambda kh, kw: T.Cast(
+            "int16x16", tap(Xb, o, v, kh, kw)) * T.broadcast(
+                T.Cast("int16", Wd[c, kh * KW + kw]), 16))
 
     def bias(B, Wd, c):  # the bias, plus the input offset's contribution (rows-neon)
         if boff == 0:
@@ -304,34 +315,19 @@ def dw_rows_group_kernel(shape: ConvShape):
     def tap_at(kh, kw):  # the byte of tap (kh, kw) for a lane's first byte
         return kh * Wp + (kw % 2 * Wh + kw // 2 if split else kw)
 
-    def taps_sum(Xb, Wg, t):
-        ks = [(kh, kw) for kh in range(KH) for kw in range(KW)]
-        total = None
-        for i in range(0, len(ks), 2):  # two products summed in int16 lanes
-            pair = None
-            for kh, kw in ks[i:i + 2]:
-                x = T.Shuffle([Xb.vload([tap_at(kh, kw)], f"int8x{N // 2}"),
-                               Xb.vload([tap_at(kh, kw) + N // 2], f"int8x{N // 2}")], goff)
-                term = T.Cast("int16x16", x) * T.Cast(
-                    "int16x16", Wg.vload([t, kh * KW + kw, 0], "int8x16"))
-                pair = term if pair is None else pair + term
-            wide = T.Cast("int32x16", pair)
-            total = wide if total is None else total + wide
-        return total
+    def tap(Xb, kh, kw):  # the 16 lanes' bytes of tap (kh, kw)
+        return T.Shuffle([Xb.vload([tap_at(kh, kw)], f"int8x{N // 2}"),
+                          Xb.vload([tap_at(kh, kw) + N // 2], f"int8x{N // 2}")], goff)
 
-    def intrin(name, dtype, *args):
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
-                                       *args, dtype=dtype)
+    def taps_sum(Xb, Wg, t):
+        return tap_pairs_sum(KH, KW, lambda kh, kw: T.Cast("int16x16", tap(Xb, kh, kw))
+                             * T.Cast("int16x16", Wg.vload([t, kh * KW + kw, 0], "int8x16")))
 
     def requant(acc, M, S, t):  # int32x16: clamp((acc * m + 2^(sh-1)) >> sh) lane by lane
-        halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
-            "srshl.v2i64", "int64x2",
-            intrin("smull.v2i64", "int64x2", acc.vload([2 * h], "int32x2"),
-                   M.vload([t * 16 + 2 * h], "int32x2")),
-            T.Cast("int64x2", T.broadcast(T.int32(0), 2) - S.vload([t * 16 + 2 * h], "int32x2"))))
-            for h in range(8)]
-        return T.max(T.min(T.Shuffle(halves, list(range(16))), T.broadcast(T.int32(hi), 16)),
-                     T.broadcast(T.int32(lo), 16))
+        return neon_requant_lanes(
+            acc, 0, 16, lambda h: M.vload([t * 16 + 2 * h], "int32x2"),
+            lambda h: T.Cast("int64x2", T.broadcast(T.int32(0), 2)
+                             - S.vload([t * 16 + 2 * h], "int32x2")), lo, hi)
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer((1, C, H, W), in_dt), Wg: T.Buffer((CG, KH * KW, 16), "int8"),

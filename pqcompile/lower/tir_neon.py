@@ -29,12 +29,22 @@ def quad_lane(words, q):
 
 
 def neon_requant(acc, a, m, sh, lo: int, hi: int):
-    """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON:
-    ``smull`` (the exact int64 products of two lanes), ``srshl`` by ``-sh`` (the rounding
-    right shift: ``(x + 2^(sh-1)) >> sh`` exactly, so the integers of
-    :func:`~pqcompile.lower.tir_macros.requant_macro`), ``sqxtn`` (saturating to int32 keeps
-    the clamp's result), ``smin``/``smax``. ``m`` is the int32 multiplier, ``sh`` the negated
-    shift (int64)."""
+    """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON, one
+    channel's constants (``m`` the int32 multiplier, ``sh`` the negated shift, int64) for
+    every lane: :func:`neon_requant_lanes`."""
+    from tvm.script import tirx as T
+
+    return neon_requant_lanes(acc, a, 4, lambda h: T.broadcast(m, 2),
+                              lambda h: T.broadcast(sh, 2), lo, hi)
+
+
+def neon_requant_lanes(acc, a, n: int, m2, sh2, lo: int, hi: int):
+    """``clamp((acc[a:a+n] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32 x ``n`` (even) on
+    aarch64 NEON, two lanes at a time: ``m2(h)`` the int32x2 multipliers and ``sh2(h)`` the
+    int64x2 negated shifts of lanes ``2h, 2h + 1``. ``smull`` (the exact int64 products),
+    ``srshl`` by ``-sh`` (the rounding right shift: ``(x + 2^(sh-1)) >> sh`` exactly, so the
+    integers of :func:`~pqcompile.lower.tir_macros.requant_macro`), ``sqxtn`` (saturating
+    to int32 keeps the clamp's result), ``smin``/``smax``."""
     from tvm.script import tirx as T
 
     def intrin(name, dtype, *args):
@@ -43,10 +53,10 @@ def neon_requant(acc, a, m, sh, lo: int, hi: int):
 
     halves = [intrin("sqxtn.v2i32", "int32x2", intrin(
         "srshl.v2i64", "int64x2", intrin("smull.v2i64", "int64x2",
-                                         acc.vload([a + 2 * h], "int32x2"), T.broadcast(m, 2)),
-        T.broadcast(sh, 2))) for h in range(2)]
-    return T.max(T.min(T.Shuffle(halves, [0, 1, 2, 3]), T.broadcast(T.int32(hi), 4)),
-                 T.broadcast(T.int32(lo), 4))
+                                         acc.vload([a + 2 * h], "int32x2"), m2(h)),
+        sh2(h))) for h in range(n // 2)]
+    return T.max(T.min(T.Shuffle(halves, list(range(n))), T.broadcast(T.int32(hi), n)),
+                 T.broadcast(T.int32(lo), n))
 
 
 def pair_word(Wp, ob, ks, mr: int, i):
