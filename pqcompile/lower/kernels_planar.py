@@ -85,13 +85,8 @@ def pack_dw_weight(q: np.ndarray, shape: ConvShape, isa: Isa) -> np.ndarray:
     c, _, kh, kw = q.shape
     schedule = dw_schedule(shape, isa)
     if schedule == "rows-neon-group":  # [C/G][taps][16 lanes]: lane i is channel i // U's
-        g, u, _, _ = dw_group_layout(shape)
-        cg = -(-c // g)
-        w = np.zeros((cg * g, kh * kw), np.int8)
-        w[:c] = q.reshape(c, kh * kw)
-        out = np.zeros((cg, kh * kw, 16), np.int8)
-        out[:, :, :g * u] = np.repeat(w.reshape(cg, g, kh * kw), u, axis=1).transpose(0, 2, 1)
-        return out
+        return np.ascontiguousarray(
+            _group_lanes(q.reshape(c, kh * kw), shape, 0).astype(np.int8).transpose(0, 2, 1))
     if schedule != "rows-vnni":
         return np.ascontiguousarray(q.reshape(c, kh * kw))
     g = -(-kw // 4)
@@ -108,19 +103,25 @@ def pack_dw_params(q: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
     b, m, sh = (np.asarray(a, np.int64) for a in (bias, mult, shift))
     if dw_schedule(shape, isa) != "rows-neon-group":
         return b.astype(np.int32), m.astype(np.int32), sh.astype(np.int32)
-    g, u, _, _ = dw_group_layout(shape)
-    c = q.shape[0]
-    cg = -(-c // g)
     if shape.in_dtype == "uint8":
-        b = b + 128 * q.reshape(c, -1).astype(np.int64).sum(axis=1)
-    out = []
-    for a, fill in ((b, 0), (m, 0), (sh, 40)):  # pads: a zero multiplier, any valid shift
-        lanes = np.full((cg, 16), fill, np.int64)
-        full = np.full(cg * g, fill, np.int64)
-        full[:c] = a
-        lanes[:, :g * u] = np.repeat(full.reshape(cg, g), u, axis=1)
-        out.append(lanes.reshape(-1).astype(np.int32))
-    return out[0], out[1], out[2]
+        b = b + 128 * q.reshape(q.shape[0], -1).astype(np.int64).sum(axis=1)
+    # pads: a zero multiplier, any valid shift
+    return tuple(_group_lanes(a, shape, fill).reshape(-1).astype(np.int32)
+                 for a, fill in ((b, 0), (m, 0), (sh, 40)))
+
+
+def _group_lanes(a: np.ndarray, shape: ConvShape, fill: int) -> np.ndarray:
+    """Per-channel values ``a`` (``[C, ...]``) as ``rows-neon-group``'s lanes: ``[C/G][16]
+    [...]``, lane ``i`` of group ``t`` channel ``t G + i // U``'s value, ``fill`` past the
+    last channel and in the junk lanes (``i >= G U``)."""
+    g, u, _, _ = dw_group_layout(shape)
+    c = a.shape[0]
+    cg = -(-c // g)
+    full = np.full((cg * g, *a.shape[1:]), fill, np.int64)
+    full[:c] = a
+    lanes = np.full((cg, 16, *a.shape[1:]), fill, np.int64)
+    lanes[:, :g * u] = np.repeat(full.reshape(cg, g, *a.shape[1:]), u, axis=1)
+    return lanes
 
 
 @functools.cache  # built once per shape: TVMScript parsing is slow
