@@ -480,6 +480,33 @@ def test_program_lowered_for_another_instruction_set(compiled, lowered, built):
         Artifact.build(program, params, built)
 
 
+def test_table_lookups_lowered_for_vbmi_refused_without_it():
+    """A program whose table lookups use AVX-512 VBMI (``vpermi2b``), built for an x86 CPU
+    with VNNI but not VBMI (Cascade Lake), is refused naming the instruction set: LLVM would
+    abort the process on the intrinsic."""
+    from pqcompile.assignment import Assignment
+    from pqcompile.build import compile_assignment
+    from pqcompile.lower import lower
+    from pqcompile.targets import TargetSpec
+
+    icelake = TargetSpec("icelake", "x86 with VBMI", {"kind": "llvm", "mcpu": "icelake-server"},
+                         "x86_64")
+    cascade = TargetSpec("cascadelake", "x86 with VNNI, no VBMI",
+                         {"kind": "llvm", "mcpu": "cascadelake"}, "x86_64")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
+    c = compile_assignment(model, (X,), Assignment.uniform(["_0", "_2"], 8, 8), target="host",
+                           calibration=[torch.randn(2, 3, 8, 8)])
+    program, params, report = lower(c.reference, target=icelake)
+    assert report.kernels["_1"] == "lut vbmi"
+    with pytest.raises(ValueError, match=r"lowered with 'vbmi' table lookups \(AVX-512 VBMI\), "
+                                         r"which target 'cascadelake' lacks.*retarget"):
+        Artifact.build(program, params, cascade)
+    program, params, report = lower(c.reference, target=cascade)  # the scalar lookups
+    assert report.kernels["_1"] == "lut scalar"
+    Artifact.build(program, params, cascade)
+
+
 def load_fails(directory, match):
     with unchanged(artifact=directory):
         with pytest.raises(ArtifactError, match=match) as info:

@@ -116,8 +116,9 @@ class Isa:
         return 8 if self.name == "neon" else self.lanes
 
 
-def isa_for(target: Any) -> Isa:
-    """The kernel flavour for a ``tvm.target.Target`` (its CPU features as LLVM reports them)."""
+def cpu_features(target: Any) -> tuple[set[str], bool]:
+    """``(features, aarch64)``: the CPU features LLVM reports for a ``tvm.target.Target``
+    (none for a target that is not an LLVM CPU) and whether it compiles for aarch64."""
     from tvm.target import codegen
 
     keys = dict(target.export())
@@ -125,13 +126,19 @@ def isa_for(target: Any) -> Isa:
     cpu = target if keys.get("kind") == "llvm" or host is None else host
     try:
         features = set(codegen.llvm_get_cpu_features(cpu))
-    except Exception:  # not an LLVM CPU target: no dot products
-        features = set()
+    except Exception:  # noqa: BLE001 (TVM raises its own errors): not an LLVM CPU target
+        return set(), False
+    return features, "aarch64" in _triple(target, cpu)
+
+
+def isa_for(target: Any) -> Isa:
+    """The kernel flavour for a ``tvm.target.Target`` (its CPU features as LLVM reports them)."""
+    features, aarch64 = cpu_features(target)
     if {"avx512vnni", "avx512bw"} <= features:
         return Isa("vnni", 16, 4, 3)
     if "dotprod" in features:
         return Isa("sdot", 4, 4, 4)
-    if "neon" in features and "aarch64" in _triple(target, cpu):
+    if "neon" in features and aarch64:
         return Isa("neon", 4, 3, 2)
     if "avx2" in features:
         return Isa("avx2", 8, 4, 2)
@@ -247,6 +254,9 @@ def supported(shape: ConvShape) -> bool:
 
 #: the module attribute :func:`pqcompile.lower.lower` sets to the kernels' instruction set
 KERNEL_ISA_ATTR = "pqcompile_kernel_isa"
+#: the module attribute :func:`pqcompile.lower.lower` sets where a table lookup needs more than
+#: the kernels' instruction set (``vbmi``: :mod:`~pqcompile.lower.kernels_lut`)
+LUT_ISA_ATTR = "pqcompile_lut_isa"
 #: the instruction sets a target must have to run kernels of each flavour ("generic": any)
 _RUNS_ON = {"vnni": {"vnni"}, "sdot": {"sdot"}, "neon": {"neon", "sdot"}}
 
@@ -256,6 +266,16 @@ def check_kernel_isa(mod: Any, target: Any, target_name: str) -> None:
     on ``target`` (a ``tvm.target.Target``): LLVM would otherwise abort the whole process on
     an instruction the target lacks (NEON ``smull`` in an x86 build)."""
     attrs = mod.attrs
+    lut = str(attrs[LUT_ISA_ATTR]) if attrs is not None and LUT_ISA_ATTR in attrs else None
+    if lut is not None:
+        from .kernels_lut import lut_flavour
+
+        if lut_flavour(target) != lut:
+            raise ValueError(
+                f"this module was lowered with {lut!r} table lookups (AVX-512 VBMI), which "
+                f"target {target_name!r} lacks; lower the reference for this target "
+                f"(pqcompile.lower.lower(reference, target={target_name!r}), or "
+                f"compiled.retarget({target_name!r}))")
     lowered = str(attrs[KERNEL_ISA_ATTR]) if attrs is not None and KERNEL_ISA_ATTR in attrs \
         else None
     if lowered is None or lowered not in _RUNS_ON:

@@ -1,7 +1,8 @@
 """Relax emitters of the integer elementwise ops (:mod:`pqcompile.quant.lut`).
 
-A table lookup is ``take(table, astype(q, int32) - offset)``: one injective op that TVM fuses
-with the cast into a single elementwise kernel. A product is an int64 multiply and one fixed-point
+A table lookup is the kernel of :mod:`~pqcompile.lower.kernels_lut` where the program is lowered
+for a target (the table stored rotated, indexed by the code's raw byte), else
+``take(table, astype(q, int32) - offset)``. A product is an int64 multiply and one fixed-point
 requantization, broadcasting as torch does.
 """
 
@@ -14,6 +15,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from ..quant.lut import QLut, QMul
+from .kernels_lut import lut_kernel, rotated_table
 
 if TYPE_CHECKING:
     from .relax_builder import Lowering
@@ -26,6 +28,17 @@ def table_param(lw: Lowering, node, module: QLut) -> relax.Var:
 
 def lut(lw: Lowering, node, module: QLut, x) -> relax.Expr:
     bb = lw.bb
+    if lw.lut is not None and str(x.ty.dtype) in ("int8", "uint8") \
+            and module.offset in (0, -128):
+        shape = lw.shape(node)
+        table = lw.param(f"{node.name}.table",
+                         rotated_table(module.table.numpy(), module.offset))
+        kernel = lut_kernel(shape, str(x.ty.dtype), module.out.dtype, lw.lut)
+        lw.lut_used = lw.lut if lw.lut_used in (None, lw.lut) else lw.lut_used
+        lw.kernels[node.name] = f"lut {lw.lut}"
+        return bb.emit(relax.call_tir(
+            bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_lut"),
+            [x, table], relax.TensorType(shape, module.out.dtype)))
     table = table_param(lw, node, module)
     index = R.astype(x, "int32")
     if module.offset:

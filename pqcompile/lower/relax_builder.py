@@ -34,7 +34,7 @@ from tvm.relax import op as R
 from ..errors import UnsupportedOpError
 from ..meta import FLOAT_OPS, QPARAMS, SHAPE, FloatOp, QParams
 from ..quant.op_args import is_split
-from .kernel_types import KERNEL_ISA_ATTR
+from .kernel_types import KERNEL_ISA_ATTR, LUT_ISA_ATTR
 from .movement import movement
 from .ops import EMITTERS
 
@@ -78,9 +78,11 @@ class LoweringReport:
 class Lowering:
     """State of one lowering: the block builder, parameters and storage notes."""
 
-    def __init__(self, ref: torch.fx.GraphModule, isa: Any = None) -> None:
+    def __init__(self, ref: torch.fx.GraphModule, isa: Any = None, lut: str | None = None
+                 ) -> None:
         self.ref = ref
         self.isa = isa  # pqcompile.lower.kernels.Isa, or None: TVM's portable ops
+        self.lut = lut  # the table lookups' flavour (kernels_lut.FLAVOURS), None: TVM's take
         self.kernels: dict[str, str] = {}
         self.bb = relax.BlockBuilder()
         self.params: dict[str, np.ndarray] = {}
@@ -88,6 +90,7 @@ class Lowering:
         self.storage: dict[str, str] = {}
         self.checks: list[tuple[relax.Expr, str]] = []  # (bool scalar, message): run-time checks
         self.islands: dict[tuple, relax.GlobalVar] = {}  # island key -> its function
+        self.lut_used: str | None = None  # the lookup flavour a kernel of the program uses
 
     def param(self, name: str, array: np.ndarray) -> relax.Var:
         if name in self.params:
@@ -120,13 +123,15 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main", *, target: Any = N
     targets with that instruction set); ``None``: TVM's portable Relax ops only.
     """
     _check_reference(ref)
-    isa = None
+    isa = lut = None
     if target is not None:
         from .build import resolve_target
         from .kernels import isa_for
+        from .kernels_lut import lut_flavour
 
-        isa = isa_for(resolve_target(target))
-    lw = Lowering(ref, isa)
+        tvm_target = resolve_target(target)
+        isa, lut = isa_for(tvm_target), lut_flavour(tvm_target)
+    lw = Lowering(ref, isa, lut)
     bb = lw.bb
     env: dict[str, Any] = {}
     placeholders = [n for n in ref.graph.nodes if n.op == "placeholder"]
@@ -158,6 +163,8 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main", *, target: Any = N
     mod = bb.get()
     if isa is not None:  # Artifact.build refuses a target without these instructions
         mod = mod.with_attr(KERNEL_ISA_ATTR, isa.name)
+    if lw.lut_used == "vbmi":
+        mod = mod.with_attr(LUT_ISA_ATTR, lw.lut_used)
     weight_bytes = {name: lw.params[f"{name}.weight"].nbytes for name in lw.storage}
     report = LoweringReport(
         float_ops=FLOAT_OPS.get(ref), inputs=tuple((n.name, lw.shape(n)) for n in placeholders),
