@@ -45,7 +45,7 @@ from ..quant.qmodules import (
     Quantize,
 )
 from ..quant.tables import QPackedEmbedding
-from . import kernels, kernels_lanes, kernels_linear, kernels_planar
+from . import kernels, kernels_lanes, kernels_linear, kernels_mean, kernels_planar
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
@@ -263,10 +263,32 @@ def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
         acc = bb.emit(R.nn.conv2d(x, ones, strides=stride, padding=pad, groups=channels,
                                   out_dtype="int32"))
     else:
+        y = _kernel_mean(lw, node, module, x)
+        if y is not None:
+            return y
         acc = bb.emit(R.sum(R.astype(x, "int32"), axis=list(module.dims),
                             keepdims=module.keepdim))
     fp = module.fp
     return requant(bb, acc, fp.mult[0], fp.shift[0], module.lo, module.hi, module.out.dtype)
+
+
+def _kernel_mean(lw: Lowering, node, module: QSumPool, x) -> relax.Expr | None:
+    """A global average pool (batch 1, the last two dims of NCHW int8/uint8) as the kernel of
+    :mod:`~pqcompile.lower.kernels_mean`, where the program has kernels; else ``None``."""
+    shape = lw.shape(node.all_input_nodes[0])
+    if lw.isa is None or len(shape) != 4 or shape[0] != 1 \
+            or sorted(d % 4 for d in module.dims) != [2, 3] \
+            or str(x.ty.dtype) not in ("int8", "uint8") \
+            or module.out.dtype not in ("int8", "uint8"):
+        return None
+    out_shape = lw.shape(node)
+    kernel = kernels_mean.mean_kernel(shape[1], shape[2], shape[3], str(x.ty.dtype),
+                                      module.out.dtype, out_shape, int(module.fp.mult[0]),
+                                      int(module.fp.shift[0]), module.lo, module.hi)
+    lw.kernels[node.name] = "mean"
+    return lw.bb.emit(relax.call_tir(
+        lw.bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_mean"), [x],
+        relax.TensorType(out_shape, module.out.dtype)))
 
 
 def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
