@@ -8,7 +8,7 @@ call's time (the least disturbed one on a shared machine) and its median. Rows o
 function called several times a call (layers of one shape share a kernel) are summed per call.
 Uniform int8 at 224x224 on random weights, as ``latency.py`` builds it (``peers.make_model``).
 
-    python benchmarks/layer_profile.py [--model resnet18] [--threads 1] [--calls 40]
+    python benchmarks/layer_profile.py [--model resnet18] [--threads 1] [--calls 40] [--pruned]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import peers  # noqa: E402 (benchmarks/ on the path first)
 
 from pqcompile import presets  # noqa: E402
-from pqcompile.build import analysis, compile_assignment  # noqa: E402
+from pqcompile.assignment import Assignment  # noqa: E402
+from pqcompile.build import analysis, compile_assignment, prepare  # noqa: E402
 
 
 def pqcompile_rows(artifact, x, calls: int) -> list[tuple[str, int, float, float]]:
@@ -100,6 +101,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--pruned", action="store_true",
+                        help="the pruned architecture of latency.py (presets.mixed_pruned's "
+                             "kept channels, int8), on both sides")
     args = parser.parse_args()
     peers.set_threads(args.threads)
     model = peers.make_model(args.model, args.size)
@@ -107,8 +111,12 @@ def main() -> None:
     x = peers.draw(args.model, args.size, g)
     calib = [peers.draw(args.model, args.size, g, 4) for _ in range(2)]
     gm = analysis(model, (x,))
-    built = compile_assignment(model, (x,), presets.uniform(gm, 8), target="host",
-                               calibration=calib)
+    assignment, peer = presets.uniform(gm, 8), model
+    if args.pruned:
+        mixed = presets.mixed_pruned(gm)
+        assignment = Assignment(assignment.bits, mixed.masks)
+        peer = prepare(gm, mixed)  # the pruned float graph ONNX Runtime runs
+    built = compile_assignment(model, (x,), assignment, target="host", calibration=calib)
     rows = pqcompile_rows(built.artifact, x.numpy(), args.calls)
     print(f"pqcompile int8, {args.model}, {args.threads} thread(s): sum of minima "
           f"{sum(r[2] for r in rows):.3f} ms (medians {sum(r[3] for r in rows):.3f})")
@@ -117,7 +125,7 @@ def main() -> None:
         print(f"  {lo:8.3f} min {med:8.3f} med  x{n:<3d} {key} {label}")
     with tempfile.TemporaryDirectory(prefix="layer-profile-") as tmp:
         tmp_path = Path(tmp)
-        fp32 = peers.export_onnx(model, x, tmp_path / f"{args.model}.onnx")
+        fp32 = peers.export_onnx(peer, x, tmp_path / f"{args.model}.onnx")
         int8 = peers.ort_int8(fp32, tmp_path, calib)
         nodes = ort_rows(int8, x.numpy(), args.threads, args.calls, tmp_path)
     print(f"ONNX Runtime int8: sum of minima {sum(r[2] for r in nodes):.3f} ms "
