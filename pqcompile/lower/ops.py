@@ -45,7 +45,14 @@ from ..quant.qmodules import (
     Quantize,
 )
 from ..quant.tables import QPackedEmbedding
-from . import kernels, kernels_lanes, kernels_linear, kernels_mean, kernels_planar
+from . import (
+    kernels,
+    kernels_lanes,
+    kernels_linear,
+    kernels_mean,
+    kernels_planar,
+    kernels_quantize,
+)
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
@@ -388,6 +395,15 @@ def mask_op(lw: Lowering, node, module: MaskOp, *xs) -> relax.Expr:
 
 
 def quantize_input(lw: Lowering, node, module: Quantize, x) -> relax.Expr:
+    if lw.fma and str(x.ty.dtype) == "float32" and module.out.dtype in ("int8", "uint8"):
+        # without a division (kernels_quantize): the same codes
+        shape = lw.shape(node)
+        kernel = kernels_quantize.quantize_kernel(shape, module.out.scale, module.lo,
+                                                  module.hi, module.out.dtype)
+        lw.kernels[node.name] = "quantize"
+        return lw.bb.emit(relax.call_tir(
+            lw.bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_quantize"), [x],
+            relax.TensorType(shape, module.out.dtype)))
     return quantize(lw.bb, x, module.out, module.lo, module.hi)
 
 

@@ -78,11 +78,12 @@ class LoweringReport:
 class Lowering:
     """State of one lowering: the block builder, parameters and storage notes."""
 
-    def __init__(self, ref: torch.fx.GraphModule, isa: Any = None, lut: str | None = None
-                 ) -> None:
+    def __init__(self, ref: torch.fx.GraphModule, isa: Any = None, lut: str | None = None,
+                 fma: bool = False) -> None:
         self.ref = ref
         self.isa = isa  # pqcompile.lower.kernels.Isa, or None: TVM's portable ops
         self.lut = lut  # the table lookups' flavour (kernels_lut.FLAVOURS), None: TVM's take
+        self.fma = fma  # the input quantization without a division (kernels_quantize)
         self.kernels: dict[str, str] = {}
         self.bb = relax.BlockBuilder()
         self.params: dict[str, np.ndarray] = {}
@@ -124,14 +125,16 @@ def lower(ref: torch.fx.GraphModule, func_name: str = "main", *, target: Any = N
     """
     _check_reference(ref)
     isa = lut = None
+    fma = False
     if target is not None:
         from .build import resolve_target
         from .kernels import isa_for
         from .kernels_lut import lut_flavour
+        from .kernels_quantize import has_fma
 
         tvm_target = resolve_target(target)
-        isa, lut = isa_for(tvm_target), lut_flavour(tvm_target)
-    lw = Lowering(ref, isa, lut)
+        isa, lut, fma = isa_for(tvm_target), lut_flavour(tvm_target), has_fma(tvm_target)
+    lw = Lowering(ref, isa, lut, fma)
     bb = lw.bb
     env: dict[str, Any] = {}
     placeholders = [n for n in ref.graph.nodes if n.op == "placeholder"]
