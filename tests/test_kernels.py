@@ -406,13 +406,14 @@ def test_whole_model_matches_reference(target):
     compiled = compile_assignment(model, (x,), presets.mixed_pruned(gm), target=target,
                                   calibration=calib)
     kinds = {k.split()[0] for k in compiled.lowering.kernels.values()}
-    # mobilenet_v2 has no max pool; its global average pool is the mean kernel, its input
-    # quantized without a division where the CPU has FMA (not the baseline x86-64)
-    assert kinds == {"conv2d", "dwconv2d", "linear", "mean"} | (
+    # mobilenet_v2 has no max pool; its global average pool is the mean kernel, its residual
+    # adds in int32, its input quantized without a division where the CPU has FMA (not the
+    # baseline x86-64)
+    assert kinds == {"conv2d", "dwconv2d", "linear", "mean", "add"} | (
         set() if expected_isa == "generic" else {"quantize"})
     isa = K.isa_for(resolve_target(target))
     assert isa.name == expected_isa
-    assert all(isa.name in k or k.startswith(("dwconv2d", "maxpool2d", "mean", "quantize"))
+    assert all(isa.name in k or k.startswith(("dwconv2d", "maxpool2d", "mean", "quantize", "add"))
                for k in compiled.lowering.kernels.values())
     # 4-bit weights stay packed in weights.bin and are unpacked once at load
     assert compiled.artifact.manifest["prepare"] == "main_transform_params"

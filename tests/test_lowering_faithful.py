@@ -71,6 +71,7 @@ PAD_BITS = {"c1": (8, 8), "c2": (8, 8), "c3": (8, 8)}
 
 def test_pads_lower_as_integer_ops_and_equal_the_reference():
     shape = (1, 3, 11, 13)
+    torch.manual_seed(0)  # the weights: not whatever state earlier tests left
     model, ref, params, report, ex = _compiled(Pads(), shape, PAD_BITS)
     assert report.float_ops == ()  # no float island: pads run on the integers
     kinds = {n.name: type(ref.get_submodule(n.target)).__name__ for n in ref.graph.nodes

@@ -53,6 +53,7 @@ from . import (
     kernels_planar,
     kernels_quantize,
 )
+from .add32 import add_kernel, int32_form
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
@@ -247,10 +248,38 @@ def linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
 def add(lw: Lowering, node, module: QAdd, a, b) -> relax.Expr:
     bb = lw.bb
     (ma, mb), sh = module.mults, module.shift
-    acc = R.add(R.multiply(R.astype(a, "int64"), i64(ma)),
-                R.multiply(R.astype(b, "int64"), i64(mb)))
-    y = bb.emit(R.right_shift(R.add(acc, i64(1 << (sh - 1))), i64(sh)))
-    return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
+    dtypes = (str(a.ty.dtype), str(b.ty.dtype))
+    form = int32_form((ma, mb), sh, module.lo, module.hi, dtypes) \
+        if set(dtypes) <= {"int8", "uint8"} else None
+    if form is None:  # the reference's int64 form
+        acc = R.add(R.multiply(R.astype(a, "int64"), i64(ma)),
+                    R.multiply(R.astype(b, "int64"), i64(mb)))
+        y = bb.emit(R.right_shift(R.add(acc, i64(1 << (sh - 1))), i64(sh)))
+        return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
+
+    # the same integers in int32 lanes, checked on every pair of input codes (add32)
+    shape = lw.shape(node)
+    if lw.isa is not None and all(isinstance(n, torch.fx.Node) and lw.shape(n) == shape
+                                  for n in node.args):
+        kernel = add_kernel(shape, dtypes, module.out.dtype, form, module.lo, module.hi)
+        lw.kernels[node.name] = f"add {form.kind}"
+        return bb.emit(relax.call_tir(
+            bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_add"), [a, b],
+            relax.TensorType(shape, module.out.dtype)))
+
+    def i32(v: int) -> relax.Expr:
+        return relax.const(np.int32(v), "int32")
+
+    def dot(m1: int, m2: int) -> relax.Expr:  # a m1 + b m2 in int32
+        return R.add(R.multiply(R.astype(a, "int32"), i32(m1)),
+                     R.multiply(R.astype(b, "int32"), i32(m2)))
+
+    if form.kind == "single":
+        y = R.right_shift(R.add(dot(*form.mults), i32(1 << (form.shift - 1))), i32(form.shift))
+    else:
+        y = R.right_shift(R.add(R.add(dot(*form.mults), R.right_shift(dot(*form.lows), i32(16))),
+                                i32(1 << (form.shift - 17))), i32(form.shift - 16))
+    return bb.emit(R.astype(R.clip(bb.emit(y), module.lo, module.hi), module.out.dtype))
 
 
 def cat(lw: Lowering, node, module: QCat, *xs) -> relax.Expr:
