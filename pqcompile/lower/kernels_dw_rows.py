@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .kernel_types import KERNEL_ATTR, ConvShape, Isa
 from .tir_macros import channel_macros, dot4_macro, row_macro, splat
-from .tir_neon import neon_requant_lanes
+from .tir_neon import neon_requant_lanes, neon_requant_narrow
 
 __all__ = ["GROUP_SPAN", "dw_group_layout", "dw_rows_group_kernel", "dw_rows_kernel",
            "dw_rows_layout", "row_fill", "row_stride", "tap_pairs_sum"]
@@ -324,6 +324,11 @@ def dw_rows_group_kernel(shape: ConvShape):
                              * T.Cast("int16x16", Wg.vload([t, kh * KW + kw, 0], "int8x16")))
 
     def requant(acc, M, S, t):  # int32x16: clamp((acc * m + 2^(sh-1)) >> sh) lane by lane
+        if shape.narrow:  # sqdmulh and a rounding shift (neon_requant_narrow)
+            return T.Shuffle([neon_requant_narrow(
+                acc.vload([4 * q], "int32x4"), M.vload([t * 16 + 4 * q], "int32x4"),
+                T.broadcast(T.int32(31), 4) - S.vload([t * 16 + 4 * q], "int32x4"), lo, hi)
+                for q in range(4)], list(range(16)))
         return neon_requant_lanes(
             acc, 0, 16, lambda h: M.vload([t * 16 + 2 * h], "int32x2"),
             lambda h: T.Cast("int64x2", T.broadcast(T.int32(0), 2)

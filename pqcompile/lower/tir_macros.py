@@ -8,7 +8,14 @@ build time on the dtypes and sizes it is given.
 
 from __future__ import annotations
 
-from .tir_neon import neon_requant, quad_lane, smull_pairs_macro, splat
+from .tir_neon import (
+    NEON_NARROW_MIN_SHIFT,
+    neon_requant,
+    neon_requant_narrow,
+    quad_lane,
+    smull_pairs_macro,
+    splat,
+)
 
 __all__ = ["acc_macros", "channel_macros", "dot4_macro", "dot_macro", "dot_pair_macro",
            "dot_steps", "neon_requant", "quad_lane", "requant_macro", "requant_terms",
@@ -82,6 +89,8 @@ def row_macro(D: int, s: int, chan: int, size: int, in_dt: str, pdt: str, off: i
 
 #: The smallest shift for which the epilogue may run on the product's high 32 bits.
 NARROW_MIN_SHIFT = 33
+# the NEON form of a narrow epilogue needs no more
+assert NARROW_MIN_SHIFT >= NEON_NARROW_MIN_SHIFT
 
 
 def requant_macro(out_dt: str, lo: int, hi: int, narrow: bool = False):
@@ -139,22 +148,31 @@ def channel_macros(out_dt: str, lo: int, hi: int, narrow: bool = False, lanes: i
 
     ``neon`` (aarch64): every 4 lanes by :func:`~pqcompile.lower.tir_neon.neon_requant`
     (``K[j + 2]`` holds the negated shift); LLVM's lowering of the int64 form multiplies lane
-    by lane in scalar registers."""
+    by lane in scalar registers. ``neon`` and ``narrow``:
+    :func:`~pqcompile.lower.tir_neon.neon_requant_narrow` (``K[j + 2]`` holds ``31 - sh``),
+    two instructions for 4 lanes where the int64 form takes seven."""
     from tvm.script import tirx as T
 
     _requant = requant_macro(out_dt, lo, hi, narrow)
     term_dt = "int32" if narrow else "int64"
 
     if neon:
+        # narrow: sqdmulh and a rounding shift by 31 - sh (neon_requant_narrow)
         @T.macro
         def load(K, j, ch, M, S):
             K[j] = T.Cast("int64", M[ch])
             K[j + 1] = T.int64(0)
-            K[j + 2] = T.Cast("int64", 0 - S[ch])
+            K[j + 2] = T.Cast("int64", (31 if narrow else 0) - S[ch])
+
+        def group(acc, a, K, j):
+            if narrow:
+                return neon_requant_narrow(acc.vload([a], "int32x4"),
+                                           T.broadcast(T.Cast("int32", K[j]), 4),
+                                           T.broadcast(T.Cast("int32", K[j + 2]), 4), lo, hi)
+            return neon_requant(acc, a, T.Cast("int32", K[j]), K[j + 2], lo, hi)
 
         def store_neon(dst, i, acc, a, K, j, n):
-            groups = [neon_requant(acc, a + 4 * g, T.Cast("int32", K[j]), K[j + 2], lo, hi)
-                      for g in range(-(-n // 4))]
+            groups = [group(acc, a + 4 * g, K, j) for g in range(-(-n // 4))]
             whole = groups[0] if len(groups) == 1 else T.Shuffle(
                 groups, list(range(4 * len(groups))))
             return T.Shuffle([T.Cast(f"{out_dt}x{4 * len(groups)}", whole)], list(range(n)))

@@ -122,3 +122,31 @@ def smull_pairs_macro(steps: int = 1, mr: int | None = None):
         acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") \
             + products(Xc, x, dx, Wp, ob, ks, dks, r, 1)
     return pairs
+
+
+#: The smallest shift of :func:`neon_requant_narrow` (its rounding term ``2^(sh-1)`` a
+#: multiple of ``2^31``).
+NEON_NARROW_MIN_SHIFT = 32
+
+
+def neon_requant_narrow(x, m, nsh, lo: int, hi: int):
+    """``clamp((x * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON for shifts of at
+    least :data:`NEON_NARROW_MIN_SHIFT`, in two instructions: ``x`` the int32x4 accumulators,
+    ``m`` the int32x4 multipliers (non-negative), ``nsh`` the int32x4 ``31 - sh``.
+
+    ``sqdmulh`` gives ``floor(2 x m / 2^32) = floor(x m / 2^31)`` exactly (it saturates only
+    for ``x = m = -2^31``, and ``m >= 0``). As ``2^(sh-1)`` is a multiple of ``2^31``,
+    ``floor((x m + 2^(sh-1)) / 2^31) = floor(x m / 2^31) + 2^(sh-32)``, and one more floor
+    division by ``2^(sh-31)`` is ``srshl`` by ``31 - sh``: the rounding right shift
+    ``(v + 2^(sh-32)) >> (sh-31)``. The integers of
+    :func:`~pqcompile.lower.tir_macros.requant_macro`; :func:`neon_requant_lanes` (the int64
+    products, ``smull``/``srshl``/``sqxtn`` two lanes at a time) takes 7 instructions for
+    the same 4 lanes."""
+    from tvm.script import tirx as T
+
+    def intrin(name, *args):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
+                                       *args, dtype="int32x4")
+
+    y = intrin("srshl.v4i32", intrin("sqdmulh.v4i32", x, m), nsh)
+    return T.max(T.min(y, T.broadcast(T.int32(hi), 4)), T.broadcast(T.int32(lo), 4))
