@@ -210,7 +210,10 @@ DW = [(5, 9, 3, 1, 1, "uint8", "uint8"), (7, 12, 3, 2, 1, "int8", "int8"),
 POOL = [(5, 9, 3, 2, 1, "uint8"), (7, 12, 3, 2, 1, "int8"), (6, 10, 2, 2, 0, "int8"),
         (9, 5, 3, 1, 1, "uint8"), (4, 56, 3, 2, 1, "uint8"),
         # a 1 x 2 image: each output column is at both edges (taps left and right of it)
-        (3, 1, 3, 1, 1, "int8")]
+        (3, 1, 3, 1, 1, "int8"),
+        # 3x3 stride 2 pad 1 on even widths of 64 or more: no pack (odd and even heights; the
+        # last step of a row overlapping the one before)
+        (3, 65, 3, 2, 1, "uint8"), (2, 63, 3, 2, 1, "int8"), (2, 79, 3, 2, 1, "uint8")]
 LINEAR = [(1, 5, 7, "uint8", "uint8"), (3, 9, 33, "int8", "int8"),
           (7, 64, 17, "uint8", "int8"), (1, 70, 300, "int8", "uint8")]
 
@@ -262,6 +265,12 @@ def test_dw_cases_cover_every_schedule():
     assert schedules(K.Isa("generic", 16, 4, 2)) == {"grid", "rows"}
     for arm in (K.Isa("sdot", 4, 4, 4), K.Isa("neon", 4, 3, 2)):
         assert schedules(arm) == {"grid", "rows-neon", "rows-neon-group"}
+
+
+def test_pool_cases_cover_both_schedules():
+    packs = {KP.maxpool2d_kernel(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, a, 0, 0),
+                                 _HOST_ISA)[0] is None for c, h, k, st, p, a in POOL}
+    assert packs == {True, False}
 
 
 def test_conv_cases_cover_im2col():
