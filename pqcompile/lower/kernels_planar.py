@@ -193,12 +193,12 @@ def maxpool2d_kernel(shape: ConvShape, isa: Isa):
     """Max pool on the integers (stride 1 or 2, no dilation, floor mode): ``(pack, kernel,
     scratch)`` with ``kernel(Xc, Y)``. The scratch is the depthwise conv's padded planar one,
     padded with the dtype's minimum; each tile takes the vector max over the window's taps,
-    a byte per lane. The 3x3 stride-2 pool with one pixel of pad on maps of even width of 64
+    a byte per lane. The 3x3 stride-2 pool with one pixel of pad on maps of even width of 32
     or more (resnets' stem) takes no pack: :func:`maxpool_3x3s2_kernel`."""
     from tvm.script import tirx as T
 
     if shape.kernel == (3, 3) and shape.stride == 2 and shape.padding == (1, 1) \
-            and shape.width % 2 == 0 and shape.width >= 2 * POOL_OUT_LANES:
+            and shape.width % 2 == 0 and shape.width >= 32:
         return None, maxpool_3x3s2_kernel(shape), 0
 
     lanes = 4 * dw_isa(isa).lanes  # bytes, not int32 accumulators
@@ -244,7 +244,8 @@ def maxpool2d_kernel(shape: ConvShape, isa: Isa):
     return pack, kernel, scratch
 
 
-#: Output bytes a step of :func:`maxpool_3x3s2_kernel` (its input: twice as many)
+#: Output bytes a step of :func:`maxpool_3x3s2_kernel` (its input: twice as many; 16 on maps
+#: narrower than 64)
 POOL_OUT_LANES = 32
 
 
@@ -256,8 +257,8 @@ def maxpool_3x3s2_kernel(shape: ConvShape):
     the window's three input rows (64 bytes each; a row outside the map counts as the dtype's
     minimum), split into its even and odd columns (each a shuffle), and the max of even,
     odd and odd shifted by one column (the column left of the step read as a scalar, the
-    minimum at the map's left edge). The last step of a row overlaps the one before (a max
-    computed twice). Every vector is a whole register (64 or 32 bytes): with vectors of a
+    minimum at the map's left edge; 16 outputs a step on maps narrower than 64). The last
+    step of a row overlaps the one before (a max computed twice). Every vector is a whole register (64 or 32 bytes): with vectors of a
     row's width (112 bytes) LLVM had moved every byte through scalar registers."""
     from tvm.script import tirx as T
 
@@ -265,7 +266,7 @@ def maxpool_3x3s2_kernel(shape: ConvShape):
     OH, OW = shape.out_hw
     dt = shape.in_dtype
     low = 0 if dt == "uint8" else -128
-    V = POOL_OUT_LANES
+    V = POOL_OUT_LANES if W >= 2 * POOL_OUT_LANES else 16
     NS = -(-OW // V)  # steps a row
 
     def valid(r):
