@@ -21,10 +21,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from tvm import relax
+from tvm.relax import op as R
 
 from .kernel_types import KERNEL_ATTR
+
+if TYPE_CHECKING:
+    from ..quant.qmodules import QAdd
+    from .relax_builder import Lowering
 
 
 @dataclass(frozen=True)
@@ -147,3 +155,44 @@ def add_kernel(shape: tuple[int, ...], dtypes: tuple[str, str], out_dt: str, for
                 Yf[i] = value(Af[i], Bf[i], 1)
 
     return kernel
+
+
+def add(lw: Lowering, node, module: QAdd, a, b) -> relax.Expr:
+    """The Relax emitter of :class:`~pqcompile.quant.qmodules.QAdd`: :func:`add_kernel` where
+    the program has kernels, else the int32 form as Relax ops, or the int64 form."""
+    bb = lw.bb
+    (ma, mb), sh = module.mults, module.shift
+    dtypes = (str(a.ty.dtype), str(b.ty.dtype))
+    form = int32_form((ma, mb), sh, module.lo, module.hi, dtypes) \
+        if set(dtypes) <= {"int8", "uint8"} else None
+    if form is None:  # the reference's int64 form
+        def i64(v: int) -> relax.Expr:
+            return relax.const(np.int64(v), "int64")
+
+        acc = R.add(R.multiply(R.astype(a, "int64"), i64(ma)),
+                    R.multiply(R.astype(b, "int64"), i64(mb)))
+        y = bb.emit(R.right_shift(R.add(acc, i64(1 << (sh - 1))), i64(sh)))
+        return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
+
+    # the same integers in int32 lanes, checked on every pair of input codes (add32)
+    shape = lw.shape(node)
+    if lw.isa is not None and all(isinstance(n, torch.fx.Node) and lw.shape(n) == shape
+                                  for n in node.args):
+        lw.kernels[node.name] = f"add {form.kind}"
+        return lw.call_kernel(add_kernel(shape, dtypes, module.out.dtype, form, module.lo,
+                                         module.hi), f"{node.name}_add", [a, b], shape,
+                              module.out.dtype)
+
+    def i32(v: int) -> relax.Expr:
+        return relax.const(np.int32(v), "int32")
+
+    def dot(m1: int, m2: int) -> relax.Expr:  # a m1 + b m2 in int32
+        return R.add(R.multiply(R.astype(a, "int32"), i32(m1)),
+                     R.multiply(R.astype(b, "int32"), i32(m2)))
+
+    if form.kind == "single":
+        y = R.right_shift(R.add(dot(*form.mults), i32(1 << (form.shift - 1))), i32(form.shift))
+    else:
+        y = R.right_shift(R.add(R.add(dot(*form.mults), R.right_shift(dot(*form.lows), i32(16))),
+                                i32(1 << (form.shift - 17))), i32(form.shift - 16))
+    return bb.emit(R.astype(R.clip(bb.emit(y), module.lo, module.hi), module.out.dtype))

@@ -12,8 +12,15 @@ integers are the reference's.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 from .kernel_types import KERNEL_ATTR
+
+if TYPE_CHECKING:
+    from tvm import relax
+
+    from ..quant.qmodules import QSumPool
+    from .relax_builder import Lowering
 
 #: int32 lanes of the running sums
 LANES = 16
@@ -65,3 +72,20 @@ def mean_kernel(channels: int, height: int, width: int, in_dt: str, out_dt: str,
                     >> T.int64(shift), T.int64(hi)), T.int64(lo)))
 
     return kernel
+
+
+def emit_mean(lw: Lowering, node, module: QSumPool, x) -> relax.Expr | None:
+    """A global average pool (batch 1, the last two dims of NCHW int8/uint8) as the kernel of
+    :mod:`~pqcompile.lower.kernels_mean`, where the program has kernels; else ``None``."""
+    shape = lw.shape(node.all_input_nodes[0])
+    if lw.isa is None or len(shape) != 4 or shape[0] != 1 \
+            or sorted(d % 4 for d in module.dims) != [2, 3] \
+            or str(x.ty.dtype) not in ("int8", "uint8") \
+            or module.out.dtype not in ("int8", "uint8"):
+        return None
+    out_shape = lw.shape(node)
+    kernel = mean_kernel(shape[1], shape[2], shape[3], str(x.ty.dtype),
+                         module.out.dtype, out_shape, int(module.fp.mult[0]),
+                         int(module.fp.shift[0]), module.lo, module.hi)
+    lw.kernels[node.name] = "mean"
+    return lw.call_kernel(kernel, f"{node.name}_mean", [x], out_shape, module.out.dtype)

@@ -33,12 +33,10 @@ def lut(lw: Lowering, node, module: QLut, x) -> relax.Expr:
         shape = lw.shape(node)
         table = lw.param(f"{node.name}.table",
                          rotated_table(module.table.numpy(), module.offset))
-        kernel = lut_kernel(shape, str(x.ty.dtype), module.out.dtype, lw.lut)
-        lw.lut_used = lw.lut if lw.lut_used in (None, lw.lut) else lw.lut_used
+        lw.lut_used = lw.lut
         lw.kernels[node.name] = f"lut {lw.lut}"
-        return bb.emit(relax.call_tir(
-            bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_lut"),
-            [x, table], relax.TensorType(shape, module.out.dtype)))
+        return lw.call_kernel(lut_kernel(shape, str(x.ty.dtype), module.out.dtype, lw.lut),
+                              f"{node.name}_lut", [x, table], shape, module.out.dtype)
     table = table_param(lw, node, module)
     index = R.astype(x, "int32")
     if module.offset:

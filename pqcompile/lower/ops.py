@@ -45,15 +45,8 @@ from ..quant.qmodules import (
     Quantize,
 )
 from ..quant.tables import QPackedEmbedding
-from . import (
-    kernels,
-    kernels_lanes,
-    kernels_linear,
-    kernels_mean,
-    kernels_planar,
-    kernels_quantize,
-)
-from .add32 import add_kernel, int32_form
+from . import kernels, kernels_lanes, kernels_linear, kernels_mean, kernels_planar, kernels_quantize
+from .add32 import add
 from .affine import affine
 from .float_islands import island_key, translate_island
 from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
@@ -245,43 +238,6 @@ def linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
     return requant(bb, acc, m, sh, module.lo, module.hi, module.out.dtype)
 
 
-def add(lw: Lowering, node, module: QAdd, a, b) -> relax.Expr:
-    bb = lw.bb
-    (ma, mb), sh = module.mults, module.shift
-    dtypes = (str(a.ty.dtype), str(b.ty.dtype))
-    form = int32_form((ma, mb), sh, module.lo, module.hi, dtypes) \
-        if set(dtypes) <= {"int8", "uint8"} else None
-    if form is None:  # the reference's int64 form
-        acc = R.add(R.multiply(R.astype(a, "int64"), i64(ma)),
-                    R.multiply(R.astype(b, "int64"), i64(mb)))
-        y = bb.emit(R.right_shift(R.add(acc, i64(1 << (sh - 1))), i64(sh)))
-        return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
-
-    # the same integers in int32 lanes, checked on every pair of input codes (add32)
-    shape = lw.shape(node)
-    if lw.isa is not None and all(isinstance(n, torch.fx.Node) and lw.shape(n) == shape
-                                  for n in node.args):
-        kernel = add_kernel(shape, dtypes, module.out.dtype, form, module.lo, module.hi)
-        lw.kernels[node.name] = f"add {form.kind}"
-        return bb.emit(relax.call_tir(
-            bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_add"), [a, b],
-            relax.TensorType(shape, module.out.dtype)))
-
-    def i32(v: int) -> relax.Expr:
-        return relax.const(np.int32(v), "int32")
-
-    def dot(m1: int, m2: int) -> relax.Expr:  # a m1 + b m2 in int32
-        return R.add(R.multiply(R.astype(a, "int32"), i32(m1)),
-                     R.multiply(R.astype(b, "int32"), i32(m2)))
-
-    if form.kind == "single":
-        y = R.right_shift(R.add(dot(*form.mults), i32(1 << (form.shift - 1))), i32(form.shift))
-    else:
-        y = R.right_shift(R.add(R.add(dot(*form.mults), R.right_shift(dot(*form.lows), i32(16))),
-                                i32(1 << (form.shift - 17))), i32(form.shift - 16))
-    return bb.emit(R.astype(R.clip(bb.emit(y), module.lo, module.hi), module.out.dtype))
-
-
 def cat(lw: Lowering, node, module: QCat, *xs) -> relax.Expr:
     parts = [x if fp is None else requant(lw.bb, x, fp.mult[0], fp.shift[0], module.lo,
                                           module.hi, module.out.dtype)
@@ -299,32 +255,13 @@ def sum_pool(lw: Lowering, node, module: QSumPool, x) -> relax.Expr:
         acc = bb.emit(R.nn.conv2d(x, ones, strides=stride, padding=pad, groups=channels,
                                   out_dtype="int32"))
     else:
-        y = _kernel_mean(lw, node, module, x)
+        y = kernels_mean.emit_mean(lw, node, module, x)
         if y is not None:
             return y
         acc = bb.emit(R.sum(R.astype(x, "int32"), axis=list(module.dims),
                             keepdims=module.keepdim))
     fp = module.fp
     return requant(bb, acc, fp.mult[0], fp.shift[0], module.lo, module.hi, module.out.dtype)
-
-
-def _kernel_mean(lw: Lowering, node, module: QSumPool, x) -> relax.Expr | None:
-    """A global average pool (batch 1, the last two dims of NCHW int8/uint8) as the kernel of
-    :mod:`~pqcompile.lower.kernels_mean`, where the program has kernels; else ``None``."""
-    shape = lw.shape(node.all_input_nodes[0])
-    if lw.isa is None or len(shape) != 4 or shape[0] != 1 \
-            or sorted(d % 4 for d in module.dims) != [2, 3] \
-            or str(x.ty.dtype) not in ("int8", "uint8") \
-            or module.out.dtype not in ("int8", "uint8"):
-        return None
-    out_shape = lw.shape(node)
-    kernel = kernels_mean.mean_kernel(shape[1], shape[2], shape[3], str(x.ty.dtype),
-                                      module.out.dtype, out_shape, int(module.fp.mult[0]),
-                                      int(module.fp.shift[0]), module.lo, module.hi)
-    lw.kernels[node.name] = "mean"
-    return lw.bb.emit(relax.call_tir(
-        lw.bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_mean"), [x],
-        relax.TensorType(out_shape, module.out.dtype)))
 
 
 def embedding(lw: Lowering, node, module: QEmbedding, ids) -> relax.Expr:
@@ -427,12 +364,10 @@ def quantize_input(lw: Lowering, node, module: Quantize, x) -> relax.Expr:
     if lw.fma and str(x.ty.dtype) == "float32" and module.out.dtype in ("int8", "uint8"):
         # without a division (kernels_quantize): the same codes
         shape = lw.shape(node)
-        kernel = kernels_quantize.quantize_kernel(shape, module.out.scale, module.lo,
-                                                  module.hi, module.out.dtype)
         lw.kernels[node.name] = "quantize"
-        return lw.bb.emit(relax.call_tir(
-            lw.bb.add_func(kernel.without_attr("global_symbol"), f"{node.name}_quantize"), [x],
-            relax.TensorType(shape, module.out.dtype)))
+        return lw.call_kernel(kernels_quantize.quantize_kernel(
+            shape, module.out.scale, module.lo, module.hi, module.out.dtype),
+            f"{node.name}_quantize", [x], shape, module.out.dtype)
     return quantize(lw.bb, x, module.out, module.lo, module.hi)
 
 

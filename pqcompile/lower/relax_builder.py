@@ -105,6 +105,13 @@ class Lowering:
     def shape(self, node: torch.fx.Node) -> tuple[int, ...]:
         return tuple(int(d) for d in SHAPE.get(node).shape)
 
+    def call_kernel(self, kernel: Any, name: str, args: list, shape: tuple[int, ...],
+                    dtype: str) -> relax.Expr:
+        """Emit a call of the TIR ``kernel`` (added to the module as ``name``) on ``args``,
+        whose output is a ``shape`` tensor of ``dtype``."""
+        gv = self.bb.add_func(kernel.without_attr("global_symbol"), name)
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
+
 
 def _check_reference(ref: Any) -> None:
     if not isinstance(ref, torch.fx.GraphModule) or not FLOAT_OPS.has(ref):
