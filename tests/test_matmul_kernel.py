@@ -44,7 +44,8 @@ def test_product_kernel_equals_reference(pos_a, pos_b, depth, cols, kernel):
     model, example = Product(pos_a, pos_b), draw()
     c = compile_assignment(model, example, uniform(analysis(model, example), 8), target="host",
                            calibration=[draw() for _ in range(3)])
-    kernels = lower(c.reference, target="host")[2].kernels
+    kernels = {k: v for k, v in lower(c.reference, target="host")[2].kernels.items()
+               if v != "quantize"}  # the inputs' quantization (a kernel on x86 with FMA)
     tile = mk.tile(mk.ProductShape(6, 8, depth, cols, "int8", "int8", "int8", -1, 1, 1, 1))
     # the kernel is AVX-512 VNNI's: elsewhere the product is TVM's matmul, equally exact
     vnni = isa_for(resolve_target("host")).name == "vnni"

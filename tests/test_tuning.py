@@ -38,7 +38,9 @@ def test_tune_once_then_reuse_with_the_same_integers(private_db):
     compiled, x = _compiled()
     assert compiled.artifact.manifest["tuning"]["scheduled_kernels"] == 0  # empty database
     first = tune(compiled.program, "host", trials=8)
-    assert first.tasks >= 3 and first.reused == 0 and 1 <= first.tuned <= first.tasks
+    # the functions no kernel covers: the flatten, the dequantization (and the input's
+    # quantization where the CPU has no FMA)
+    assert first.tasks >= 2 and first.reused == 0 and 1 <= first.tuned <= first.tasks
     assert first.trials <= 8 and (private_db / database_dir("host").name / "records.json").exists()
     again = tune(compiled.program, "host", trials=0)
     assert again.reused == first.tuned and again.tuned == 0 and again.trials == 0
