@@ -29,6 +29,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from .kernel_types import KERNEL_ATTR
+from .tir_flat import flat_macro
 
 if TYPE_CHECKING:
     from ..quant.qmodules import QAdd
@@ -117,9 +118,7 @@ def add_kernel(shape: tuple[int, ...], dtypes: tuple[str, str], out_dt: str, for
 
     n = int(np.prod(shape))
     V = LANES
-    NV = n // V
-    G = max(1, TASK_ELEMENTS // V)
-    NT = -(-NV // G)
+    flat = flat_macro(n, V, TASK_ELEMENTS)
 
     def value(a, b, lanes: int):
         def c(v):
@@ -137,6 +136,12 @@ def add_kernel(shape: tuple[int, ...], dtypes: tuple[str, str], out_dt: str, for
         out = f"{out_dt}x{lanes}" if lanes > 1 else out_dt
         return T.Cast(out, T.max(T.min(acc, c(hi)), c(lo)))
 
+    def vec(Af, Bf, i):
+        return value(Af.vload([i], f"{dtypes[0]}x{V}"), Bf.vload([i], f"{dtypes[1]}x{V}"), V)
+
+    def one(Af, Bf, i):
+        return value(Af[i], Bf[i], 1)
+
     @T.prim_func(s_tir=True)
     def kernel(A: T.Buffer(shape, dtypes[0]), B: T.Buffer(shape, dtypes[1]),
                Y: T.Buffer(shape, out_dt)):
@@ -145,14 +150,7 @@ def add_kernel(shape: tuple[int, ...], dtypes: tuple[str, str], out_dt: str, for
             Af = T.decl_buffer((n,), dtypes[0], data=A.data)
             Bf = T.decl_buffer((n,), dtypes[1], data=B.data)
             Yf = T.decl_buffer((n,), out_dt, data=Y.data)
-            for t in T.parallel(NT):
-                for g in range(G):
-                    if t * G + g < NV:
-                        Yf[T.ramp((t * G + g) * V, 1, V)] = value(
-                            Af.vload([(t * G + g) * V], f"{dtypes[0]}x{V}"),
-                            Bf.vload([(t * G + g) * V], f"{dtypes[1]}x{V}"), V)
-            for i in range(NV * V, n):
-                Yf[i] = value(Af[i], Bf[i], 1)
+            flat(Yf, Af, Bf, vec, one)
 
     return kernel
 

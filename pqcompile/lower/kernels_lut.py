@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .kernel_types import KERNEL_ATTR, cpu_features
+from .tir_flat import flat_macro
 
 #: Lookup flavours (module doc).
 FLAVOURS = ("vbmi", "neon", "scalar")
@@ -99,11 +100,16 @@ def lut_kernel(shape: tuple[int, ...], in_dt: str, out_dt: str, flavour: str):
         if dt not in ("int8", "uint8"):
             raise ValueError(f"a table lookup's {name} is int8 or uint8, got {dt}")
     n = int(np.prod(shape))
-    V = {"vbmi": 64, "neon": 16, "scalar": 64}[flavour]
-    NV = n // V                        # whole vectors
-    G = max(1, TASK_BYTES // V)        # vectors a task
-    NT = -(-NV // G)                   # tasks
-    vector = flavour != "scalar"
+    lanes = {"vbmi": 64, "neon": 16, "scalar": 1}[flavour]
+    flat = flat_macro(n, lanes, TASK_BYTES)
+
+    def one(Xf, Tf, i):  # the code at i, looked up
+        return Tf[T.Cast("int32", T.Cast("uint8", Xf[i]))]
+
+    def vec(Xf, Tf, i):  # the codes i .. i + lanes
+        if lanes == 1:
+            return one(Xf, Tf, i)
+        return _vector_lookup(flavour, Tf, Xf.vload([i], f"int8x{lanes}"))
 
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer(shape, in_dt), Tb: T.Buffer((256,), out_dt),
@@ -113,26 +119,6 @@ def lut_kernel(shape: tuple[int, ...], in_dt: str, out_dt: str, flavour: str):
             Xf = T.decl_buffer((n,), "int8", data=X.data)
             Yf = T.decl_buffer((n,), "int8", data=Y.data)
             Tf = T.decl_buffer((256,), "int8", data=Tb.data)
-            if NT > 1:
-                for t in T.parallel(NT):
-                    for g in range(G):
-                        if t * G + g < NV:
-                            if vector:
-                                Yf[T.ramp((t * G + g) * V, 1, V)] = _vector_lookup(
-                                    flavour, Tf, Xf.vload([(t * G + g) * V], f"int8x{V}"))
-                            else:
-                                for e in range(V):
-                                    Yf[(t * G + g) * V + e] = Tf[T.Cast("int32", T.Cast(
-                                        "uint8", Xf[(t * G + g) * V + e]))]
-            else:
-                for g in range(NV):
-                    if vector:
-                        Yf[T.ramp(g * V, 1, V)] = _vector_lookup(
-                            flavour, Tf, Xf.vload([g * V], f"int8x{V}"))
-                    else:
-                        for e in range(V):
-                            Yf[g * V + e] = Tf[T.Cast("int32", T.Cast("uint8", Xf[g * V + e]))]
-            for i in range(NV * V, n):  # the codes after the last whole vector
-                Yf[i] = Tf[T.Cast("int32", T.Cast("uint8", Xf[i]))]
+            flat(Yf, Xf, Tf, vec, one)
 
     return kernel

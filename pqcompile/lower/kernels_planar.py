@@ -276,7 +276,7 @@ def maxpool_3x3s2_kernel(shape: ConvShape):
         rows = [T.if_then_else(valid(2 * oh - 1 + k), Xf.vload(
             [(c * H + T.max(T.min(2 * oh - 1 + k, H - 1), 0)) * W + col], f"{dt}x{width}"),
             T.broadcast(T.Cast(dt, low), width)) for k in range(3)]
-        return T.max(T.max(rows[0], rows[1]), rows[2])
+        return _max_all(rows)
 
     def left(Xf, c, oh, o):  # the window rows' max at column 2 o - 1 (the minimum at o = 0)
         return T.if_then_else(o > 0, _max_all([T.if_then_else(

@@ -24,6 +24,7 @@ import functools
 import numpy as np
 
 from .kernel_types import KERNEL_ATTR, cpu_features
+from .tir_flat import flat_macro
 
 #: float64 lanes a step
 LANES = 8
@@ -51,10 +52,7 @@ def quantize_kernel(shape: tuple[int, ...], scale: float, lo: int, hi: int, out_
     inv = 1.0 / scale  # RN(1/s): Python floats are IEEE binary64
     n = int(np.prod(shape))
     V = LANES
-    NV = n // V
-    G = max(1, TASK_ELEMENTS // V)
-    NT = -(-NV // G)
-    f64 = f"float64x{V}"
+    flat = flat_macro(n, V, TASK_ELEMENTS)
 
     def code(x, lanes: int):  # float64 lanes (or a scalar) -> the codes
         dt = f"float64x{lanes}" if lanes > 1 else "float64"
@@ -72,18 +70,18 @@ def quantize_kernel(shape: tuple[int, ...], scale: float, lo: int, hi: int, out_
         y = T.max(T.min(T.floor(q + c(0.5)), c(float(hi))), c(float(lo)))
         return T.Cast(f"{out_dt}x{lanes}" if lanes > 1 else out_dt, y)
 
+    def vec(Xf, _, i):
+        return code(T.Cast(f"float64x{V}", Xf.vload([i], f"float32x{V}")), V)
+
+    def one(Xf, _, i):
+        return code(T.Cast("float64", Xf[i]), 1)
+
     @T.prim_func(s_tir=True)
     def kernel(X: T.Buffer(shape, "float32"), Y: T.Buffer(shape, out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "quantize"})
         with T.sblock("root"):
             Xf = T.decl_buffer((n,), "float32", data=X.data)
             Yf = T.decl_buffer((n,), out_dt, data=Y.data)
-            for t in T.parallel(NT):
-                for g in range(G):
-                    if t * G + g < NV:
-                        Yf[T.ramp((t * G + g) * V, 1, V)] = code(
-                            T.Cast(f64, Xf.vload([(t * G + g) * V], f"float32x{V}")), V)
-            for i in range(NV * V, n):
-                Yf[i] = code(T.Cast("float64", Xf[i]), 1)
+            flat(Yf, Xf, Xf, vec, one)
 
     return kernel

@@ -170,14 +170,10 @@ def _call_kernel(lw: Lowering, name: str, suffix: str, made, scratch_dtype: str,
     """Emit a kernel's calls: its pack of ``x`` into the scratch, then the kernel on the
     scratch and ``args``; ``made`` is the kernel builder's ``(pack, kernel, scratch)`` (a
     kernel without a pack, ``pack`` None, takes ``x`` itself)."""
-    bb = lw.bb
     pack, kernel, scratch = made
-    xc = x if pack is None else bb.emit(relax.call_tir(
-        bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"), [x],
-        relax.TensorType((scratch,), scratch_dtype)))
-    return bb.emit(relax.call_tir(
-        bb.add_func(kernel.without_attr("global_symbol"), f"{name}_{suffix}"), [xc, *args],
-        relax.TensorType(out_shape, out_dtype)))
+    xc = x if pack is None else lw.call_kernel(pack, f"{name}_pack", [x], (scratch,),
+                                               scratch_dtype)
+    return lw.call_kernel(kernel, f"{name}_{suffix}", [xc, *args], out_shape, out_dtype)
 
 
 def _kernel_dwconv2d(lw: Lowering, node, module: QConv2d, x, shape) -> relax.Expr:
@@ -214,13 +210,11 @@ def _kernel_linear(lw: Lowering, node, module: QLinear, x) -> relax.Expr:
     pack, kernel, scratch = kernels_linear.linear_kernel(shape, isa)
     if len(in_shape) != 2:
         x = bb.emit(R.reshape(x, (rows, shape.in_features)))
-    xp = bb.emit(relax.call_tir(bb.add_func(pack.without_attr("global_symbol"), f"{name}_pack"),
-                                [x], relax.TensorType((scratch,), isa.packed_dtype
-                                                      or shape.in_dtype)))
+    xp = lw.call_kernel(pack, f"{name}_pack", [x], (scratch,),
+                        isa.packed_dtype or shape.in_dtype)
     lw.kernels[name] = f"linear {isa.name} {isa.mr}x{isa.nr * isa.lanes}"
-    y = bb.emit(relax.call_tir(bb.add_func(kernel.without_attr("global_symbol"), f"{name}_fc"),
-                               [xp, wvar, *pvars], relax.TensorType(
-                                   (rows, shape.out_features), shape.out_dtype)))
+    y = lw.call_kernel(kernel, f"{name}_fc", [xp, wvar, *pvars], (rows, shape.out_features),
+                       shape.out_dtype)
     if len(in_shape) != 2:
         y = bb.emit(R.reshape(y, (*in_shape[:-1], shape.out_features)))
     return y
