@@ -148,6 +148,13 @@ def test_each_call_sees_its_own_inputs_also_from_threads(host_art):
         results = list(pool.map(lambda x: host_art(x)[0], inputs))
     for x, acc in zip(inputs, results):
         assert np.array_equal(acc, reference(x)[0])
+    # inputs go in through numpy views of the kept tensors (DLPack) and outputs come back as
+    # copies: a result kept from one call is not overwritten by the next
+    assert all(v is not None for v in host_art._input_views)
+    kept = host_art(X)[0]
+    before = kept.copy()
+    host_art(X2)
+    assert np.array_equal(kept, before) and not np.array_equal(kept, reference(X2)[0])
 
 
 def test_thread_pool_defaults_fill_in_only_what_the_environment_leaves_out(monkeypatch):

@@ -183,6 +183,26 @@ def _checked_inputs(specs: list[dict[str, Any]], inputs: Sequence[Any]) -> list[
     return arrays
 
 
+def input_signature(specs: list[dict[str, Any]]) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each input when every dimension is fixed, else ``[]``."""
+    if not all(isinstance(d, int) for s in specs for d in s["shape"]):
+        return []
+    return [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in specs]
+
+
+def exact_inputs(signature: list[tuple[tuple[int, ...], np.dtype]], inputs: Sequence[Any]
+                 ) -> Sequence[np.ndarray] | None:
+    """``inputs`` when they are numpy arrays of exactly ``signature``'s shapes and dtypes (every
+    call of a serving loop), checked in ~0.3 us; ``None`` for anything else, which
+    :func:`_checked_inputs` then converts or refuses with its message."""
+    if not signature or len(inputs) != len(signature):
+        return None
+    for array, (shape, dtype) in zip(inputs, signature):
+        if type(array) is not np.ndarray or array.shape != shape or array.dtype != dtype:
+            return None
+    return inputs
+
+
 def _refuse_nan(specs: list[dict[str, Any]], arrays: Sequence[np.ndarray]) -> None:
     """:class:`ArtifactError` naming the first float input holding NaN: quantizing it gives an
     arbitrary integer (the same as +inf here), so the output would look valid and mean

@@ -40,7 +40,6 @@ array([1, 2, 3, 4], dtype=int32)
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 import threading
@@ -50,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from ..targets import TargetSpec, get_target, host_arch, run_python
+from . import runner
 from ._artifact_data import (
     SAMPLE,
     ArtifactError,
@@ -60,15 +61,15 @@ from ._artifact_data import (
     _refuse_nan,
     _sealed,
     _totals,
+    exact_inputs,
+    input_signature,
     json_ready,
     pack_arrays,
     tensor_specs,
     validate_params,
 )
 from ._artifact_relax import FLAT_SUFFIX, _flat_outputs, _with_flat_prepare
-from . import runner
-from .threads import ThreadPolicy, thread_pool_defaults  # noqa: F401 (public here)
-from ..targets import TargetSpec, get_target, host_arch, run_python
+from .threads import ThreadPolicy, thread_pool_defaults
 
 __all__ = ["CALLING_CONVENTION", "FORMAT_VERSION", "Artifact", "ArtifactError"]
 
@@ -99,6 +100,8 @@ class Artifact:
         self._vm: Any = None
         self._params: list[Any] = []
         self._inputs: list[Any] = []  # TVM tensors each call copies its inputs into
+        self._input_views: list[np.ndarray | None] = []  # numpy views of them (or None)
+        self._input_signature: list[tuple[tuple[int, ...], np.dtype]] | None = None
         self._lock = threading.Lock()
         self.thread_policy = ThreadPolicy()  # threads per host call (runtime/threads.py)
 
@@ -283,15 +286,22 @@ class Artifact:
                 f"and this machine is {host_arch()}: save it and run `python runner.py "
                 f"ARTIFACT_DIR` on the device, or run it here under qemu with "
                 f"artifact.run_emulated(...)")
-        arrays = _checked_inputs(self._manifest["inputs"], inputs)
-        _refuse_nan(self._manifest["inputs"], arrays)
+        specs = self._manifest["inputs"]
+        self._input_signature = self._input_signature or input_signature(specs)
+        arrays = exact_inputs(self._input_signature, inputs)  # else checked, converted, refused
+        arrays = _checked_inputs(specs, inputs) if arrays is None else arrays
+        _refuse_nan(specs, arrays)
         with self._lock:
             vm, params = self._session()
             if not self._inputs:
                 self._inputs = runner.to_tensors(arrays)
+                self._input_views = [runner.host_view(t) for t in self._inputs]
             else:
-                for tensor, array in zip(self._inputs, arrays):
-                    tensor.copyfrom(np.ascontiguousarray(array))
+                for tensor, view, array in zip(self._inputs, self._input_views, arrays):
+                    if view is None:
+                        tensor.copyfrom(np.ascontiguousarray(array))
+                    else:  # a numpy view of the tensor: ~0.5 us where copyfrom takes ~8
+                        np.copyto(view, array)
             entry, args = self._manifest["entry"], self._inputs + params
             outputs = self.thread_policy.run(lambda: runner.run(vm, entry, args))
         return self._shaped(outputs)
@@ -323,8 +333,7 @@ class Artifact:
         return self._shaped(outputs)
 
     def _shaped(self, outputs: list[np.ndarray]) -> Any:
-        """The outputs as the model returned them: a dict with its keys, one array, or a
-        tuple."""
+        """The outputs as the model returned them: a dict with its keys, one array, a tuple."""
         keys = self._manifest.get("output_keys")
         if keys:
             return dict(zip(keys, outputs))

@@ -137,10 +137,20 @@ def run(vm, entry, args):
     while pending:  # depth-first, left to right
         value = pending.pop()
         if hasattr(value, "numpy"):
-            outputs.append(value.numpy())
+            view = host_view(value)  # a copy through a view: ~1 us, .numpy() ~6-12 us
+            outputs.append(view.copy() if view is not None else value.numpy())
         else:
             pending.extend(reversed(list(value)))
     return outputs
+
+
+def host_view(tensor):
+    """A numpy array sharing ``tensor``'s memory (DLPack), or ``None`` where numpy cannot
+    take it (then callers copy with the tensor's own methods)."""
+    try:
+        return np.from_dlpack(tensor)
+    except (AttributeError, BufferError, TypeError, RuntimeError):
+        return None
 
 
 def compare(outputs, expected, specs, rtol, atol):
