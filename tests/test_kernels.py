@@ -258,6 +258,58 @@ def test_kernels_on_host(isa):
     _check(cases, [o.numpy() for o in outs])
 
 
+def _lowered_kernel_modules():
+    import importlib
+    import pkgutil
+
+    import pqcompile.lower as lower
+    return [importlib.import_module(f"pqcompile.lower.{m.name}")
+            for m in pkgutil.iter_modules(lower.__path__) if m.name.startswith("kernels")]
+
+
+def _parallel(func) -> bool:
+    return func is not None and "T.parallel(" in func.script()
+
+
+@pytest.fixture
+def every_kernel_parallel(monkeypatch):
+    """Kernels built with a parallel region whatever their size: the cases are small, so by
+    default (``kernel_types.parallel_worth``) they run on the calling thread alone."""
+    from pqcompile.lower import kernel_types
+
+    def rebuild():
+        for module in _lowered_kernel_modules():
+            for value in vars(module).values():
+                if hasattr(value, "cache_clear"):
+                    value.cache_clear()
+    monkeypatch.setattr(kernel_types, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(kernel_types, "PARALLEL_MIN_BYTES", 0)
+    rebuild()
+    yield
+    monkeypatch.undo()
+    rebuild()
+
+
+def test_small_kernels_run_serially_and_large_ones_in_parallel():
+    cases = [c for c in _cases(_HOST_ISA) if c.kind in ("conv", "dw", "linear")]
+    assert not any(_parallel(c.kernel) for c in cases if c.p.get("h", 0) <= 40)
+    assert any(_parallel(c.kernel) for c in cases)  # the 256-pixel rows of a dw case
+    large = K.ConvShape(64, 56, 56, 64, (3, 3), 1, (1, 1), "uint8", "uint8", 0, 255)
+    pack, kernel, _ = K.conv2d_kernel(large, K.choose_tile(large, _HOST_ISA))
+    assert _parallel(pack) and _parallel(kernel)
+
+
+def test_kernels_on_host_in_parallel_regions(every_kernel_parallel):
+    """The same cases with every kernel's outer loop split among the pool's threads (the
+    tasks' bounds, each task's own scratch): the same integers."""
+    cases = _cases(_HOST_ISA)
+    assert all(_parallel(c.kernel) for c in cases if c.kind in ("conv", "dw", "linear"))
+    mod, inputs = _module(cases)
+    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
+    outs = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    _check(cases, [o.numpy() for o in outs])
+
+
 def test_dw_cases_cover_every_schedule():
     def schedules(isa):
         return {KP.dw_schedule(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, b, 0, 0), isa)

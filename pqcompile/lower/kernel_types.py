@@ -26,6 +26,19 @@ AVX2U_MAX_WEIGHT = 64
 #: Accumulator registers a tile may hold (of 32 vector registers: the rest hold operands).
 MAX_ACCUMULATORS = 16
 
+#: The work (multiply-accumulates; bytes for packs) below which a kernel runs on the calling
+#: thread alone: a parallel region costs a few microseconds (waking the pool, the join),
+#: more than a second thread saves on a layer this small (see :func:`parallel_worth`).
+PARALLEL_MIN_MACS = 1 << 19
+PARALLEL_MIN_BYTES = 1 << 15
+
+
+def parallel_worth(macs: int = 0, nbytes: int = 0) -> bool:
+    """Whether a kernel of ``macs`` multiply-accumulates (or, for a copy, ``nbytes`` bytes)
+    gets a parallel region: its outer loop is ``T.parallel`` where this holds, ``T.serial``
+    otherwise (the same iterations, the same integers)."""
+    return macs >= PARALLEL_MIN_MACS or nbytes >= PARALLEL_MIN_BYTES
+
 
 @dataclass(frozen=True)
 class ConvShape:

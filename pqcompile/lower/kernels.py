@@ -55,6 +55,7 @@ from .kernel_types import (
     grid_vectors,
     im2col,
     isa_for,
+    parallel_worth,
     supported,
 )
 from .kernels_conv1x1 import conv1x1_kernel
@@ -144,6 +145,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
     pdt = isa.packed_dtype or in_dt
     pad_value = off if pad is None else pad  # a zero input, offset
     direct = cols or Wq == OW  # 1x1 convs, im2col: no junk columns
+    par = parallel_worth(macs=OC * OH * OW * C * KH * KW)
+    par_pack = parallel_worth(nbytes=scratch * D)
     flat = s == 1 and PH == 0 and PW == 0
     moved = H * W if flat else W // s  # columns a row copy moves
     _row = row_macro(D, s, H * W, C * H * W, in_dt, pdt, off,
@@ -183,7 +186,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
             # rows and pad columns filled apart so the interior copy has no bounds checks
             # (LLVM vectorizes it, the D channels of a word interleaved by shuffles)
             if flat:  # no pad, stride 1: a channel plane is one contiguous row
-                for cb in T.parallel(CB):
+                for cb in T.parallel(CB) if par_pack else T.serial(CB):
                     if cb * D + D <= C:
                         _row(Xc, Xf, cb * plane * D, cb * D * H * W, 0, H * W)
                     else:
@@ -194,7 +197,8 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                                         T.min(cb * D + t, C - 1) * H * W + e]) + off),
                                     T.Cast(pdt, pad_value))
             else:
-                for pci in T.parallel(phases * CB * Hq):
+                for pci in T.parallel(phases * CB * Hq) if par_pack else \
+                        T.serial(phases * CB * Hq):
                     if (pci % Hq) * s + pci // (CB * Hq) // s - PH < 0 \
                             or (pci % Hq) * s + pci // (CB * Hq) // s - PH >= H:
                         for e in range(Wq * D):
@@ -230,7 +234,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
                 Xc[phases * CB * plane * D + i] = T.Cast(pdt, pad_value)
             if cols:  # each tap's words of the output pixels, a row a vector copy
                 Xw = T.decl_buffer((scratch,), "int32", data=Xc.data)
-                for tc in T.parallel(KH * KW * CB):
+                for tc in T.parallel(KH * KW * CB) if par_pack else T.serial(KH * KW * CB):
                     for oh in range(OH):
                         Xw[T.ramp(base + tc * NQ2 + oh * OW, 1, OW)] = Xw.vload([
                             (((tc // CB // KW % s) * s + tc // CB % KW % s) * CB + tc % CB)
@@ -245,7 +249,7 @@ def conv2d_kernel(shape: ConvShape, isa: Isa, pad: int | None = None):
         with T.sblock("root"):
             Yf = T.decl_buffer((OC * OH * OW,), out_dt, data=Y.data)
             # 2. register-tiled direct convolution with the requantizing epilogue
-            for ob_qb in T.parallel(OB * QB):
+            for ob_qb in T.parallel(OB * QB) if par else T.serial(OB * QB):
                 # under 1 KiB, so it is a stack array LLVM keeps in registers (Isa checks)
                 acc = T.alloc_buffer((MR * NR * L * AW,), "int32", scope="global")
                 yv = T.alloc_buffer((L,), "int32", scope="global")

@@ -4,7 +4,7 @@ pixels (see :func:`conv1x1_kernel`); the layout, tiles and epilogue are those of
 
 from __future__ import annotations
 
-from .kernel_types import KERNEL_ATTR, ConvShape, Isa
+from .kernel_types import KERNEL_ATTR, ConvShape, Isa, parallel_worth
 from .tir_macros import (
     acc_macros,
     channel_macros,
@@ -36,6 +36,7 @@ def conv1x1_kernel(shape: ConvShape, isa: Isa):
     # at least 8 tasks where the output channels allow 32 or more per chunk
     OBC = -(-OB // max(1, min(-(-8 // QB), OC // 32, OB)))  # output-channel blocks per chunk
     NOC = -(-OB // OBC)
+    par = parallel_worth(macs=OC * NQ * C)
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
     _row = row_macro(D, 1, NQ, C * NQ, in_dt, pdt, off, 16 if NRL >= 16 else 8)
@@ -59,7 +60,7 @@ def conv1x1_kernel(shape: ConvShape, isa: Isa):
         with T.sblock("root"):
             Xf = T.decl_buffer((C * NQ,), in_dt, data=X.data)
             Yf = T.decl_buffer((OC * NQ,), out_dt, data=Y.data)
-            for t in T.parallel(QB * NOC):
+            for t in T.parallel(QB * NOC) if par else T.serial(QB * NOC):
                 # the task's pixels, interleaved [CB][NRL][D] (pixels past the plane are
                 # left as they are: their lanes are never stored)
                 Xl = T.alloc_buffer((CB * NRL * D,), pdt, scope="global")

@@ -5,12 +5,18 @@ separate pack."""
 
 from __future__ import annotations
 
-from .kernel_types import KERNEL_ATTR, ConvShape, Isa
+from .kernel_types import KERNEL_ATTR, ConvShape, Isa, parallel_worth
 from .tir_macros import channel_macros, dot4_macro, row_macro, splat
 from .tir_neon import neon_requant_lanes, neon_requant_narrow
 
 __all__ = ["GROUP_SPAN", "dw_group_layout", "dw_rows_group_kernel", "dw_rows_kernel",
            "dw_rows_layout", "row_fill", "row_stride", "tap_pairs_sum"]
+
+
+#: What a depthwise multiply-accumulate weighs against a dense one in
+#: :func:`~pqcompile.lower.kernel_types.parallel_worth` (one channel a lane, no 4-channel
+#: dot-product steps: several times the time per multiply-accumulate).
+DW_MAC_WEIGHT = 4
 
 
 def tap_pairs_sum(KH: int, KW: int, product):
@@ -151,6 +157,7 @@ def dw_rows_kernel(shape: ConvShape, isa: Isa, mode: str):
     OH, OW = shape.out_hw
     in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
     vnni, neon = mode == "rows-vnni", mode == "rows-neon"
+    par = parallel_worth(macs=DW_MAC_WEIGHT * C * OH * OW * KH * KW)
     # rows-neon: the row buffer holds signed bytes (uint8 offset by -128, pads too)
     bdt, boff = ("int8", -128 if in_dt == "uint8" else 0) if neon else (in_dt, 0)
     L = isa.lanes
@@ -234,7 +241,7 @@ def dw_rows_kernel(shape: ConvShape, isa: Isa, mode: str):
         with T.sblock("root"):
             Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
             Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
-            for t in T.parallel(C * NT):
+            for t in T.parallel(C * NT) if par else T.serial(C * NT):
                 # under 1 KiB each, so stack arrays (dw_schedule checks)
                 acc = T.alloc_buffer((V * L,), "int32", scope="global")
                 Xb = T.alloc_buffer((RB,), bdt, scope="global")
@@ -301,6 +308,7 @@ def dw_rows_group_kernel(shape: ConvShape):
     OH, OW = shape.out_hw
     in_dt, out_dt, lo, hi = shape.in_dtype, shape.out_dtype, shape.lo, shape.hi
     G, U, PL, N = dw_group_layout(shape)
+    par = parallel_worth(macs=DW_MAC_WEIGHT * C * OH * OW * KH * KW)
     CG = -(-C // G)
     split = s == 2
     Wp = row_stride(shape, split)
@@ -342,7 +350,7 @@ def dw_rows_group_kernel(shape: ConvShape):
         with T.sblock("root"):
             Xf = T.decl_buffer((C * H * W,), in_dt, data=X.data)
             Yf = T.decl_buffer((C * OH * OW,), out_dt, data=Y.data)
-            for t in T.parallel(CG):
+            for t in T.parallel(CG) if par else T.serial(CG):
                 # under 1 KiB each, so stack arrays (GROUP_SPAN bounds the buffer)
                 Xb = T.alloc_buffer((G * PL + N,), bdt, scope="global")
                 acc = T.alloc_buffer((16,), "int32", scope="global")

@@ -26,7 +26,7 @@ import functools
 
 import numpy as np
 
-from .kernel_types import KERNEL_ATTR, ConvShape, Isa, choose_tile, grid_vectors
+from .kernel_types import KERNEL_ATTR, ConvShape, Isa, choose_tile, grid_vectors, parallel_worth
 from .kernels import conv2d_kernel
 from .kernels_linear import linear_params
 from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
@@ -132,6 +132,7 @@ def conv2d_lanes_kernel(shape: ConvShape, isa: Isa):
     KS = CB * KH * KW
     OV = -(-OC // L)
     OB = -(-OV // NR)
+    par = parallel_worth(macs=OC * OH * OW * C * KH * KW)
     Wq = -(-(shape.width + 2 * PW) // s)
     Hq = -(-(shape.height + 2 * PH) // s)
     plane = Hq * Wq
@@ -153,7 +154,8 @@ def conv2d_lanes_kernel(shape: ConvShape, isa: Isa):
                      KERNEL_ATTR: "conv2d.lanes"})
         with T.sblock("root"):
             Yf = T.decl_buffer((OC * OH * OW,), out_dt, data=Y.data)
-            for t in T.parallel(OB * PT):  # channel blocks outer: a thread's weights stay
+            # channel blocks outer: a thread's weights stay
+            for t in T.parallel(OB * PT) if par else T.serial(OB * PT):
                 acc = T.alloc_buffer((MR * NR * L,), "int32", scope="global")
                 yt = T.alloc_buffer((MR * NR * L,), out_dt, scope="global")
                 for r in T.unroll(MR):  # the accumulators start at the bias

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernel_types import KERNEL_ATTR, Isa
+from .kernel_types import KERNEL_ATTR, Isa, parallel_worth
 from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
 
 
@@ -76,6 +76,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     NV = -(-N // L)
     NB = -(-NV // NR)
     MB = -(-Mr // MR)
+    par = parallel_worth(macs=Mr * K * N)
     Np = NV * L
     Ng = NB * NR * L
     off = isa.offset(in_dt)
@@ -106,7 +107,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear"})
         with T.sblock("root"):
             Yg = T.alloc_buffer((MB * MR * Ng,), out_dt)
-            for mb_nb in T.parallel(MB * NB):
+            for mb_nb in T.parallel(MB * NB) if par else T.serial(MB * NB):
                 acc = T.alloc_buffer((MR * NR * L * AW,), "int32", scope="global")
                 if neon:  # pair sums from zero; the bias is added when they are summed
                     for i in T.unroll(MR * NR * 2):
