@@ -23,7 +23,8 @@ The issue's product goal reads off the table: >= 1.5x the peer's speed on x86 an
 instructions on aarch64, at a budget whose agreement is in the same row.
 
     python benchmarks/product.py [--models resnet20_fashion] [--budgets bops=16x macs=1.5x macs=2x]
-        [--steps 1000] [--wait-quiet 2400] [--targets arm arm-dotprod] [--out benchmarks/results/product.json]
+        [--steps 1000] [--wait-quiet 2400] [--targets arm arm-dotprod]
+        [--out benchmarks/results/product.json]
 """
 
 from __future__ import annotations
