@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fidelity
 import peers
-from timing import quiesce
+from timing import interleaved_rounds, paired
 
 from pqcompile.api import compile
 from pqcompile.targets.insn_count import count_instructions
@@ -80,36 +80,14 @@ def wait_for_quiet(limit_s: float, load: float = 0.3) -> None:
           f"of waiting", flush=True)
 
 
-def time_rounds(variants: dict[str, Callable[[], Any]], rounds: int, calls: int
-                ) -> dict[str, list[list[float]]]:
-    """Per variant, per round, the call times in ms: the variants interleaved round by round
-    (a burst of load falls on all of them), each round after the previous backend's workers
-    went idle and two untimed calls."""
-    out: dict[str, list[list[float]]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for label, call in variants.items():
-            quiesce()
-            call()
-            call()
-            ts = []
-            for _ in range(calls):
-                t = time.perf_counter()
-                call()
-                ts.append((time.perf_counter() - t) * 1e3)
-            out[label].append(ts)
-    return out
-
-
 def speed(times: dict[str, list[list[float]]], label: str) -> dict[str, float]:
     """The build's median ms, the peer's over it, and the paired ratio (median over rounds of
     the peer's round median over the build's)."""
     mine = [t for r in times[label] for t in r]
     peer = [t for r in times[PEER] for t in r]
-    paired = [statistics.median(p) / statistics.median(m)
-              for m, p in zip(times[label], times[PEER])]
     return {"ms": statistics.median(mine), "peer_ms": statistics.median(peer),
             "x_peer": statistics.median(peer) / statistics.median(mine),
-            "x_peer_paired": statistics.median(paired)}
+            "x_peer_paired": paired(times[PEER], times[label])}
 
 
 def measure_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -153,7 +131,7 @@ def measure_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         x = x1.numpy()
         wait_for_quiet(args.wait_quiet)
         print(f"{name}: timing on the host ({args.rounds} rounds)", flush=True)
-        times = time_rounds({PEER: lambda: peer_run(x),
+        times = interleaved_rounds({PEER: lambda: peer_run(x),
                              **{k: (lambda c=c: c(x)) for k, c in builds.items()}},
                             args.rounds, args.calls)
         peer_row["host"] = {"ms": statistics.median([t for r in times[PEER] for t in r])}

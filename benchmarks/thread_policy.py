@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def child(directory: Path, rounds: int, calls: int, threads: int) -> dict[str, A
 
     import peers
     from neighbour import BusyNeighbour
-    from timing import quiesce
+    from timing import interleaved_rounds, paired
     from pqcompile.runtime.artifact import Artifact, thread_pool_defaults
 
     thread_pool_defaults()
@@ -93,22 +92,9 @@ def child(directory: Path, rounds: int, calls: int, threads: int) -> dict[str, A
         fn()
 
     def timed() -> dict[str, Any]:
-        per_round: dict[str, list[list[float]]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for key, fn in fns.items():
-                quiesce()  # the other backend's spinning pool sleeps first
-                fn()
-                fn()
-                ts = []
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    fn()
-                    ts.append((time.perf_counter() - t) * 1e3)
-                per_round[key].append(ts)
+        per_round = interleaved_rounds(fns, rounds, calls)
         out = {k: statistics.median(t for r in v for t in r) for k, v in per_round.items()}
-        out["paired"] = statistics.median(
-            statistics.median(a) / statistics.median(b)
-            for a, b in zip(per_round["pqcompile"], per_round["ort"]))
+        out["paired"] = paired(per_round["pqcompile"], per_round["ort"])
         return out
 
     quiet = timed()

@@ -50,16 +50,43 @@ def quiesce(window_s: float = 0.02, idle_fraction: float = 0.05, limit_s: float 
     return time.perf_counter() - start
 
 
-def timings(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, Any]:
-    """Median, min and max of ``repeat`` calls after ``warmup`` calls, in ms, and every call."""
-    quiesce()  # the previous backend's spinning worker threads go to sleep first
+def call_times(fn: Callable[[], Any], calls: int, warmup: int = 2) -> list[float]:
+    """The ms of each of ``calls`` calls of ``fn``, once the process's worker threads are idle
+    (:func:`quiesce`: the previous backend's spinning pool sleeps first) and after ``warmup``
+    untimed calls (which wake its own pool, and the core)."""
+    quiesce()
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeat):
+    for _ in range(calls):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def interleaved_rounds(fns: dict[Any, Callable[[], Any]], rounds: int, calls: int,
+                       warmup: int = 2) -> dict[Any, list[list[float]]]:
+    """Per key of ``fns``, per round, the ms of its ``calls`` calls (:func:`call_times`): the
+    functions take turns round by round, so a burst of load on a shared machine falls on all
+    of them alike."""
+    out: dict[Any, list[list[float]]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            out[key].append(call_times(fn, calls, warmup))
+    return out
+
+
+def paired(rounds_a: list[list[float]], rounds_b: list[list[float]]) -> float:
+    """The median over rounds of ``a``'s round median over ``b``'s in the same round: the two
+    ran seconds apart, so load that comes and goes between rounds falls on both."""
+    return statistics.median(statistics.median(a) / statistics.median(b)
+                             for a, b in zip(rounds_a, rounds_b))
+
+
+def timings(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, Any]:
+    """Median, min and max of ``repeat`` calls after ``warmup`` calls, in ms, and every call."""
+    times = call_times(fn, repeat, warmup)
     return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "times_ms": [round(t, 4) for t in times]}
 
@@ -134,18 +161,10 @@ class Bench:
         each row gets the median, min and max of its ``repeat`` calls, in the row itself or
         (``into``, a scenario's name) in ``row[into]``. The variants stay, to be timed again."""
         per = max(1, -(-self.args.repeat // rounds))
-        times: dict[int, list[float]] = {id(row): [] for row, _ in self.timed}
-        for _ in range(rounds):
-            for row, call in self.timed:
-                quiesce()  # the previous backend's spinning worker threads sleep first
-                for _ in range(self.args.round_warmup):  # then wake its own (and the core)
-                    call()
-                for _ in range(per):
-                    t = time.perf_counter()
-                    call()
-                    times[id(row)].append((time.perf_counter() - t) * 1e3)
-        for row, _ in self.timed:
-            ts = times[id(row)]
+        times = interleaved_rounds(dict(enumerate(call for _, call in self.timed)), rounds,
+                                   per, self.args.round_warmup)
+        for i, (row, _) in enumerate(self.timed):
+            ts = [t for r in times[i] for t in r]
             target = row if into is None else row.setdefault(into, {})
             target.update({"ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                            "times_ms": [round(t, 4) for t in ts], "calls_per_round": per})
@@ -156,11 +175,11 @@ def paired_ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
     """The median over timing rounds of the row's round median over ``base``'s in the same
     round: the two ran seconds apart, so load that comes and goes between rounds (this
     host's medians move by 10-30% from round to round) falls on both."""
-    def rounds(r: dict[str, Any]) -> list[float]:
+    def rounds(r: dict[str, Any]) -> list[list[float]]:
         per, ts = r["calls_per_round"], r["times_ms"]
-        return [statistics.median(ts[i:i + per]) for i in range(0, len(ts), per)]
+        return [ts[i:i + per] for i in range(0, len(ts), per)]
 
-    return statistics.median(a / b for a, b in zip(rounds(row), rounds(base)))
+    return paired(rounds(row), rounds(base))
 
 
 def scenario_rows(rows: list[dict[str, Any]], scenario: str) -> list[dict[str, Any]]:
