@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from .kernel_types import KERNEL_ATTR
+from .kernel_types import KERNEL_ATTR, parallel_worth
 
 if TYPE_CHECKING:
     from tvm import relax
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 #: int32 lanes of the running sums
 LANES = 16
-#: Bytes from which the channels are split among parallel tasks (below, a parallel region costs
-#: more than the sums).
-PARALLEL_BYTES = 1 << 15
-
 
 @functools.cache  # one kernel per layer shape and constants: TVMScript parsing is slow
 def mean_kernel(channels: int, height: int, width: int, in_dt: str, out_dt: str,
@@ -45,7 +41,7 @@ def mean_kernel(channels: int, height: int, width: int, in_dt: str, out_dt: str,
     if HW >= (1 << 31) // 256:
         raise ValueError(f"a {height}x{width} plane's sum could overflow int32")
     NV = HW // V
-    parallel = C * HW >= PARALLEL_BYTES
+    parallel = parallel_worth(nbytes=C * HW)  # else a parallel region costs more than the sums
     rnd = 1 << (shift - 1)
 
     @T.prim_func(s_tir=True)
