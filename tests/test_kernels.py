@@ -249,20 +249,23 @@ def _check(cases, outputs):
         assert np.unique(case.expected).size > 2, case.p  # the check is not vacuous
 
 
-@pytest.mark.parametrize("isa", HOST_ISAS, ids=lambda i: i.name)
-def test_kernels_on_host(isa):
-    cases = _cases(isa)
+def _check_on_host(cases):
     mod, inputs = _module(cases)
     vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
     outs = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
     _check(cases, [o.numpy() for o in outs])
 
 
+@pytest.mark.parametrize("isa", HOST_ISAS, ids=lambda i: i.name)
+def test_kernels_on_host(isa):
+    _check_on_host(_cases(isa))
+
+
 def _lowered_kernel_modules():
     import importlib
     import pkgutil
 
-    import pqcompile.lower as lower
+    from pqcompile import lower
     return [importlib.import_module(f"pqcompile.lower.{m.name}")
             for m in pkgutil.iter_modules(lower.__path__) if m.name.startswith("kernels")]
 
@@ -304,10 +307,7 @@ def test_kernels_on_host_in_parallel_regions(every_kernel_parallel):
     tasks' bounds, each task's own scratch): the same integers."""
     cases = _cases(_HOST_ISA)
     assert all(_parallel(c.kernel) for c in cases if c.kind in ("conv", "dw", "linear"))
-    mod, inputs = _module(cases)
-    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
-    outs = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
-    _check(cases, [o.numpy() for o in outs])
+    _check_on_host(cases)
 
 
 def test_dw_cases_cover_every_schedule():
