@@ -310,6 +310,46 @@ def test_kernels_on_host_in_parallel_regions(every_kernel_parallel):
     _check_on_host(cases)
 
 
+@pytest.fixture(params=[True, False], ids=["pixel-tiles-outer", "channel-blocks-outer"])
+def conv_task_order(request, monkeypatch):
+    """Every conv kernel built with one task order (``kernels.pixel_tiles_outer``), whatever
+    its operands' sizes, in parallel regions."""
+    from pqcompile.lower import kernel_types
+
+    def rebuild():
+        for module in _lowered_kernel_modules():
+            for value in vars(module).values():
+                if hasattr(value, "cache_clear"):
+                    value.cache_clear()
+    monkeypatch.setattr(K, "pixel_tiles_outer", lambda *a: request.param)
+    monkeypatch.setattr(kernel_types, "PARALLEL_MIN_MACS", 0)
+    rebuild()
+    yield request.param
+    monkeypatch.undo()
+    rebuild()
+
+
+def test_conv_cases_in_either_task_order(conv_task_order):
+    """The conv cases with their tasks in either order (the tile a task computes, its bounds
+    and stores): the same integers."""
+    _check_on_host([c for c in _cases(_HOST_ISA) if c.kind == "conv"])
+
+
+def test_task_order_follows_the_operands():
+    """Pixel tiles outer where sweeping the weights once a tile moves fewer bytes than
+    sweeping the input once a channel block: an early layer (few weights, a large map) and
+    not a late one."""
+    def outer(c, hw, o):
+        shape = K.ConvShape(c, hw, hw, o, (3, 3), 1, (1, 1), "uint8", "uint8", 0, 255)
+        isa = K.choose_tile(shape, _HOST_ISA)
+        ob, cb = -(-o // isa.mr), -(-c // isa.depth)
+        qb = -(-K.grid_vectors(shape, isa.lanes, isa) // isa.nr)
+        _, _, scratch = K.conv2d_kernel(shape, isa)
+        return K.pixel_tiles_outer(ob * isa.mr * cb * 9 * isa.depth, scratch, qb, ob)
+    assert outer(48, 56, 48) and not outer(384, 7, 384)
+    assert K.pixel_tiles_outer(100, 1000, 5, 1) and not K.pixel_tiles_outer(100, 1000, 50, 2)
+
+
 def test_dw_cases_cover_every_schedule():
     def schedules(isa):
         return {KP.dw_schedule(K.ConvShape(c, h, h + 1, c, (k, k), st, (p, p), a, b, 0, 0), isa)

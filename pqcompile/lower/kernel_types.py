@@ -222,7 +222,10 @@ def grid_vectors(shape: ConvShape, lanes: int, isa: Isa | None = None) -> int:
 def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     """The register tile for one layer: the fewest computed lanes (output channels padded to
     the tile, pixel vectors padded to the tile), weighted by the loads each dot product
-    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product), with at most
+    needs (``(MR + NR) / (MR * NR)`` operand loads per dot product; on ``vnni`` a kernel on
+    the padded grid weighs a weight word's broadcast half a pixel vector's load: a pixel
+    vector starts at any word, so most cross a cache line. 48 -> 48 3x3 at 56x56, 2 threads:
+    3x5 0.145 ms, 4x3 0.137), with at most
     :data:`MAX_ACCUMULATORS` accumulator registers. ``neon`` counts the instructions of a
     pair of steps: ``6 MR NR`` multiplies and pair sums, ``2.5 MR`` for the weights (a
     16-byte load per 4 words, a ``dup`` each), ``3 NR`` input loads, 4 for the loop; it
@@ -234,6 +237,7 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
     magnitudes, and 4 temporaries (its step is 4 instructions: loads weigh a quarter)."""
     nv = grid_vectors(shape, isa.lanes, isa)
     o = shape.out_channels
+    grid = not (shape.kernel == (1, 1) and shape.stride == 1 and shape.padding == (0, 0))
     load = {"neon": 1 / 3, "avx2": 1 / 4, "avx2u": 1 / 3}.get(isa.name, 0.5)
     # stride-2 phases cost neon registers for their addresses: measured, a 4x2 tile spills
     # where it pairs channel blocks (an odd block, a 3-channel stem, pairs taps and keeps 4x2:
@@ -253,6 +257,9 @@ def choose_tile(shape: ConvShape, isa: Isa) -> Isa:
                 continue
             lanes = -(-o // mr) * mr * -(-nv // nr) * nr
             loads = mr // 4 + nr if isa.name == "sdot" else mr + nr
+            if isa.name == "vnni" and grid:  # a weight word is the dot product's broadcast
+                loads = mr / 2 + nr  # operand: 4 bytes, never split across cache lines as
+                # the grid's pixel vectors are (a tap's words start anywhere)
             cost = lanes * (1.0 + load * loads / (mr * nr))
             if isa.name == "neon":  # a pair of steps: see the doc
                 cost = lanes * (6 * mr * nr + 2.5 * mr + 3 * nr + 4) / (6 * mr * nr)
