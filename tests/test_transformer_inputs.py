@@ -1,9 +1,9 @@
 """Transformers on several inputs: token ids and an integer attention mask as model inputs.
 
 The mask is computed into the additive attention bias and the pooling weights exactly as
-written (integer/float32 ops, not quantized); the float ops reading it (scores + bias ->
-softmax, masked mean pooling) are computed in one island each, so the -3.4e38 bias never takes a
-tensor's scale. The compiled program equals its integer reference, padding included; dict
+written (integer/float32 ops, not quantized), so the -3.4e38 bias never takes a tensor's scale;
+the softmax of scores + bias runs in fixed point over the attended positions
+(:mod:`pqcompile.quant.softmax`), the masked mean pooling in one float island. The compiled program equals its integer reference, padding included; dict
 inputs and dict data batches map to forward's parameters by name; the real pretrained
 paraphrase-MiniLM-L3-v2 keeps its sentence similarities at int8 on real text.
 """
@@ -23,6 +23,7 @@ from pqcompile.meta import QPARAMS
 from pqcompile.presets import uniform
 from pqcompile.quant import build_reference
 from pqcompile.quant.plan import make_plan
+from pqcompile.quant.softmax import QSoftmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -78,7 +79,20 @@ def test_ids_and_mask_compile_data_free_and_program_equals_reference():
     model = encoder()
     c = pqcompile.compile(model, batch(0), target="host", budget="bops=4x")
     assert [i["dtype"] for i in c.artifact.manifest["inputs"]] == ["int64", "int64"]
+    assert "softmax" not in " ".join(op for _, op in c.float_ops)  # the masked softmax too
+    assert any(isinstance(m, QSoftmax) for m in c.reference.modules())
     assert_program_equals_reference(c, [batch(1), batch(2, (2, 8)), batch(3, (1, 1))])
+
+
+def test_masked_softmax_on_aarch64_equals_the_host(sysroot):
+    """The fixed-point masked softmax lowered for aarch64 (run under QEMU): the host's codes,
+    rows padded to 2 and 1 of 8 positions."""
+    model = encoder()
+    c = pqcompile.compile(model, batch(0), target="host", budget="bops=4x")
+    arm = c.retarget("arm")
+    for ids, mask in (batch(11, (2, 8)), batch(12, (1, 5))):
+        np.testing.assert_array_equal(arm.run_emulated(ids.numpy(), mask.numpy()),
+                                      c(ids.numpy(), mask.numpy()))
 
 
 def test_dict_inputs_and_dict_batches_map_to_forward_parameters_by_name():

@@ -10,13 +10,19 @@ from typing import TYPE_CHECKING
 
 from onnx import TensorProto
 
+from ..errors import UnsupportedOpError
 from ..quant.softmax import QSoftmax
 
 if TYPE_CHECKING:
     from .onnx_export import _Export
 
 
-def softmax(ex: _Export, node, module: QSoftmax, x: str) -> str:
+def softmax(ex: _Export, node, module: QSoftmax, x: str, bias: str | None = None) -> str:
+    if bias is not None:
+        raise UnsupportedOpError(
+            f"node {node.name!r} (fixed-point softmax of scores plus an attention mask's bias) "
+            f"has no ONNX export: export the model without the mask (every position attended), "
+            f"or deploy the TVM artifact, which runs it")
     base = node.name
     q = ex.node("Cast", [x], f"{base}_int64", f"{base}/Cast", to=TensorProto.INT64)
     if ex.opset >= 18:

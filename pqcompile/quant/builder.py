@@ -60,7 +60,7 @@ from .qmodules import (
 )
 from .qmodules import FloatOp as FloatOpModule
 from .qparams import quantize_layer
-from .softmax import integer_softmax, make_softmax, softmax_input
+from .softmax import integer_softmax, make_softmax, masked_softmax_operands, softmax_input
 from .tables import packed_lookup
 
 
@@ -299,6 +299,13 @@ class _Builder:
         return self.emit(n, module, tuple(self.env[a.name] for a in ins), meta={QPARAMS: qp})
 
     def float(self, n):
+        masked = masked_softmax_operands(self.gm, self.plan, n)
+        if masked is not None:
+            x, out = masked[0], self.qp[n.name]  # scores + a mask's bias: in fixed point
+            module = make_softmax(self.qparams(x.name), out, *self.bounds(n, out))
+            if module is not None:
+                return self.emit(n, module, (self.env[x.name], self.env[masked[1].name]),
+                                 meta={QPARAMS: out})
         if any(a.name in self.plan.inlined for a in n.all_input_nodes):
             return self.region(n)
         if integer_softmax(self.gm, self.plan, n):  # one 8-bit tensor's: in fixed point
