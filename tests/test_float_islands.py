@@ -22,6 +22,7 @@ from pqcompile.build import compile_assignment
 from pqcompile.passes.fold_bn import FoldBatchNorm
 from pqcompile.quant import islands
 from pqcompile.quant.islands import Slot, make_island
+from pqcompile.quant.layernorm import QLayerNorm
 
 
 class ComputedWeightConv(nn.Module):
@@ -91,11 +92,11 @@ def test_identical_islands_are_checked_once_and_share_a_function():
         make_island(nn.GELU(), "call_module", (Slot(0),), {}, [(1, 7, 3, 3)])
     assert len(islands._CHECKED) == before + 1
 
-    class TwoGelus(nn.Module):  # (layer norms: a GELU of one tensor is a table, no island)
-        def __init__(self):
+    class TwoGelus(nn.Module):  # layer norms over two dims: a GELU of one tensor is a table,
+        def __init__(self):  # a layer norm over the last dim runs in fixed point
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-            self.g1, self.g2 = nn.LayerNorm(6), nn.LayerNorm(6)
+            self.g1, self.g2 = nn.LayerNorm((6, 6)), nn.LayerNorm((6, 6))
 
         def forward(self, x):
             return self.g2(self.b(self.g1(self.a(x)))) + x[:, :1]
@@ -161,8 +162,10 @@ def test_maxvit_program_equals_reference():
     c = pqcompile.compile(model, (x,), target="host", budget="bops=8x")
     ops = [op for _, op in c.float_ops]
     # (its GELUs on 8-bit tensors are tables, not islands)
-    # (its softmaxes of one 8-bit tensor run in fixed point, pqcompile.quant.softmax)
-    assert "BatchNorm2d" not in ops and {"LayerNorm", "einsum"} <= set(ops)
+    # (its softmaxes of one 8-bit tensor run in fixed point, pqcompile.quant.softmax, and its
+    # layer norms over the last dim, pqcompile.quant.layernorm)
+    assert "BatchNorm2d" not in ops and "LayerNorm" not in ops and "einsum" in ops
+    assert any(isinstance(m, QLayerNorm) for m in c.reference.modules())
     step = c.lowering.outputs[0].scale
     for _ in range(2):
         x = torch.randn(1, 3, 32, 32, generator=g)

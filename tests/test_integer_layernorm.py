@@ -3,17 +3,23 @@
 * the integer square root is exact (``math.isqrt``) on the normalized range, edges included;
 * the fixed-point codes against the float64 layer norm quantized the same way: at most one step
   apart, and equal on all but a tiny fraction (8-bit and 16-bit inputs, a constant row);
-
-The builder does not emit the fixed-point layer norm yet (its Relax lowering builds too slowly:
-see pqcompile/lower/layernorm.py), so these tests check the reference's arithmetic alone.
+* a model with layer norms builds with no float op: its program (the kernel of
+  pqcompile/lower/kernels_layernorm.py) and ONNX Runtime on the exported model (int64 ONNX
+  ops) both equal the integer reference bit for bit.
 """
 
 import math
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
+from pqcompile.build import analysis, compile_assignment
+from pqcompile.export.onnx_export import export_onnx
 from pqcompile.meta import QParams
+from pqcompile.presets import uniform
+from pqcompile.quant import integer_outputs
 from pqcompile.quant.layernorm import NEWTON_STEPS, POWERS_OF_4, QLayerNorm, make_layer_norm
 
 
@@ -61,3 +67,44 @@ def test_fixed_point_codes_match_the_float_layer_norm():
     # an output scale no fixed-point multiplier reaches: the norm stays a float island
     tiny = QParams(1e-16, 8, True)
     assert make_layer_norm(_norm(8, 1e-5), QParams(0.01, 8, True), tiny, -127, 127) is None
+
+
+class Normed(nn.Module):
+    """Two layer norms over the last dim (one on a residual sum), distinct affine weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 48), nn.Linear(48, 48)
+        self.n1, self.n2 = nn.LayerNorm(48), nn.LayerNorm(48, eps=1e-12)
+        with torch.no_grad():
+            for n in (self.n1, self.n2):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        h = self.n1(self.a(x))
+        return self.n2(h + self.b(h))
+
+
+def test_layer_norm_model_program_and_onnx_equal_reference():
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: torch.randn(1, 24, 16, generator=g) * 3
+    model, example = Normed().eval(), draw()
+    c = compile_assignment(model, (example,), uniform(analysis(model, (example,)), 8),
+                           target="host", calibration=[draw() for _ in range(3)])
+    assert list(c.float_ops) == []
+    assert sum(isinstance(m, QLayerNorm) for m in c.reference.modules()) == 2
+    assert {v for k, v in c.lowering.kernels.items() if k.startswith("n")} == {"layer_norm"}
+    session = ort.InferenceSession(export_onnx(c).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    name, scale = session.get_inputs()[0].name, c.lowering.outputs[0].scale
+    for _ in range(3):
+        x = draw()
+        with torch.no_grad():
+            want = c.reference(x).numpy()
+        np.testing.assert_array_equal(c(x.numpy()), want)
+        codes = integer_outputs(c.reference, x)[0].numpy()
+        assert np.unique(codes).size > 50
+        got = session.run(None, {name: x.numpy()})[0]
+        np.testing.assert_array_equal(np.round(got / scale), codes)

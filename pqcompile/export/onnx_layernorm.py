@@ -6,9 +6,8 @@ exactly.
 for the exponent, ``BitShift`` (unsigned: every shifted value here is non-negative, or is made
 so by adding ``2^62`` as in :mod:`pqcompile.export.onnx_affine`) for the normalization and the
 rounding shifts, integer ``Div`` for the Newton steps and the reciprocal (non-negative operands:
-ONNX's truncation is the reference's floor). Not reached yet: the builder does not emit
-:class:`QLayerNorm` (see :mod:`pqcompile.lower.layernorm`), and this emitter is not yet checked
-against ONNX Runtime.
+ONNX's truncation is the reference's floor). ``tests/test_integer_layernorm.py`` checks ONNX
+Runtime's codes against the reference's on a model with two norms.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from . import kernels, kernels_lanes, kernels_linear, kernels_mean, kernels_plan
 from .add32 import add
 from .affine import affine
 from .float_islands import island_key, translate_island
-from .layernorm import EMITTERS as LAYER_NORM_EMITTERS
+from .kernels_layernorm import EMITTERS as LAYER_NORM_EMITTERS
 from .lut import EMITTERS as LUT_EMITTERS
 from .matmul import EMITTERS as MATMUL_EMITTERS
 from .packing import emit_unpack, group, is_packed, pack
@@ -377,6 +377,6 @@ EMITTERS.update(LUT_EMITTERS)  # table lookups and products (pqcompile.lower.lut
 EMITTERS.update(MATMUL_EMITTERS)  # activation x activation products (pqcompile.lower.matmul)
 EMITTERS[QPackedEmbedding] = packed_embedding  # pqcompile.lower.table_lookup
 EMITTERS.update(SOFTMAX_EMITTERS)  # fixed-point softmax (pqcompile.lower.softmax)
-EMITTERS.update(LAYER_NORM_EMITTERS)  # fixed-point layer norm (pqcompile.lower.layernorm)
+EMITTERS.update(LAYER_NORM_EMITTERS)  # fixed-point layer norm (pqcompile.lower.kernels_layernorm)
 
 

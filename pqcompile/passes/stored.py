@@ -18,8 +18,10 @@ program does beyond "each module stores its parameters" change that count:
   a softmax over the last dim of one 8-bit tensor runs in fixed point with a table of 256 int32
   exponentials (:data:`~pqcompile.quant.softmax.TABLE_BYTES`, :mod:`pqcompile.quant.softmax`).
 * **Shared islands.** Float islands with the same code, input shapes and constant values are one
-  function with one copy of its constants (:func:`pqcompile.lower.float_islands.island_key`);
-  layer norms that still hold their initial weights share one.
+  function with one copy of its constants (:func:`pqcompile.lower.float_islands.island_key`).
+  A layer norm over the last dim of a quantized tensor is not an island: it runs in fixed point
+  (:mod:`pqcompile.quant.layernorm`) and stores its own int32 multipliers and shifts and int64
+  offsets, 16 bytes a channel (what the module's two float64 parameters would).
 
 What this cannot see, and so leaves out: a pointwise op or softmax whose input is wider than 8
 bits (a residual sum widened by ``residual_bits``) or a pointwise function not finite on its
@@ -117,6 +119,7 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
     (an :class:`~pqcompile.assignment.Assignment`; module docstring)."""
     from ..meta import SHAPE
     from ..quant.builder import _broadcasts, _compact  # the reference's own rules
+    from ..quant.layernorm import integer_layer_norm
     from ..quant.softmax import TABLE_BYTES, integer_softmax
 
     plan = program_plan(gm, assignment)
@@ -140,6 +143,8 @@ def stored_extras(gm: torch.fx.GraphModule, assignment) -> StoredExtras:
         if softmax_plan is not None and integer_softmax(gm, softmax_plan, n):
             tables[n.name] = float(TABLE_BYTES)
             continue
+        if softmax_plan is not None and integer_layer_norm(gm, softmax_plan, n):
+            continue  # its own multipliers, shifts and offsets (the module's bytes), unshared
         if kind not in ("float", "mask", "inlined") or n.name in const:
             continue
         # a FloatOp island stores floats in float64, compacted where it broadcasts them; a

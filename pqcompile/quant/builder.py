@@ -60,6 +60,7 @@ from .qmodules import (
 )
 from .qmodules import FloatOp as FloatOpModule
 from .qparams import quantize_layer
+from .layernorm import integer_layer_norm, make_layer_norm
 from .softmax import integer_softmax, make_softmax, masked_softmax_operands, softmax_input
 from .tables import packed_lookup
 
@@ -308,6 +309,12 @@ class _Builder:
                                  meta={QPARAMS: out})
         if any(a.name in self.plan.inlined for a in n.all_input_nodes):
             return self.region(n)
+        if integer_layer_norm(self.gm, self.plan, n):  # in fixed point
+            x, out = n.args[0], self.qp[n.name]
+            module = make_layer_norm(self.gm.get_submodule(n.target), self.qparams(x.name), out,
+                                     *self.bounds(n, out), where=f"node {n.name!r}")
+            if module is not None:
+                return self.emit(n, module, (self.env[x.name],), meta={QPARAMS: out})
         if integer_softmax(self.gm, self.plan, n):  # one 8-bit tensor's: in fixed point
             x, out = softmax_input(self.gm, n), self.qp[n.name]
             module = make_softmax(self.qparams(x.name), out, *self.bounds(n, out))
