@@ -11,6 +11,7 @@ import numpy as np
 
 from .kernel_types import KERNEL_ATTR, Isa, parallel_worth
 from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
+from .tir_neon import quad_lane
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
     nv = -(-shape.out_features // isa.lanes)
     if isa.name == "neon":
         return Isa("neon", isa.lanes, mr, max(1, min(nv, 8 // mr)))
-    nr = max(1, min(nv, 1020 // (mr * isa.lanes * 4), 8))
+    # at most 8 vectors a row; on sdot 16 accumulators in all (of aarch64's 32 registers)
+    most = 16 // mr if isa.name == "sdot" else 8
+    nr = max(1, min(nv, 1020 // (mr * isa.lanes * 4), most))
     return Isa(isa.name, isa.lanes, mr, nr)
 
 
@@ -84,8 +87,19 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     scratch = MB * MR * KB * D
     neon = isa.name == "neon"
     AW = isa.acc_width
-    _dot = None if neon else _linear_dot_macro(isa)
-    _pair2, _pair1 = (_linear_pair_macro(2), _linear_pair_macro(1)) if neon else (None, None)
+    # sdot with whole row quads: a step's 4 rows' words are 16 consecutive bytes of the pack,
+    # one load, each word an indexed sdot operand (quad_lane)
+    quads = isa.name == "sdot" and MR % 4 == 0
+    _dot = None if neon else linear_dot_macro(isa, quads)
+
+    words = D == 4 and K % D == 0  # the pack moves 4-byte words
+
+    def at(m, k):  # where row m's byte k goes in the pack
+        if quads:
+            return ((m // 4 * KB + k // D) * 4 + m % 4) * D + k % D
+        return m * KB * D + k
+
+    _pair2, _pair1 = (linear_pair_macro(2), linear_pair_macro(1)) if neon else (None, None)
     # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
     # lane, and TVM 0.27's bound analysis drops its clamp)
     _store = requant_macro(out_dt, lo, hi)
@@ -94,11 +108,17 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     def pack(X: T.Buffer((Mr, K), in_dt), Xp: T.Buffer((scratch,), pdt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear.pack"})
         with T.sblock("root"):
-            for m in range(MB * MR):
-                for k in range(KB * D):
-                    Xp[m * KB * D + k] = T.if_then_else(
-                        m < Mr and k < K, T.Cast(pdt, T.Cast("int32", X[
-                            T.min(m, Mr - 1), T.min(k, K - 1)]) + off), T.Cast(pdt, off))
+            if words:  # rows past the last repeat it: their outputs are never stored
+                for m in range(MB * MR):
+                    for kb in range(KB):
+                        Xp[T.ramp(at(m, kb * D), 1, D)] = offset_word(
+                            X.vload([T.min(m, Mr - 1), kb * D], f"{in_dt}x{D}"), off, pdt)
+            else:
+                for m in range(MB * MR):
+                    for k in range(KB * D):
+                        Xp[at(m, k)] = T.if_then_else(
+                            m < Mr and k < K, T.Cast(pdt, T.Cast("int32", X[
+                                T.min(m, Mr - 1), T.min(k, K - 1)]) + off), T.Cast(pdt, off))
 
     @T.prim_func(s_tir=True)
     def kernel(Xp: T.Buffer((scratch,), pdt), Wv: T.Buffer((NV, KB, L, D), "int8"),
@@ -143,7 +163,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                             for v in T.unroll(NR):
                                 _dot(acc, (r * NR + v) * L, Wv,
                                      T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
-                                     ((mb_nb // NB * MR + r) * KB + kb) * D)
+                                     at(mb_nb // NB * MR + r, kb * D))
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         for lane in T.vectorized(L):
@@ -162,12 +182,33 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     return pack, kernel, scratch
 
 
-def _linear_dot_macro(isa: Isa):
-    """``acc[a:a+L] += Wv[nv, kb] (L x D weights) . broadcast(Xp[x:x+D])``."""
+def offset_word(word, off: int, dtype: str):
+    """4 bytes ``word`` (an ``int8x4`` / ``uint8x4`` load) plus ``off`` (0 or +-128, the
+    dot product's operand type) each, as ``dtype`` x 4: adding 128 modulo 256 flips each
+    byte's top bit, one ``eor`` of the 32-bit word."""
+    from tvm.script import tirx as T
+
+    w = T.reinterpret(word, dtype="int32")
+    if off:
+        w = T.bitwise_xor(w, T.int32(-0x7F7F7F80))  # 0x80808080
+    return T.reinterpret(w, dtype=f"{dtype}x4")
+
+
+def linear_dot_macro(isa: Isa, quads: bool = False):
+    """``acc[a:a+L] += Wv[nv, kb] (L x D weights) . broadcast(Xp[x:x+D])`` (``quads``, on
+    ``sdot``: ``Xp[x]`` is a word of a 16-byte quad, read with one load as an indexed
+    operand)."""
     from tvm.script import tirx as T
 
     L = isa.lanes
-    if isa.name in ("vnni", "sdot", "avx2", "avx2u"):  # a 4-byte dot product a lane
+    if quads:
+        _dot4 = dot4_macro("sdot")
+
+        @T.macro
+        def dot(acc, a, Wv, nv, kb, Xp, x):
+            _dot4(acc, a, Wv.vload([nv, kb, 0, 0], "int8x16"),
+                  quad_lane(Xp.vload([x - x % 16], "int8x16"), x % 16 // 4))
+    elif isa.name in ("vnni", "sdot", "avx2", "avx2u"):  # a 4-byte dot product a lane
         _dot4 = dot4_macro(isa.name)
         x_dt, w_dt = isa.packed_dtype, f"int8x{4 * L}"
 
@@ -184,7 +225,7 @@ def _linear_dot_macro(isa: Isa):
     return dot
 
 
-def _linear_pair_macro(steps: int):
+def linear_pair_macro(steps: int):
     """``pair(acc, a, Wv, nv, kb, Xp, x)`` (aarch64 NEON without dot products):
     ``acc[a:a+4]`` (features 0-1 of vector ``nv``, two pair sums each) and ``acc[a+4:a+8]``
     (features 2-3) += the products of ``steps`` (1 or 2) 4-input words ``Wv[nv, kb + i]``

@@ -5,7 +5,8 @@ the operands inside the reduction, so no int32 copies of them are made), then th
 requantization every integer op shares (:func:`pqcompile.lower.ops.requant`). Batch dims
 broadcast as in torch. On targets with AVX-512 VNNI, products whose operands have the same
 batch dims run on the hand-scheduled kernel of :mod:`pqcompile.lower.matmul_kernel` instead
-(the same integers, 10x faster than TVM's ``matmul`` on attention's shapes).
+(the same integers, 10x faster than TVM's ``matmul`` on attention's shapes); so do they on
+aarch64, with and without ``sdot``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 def matmul(lw: Lowering, node, module: QMatMul, a, b) -> relax.Expr:
     from .ops import requant
 
-    if lw.isa is not None and lw.isa.name == "vnni":
+    if lw.isa is not None and lw.isa.name in mk.ISAS:
         y = _kernel_matmul(lw, node, module, a, b)
         if y is not None:
             return y
@@ -44,12 +45,14 @@ def _kernel_matmul(lw: Lowering, node, module: QMatMul, a, b) -> relax.Expr | No
     batch = math.prod(sa[:-2])
     shape = mk.ProductShape(batch, sa[-2], sa[-1], sb[-1], str(a.ty.dtype), str(b.ty.dtype),
                             module.out.dtype, module.lo, module.hi, module.mult, module.shift)
-    if not mk.supported(shape):
+    isa = lw.isa.name
+    if not mk.supported(shape, isa):
         return None
     bb, name = lw.bb, node.name
-    pack_a, pack_b, kernel = mk.product_kernel(shape)
+    pack_a, pack_b, kernel = mk.product_kernel(shape, isa)
     m, k, n = shape.rows, shape.depth, shape.cols
-    kp, nv = -(-k // mk.DEPTH) * mk.DEPTH, n // mk.LANES
+    lanes = mk.ISAS[isa][0]
+    kp, nv = -(-k // mk.DEPTH) * mk.DEPTH, n // lanes
 
     def call(func, suffix, args, out):
         gv = bb.add_func(func.without_attr("global_symbol"), f"{name}_{suffix}")
@@ -57,14 +60,15 @@ def _kernel_matmul(lw: Lowering, node, module: QMatMul, a, b) -> relax.Expr | No
 
     a3 = bb.emit(R.reshape(a, (batch, m, k)))
     b3 = bb.emit(R.reshape(b, (batch, k, n)))
-    pa = call(pack_a, "pack_a", [a3], [relax.TensorType((batch * m * kp,), "uint8"),
+    pa = call(pack_a, "pack_a", [a3], [relax.TensorType((batch * m * kp,),
+                                                        "uint8" if isa == "vnni" else "int8"),
                                        relax.TensorType((batch * m,), "int32")])
     pb = call(pack_b, "pack_b", [b3], [
-        relax.TensorType((batch, nv, kp // mk.DEPTH, mk.LANES, mk.DEPTH), "int8"),
+        relax.TensorType((batch * nv, kp // mk.DEPTH, lanes, mk.DEPTH), "int8"),
         relax.TensorType((batch * n,), "int32")])
     parts = [bb.emit(relax.TupleGetItem(t, i)) for t in (pa, pb) for i in (0, 1)]
-    mr, nr = mk.tile(shape)
-    lw.kernels[name] = f"product vnni {mr}x{nr * mk.LANES}"
+    mr, nr = mk.tile(shape, isa)
+    lw.kernels[name] = f"product {isa} {mr}x{nr * lanes}"
     y = call(kernel, "mm", parts, relax.TensorType((batch * m * n,), shape.out_dtype))
     return bb.emit(R.reshape(y, (*sa[:-1], n)))
 
