@@ -50,6 +50,10 @@ def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
     w = np.zeros((kp, np_), np.int8)
     w[:k, :n] = wt
     w = w.reshape(kp // d, d, np_ // lanes, lanes).transpose(2, 0, 3, 1)
+    if isa.name == "neon":  # [N/4, K/8, half, step, 8]: see linear_kernel
+        if w.shape[1] % 2:
+            w = np.concatenate([w, np.zeros_like(w[:, :1])], axis=1)
+        w = w.reshape(w.shape[0], -1, 2, 2, 8).transpose(0, 1, 3, 2, 4)
     return np.ascontiguousarray(w)
 
 
@@ -69,7 +73,13 @@ def linear_params(wt: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.
 def linear_kernel(shape: LinearShape, isa: Isa):
     """``(pack, kernel, scratch)``: ``pack(X[M, K]) -> Xp`` (offset, K padded to the depth),
     ``kernel(Xp, Wv, B, M, S, Y[M, N])``. Tiles of ``MR`` rows x ``NR`` vectors of ``L``
-    output features; each step broadcasts ``D`` inputs of a row against a weight vector."""
+    output features; each step broadcasts ``D`` inputs of a row against a weight vector.
+
+    ``neon`` takes two steps at once from two 16-byte loads and no broadcast: the pack
+    stores a row's words of steps ``2j`` and ``2j + 1`` each twice (``[a a b b]``), the
+    weights of a vector half (2 features) are the two steps' 8 bytes side by side, so
+    ``smull`` of the low halves, ``smlal2`` of the high ones and one ``sadalp`` add the
+    half's 16 products (two a pair sum: at most 2 x 128 x 127 in int16)."""
     from tvm.script import tirx as T
 
     Mr, K, N = shape.rows, shape.in_features, shape.out_features
@@ -84,8 +94,9 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     Ng = NB * NR * L
     off = isa.offset(in_dt)
     pdt = isa.packed_dtype or in_dt
-    scratch = MB * MR * KB * D
     neon = isa.name == "neon"
+    KB2 = -(-KB // 2)  # neon: step pairs
+    scratch = MB * MR * KB2 * 16 if neon else MB * MR * KB * D
     AW = isa.acc_width
     # sdot with whole row quads: a step's 4 rows' words are 16 consecutive bytes of the pack,
     # one load, each word an indexed sdot operand (quad_lane)
@@ -99,7 +110,11 @@ def linear_kernel(shape: LinearShape, isa: Isa):
             return ((m // 4 * KB + k // D) * 4 + m % 4) * D + k % D
         return m * KB * D + k
 
-    _pair2, _pair1 = (linear_pair_macro(2), linear_pair_macro(1)) if neon else (None, None)
+    _quad = _neon_quad_macro() if neon else None
+    w_shape = (NV, KB2, 2, 2, 8) if neon else (NV, KB, L, D)
+
+    def at2(m, kb, i):  # neon: where copy i of row m's word kb goes in the pack
+        return (m * KB2 + kb // 2) * 16 + kb % 2 * 8 + i * 4
     # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
     # lane, and TVM 0.27's bound analysis drops its clamp)
     _store = requant_macro(out_dt, lo, hi)
@@ -108,7 +123,21 @@ def linear_kernel(shape: LinearShape, isa: Isa):
     def pack(X: T.Buffer((Mr, K), in_dt), Xp: T.Buffer((scratch,), pdt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear.pack"})
         with T.sblock("root"):
-            if words:  # rows past the last repeat it: their outputs are never stored
+            if neon and words:  # padding steps meet zero weights: any bytes do
+                for m in range(MB * MR):
+                    for kb in range(KB2 * 2):
+                        for i in T.unroll(2):
+                            Xp[T.ramp(at2(m, kb, i), 1, D)] = offset_word(X.vload(
+                                [T.min(m, Mr - 1), T.min(kb, KB - 1) * D], f"{in_dt}x{D}"),
+                                off, pdt)
+            elif neon:
+                for m in range(MB * MR):
+                    for kb in range(KB2 * 2):
+                        for i in T.unroll(2):
+                            for d in range(D):
+                                Xp[at2(m, kb, i) + d] = T.Cast(pdt, T.Cast("int32", X[
+                                    T.min(m, Mr - 1), T.min(kb * D + d, K - 1)]) + off)
+            elif words:  # rows past the last repeat it: their outputs are never stored
                 for m in range(MB * MR):
                     for kb in range(KB):
                         Xp[T.ramp(at(m, kb * D), 1, D)] = offset_word(
@@ -121,7 +150,7 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                                 T.min(m, Mr - 1), T.min(k, K - 1)]) + off), T.Cast(pdt, off))
 
     @T.prim_func(s_tir=True)
-    def kernel(Xp: T.Buffer((scratch,), pdt), Wv: T.Buffer((NV, KB, L, D), "int8"),
+    def kernel(Xp: T.Buffer((scratch,), pdt), Wv: T.Buffer(w_shape, "int8"),
                B: T.Buffer((Np,), "int32"), M: T.Buffer((Np,), "int32"),
                S: T.Buffer((Np,), "int32"), Y: T.Buffer((Mr, N), out_dt)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: "linear"})
@@ -132,18 +161,12 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                 if neon:  # pair sums from zero; the bias is added when they are summed
                     for i in T.unroll(MR * NR * 2):
                         acc[T.ramp(4 * i, 1, 4)] = T.broadcast(T.int32(0), 4)
-                    for kp in range(KB // 2):
+                    for kp in range(KB2):
                         for r in T.unroll(MR):
                             for v in T.unroll(NR):
-                                _pair2(acc, 2 * (r * NR + v) * L, Wv,
-                                       T.min((mb_nb % NB) * NR + v, NV - 1), 2 * kp, Xp,
-                                       ((mb_nb // NB * MR + r) * KB + 2 * kp) * D)
-                    for kb in range(KB // 2 * 2, KB):
-                        for r in T.unroll(MR):
-                            for v in T.unroll(NR):
-                                _pair1(acc, 2 * (r * NR + v) * L, Wv,
-                                       T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
-                                       ((mb_nb // NB * MR + r) * KB + kb) * D)
+                                _quad(acc, 2 * (r * NR + v) * L, Wv,
+                                      T.min((mb_nb % NB) * NR + v, NV - 1), kp, Xp,
+                                      ((mb_nb // NB * MR + r) * KB2 + kp) * 16)
                     for r in T.unroll(MR):  # in place: vector a writes below every later one
                         for v in T.unroll(NR):
                             acc[T.ramp((r * NR + v) * L, 1, 4)] = T.call_llvm_pure_intrin(
@@ -223,6 +246,33 @@ def linear_dot_macro(isa: Isa, quads: bool = False):
                 acc[a + lane] = acc[a + lane] + T.Cast("int32", Wv[nv, kb, lane, 0]) \
                     * T.Cast("int32", Xp[x])
     return dot
+
+
+def _neon_quad_macro():
+    """``quad(acc, a, Wv, nv, kp, Xp, x)`` (aarch64 NEON without dot products, see
+    :func:`linear_kernel`): ``acc[a:a+4]`` and ``acc[a+4:a+8]`` (the pair sums of features
+    0-1 and 2-3 of vector ``nv``) += step pair ``kp``'s products with the row's words at
+    ``Xp[x:x+16]``."""
+    from tvm.script import tirx as T
+
+    def smull(w, x, half):
+        part = list(range(8 * half, 8 * half + 8))
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+            T.Shuffle([w], part), T.Shuffle([x], part), dtype="int16x8")
+
+    def half(Wv, nv, kp, Xp, x, h):
+        w = Wv.vload([nv, kp, h, 0, 0], "int8x16")
+        xq = Xp.vload([x], "int8x16")
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            smull(w, xq, 0) + smull(w, xq, 1), dtype="int32x4")
+
+    @T.macro
+    def quad(acc, a, Wv, nv, kp, Xp, x):
+        acc[T.ramp(a, 1, 4)] = acc.vload([a], "int32x4") + half(Wv, nv, kp, Xp, x, 0)
+        acc[T.ramp(a + 4, 1, 4)] = acc.vload([a + 4], "int32x4") + half(Wv, nv, kp, Xp, x, 1)
+    return quad
 
 
 def linear_pair_macro(steps: int):

@@ -76,7 +76,8 @@ class ProductShape:
 def tile(shape: ProductShape, isa: str = "vnni") -> tuple[int, int] | None:
     """``(MR, NR)``: rows x ``L``-column vectors per tile, both dividing the output; the most
     accumulators (at most the ISA's), then the fewest operand loads per dot product
-    (``(MR + NR) / (MR * NR)``; on ``sdot`` a quad of rows is one load). ``None`` when the
+    (``(MR + NR) / (MR * NR)``; on ``sdot`` a quad of rows is one load, on ``neon`` a vector
+    of ``B`` two). ``None`` when the
     columns are not whole vectors."""
     lanes, most = ISAS[isa]
     if shape.cols % lanes:
@@ -87,7 +88,7 @@ def tile(shape: ProductShape, isa: str = "vnni") -> tuple[int, int] | None:
         for nr in range(1, most + 1):
             if mr * nr > most or shape.rows % mr or nv % nr:
                 continue
-            loads = (mr / 4 if _quads(isa, mr) else mr) + nr
+            loads = (mr / 4 if _quads(isa, mr) else mr) + nr * (2 if isa == "neon" else 1)
             key = (mr * nr, -loads / (mr * nr))
             if best_key is None or key > best_key:
                 best, best_key = (mr, nr), key
