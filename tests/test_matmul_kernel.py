@@ -55,7 +55,7 @@ def _compiled(pos_a, pos_b, depth, cols):
 def test_product_kernel_equals_reference(pos_a, pos_b, depth, cols, kernel):
     c, draw = _compiled(pos_a, pos_b, depth, cols)
     kernels = {k: v for k, v in lower(c.reference, target="host")[2].kernels.items()
-               if v != "quantize"}  # the inputs' quantization (a kernel on x86 with FMA)
+               if v not in ("quantize", "softmax")}  # the inputs' quantization, the softmax
     tile = mk.tile(mk.ProductShape(6, 8, depth, cols, "int8", "int8", "int8", -1, 1, 1, 1))
     # the kernel is AVX-512 VNNI's: elsewhere the product is TVM's matmul, equally exact
     vnni = isa_for(resolve_target("host")).name == "vnni"

@@ -1,16 +1,26 @@
-"""Relax emitter of the fixed-point softmax (:class:`pqcompile.quant.softmax.QSoftmax`).
+"""The fixed-point softmax (:class:`pqcompile.quant.softmax.QSoftmax`) as one kernel.
 
-The reference's int64 arithmetic, op for op: the row max of the codes, the table of
-exponentials indexed by its distance to each code (an int32 parameter of the program, entries
-at most ``2^20``: 1 KiB in the weights file), the row sum, one floor division per row for the
-reciprocal, then a multiply, rounding shift and clamp per element. With a mask's bias (a
-second input, float), the positions whose bias is at most ``MASKED`` are left out of the row
-max and sum, as the reference leaves them. TVM fuses the elementwise ops around the two reductions; nothing runs in
-float.
+The reference's integers, row by row (rows split among parallel tasks where there are enough
+of them): the row max of the codes, the table of exponentials indexed by its distance to each
+code (an int32 parameter of the program, entries at most ``2^20``: 1 KiB in the weights file),
+the row sum ``S``, one floor division per row for the reciprocal ``R``, then a multiply,
+rounding shift and clamp per element. With a mask's bias (a second input, float), the
+positions whose bias is at most ``MASKED`` are left out of the row max and sum, as the
+reference leaves them: the bias becomes one byte a position (``keep``, its own shape, read
+through broadcast strides: an attention mask's ``[B, 1, 1, N]`` is not expanded to the
+scores' shape). Nothing runs in float.
+
+The per-element product runs in 64-bit lanes from two 32-bit operands (``smull`` /
+``vpmuldq``): ``e <= 2^20`` and ``R`` is taken at most ``2^31 - 1``. That clamp is exact: a
+row with an attended position has its max's ``E[0] = 2^20`` in ``S``, so ``R <= G / 2^20 <
+2^27``; a row with none has every ``e = 0``, whatever ``R``. (As Relax ops, one per step,
+the int64 chain ran scalar on aarch64: ~20 M instructions a MiniLM-L3 inference.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,36 +28,117 @@ from tvm import relax
 from tvm.relax import op as R
 
 from ..quant.softmax import MASKED, QSoftmax
+from .kernel_types import KERNEL_ATTR, parallel_worth
 
 if TYPE_CHECKING:
     from .relax_builder import Lowering
 
+_NONE = -(1 << 16)  # below every code: the row max of a row with nothing attended
 
-def _i64(value: int) -> relax.Expr:
-    return relax.const(np.asarray(value, dtype=np.int64), "int64")
+
+def _keep_index(shape: tuple[int, ...], kshape: tuple[int, ...], r, j):
+    """The flat index into ``keep`` (``kshape``, broadcast to ``shape``) of row ``r``,
+    column ``j`` of the scores."""
+    kshape = (1,) * (len(shape) - len(kshape)) + tuple(kshape)
+    index, inner, kstride = 0, 1, 1
+    for d in range(len(shape) - 1, -1, -1):
+        pos = j if d == len(shape) - 1 else (r // inner) % shape[d]
+        if d < len(shape) - 1:
+            inner *= shape[d]
+        if kshape[d] != 1:
+            index = index + pos * kstride
+        kstride *= kshape[d]
+    return index
+
+
+@functools.cache  # one kernel per shape and constants: TVMScript parsing is slow
+def softmax_kernel(shape: tuple[int, ...], kshape: tuple[int, ...] | None, in_dt: str,
+                   out_dt: str, g: int, t: int, lo: int, hi: int):
+    """``kernel(X, E, [K,] Y)``: :class:`~pqcompile.quant.softmax.QSoftmax` over the last dim
+    of ``X`` (``shape``, codes) into ``Y``; ``E`` the 256-entry table, ``K`` (``kshape``,
+    int8, broadcast to ``shape``) 1 where a position is attended (no ``K``: every one)."""
+    from tvm.script import tirx as T
+
+    N = int(shape[-1])
+    rows = math.prod(shape[:-1])
+    par = parallel_worth(nbytes=rows * N * 4)
+    wide = N >= 2048  # S in int64 where N * 2^20 could pass 2^31
+    s_dt = "int64" if wide else "int32"
+    ksize = math.prod(kshape) if kshape is not None else 1
+
+    def kept(Kf, r, j):
+        if Kf is None:
+            return T.bool(True)
+        return Kf[_keep_index(shape, kshape, r, j)] != T.int8(0)
+
+    @T.macro
+    def body(Xf, E, Kf, Yf, r):
+        e = T.alloc_buffer((N,), "int32", scope="global")
+        v = T.alloc_buffer((2,), s_dt, scope="global")  # [row max, S]
+        v[0] = T.Cast(s_dt, _NONE)
+        for j in range(N):
+            v[0] = T.max(v[0], T.Select(kept(Kf, r, j), T.Cast(s_dt, Xf[r * N + j]),
+                                        T.Cast(s_dt, _NONE)))
+        v[1] = T.Cast(s_dt, 0)
+        for j in range(N):
+            e[j] = T.Select(kept(Kf, r, j), E[T.max(T.min(
+                T.Cast("int32", v[0]) - T.Cast("int32", Xf[r * N + j]), 255), 0)], 0)
+            v[1] = v[1] + T.Cast(s_dt, e[j])
+        rr = T.alloc_buffer((1,), "int32", scope="global")
+        rr[0] = T.Cast("int32", T.min(T.floordiv(
+            T.int64(g) + T.floordiv(T.max(T.Cast("int64", v[1]), T.int64(1)), T.int64(2)),
+            T.max(T.Cast("int64", v[1]), T.int64(1))), T.int64((1 << 31) - 1)))
+        for j in range(N):
+            Yf[r * N + j] = T.Cast(out_dt, T.max(T.min(T.shift_right(
+                T.Cast("int64", e[j]) * T.Cast("int64", rr[0]) + T.int64(1 << (t - 1)),
+                T.int64(t)), T.int64(hi)), T.int64(lo)))
+
+    if kshape is None:
+        @T.prim_func(s_tir=True)
+        def kernel(X: T.Buffer(shape, in_dt), E: T.Buffer((256,), "int32"),
+                   Y: T.Buffer(shape, out_dt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True,
+                         KERNEL_ATTR: "softmax"})
+            with T.sblock("root"):
+                Xf = T.decl_buffer((rows * N,), in_dt, data=X.data)
+                Yf = T.decl_buffer((rows * N,), out_dt, data=Y.data)
+                for r in T.parallel(rows) if par else T.serial(rows):
+                    body(Xf, E, None, Yf, r)
+    else:
+        @T.prim_func(s_tir=True)
+        def kernel(X: T.Buffer(shape, in_dt), E: T.Buffer((256,), "int32"),
+                   K: T.Buffer(kshape, "int8"), Y: T.Buffer(shape, out_dt)):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True,
+                         KERNEL_ATTR: "softmax"})
+            with T.sblock("root"):
+                Xf = T.decl_buffer((rows * N,), in_dt, data=X.data)
+                Kf = T.decl_buffer((ksize,), "int8", data=K.data)
+                Yf = T.decl_buffer((rows * N,), out_dt, data=Y.data)
+                for r in T.parallel(rows) if par else T.serial(rows):
+                    body(Xf, E, Kf, Yf, r)
+    return kernel
 
 
 def softmax(lw: Lowering, node, module: QSoftmax, q, bias=None) -> relax.Expr:
-    bb = lw.bb
+    bb, name = lw.bb, node.name
+    shape = tuple(int(d) for d in lw.shape(node))
     # a parameter of the program (the weights file: what totals["weight_bytes"] measures),
     # int32 as the stored-bytes prediction counts it (quant.softmax.TABLE_BYTES)
-    table = lw.param(f"{node.name}.table", module.table.numpy().astype(np.int32))
-    qi = bb.emit(R.astype(q, "int32"))
-    if bias is None:
-        d = bb.emit(R.subtract(R.max(qi, axis=-1, keepdims=True), qi))
-        e = bb.emit(R.astype(R.take(table, d, axis=0), "int64"))
-    else:  # the attended positions only
+    table = lw.param(f"{name}.table", module.table.numpy().astype(np.int32))
+    args, kshape = [q, table], None
+    if bias is not None:  # the attended positions only
         dt = str(bias.ty.dtype)
-        keep = bb.emit(R.greater(bias, relax.const(np.asarray(MASKED, dtype=dt), dt)))
-        mx = bb.emit(R.max(R.where(keep, qi, relax.const(np.int32(-(1 << 16)), "int32")),
-                           axis=-1, keepdims=True))
-        d = bb.emit(R.clip(R.subtract(mx, qi), 0, 255))
-        e = bb.emit(R.where(keep, R.astype(R.take(table, d, axis=0), "int64"), _i64(0)))
-    s = bb.emit(R.maximum(R.sum(e, axis=-1, keepdims=True), _i64(1)))
-    r = bb.emit(R.floor_divide(R.add(_i64(module.g), R.floor_divide(s, _i64(2))), s))
-    y = bb.emit(R.right_shift(R.add(R.multiply(e, r), _i64(1 << (module.t - 1))),
-                              _i64(module.t)))
-    return bb.emit(R.astype(R.clip(y, module.lo, module.hi), module.out.dtype))
+        kshape = tuple(int(d) for d in bias.ty.shape)
+        if len(kshape) > len(shape) or any(
+                k not in (1, s) for k, s in zip(kshape[::-1], shape[::-1], strict=False)):
+            raise ValueError(f"{name}: the mask bias of shape {kshape} does not broadcast "
+                             f"to the scores' {shape}")
+        args.append(bb.emit(R.astype(R.greater(
+            bias, relax.const(np.asarray(MASKED, dtype=dt), dt)), "int8")))
+    kernel = softmax_kernel(shape, kshape, str(q.ty.dtype), module.out.dtype, int(module.g),
+                            int(module.t), module.lo, module.hi)
+    lw.kernels[name] = "softmax" + (" masked" if kshape is not None else "")
+    return lw.call_kernel(kernel, f"{name}_softmax", args, shape, module.out.dtype)
 
 
 EMITTERS = {QSoftmax: softmax}
