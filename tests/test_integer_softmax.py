@@ -122,3 +122,45 @@ def test_softmax_over_another_dim_stays_a_float_island():
     x = draw()
     with torch.no_grad():
         np.testing.assert_array_equal(c(x.numpy()), c.reference(x).numpy())
+
+
+class RowMasked(nn.Module):
+    """Two heads' scores plus a per-row 0/1 mask's bias (``[B, 1, S, S]``: each query row its
+    own attended keys, broadcast over the heads), softmax, then the probabilities' product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        heads = lambda t: t.view(b, s, 2, 4).transpose(1, 2)  # noqa: E731
+        scores = heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2)
+        bias = (1.0 - mask[:, None].to(torch.float32)) * -10000.0
+        return torch.softmax(scores + bias, dim=-1) @ heads(self.v(x))
+
+
+def test_per_row_mask_reads_through_broadcast_strides():
+    """The kernel reads the mask's bias in its own shape ``[B, 1, S, S]`` (not expanded to
+    the scores' ``[B, 2, S, S]``): batch and query row strides, head stride 0. Rows with one
+    attended key, with all of them and with none (all zeros) equal the reference."""
+    g = torch.Generator().manual_seed(4)
+
+    def draw():
+        mask = (torch.rand(2, 6, 6, generator=g) < 0.5).to(torch.int64)
+        mask[0, 0] = 0  # a row with nothing attended
+        mask[0, 1] = 1
+        mask[1, 2] = torch.eye(6, dtype=torch.int64)[4]  # a single key
+        return torch.randn(2, 6, 8, generator=g), mask
+
+    model, example = RowMasked(), draw()
+    c = compile_assignment(model, example, uniform(analysis(model, example), 8),
+                           target="host", calibration=[draw() for _ in range(3)])
+    assert [op for _, op in c.float_ops] == []
+    assert "softmax masked" in c.lowering.kernels.values()
+    for _ in range(3):
+        x, mask = draw()
+        with torch.no_grad():
+            want = c.reference(x, mask).numpy()
+        np.testing.assert_array_equal(c(x.numpy(), mask.numpy()), want)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .relax_builder import Lowering
 
 _NONE = -(1 << 16)  # below every code: the row max of a row with nothing attended
+VL = 16  # int32 lanes of the row max (a multiple of every target's vector)
 
 
 def _keep_index(shape: tuple[int, ...], kshape: tuple[int, ...], r, j):
@@ -76,9 +77,21 @@ def softmax_kernel(shape: tuple[int, ...], kshape: tuple[int, ...] | None, in_dt
         e = T.alloc_buffer((N,), "int32", scope="global")
         v = T.alloc_buffer((2,), s_dt, scope="global")  # [row max, S]
         v[0] = T.Cast(s_dt, _NONE)
-        for j in range(N):
-            v[0] = T.max(v[0], T.Select(kept(Kf, r, j), T.Cast(s_dt, Xf[r * N + j]),
-                                        T.Cast(s_dt, _NONE)))
+        if N % VL == 0:  # the row max in VL lanes, then across them
+            mv = T.alloc_buffer((VL,), "int32", scope="global")
+            for lane in T.vectorized(VL):
+                mv[lane] = T.int32(_NONE)
+            for jb in range(N // VL):
+                for lane in T.vectorized(VL):
+                    mv[lane] = T.max(mv[lane], T.Select(
+                        kept(Kf, r, jb * VL + lane), T.Cast("int32", Xf[r * N + jb * VL + lane]),
+                        T.int32(_NONE)))
+            for lane in range(VL):
+                v[0] = T.max(v[0], T.Cast(s_dt, mv[lane]))
+        else:
+            for j in range(N):
+                v[0] = T.max(v[0], T.Select(kept(Kf, r, j), T.Cast(s_dt, Xf[r * N + j]),
+                                            T.Cast(s_dt, _NONE)))
         v[1] = T.Cast(s_dt, 0)
         for j in range(N):
             e[j] = T.Select(kept(Kf, r, j), E[T.max(T.min(

@@ -33,8 +33,9 @@ __all__ = ["EmulatorError", "Sysroot", "default_sysroot_path", "find_sysroot", "
 DEFAULT_TIMEOUT_S = 900.0
 SYSROOT_SCRIPT = "scripts/build_aarch64_sysroot.sh"
 _RUNNER = Path(__file__).with_name("vm_runner.py")
-# Variables that tune the TVM runtime and may be forwarded into the emulated process.
-_FORWARDED_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_BIND_THREADS")
+# Variables that tune the TVM runtime and may be forwarded into the emulated process (and
+# the output file of the profiling plugin, scripts/qemu_plugin/pqprof.c).
+_FORWARDED_ENV = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_BIND_THREADS", "PQCOUNT_PROFILE")
 
 
 class EmulatorError(PQCompileError, RuntimeError):
