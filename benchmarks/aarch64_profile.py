@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -87,14 +88,9 @@ def profile(artifact: Path, cpu: str, inputs=None, timeout: float = 3600) -> dic
     with tempfile.TemporaryDirectory(prefix="pqprof-") as tmp:
         out = Path(tmp) / "profile.txt"
         env = {"PQCOMPILE_INSN_PLUGIN": str(plugin), "PQCOUNT_PROFILE": str(out)}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with mock.patch.dict(os.environ, env):
             count_instructions(str(artifact), runs=(1, 2), timeout=timeout, cpu=cpu,
                                **({"inputs": inputs} if inputs is not None else {}))
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         maps, blocks = [], []
         for line in out.read_text().splitlines():
             p = line.split()

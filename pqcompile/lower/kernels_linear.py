@@ -11,7 +11,7 @@ import numpy as np
 
 from .kernel_types import KERNEL_ATTR, Isa, parallel_worth
 from .tir_macros import dot4_macro, requant_macro, requant_terms, splat
-from .tir_neon import quad_lane
+from .tir_neon import pair_sums, quad_lane
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,8 @@ def linear_kernel(shape: LinearShape, isa: Isa):
 
     words = D == 4 and K % D == 0  # the pack moves 4-byte words
 
-    def at(m, k):  # where row m's byte k goes in the pack
-        if quads:
-            return ((m // 4 * KB + k // D) * 4 + m % 4) * D + k % D
-        return m * KB * D + k
+    def at(m, k):
+        return pack_index(m, k, KB, D, quads)
 
     _quad = _neon_quad_macro() if neon else None
     w_shape = (NV, KB2, 2, 2, 8) if neon else (NV, KB, L, D)
@@ -169,11 +167,8 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                                       ((mb_nb // NB * MR + r) * KB2 + kp) * 16)
                     for r in T.unroll(MR):  # in place: vector a writes below every later one
                         for v in T.unroll(NR):
-                            acc[T.ramp((r * NR + v) * L, 1, 4)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-                                acc.vload([2 * (r * NR + v) * L], "int32x4"),
-                                acc.vload([2 * (r * NR + v) * L + 4], "int32x4"),
-                                dtype="int32x4") + B.vload(
+                            acc[T.ramp((r * NR + v) * L, 1, 4)] = \
+                                pair_sums(acc, (r * NR + v) * L) + B.vload(
                                     [T.min((mb_nb % NB) * NR + v, NV - 1) * L], "int32x4")
                 else:
                     for r in T.unroll(MR):  # the accumulators start at the bias
@@ -203,6 +198,16 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                     Y[m, n] = Yg[m * Ng + n]
 
     return pack, kernel, scratch
+
+
+def pack_index(m, k, kb: int, depth: int, quads: bool = False):
+    """Where row ``m``'s byte ``k`` goes in a pack of ``kb`` steps of ``depth`` bytes a row:
+    row-major, or (``quads``, 4-byte steps) each step's words of 4 consecutive rows side by
+    side, 16 bytes (one load, each word an indexed ``sdot`` operand:
+    :func:`~pqcompile.lower.tir_neon.quad_lane`)."""
+    if quads:
+        return ((m // 4 * kb + k // depth) * 4 + m % 4) * depth + k % depth
+    return m * kb * depth + k
 
 
 def offset_word(word, off: int, dtype: str):
@@ -275,34 +280,23 @@ def _neon_quad_macro():
     return quad
 
 
-def linear_pair_macro(steps: int):
-    """``pair(acc, a, Wv, nv, kb, Xp, x)`` (aarch64 NEON without dot products):
-    ``acc[a:a+4]`` (features 0-1 of vector ``nv``, two pair sums each) and ``acc[a+4:a+8]``
-    (features 2-3) += the products of ``steps`` (1 or 2) 4-input words ``Wv[nv, kb + i]``
-    with the row's input word ``Xp[x + 4 i]`` splat: ``smull``, the second step's ``smlal``
-    into the same int16 lanes (products of int8 inputs and weights in [-127, 127] sum to at
-    most 32512 in two), ``sadalp`` (see :func:`~pqcompile.lower.tir_neon.smull_pairs_macro`,
-    whose roles of inputs and weights are swapped here). The row's two words are one 8-byte
-    load, each broadcast from its lane."""
+def linear_pair_macro():
+    """``pair(acc, a, Wv, nv, kb, Xp, x)`` (aarch64 NEON without dot products, one step: the
+    product kernel, whose operands are both activations): ``acc[a:a+4]`` (features 0-1 of
+    vector ``nv``, two pair sums each) and ``acc[a+4:a+8]`` (features 2-3) += the products of
+    the 4-input word ``Wv[nv, kb]`` with the row's input word ``Xp[x]`` splat: ``smull`` into
+    int16 lanes (a product of two int8 is at most 16384: exact for -128 on both sides, which a
+    second step's ``smlal`` could overflow), then ``sadalp``."""
     from tvm.script import tirx as T
 
     def intrin(name, dtype, *args):
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{name}"),
                                        *args, dtype=dtype)
 
-    def word(Xp, x, i):
-        if steps == 1:
-            return splat(Xp.vload([x], "int8x4"), 2, "int8x8")
-        pair = T.reinterpret(Xp.vload([x], f"int8x{4 * steps}"), dtype=f"int32x{steps}")
-        return T.reinterpret(T.Shuffle([pair], [i, i]), dtype="int8x8")
-
     def half(Wv, nv, kb, Xp, x, h):
-        out = None
-        for i in range(steps):
-            term = intrin("smull.v8i16", "int16x8", Wv.vload([nv, kb + i, 2 * h, 0], "int8x8"),
-                          word(Xp, x, i))
-            out = term if out is None else out + term
-        return intrin("saddlp.v4i32.v8i16", "int32x4", out)
+        return intrin("saddlp.v4i32.v8i16", "int32x4", intrin(
+            "smull.v8i16", "int16x8", Wv.vload([nv, kb, 2 * h, 0], "int8x8"),
+            splat(Xp.vload([x], "int8x4"), 2, "int8x8")))
 
     @T.macro
     def pair(acc, a, Wv, nv, kb, Xp, x):

@@ -36,9 +36,9 @@ import functools
 from dataclasses import dataclass
 
 from .kernel_types import KERNEL_ATTR, Isa, parallel_worth
-from .kernels_linear import linear_dot_macro, linear_pair_macro, offset_word
+from .kernels_linear import linear_dot_macro, linear_pair_macro, offset_word, pack_index
 from .tir_macros import NARROW_MIN_SHIFT, dot4_macro, requant_macro, requant_terms
-from .tir_neon import quad_lane
+from .tir_neon import pair_sums, quad_lane
 
 DEPTH = 4  # bytes per lane of one dot-product step
 #: int32 lanes of a vector and the most accumulator vectors of a tile: under 1 KiB of stack
@@ -131,7 +131,7 @@ def product_kernel(shape: ProductShape, isa: str = "vnni"):
     quads, neon = _quads(isa, mr), isa == "neon"
     AW = kisa.acc_width
     _dot = None if neon else linear_dot_macro(kisa)
-    _pair = linear_pair_macro(1) if neon else None
+    _pair = linear_pair_macro() if neon else None
     _dot4 = dot4_macro("sdot") if quads else None
     narrow = shape.shift >= NARROW_MIN_SHIFT
     _store = requant_macro(out_dt, shape.lo, shape.hi, narrow=narrow)
@@ -140,10 +140,8 @@ def product_kernel(shape: ProductShape, isa: str = "vnni"):
     corr = -K * oa * ob  # the constant term, added to each row's correction
     par = parallel_worth(macs=Bt * M * K * N)
 
-    def a_at(bm, k):  # where row bm's byte k goes in the pack
-        if quads:
-            return ((bm // 4 * KB + k // DEPTH) * 4 + bm % 4) * DEPTH + k % DEPTH
-        return bm * Kp + k
+    def a_at(bm, k):
+        return pack_index(bm, k, KB, DEPTH, quads)
 
     @T.prim_func(s_tir=True)
     def pack_a(A: T.Buffer((Bt, M, K), a_dt), Ap: T.Buffer((Bt * M * Kp,), pa_dt),
@@ -230,11 +228,8 @@ def product_kernel(shape: ProductShape, isa: str = "vnni"):
                 if neon:  # pair sums added pairwise, in place (vector a writes below later ones)
                     for r in T.unroll(mr):
                         for v in T.unroll(nr):
-                            acc[T.ramp((r * nr + v) * L, 1, 4)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-                                acc.vload([2 * (r * nr + v) * L], "int32x4"),
-                                acc.vload([2 * (r * nr + v) * L + 4], "int32x4"),
-                                dtype="int32x4") + T.broadcast(
+                            acc[T.ramp((r * nr + v) * L, 1, 4)] = \
+                                pair_sums(acc, (r * nr + v) * L) + T.broadcast(
                                     Ra[task // (MB * NB) * M + task // NB % MB * mr + r], 4) \
                                 + Cb.vload([task // (MB * NB) * N + (task % NB * nr + v) * L],
                                            "int32x4")

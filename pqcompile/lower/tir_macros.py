@@ -12,6 +12,7 @@ from .tir_neon import (
     NEON_NARROW_MIN_SHIFT,
     neon_requant,
     neon_requant_narrow,
+    pair_sums,
     quad_lane,
     smull_pairs_macro,
     splat,
@@ -377,17 +378,13 @@ def acc_macros(isa):
 
     L = isa.lanes
     if isa.name == "neon":
-        addp = "llvm.aarch64.neon.addp.v4i32"
-
         @T.macro
         def init(acc, a, b):
             acc[T.ramp(2 * a, 1, 8)] = T.broadcast(T.int32(0), 8)
 
         @T.macro
         def finish(acc, a, b):
-            acc[T.ramp(a, 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(addp), acc.vload([2 * a], "int32x4"),
-                acc.vload([2 * a + 4], "int32x4"), dtype="int32x4") + T.broadcast(b, 4)
+            acc[T.ramp(a, 1, 4)] = pair_sums(acc, a) + T.broadcast(b, 4)
     else:
         @T.macro
         def init(acc, a, b):

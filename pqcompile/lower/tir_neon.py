@@ -28,6 +28,16 @@ def quad_lane(words, q):
                                                T.Select(q == 2, lanes[2], lanes[3])))
 
 
+def pair_sums(acc, a):
+    """The 4 int32 sums of output vector ``a``'s pair sums ``acc[2a:2a+8]`` (the ``neon``
+    accumulators: two registers a vector), neighbouring lanes added (``addp``)."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
+                                   acc.vload([2 * a], "int32x4"),
+                                   acc.vload([2 * a + 4], "int32x4"), dtype="int32x4")
+
+
 def neon_requant(acc, a, m, sh, lo: int, hi: int):
     """``clamp((acc[a:a+4] * m + 2^(sh-1)) >> sh, lo, hi)`` as int32x4 on aarch64 NEON, one
     channel's constants (``m`` the int32 multiplier, ``sh`` the negated shift, int64) for
