@@ -5,18 +5,25 @@
   apart, and equal on all but a tiny fraction (8-bit and 16-bit inputs, a constant row);
 * a model with layer norms builds with no float op: its program (the kernel of
   pqcompile/lower/kernels_layernorm.py) and ONNX Runtime on the exported model (int64 ONNX
-  ops) both equal the integer reference bit for bit.
+  ops) both equal the integer reference bit for bit; on aarch64 too (rows of 16-lane blocks
+  and a scalar rest);
+* the kernel's 32-bit clamp (``narrow``) only where every channel's shifted sum fits, and the
+  64-bit one equal to the reference where it does not.
 """
 
 import math
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
+import tvm
 from torch import nn
 
 from pqcompile.build import analysis, compile_assignment
 from pqcompile.export.onnx_export import export_onnx
+from pqcompile.lower.build import resolve_target
+from pqcompile.lower.kernels_layernorm import layer_norm_kernel, narrow_affine
 from pqcompile.meta import QParams
 from pqcompile.presets import uniform
 from pqcompile.quant import integer_outputs
@@ -72,11 +79,11 @@ def test_fixed_point_codes_match_the_float_layer_norm():
 class Normed(nn.Module):
     """Two layer norms over the last dim (one on a residual sum), distinct affine weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = 48) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b = nn.Linear(16, 48), nn.Linear(48, 48)
-        self.n1, self.n2 = nn.LayerNorm(48), nn.LayerNorm(48, eps=1e-12)
+        self.a, self.b = nn.Linear(16, dim), nn.Linear(dim, dim)
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim, eps=1e-12)
         with torch.no_grad():
             for n in (self.n1, self.n2):
                 n.weight.uniform_(0.5, 1.5)
@@ -108,3 +115,47 @@ def test_layer_norm_model_program_and_onnx_equal_reference():
         assert np.unique(codes).size > 50
         got = session.run(None, {name: x.numpy()})[0]
         np.testing.assert_array_equal(np.round(got / scale), codes)
+
+
+@pytest.mark.parametrize("dim", [40, 7])
+def test_layer_norm_kernel_on_aarch64_equals_reference(dim, sysroot):
+    """Rows of two 16-lane blocks and 8 more (40), and of only the scalar rest (7)."""
+    g = torch.Generator().manual_seed(2)
+    draw = lambda: torch.randn(1, 5, 16, generator=g) * 3
+    model, example = Normed(dim).eval(), draw()
+    c = compile_assignment(model, (example,), uniform(analysis(model, (example,)), 8),
+                           target="host", calibration=[draw() for _ in range(3)])
+    arm = c.retarget("arm-dotprod")
+    for _ in range(2):
+        x = draw()
+        with torch.no_grad():
+            want = c.reference(x).numpy()
+        np.testing.assert_array_equal(arm.run_emulated(x.numpy()), want)
+
+
+def test_narrow_clamp_only_where_the_shifted_sums_fit():
+    """A norm whose output scale makes the shifted sums pass 2^30 (``gamma / s_out`` large)
+    keeps the 64-bit clamp; both clamps equal the reference on its codes, the 16-bit input's
+    extremes included."""
+    g = torch.Generator().manual_seed(3)
+    ln = _norm(64, 1e-5)
+    q = (torch.randn(32, 64, generator=g) * 3000).round().clamp(-32767, 32767)
+    q[0, 0], q[1] = 32767, 5
+    kept = make_layer_norm(ln, QParams(0.001, 16, True), QParams(0.05, 8, True), -127, 127)
+    wide = make_layer_norm(ln, QParams(0.001, 16, True), QParams(1e-8, 8, True), -127, 127)
+    assert narrow_affine(kept) and not narrow_affine(wide)
+    target = resolve_target("host")
+    for module, modes in ((kept, (True, False)), (wide, (False,))):
+        with torch.no_grad():
+            want = module(q).numpy().astype(np.int8)
+        for narrow in modes:
+            kernel = layer_norm_kernel((32, 64), "int16", "int8", int(module.eps_codes),
+                                       module.lo, module.hi, narrow)
+            f = tvm.compile(kernel, target)
+            args = [q.numpy().astype(np.int16), module.mult.numpy().astype(np.int32),
+                    module.shift.numpy().astype(np.int32), module.offset.numpy(),
+                    np.zeros((32, 64), np.int8)]
+            out = [tvm.runtime.tensor(a) for a in args]
+            f(*out)
+            np.testing.assert_array_equal(out[-1].numpy(), want)
+        assert np.unique(want).size > 20 if module is kept else (want == 127).any()

@@ -141,18 +141,22 @@ class RowMasked(nn.Module):
         return torch.softmax(scores + bias, dim=-1) @ heads(self.v(x))
 
 
-def test_per_row_mask_reads_through_broadcast_strides():
+@pytest.mark.parametrize("seq", [6, 21])
+def test_per_row_mask_reads_through_broadcast_strides(seq, sysroot):
     """The kernel reads the mask's bias in its own shape ``[B, 1, S, S]`` (not expanded to
     the scores' ``[B, 2, S, S]``): batch and query row strides, head stride 0. Rows with one
-    attended key, with all of them and with none (all zeros) equal the reference."""
+    attended key, with all of them and with none (all zeros) equal the reference, on the
+    host and on aarch64; rows of only the scalar rest (6) and of a 16-lane block and 5 more
+    (21, the key in the block or past it)."""
     g = torch.Generator().manual_seed(4)
 
     def draw():
-        mask = (torch.rand(2, 6, 6, generator=g) < 0.5).to(torch.int64)
+        mask = (torch.rand(2, seq, seq, generator=g) < 0.5).to(torch.int64)
         mask[0, 0] = 0  # a row with nothing attended
         mask[0, 1] = 1
-        mask[1, 2] = torch.eye(6, dtype=torch.int64)[4]  # a single key
-        return torch.randn(2, 6, 8, generator=g), mask
+        mask[1, 2] = torch.eye(seq, dtype=torch.int64)[4]  # a single key
+        mask[1, 3] = torch.eye(seq, dtype=torch.int64)[seq - 1]
+        return torch.randn(2, seq, 8, generator=g), mask
 
     model, example = RowMasked(), draw()
     c = compile_assignment(model, example, uniform(analysis(model, example), 8),
@@ -164,3 +168,8 @@ def test_per_row_mask_reads_through_broadcast_strides():
         with torch.no_grad():
             want = c.reference(x, mask).numpy()
         np.testing.assert_array_equal(c(x.numpy(), mask.numpy()), want)
+    x, mask = draw()
+    with torch.no_grad():
+        want = c.reference(x, mask).numpy()
+    np.testing.assert_array_equal(
+        c.retarget("arm").run_emulated(x.numpy(), mask.numpy()), want)

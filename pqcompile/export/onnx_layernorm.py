@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
-from ..quant.layernorm import NEWTON_STEPS, POWERS_OF_4, Z_BITS, QLayerNorm
+from ..quant.layernorm import NEWTON_STEPS, POWERS_OF_4, RECIPROCAL, Z_SHIFT, QLayerNorm
 
 if TYPE_CHECKING:
     from .onnx_export import _Export
@@ -74,9 +74,9 @@ def layer_norm(ex: _Export, node, module: QLayerNorm, x: str) -> str:
     over = op("Cast", [op("Greater", [op("Mul", [r, r], "root_squared"), wn], "over")],
               "over_int64", to=TensorProto.INT64)
     r = op("Sub", [r, over], "root")
-    recip = op("Div", [i64("int64_2_62", 1 << 62), r], "reciprocal")
+    recip = op("Div", [i64("int64_2_61_1", RECIPROCAL), r], "reciprocal")
     d = op("Sub", [op("Mul", [q, i64(f"int64_{n}", n)], "n_q"), s1], "centered")
-    k = op("Add", [e, i64(f"int64_{31 - Z_BITS}", 31 - Z_BITS)], "k")
+    k = op("Add", [e, i64(f"int64_{Z_SHIFT}", Z_SHIFT)], "k")
     half = op("Cast", [op("BitShift", [ex.const("uint64_1", np.array(1, np.uint64)),
                                        op("Cast", [op("Sub", [k, i64("int64_1", 1)], "k_1")],
                                           "k_1_u64", to=TensorProto.UINT64)],

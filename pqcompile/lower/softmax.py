@@ -10,11 +10,16 @@ reference leaves them: the bias becomes one byte a position (``keep``, its own s
 through broadcast strides: an attention mask's ``[B, 1, 1, N]`` is not expanded to the
 scores' shape). Nothing runs in float.
 
-The per-element product runs in 64-bit lanes from two 32-bit operands (``smull`` /
+Every step but the table's loads runs in vector lanes (``VL`` elements a step, the rest of a
+row scalar): the row max, the table indices ``max - q``, the mask (a select after the loads),
+the row sum, and the per-element product in 64-bit lanes from two 32-bit operands (``smull`` /
 ``vpmuldq``): ``e <= 2^20`` and ``R`` is taken at most ``2^31 - 1``. That clamp is exact: a
 row with an attended position has its max's ``E[0] = 2^20`` in ``S``, so ``R <= G / 2^20 <
-2^27``; a row with none has every ``e = 0``, whatever ``R``. (As Relax ops, one per step,
-the int64 chain ran scalar on aarch64: ~20 M instructions a MiniLM-L3 inference.)
+2^27``; a row with none has every ``e = 0``, whatever ``R``. The shifted product is below
+``2^(48 - t) <= 2^31`` (``t >= 17``), so the output clamp runs in 32-bit lanes. (As Relax
+ops, one per step, the int64 chain ran scalar on aarch64: ~20 M instructions a MiniLM-L3
+inference; with the indices, mask and product scalar, the kernel took ~19 instructions an
+element on arm-dotprod, now ~9.)
 """
 
 from __future__ import annotations
@@ -67,44 +72,70 @@ def softmax_kernel(shape: tuple[int, ...], kshape: tuple[int, ...] | None, in_dt
     s_dt = "int64" if wide else "int32"
     ksize = math.prod(kshape) if kshape is not None else 1
 
+    blocks, tail = divmod(N, VL)
+    if t < 17:  # make_softmax's output scale above 1e-9 (< 2^-29) puts t at 17 or more
+        raise ValueError(f"softmax kernel: shift {t} below 17 (an output scale under 2^-29)")
+
     def kept(Kf, r, j):
         if Kf is None:
             return T.bool(True)
         return Kf[_keep_index(shape, kshape, r, j)] != T.int8(0)
 
+    def code(e, rr, j):  # e R rounded at 2^-t (one smull / vpmuldq), clamped in 32 bits
+        return T.Cast(out_dt, T.max(T.min(T.Cast("int32", T.shift_right(
+            T.Cast("int64", e[j]) * T.Cast("int64", rr[0]) + T.int64(1 << (t - 1)),
+            T.int64(t))), T.int32(hi)), T.int32(lo)))
+
     @T.macro
     def body(Xf, E, Kf, Yf, r):
         e = T.alloc_buffer((N,), "int32", scope="global")
         v = T.alloc_buffer((2,), s_dt, scope="global")  # [row max, S]
+        lanes = T.alloc_buffer((VL,), s_dt, scope="global")
         v[0] = T.Cast(s_dt, _NONE)
-        if N % VL == 0:  # the row max in VL lanes, then across them
-            mv = T.alloc_buffer((VL,), "int32", scope="global")
+        for lane in T.vectorized(VL):  # the row max in VL lanes, then across them
+            lanes[lane] = T.Cast(s_dt, _NONE)
+        for jb in range(blocks):
             for lane in T.vectorized(VL):
-                mv[lane] = T.int32(_NONE)
-            for jb in range(N // VL):
-                for lane in T.vectorized(VL):
-                    mv[lane] = T.max(mv[lane], T.Select(
-                        kept(Kf, r, jb * VL + lane), T.Cast("int32", Xf[r * N + jb * VL + lane]),
-                        T.int32(_NONE)))
-            for lane in range(VL):
-                v[0] = T.max(v[0], T.Cast(s_dt, mv[lane]))
-        else:
-            for j in range(N):
-                v[0] = T.max(v[0], T.Select(kept(Kf, r, j), T.Cast(s_dt, Xf[r * N + j]),
-                                            T.Cast(s_dt, _NONE)))
-        v[1] = T.Cast(s_dt, 0)
+                lanes[lane] = T.max(lanes[lane], T.Select(
+                    kept(Kf, r, jb * VL + lane), T.Cast(s_dt, Xf[r * N + jb * VL + lane]),
+                    T.Cast(s_dt, _NONE)))
+        for lane in range(VL):
+            v[0] = T.max(v[0], lanes[lane])
+        for j in range(tail):
+            v[0] = T.max(v[0], T.Select(kept(Kf, r, blocks * VL + j), T.Cast(
+                s_dt, Xf[r * N + blocks * VL + j]), T.Cast(s_dt, _NONE)))
+        # the table's indices in lanes, its entries one load each, the masked ones zeroed
+        # and the row sum in lanes
+        for jb in range(blocks):
+            for lane in T.vectorized(VL):
+                e[jb * VL + lane] = T.max(T.min(T.Cast("int32", v[0]) - T.Cast(
+                    "int32", Xf[r * N + jb * VL + lane]), 255), 0)
+        for j in range(tail):
+            e[blocks * VL + j] = T.max(T.min(T.Cast("int32", v[0]) - T.Cast(
+                "int32", Xf[r * N + blocks * VL + j]), 255), 0)
         for j in range(N):
-            e[j] = T.Select(kept(Kf, r, j), E[T.max(T.min(
-                T.Cast("int32", v[0]) - T.Cast("int32", Xf[r * N + j]), 255), 0)], 0)
-            v[1] = v[1] + T.Cast(s_dt, e[j])
+            e[j] = E[e[j]]
+        for lane in T.vectorized(VL):
+            lanes[lane] = T.Cast(s_dt, 0)
+        for jb in range(blocks):
+            for lane in T.vectorized(VL):
+                e[jb * VL + lane] = T.Select(kept(Kf, r, jb * VL + lane), e[jb * VL + lane], 0)
+                lanes[lane] = lanes[lane] + T.Cast(s_dt, e[jb * VL + lane])
+        v[1] = T.Cast(s_dt, 0)
+        for lane in range(VL):
+            v[1] = v[1] + lanes[lane]
+        for j in range(tail):
+            e[blocks * VL + j] = T.Select(kept(Kf, r, blocks * VL + j), e[blocks * VL + j], 0)
+            v[1] = v[1] + T.Cast(s_dt, e[blocks * VL + j])
         rr = T.alloc_buffer((1,), "int32", scope="global")
         rr[0] = T.Cast("int32", T.min(T.floordiv(
             T.int64(g) + T.floordiv(T.max(T.Cast("int64", v[1]), T.int64(1)), T.int64(2)),
             T.max(T.Cast("int64", v[1]), T.int64(1))), T.int64((1 << 31) - 1)))
-        for j in range(N):
-            Yf[r * N + j] = T.Cast(out_dt, T.max(T.min(T.shift_right(
-                T.Cast("int64", e[j]) * T.Cast("int64", rr[0]) + T.int64(1 << (t - 1)),
-                T.int64(t)), T.int64(hi)), T.int64(lo)))
+        for jb in range(blocks):
+            for lane in T.vectorized(VL):
+                Yf[r * N + jb * VL + lane] = code(e, rr, jb * VL + lane)
+        for j in range(tail):
+            Yf[r * N + blocks * VL + j] = code(e, rr, blocks * VL + j)
 
     if kshape is None:
         @T.prim_func(s_tir=True)

@@ -15,15 +15,17 @@ integers. :class:`QLayerNorm` computes, in int64 (``W`` at least 1):
   ``[2^60, 2^62)``;
 - ``r = isqrt(Wn)`` in ``[2^30, 2^31)``: :data:`NEWTON_STEPS` integer Newton steps
   ``x = (x + Wn // x) >> 1`` from ``2^31``, then ``x - (x^2 > Wn)`` (exact: from a start within
-  a factor 2 the error is under one after five steps); ``R = 2^62 // r``;
-- ``z_i = (d_i R + 2^(k-1)) >> k`` with ``k = 31 + e - Z_BITS``: ``z_i / 2^Z_BITS`` is the
-  normalized value (``2^(31-e) / r ~ 1 / sqrt(W)``), ``|z_i| <= sqrt(N) 2^Z_BITS``;
+  a factor 2 the error is under one after five steps); ``R = (2^61 - 1) // r`` in
+  ``[2^30, 2^31)``: 32-bit, so ``d_i R`` is one 32 x 32 -> 64-bit product (``smull``,
+  ``vpmuldq``: the kernel's per-element work runs in vector lanes);
+- ``z_i = (d_i R + 2^(k-1)) >> k`` with ``k = 30 + e - Z_BITS``: ``z_i / 2^Z_BITS`` is the
+  normalized value (``2^(30-e) / r ~ 1 / (2 sqrt(W))``), ``|z_i| <= sqrt(N) 2^Z_BITS``;
 - per channel, the affine map of :mod:`pqcompile.quant.affine` on ``z`` (input scale
   ``2^-Z_BITS``): ``y_i = clamp((z_i m[c] + off[c]) >> sh[c], lo, hi)``, ``m[c] / 2^sh[c] ~
   gamma[c] / (2^Z_BITS s_out)``, ``off[c]`` carrying ``beta[c] / s_out`` and the rounding half.
 
-Bounds (``N <= 4096``, inputs of at most 16 bits): ``|d| < 2^29``, ``R <= 2^32`` so
-``|d R| < 2^61``; ``|z m| < 2^53``. The per-row work is one square root's seven divisions
+Bounds (``N <= 4096``, inputs of at most 16 bits): ``|d| < 2^29``, ``R < 2^31`` so
+``|d R| < 2^60``; ``|z| <= 2^22`` (32-bit), ``|z m| < 2^53``. The per-row work is one square root's seven divisions
 and one more for ``R``; per element, integer multiplies and shifts. The program stores what a
 batch norm's affine map stores: int32 multiplier and shift and an int64 offset per channel
 (16 bytes, as the float island's two float64 parameters), plus nothing shared between norms.
@@ -48,7 +50,9 @@ if TYPE_CHECKING:
 
 Z_BITS = 16  # fractional bits of the normalized value z
 NEWTON_STEPS = 6
-MAX_DIM = 4096  # N: keeps |d R| < 2^61
+MAX_DIM = 4096  # N: keeps |d R| < 2^60 and |z| <= 2^22
+RECIPROCAL = (1 << 61) - 1  # R = RECIPROCAL // r < 2^31 for r >= 2^30
+Z_SHIFT = 30 - Z_BITS  # k = e + Z_SHIFT
 MAX_INPUT_BITS = 16
 EPS_CAP = 1 << 60  # E beyond this dominates every variance of 16-bit codes (N^2 2^30 < 2^54)
 POWERS_OF_4 = tuple(1 << (2 * j) for j in range(31))
@@ -85,7 +89,7 @@ def row_terms(q: torch.Tensor, eps: int) -> tuple[torch.Tensor, torch.Tensor, to
     for _ in range(NEWTON_STEPS):
         x = (x + torch.div(wn, x, rounding_mode="floor")) >> 1
     x = x - (x * x > wn).to(torch.int64)
-    return n * q - s1, e, torch.div(torch.full_like(x, 1 << 62), x, rounding_mode="floor")
+    return n * q - s1, e, torch.div(torch.full_like(x, RECIPROCAL), x, rounding_mode="floor")
 
 
 class QLayerNorm(QModule):
@@ -117,7 +121,7 @@ class QLayerNorm(QModule):
     def normalized(self, q: torch.Tensor) -> torch.Tensor:
         """``z`` (int64): the normalized codes at ``2^-Z_BITS``."""
         d, e, r = row_terms(q.to(torch.int64), self.eps_codes)
-        k = 31 + e - Z_BITS
+        k = e + Z_SHIFT
         return (d * r + (1 << (k - 1))) >> k
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
