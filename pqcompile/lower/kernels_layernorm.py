@@ -54,7 +54,7 @@ def layer_norm_kernel(shape: tuple[int, ...], in_dt: str, out_dt: str, eps_codes
     def affine(z, M, S, O, i):
         y = T.shift_right(T.Cast("int64", z) * T.Cast("int64", M[i]) + O[i],
                           T.Cast("int64", S[i]))
-        if narrow:  # exact: every channel's shifted sum fits 32 bits (emit_layer_norm)
+        if narrow:  # exact: every channel's shifted sum fits 32 bits (narrow_affine)
             return T.Cast(out_dt, T.max(T.min(T.Cast("int32", y), T.int32(hi)), T.int32(lo)))
         return T.Cast(out_dt, T.max(T.min(y, T.int64(hi)), T.int64(lo)))
 
