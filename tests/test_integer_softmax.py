@@ -4,6 +4,7 @@
   apart, and equal on all but a small fraction of codes (rows from flat to single spikes);
 * a model with a softmax builds with no float op: the host program and ONNX Runtime on the
   exported model (int64 ONNX ops) both equal the integer reference bit for bit;
+* rows of 2100 codes (row sums in 64-bit lanes) equal the reference, host and aarch64;
 * a softmax over another dim, or of a wider input, stays a float island;
 * a softmax of scores plus an attention mask's bias (0 attended, very negative masked) runs
   over the attended positions: the same codes as the float softmax of the sum, masked
@@ -80,10 +81,10 @@ def test_masked_codes_match_the_float_softmax_of_scores_plus_bias():
 
 
 class Attend(nn.Module):
-    def __init__(self, dim: int = -1) -> None:
+    def __init__(self, dim: int = -1, width: int = 32) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b, self.dim = nn.Linear(16, 32), nn.Linear(32, 8), dim
+        self.a, self.b, self.dim = nn.Linear(16, width), nn.Linear(width, 8), dim
 
     def forward(self, x):
         return self.b(torch.softmax(self.a(x), self.dim))
@@ -114,6 +115,18 @@ def test_softmax_model_program_and_onnx_equal_reference():
         got = session.run(None, {name: x.numpy()})[0]
         codes = integer_outputs(c.reference, x)[0].numpy()
         np.testing.assert_array_equal(np.round(got / scale), codes)
+
+
+def test_long_rows_sum_in_64_bit_lanes(sysroot):
+    """Rows of 2100 codes (the kernel sums them in int64 lanes from 2048: ``N 2^20`` could
+    pass 2^31; 131 blocks of 16 and 4 more): program == reference, host and aarch64."""
+    c, draw = build(Attend(width=2100))
+    assert list(c.float_ops) == []
+    x = draw()
+    with torch.no_grad():
+        want = c.reference(x).numpy()
+    np.testing.assert_array_equal(c(x.numpy()), want)
+    np.testing.assert_array_equal(c.retarget("arm").run_emulated(x.numpy()), want)
 
 
 def test_softmax_over_another_dim_stays_a_float_island():
