@@ -42,19 +42,35 @@ def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
 
 
 def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
-    """``[K, N]`` int8 -> ``[N/L, K/D, L, D]`` (zero-padded): a vector is ``L`` outputs x ``D``
-    consecutive inputs."""
+    """``[K, N]`` int8 -> vectors of ``L`` outputs x ``D`` consecutive inputs (zero-padded),
+    grouped as the kernel's tiles read them: each group of ``NR`` vectors (the last group
+    the rest) step by step, ``[K/D, NR, L, D]``, so a step's vectors are one contiguous run
+    (``ldp`` / adjacent lines); stored ``[N/L, K/D, L, D]``-shaped (the same bytes).
+    ``neon``: ``[N/4, K/8, half, step, 8]`` (see :func:`linear_kernel`)."""
     k, n = wt.shape
     d, lanes = isa.depth, isa.lanes
     kp, np_ = -(-k // d) * d, -(-n // lanes) * lanes
     w = np.zeros((kp, np_), np.int8)
     w[:k, :n] = wt
     w = w.reshape(kp // d, d, np_ // lanes, lanes).transpose(2, 0, 3, 1)
-    if isa.name == "neon":  # [N/4, K/8, half, step, 8]: see linear_kernel
+    if isa.name == "neon":
         if w.shape[1] % 2:
             w = np.concatenate([w, np.zeros_like(w[:, :1])], axis=1)
         w = w.reshape(w.shape[0], -1, 2, 2, 8).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(w)
+        return np.ascontiguousarray(w)
+    groups = [w[g:g + isa.nr].transpose(1, 0, 2, 3).reshape(-1)
+              for g in range(0, w.shape[0], isa.nr)]
+    return np.concatenate(groups).reshape(w.shape)
+
+
+def weight_vector(nb, kb, v, nv: int, kb_count: int, nr: int):
+    """The index of tile group ``nb``'s vector ``v`` (clamped to the group's last) at step
+    ``kb`` in :func:`pack_linear_weight`'s grouped order (``nv`` vectors, ``kb_count`` steps,
+    groups of ``nr``)."""
+    from tvm.script import tirx as T
+
+    width = T.min(nr, nv - nb * nr)
+    return nb * nr * kb_count + kb * width + T.min(v, width - 1)
 
 
 def linear_params(wt: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray,
@@ -113,6 +129,13 @@ def linear_kernel(shape: LinearShape, isa: Isa):
 
     def at2(m, kb, i):  # neon: where copy i of row m's word kb goes in the pack
         return (m * KB2 + kb // 2) * 16 + kb % 2 * 8 + i * 4
+    @T.macro
+    def _step(acc, Wg, Xp, mb_nb, kb):  # one step of the tile: MR x NR dot products
+        for r in T.unroll(MR):
+            for v in T.unroll(NR):
+                _dot(acc, (r * NR + v) * L, Wg, 0, weight_vector(mb_nb % NB, kb, v, NV, KB, NR),
+                     Xp, at(mb_nb // NB * MR + r, kb * D))
+
     # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
     # lane, and TVM 0.27's bound analysis drops its clamp)
     _store = requant_macro(out_dt, lo, hi)
@@ -176,12 +199,12 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                             for lane in T.vectorized(L):
                                 acc[(r * NR + v) * L + lane] = B[
                                     T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1)]
-                    for kb in range(KB):
-                        for r in T.unroll(MR):
-                            for v in T.unroll(NR):
-                                _dot(acc, (r * NR + v) * L, Wv,
-                                     T.min((mb_nb % NB) * NR + v, NV - 1), kb, Xp,
-                                     at(mb_nb // NB * MR + r, kb * D))
+                    Wg = T.decl_buffer((1, NV * KB, L, D), "int8", data=Wv.data)
+                    for kb2 in range(KB // 2):  # two steps a loop iteration
+                        for u in T.unroll(2):
+                            _step(acc, Wg, Xp, mb_nb, kb2 * 2 + u)
+                    for kb in range(KB // 2 * 2, KB):
+                        _step(acc, Wg, Xp, mb_nb, kb)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         for lane in T.vectorized(L):
