@@ -209,12 +209,13 @@ def product_kernel(shape: ProductShape, isa: str = "vnni"):
                 for kb in range(KB):
                     for r in T.unroll(mr):
                         for v in T.unroll(nr):
-                            if quads:
-                                _dot4(acc, (r * nr + v) * L, quad_lane(Ap.vload([a_at(
-                                    task // (MB * NB) * M + task // NB % MB * mr + r - r % 4,
-                                    kb * DEPTH)], "int8x16"), r % 4),
-                                    Bp.vload([task // (MB * NB) * NV + task % NB * nr + v,
-                                              kb, 0, 0], f"int8x{DEPTH * L}"))
+                            if quads:  # the row's word second: the indexed form of sdot
+                                _dot4(acc, (r * nr + v) * L,
+                                      Bp.vload([task // (MB * NB) * NV + task % NB * nr + v,
+                                                kb, 0, 0], f"int8x{DEPTH * L}"),
+                                      quad_lane(Ap.vload([a_at(
+                                          task // (MB * NB) * M + task // NB % MB * mr + r
+                                          - r % 4, kb * DEPTH)], "int8x16"), r % 4))
                             elif neon:
                                 _pair(acc, 2 * (r * nr + v) * L, Bp,
                                       task // (MB * NB) * NV + task % NB * nr + v, kb, Ap,
