@@ -17,12 +17,11 @@ scalar int64 the kernel took 19 instructions an element on aarch64, now 8.2.)
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..quant.layernorm import NEWTON_STEPS, RECIPROCAL, Z_BITS, Z_SHIFT, QLayerNorm
+from ..quant.layernorm import NEWTON_STEPS, RECIPROCAL, Z_SHIFT, QLayerNorm, z_bound
 from .kernel_types import KERNEL_ATTR, parallel_worth
 
 if TYPE_CHECKING:
@@ -131,10 +130,9 @@ def layer_norm_kernel(shape: tuple[int, ...], in_dt: str, out_dt: str, eps_codes
 
 def narrow_affine(module: QLayerNorm) -> bool:
     """Whether every channel's ``(z m + off) >> sh`` lies within ``[-2^30, 2^30]`` for
-    ``|z| <= ceil(sqrt(N)) 2^Z_BITS`` (the module's bound): then its 32-bit truncation is
-    exact and the clamp can follow it."""
-    n = int(module.mult.numel())
-    bound = (math.isqrt(n - 1) + 1) << Z_BITS
+    ``|z| <=`` :func:`~pqcompile.quant.layernorm.z_bound` (the bound the module's affine map
+    was fitted to): then its 32-bit truncation is exact and the clamp can follow it."""
+    bound = z_bound(int(module.mult.numel()))
     return all((bound * abs(int(m)) + abs(int(o))) >> int(s) < 1 << 30 for m, o, s in zip(
         module.mult.tolist(), module.offset.tolist(), module.shift.tolist(), strict=True))
 

@@ -42,11 +42,11 @@ def linear_tile(shape: LinearShape, isa: Isa) -> Isa:
 
 
 def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
-    """``[K, N]`` int8 -> vectors of ``L`` outputs x ``D`` consecutive inputs (zero-padded),
-    grouped as the kernel's tiles read them: each group of ``NR`` vectors (the last group
-    the rest) step by step, ``[K/D, NR, L, D]``, so a step's vectors are one contiguous run
-    (``ldp`` / adjacent lines); stored ``[N/L, K/D, L, D]``-shaped (the same bytes).
-    ``neon``: ``[N/4, K/8, half, step, 8]`` (see :func:`linear_kernel`)."""
+    """``[K, N]`` int8 -> ``[1, N/L * K/D, L, D]``: vectors of ``L`` outputs x ``D``
+    consecutive inputs (zero-padded), grouped as the kernel's tiles read them: each group of
+    ``NR`` vectors (the last group the rest) step by step, ``[K/D, NR, L, D]``, so a step's
+    vectors are one contiguous run (``ldp`` / adjacent lines); :func:`weight_vector` indexes
+    it. ``neon``: ``[N/4, K/8, half, step, 8]`` (see :func:`linear_kernel`)."""
     k, n = wt.shape
     d, lanes = isa.depth, isa.lanes
     kp, np_ = -(-k // d) * d, -(-n // lanes) * lanes
@@ -60,7 +60,7 @@ def pack_linear_weight(wt: np.ndarray, isa: Isa) -> np.ndarray:
         return np.ascontiguousarray(w)
     groups = [w[g:g + isa.nr].transpose(1, 0, 2, 3).reshape(-1)
               for g in range(0, w.shape[0], isa.nr)]
-    return np.concatenate(groups).reshape(w.shape)
+    return np.concatenate(groups).reshape(1, -1, lanes, d)
 
 
 def weight_vector(nb, kb, v, nv: int, kb_count: int, nr: int):
@@ -125,15 +125,16 @@ def linear_kernel(shape: LinearShape, isa: Isa):
         return pack_index(m, k, KB, D, quads)
 
     _quad = _neon_quad_macro() if neon else None
-    w_shape = (NV, KB2, 2, 2, 8) if neon else (NV, KB, L, D)
+    w_shape = (NV, KB2, 2, 2, 8) if neon else (1, NV * KB, L, D)
 
     def at2(m, kb, i):  # neon: where copy i of row m's word kb goes in the pack
         return (m * KB2 + kb // 2) * 16 + kb % 2 * 8 + i * 4
+
     @T.macro
-    def _step(acc, Wg, Xp, mb_nb, kb):  # one step of the tile: MR x NR dot products
+    def _step(acc, Wv, Xp, mb_nb, kb):  # one step of the tile: MR x NR dot products
         for r in T.unroll(MR):
             for v in T.unroll(NR):
-                _dot(acc, (r * NR + v) * L, Wg, 0, weight_vector(mb_nb % NB, kb, v, NV, KB, NR),
+                _dot(acc, (r * NR + v) * L, Wv, 0, weight_vector(mb_nb % NB, kb, v, NV, KB, NR),
                      Xp, at(mb_nb // NB * MR + r, kb * D))
 
     # the 64-bit epilogue (per-lane constants: the 32-bit one's terms would be computed per
@@ -199,12 +200,11 @@ def linear_kernel(shape: LinearShape, isa: Isa):
                             for lane in T.vectorized(L):
                                 acc[(r * NR + v) * L + lane] = B[
                                     T.min(((mb_nb % NB) * NR + v) * L + lane, Np - 1)]
-                    Wg = T.decl_buffer((1, NV * KB, L, D), "int8", data=Wv.data)
                     for kb2 in range(KB // 2):  # two steps a loop iteration
                         for u in T.unroll(2):
-                            _step(acc, Wg, Xp, mb_nb, kb2 * 2 + u)
+                            _step(acc, Wv, Xp, mb_nb, kb2 * 2 + u)
                     for kb in range(KB // 2 * 2, KB):
-                        _step(acc, Wg, Xp, mb_nb, kb)
+                        _step(acc, Wv, Xp, mb_nb, kb)
                 for r in T.unroll(MR):
                     for v in T.unroll(NR):
                         for lane in T.vectorized(L):

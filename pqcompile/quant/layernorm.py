@@ -25,14 +25,15 @@ integers. :class:`QLayerNorm` computes, in int64 (``W`` at least 1):
   gamma[c] / (2^Z_BITS s_out)``, ``off[c]`` carrying ``beta[c] / s_out`` and the rounding half.
 
 Bounds (``N <= 4096``, inputs of at most 16 bits): ``|d| < 2^29``, ``R < 2^31`` so
-``|d R| < 2^60``; ``|z| <= 2^22`` (32-bit), ``|z m| < 2^53``. The per-row work is one square root's seven divisions
-and one more for ``R``; per element, integer multiplies and shifts. The program stores what a
+``|d R| < 2^60``; ``|z| <= z_bound(N) <= 2^22`` (32-bit), ``|z m| < 2^53``. The per-row work
+is one square root's seven divisions and one more for ``R``; per element, integer multiplies and shifts. The program stores what a
 batch norm's affine map stores: int32 multiplier and shift and an int64 offset per channel
 (16 bytes, as the float island's two float64 parameters), plus nothing shared between norms.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +57,12 @@ Z_SHIFT = 30 - Z_BITS  # k = e + Z_SHIFT
 MAX_INPUT_BITS = 16
 EPS_CAP = 1 << 60  # E beyond this dominates every variance of 16-bit codes (N^2 2^30 < 2^54)
 POWERS_OF_4 = tuple(1 << (2 * j) for j in range(31))
+
+
+def z_bound(n: int) -> int:
+    """``ceil(sqrt(n)) 2^Z_BITS``: at least every ``|z|`` of a row of ``n`` codes (a
+    normalized value is at most ``sqrt(n - 1)``; the slack covers the rounding)."""
+    return (math.isqrt(n - 1) + 1) << Z_BITS
 
 
 def integer_layer_norm(gm: torch.fx.GraphModule, plan: Plan, n: torch.fx.Node) -> bool:
@@ -109,7 +116,7 @@ class QLayerNorm(QModule):
         self.register_buffer("gamma", gamma)
         self.register_buffer("beta", beta)
         span = max(abs(lo), abs(hi))
-        bound = int(np.ceil(np.sqrt(n))) << Z_BITS
+        bound = z_bound(n)
         params = [channel_params(float(g), float(b), 2.0 ** -Z_BITS, out.scale, span,
                                  where=where, bound=bound) for g, b in zip(gamma, beta)]
         shift = np.array([p[1] for p in params], np.int64)
